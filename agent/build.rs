@@ -1,0 +1,55 @@
+//! Builds the eBPF programs in `ebpf/` with aya-build and leaves the object in OUT_DIR for
+//! `include_bytes_aligned!`. bpf-linker comes from the project's tools directory, installed
+//! by `cargo xtask setup`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+
+fn main() -> anyhow::Result<()> {
+    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
+    let workspace = manifest_dir
+        .parent()
+        .context("agent crate has no parent directory")?;
+    let tools_bin = workspace.join(".tools").join("bin");
+    println!(
+        "cargo:rerun-if-changed={}",
+        workspace.join("common").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
+        tools_bin.join("bpf-linker").display()
+    );
+
+    if !tools_bin.join("bpf-linker").exists() && !on_path("bpf-linker") {
+        bail!(
+            "bpf-linker not found in {} or on PATH: run `cargo xtask setup` first",
+            tools_bin.display()
+        );
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs = vec![tools_bin];
+    dirs.extend(std::env::split_paths(&path));
+    let new_path = std::env::join_paths(dirs)?;
+    // SAFETY: build scripts are single-threaded at this point; nothing else reads the
+    // environment concurrently. aya-build spawns cargo with our environment, so this is the
+    // only way to put the project-local bpf-linker on its PATH.
+    unsafe { std::env::set_var("PATH", new_path) };
+
+    let ebpf_dir = workspace.join("ebpf");
+    let ebpf_dir = ebpf_dir.to_str().context("non-UTF-8 workspace path")?;
+    aya_build::build_ebpf(
+        [aya_build::Package {
+            name: "ambit-ebpf",
+            root_dir: ebpf_dir,
+            ..Default::default()
+        }],
+        aya_build::Toolchain::Nightly,
+    )
+}
+
+fn on_path(binary: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).any(|dir| Path::new(&dir).join(binary).exists()))
+        .unwrap_or(false)
+}

@@ -1,0 +1,391 @@
+//! Capture: loading ambit's eBPF programs, attaching them, and turning "pod X is enrolled"
+//! into map entries. Public surface: [`Capture`] and [`CaptureConfig`].
+//!
+//! Programs, links and maps are pinned under one bpffs directory so that they outlive the
+//! agent: while the agent is down, enrolled pods keep being redirected to listeners that no
+//! longer exist, and their connections fail instead of leaking out in plaintext (fail
+//! closed). A restarted agent finds the pins and reuses them.
+
+mod cgroup;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ambit_common::{
+    ENROLL_OUTBOUND, EnrolledPod, FAMILY_V4, FAMILY_V6, FlowKey, OrigDst, maps, programs,
+};
+use aya::maps::{HashMap, MapData, MapError};
+use aya::programs::links::{CgroupAttachMode, FdLink, LinkError, PinnedLink};
+use aya::programs::{CgroupSockAddr, ProgramError, SockOps};
+use aya::{Ebpf, EbpfLoader};
+use tracing::{debug, info};
+
+pub use cgroup::cgroup2_root;
+
+/// Default bpffs directory for ambit's pins.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ambit";
+
+/// The eBPF object built from `ebpf/` by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("bpffs at {path}: {source}")]
+    Bpffs {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no cgroup v2 mount found in /proc/mounts; ambit needs cgroup v2")]
+    NoCgroup2,
+    #[error("open cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("load eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {0} missing from the object")]
+    MissingProgram(&'static str),
+    #[error("eBPF map {0} missing from the object")]
+    MissingMap(&'static str),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("link of program {name}: {source}")]
+    Link {
+        name: &'static str,
+        source: LinkError,
+    },
+    #[error("pin {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+    #[error("remove pins under {path}: {source}")]
+    Unpin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+type Result<T, E = CaptureError> = std::result::Result<T, E>;
+
+#[derive(Clone, Debug)]
+pub struct CaptureConfig {
+    /// bpffs directory holding `maps/` and `links/`; unique per test, [`DEFAULT_PIN_DIR`]
+    /// in production.
+    pub pin_dir: PathBuf,
+    /// cgroup v2 directory to attach to; the host's cgroup v2 root when `None`.
+    pub cgroup: Option<PathBuf>,
+    /// Destination ports that are never captured.
+    pub excluded_ports: Vec<u16>,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+            cgroup: None,
+            excluded_ports: Vec::new(),
+        }
+    }
+}
+
+/// Attached capture programs and handles on their maps.
+pub struct Capture {
+    pin_dir: PathBuf,
+    enrolled: HashMap<MapData, u64, EnrolledPod>,
+    orig_dst: HashMap<MapData, FlowKey, OrigDst>,
+    // Kept so the pinned links' fds stay open for the agent's lifetime; the pins keep the
+    // programs attached when the agent is gone.
+    _links: Vec<PinnedLink>,
+    // Keeps the loaded programs alive until the links are established and pinned.
+    _ebpf: Ebpf,
+}
+
+impl std::fmt::Debug for Capture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Capture")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Capture {
+    /// Loads the programs and attaches them at the cgroup v2 root, or reuses pins left by a
+    /// previous run of the agent.
+    pub fn attach(config: &CaptureConfig) -> Result<Self> {
+        let pin_dir = config.pin_dir.clone();
+        ensure_bpffs(&pin_dir)?;
+        let maps_dir = pin_dir.join("maps");
+        let links_dir = pin_dir.join("links");
+        for dir in [&maps_dir, &links_dir] {
+            std::fs::create_dir_all(dir).map_err(|source| CaptureError::Bpffs {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+
+        let map_names = [
+            maps::ENROLLED,
+            maps::PENDING,
+            maps::ORIG_DST,
+            maps::EXCLUDED_PORTS,
+        ];
+        let mut loader = EbpfLoader::new();
+        for name in map_names {
+            // Reuses an existing pin, so state survives agent restarts.
+            loader.map_pin_path(name, maps_dir.join(name));
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+
+        let cgroup_path = match &config.cgroup {
+            Some(path) => path.clone(),
+            None => cgroup2_root().ok_or(CaptureError::NoCgroup2)?,
+        };
+        let cgroup = std::fs::File::open(&cgroup_path).map_err(|source| CaptureError::Cgroup {
+            path: cgroup_path.clone(),
+            source,
+        })?;
+
+        let mut links = Vec::new();
+        {
+            let name = programs::CONNECT4;
+            let pin = links_dir.join(name);
+            links.push(reuse_or_attach(&pin, || {
+                let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+                prog.load()
+                    .map_err(|source| CaptureError::Program { name, source })?;
+                let id = prog
+                    .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+                    .map_err(|source| CaptureError::Program { name, source })?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(|source| CaptureError::Program { name, source })?;
+                FdLink::try_from(link).map_err(|source| CaptureError::Link { name, source })
+            })?);
+        }
+        {
+            let name = programs::SOCK_OPS;
+            let pin = links_dir.join(name);
+            links.push(reuse_or_attach(&pin, || {
+                let prog: &mut SockOps = program(&mut ebpf, name)?;
+                prog.load()
+                    .map_err(|source| CaptureError::Program { name, source })?;
+                let id = prog
+                    .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+                    .map_err(|source| CaptureError::Program { name, source })?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(|source| CaptureError::Program { name, source })?;
+                FdLink::try_from(link).map_err(|source| CaptureError::Link { name, source })
+            })?);
+        }
+
+        let enrolled = take_map(&mut ebpf, maps::ENROLLED)?;
+        let orig_dst = take_map(&mut ebpf, maps::ORIG_DST)?;
+        let mut excluded: HashMap<MapData, u32, u32> = take_map(&mut ebpf, maps::EXCLUDED_PORTS)?;
+        for port in &config.excluded_ports {
+            excluded
+                .insert(u32::from(*port), 1, 0)
+                .map_err(|source| CaptureError::Map {
+                    name: maps::EXCLUDED_PORTS,
+                    source,
+                })?;
+        }
+        info!(pin_dir = %pin_dir.display(), cgroup = %cgroup_path.display(), "capture programs attached");
+        Ok(Self {
+            pin_dir,
+            enrolled,
+            orig_dst,
+            _links: links,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// Starts capturing outbound TCP of the pod whose netns has this cookie.
+    pub fn enroll(&mut self, netns_cookie: u64) -> Result<()> {
+        let value = EnrolledPod {
+            flags: ENROLL_OUTBOUND,
+            reserved: 0,
+        };
+        self.enrolled
+            .insert(netns_cookie, value, 0)
+            .map_err(|source| CaptureError::Map {
+                name: maps::ENROLLED,
+                source,
+            })?;
+        debug!(netns_cookie, "enrolled");
+        Ok(())
+    }
+
+    /// Stops capturing the pod; absent entries are not an error.
+    pub fn unenroll(&mut self, netns_cookie: u64) -> Result<()> {
+        match self.enrolled.remove(&netns_cookie) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(CaptureError::Map {
+                name: maps::ENROLLED,
+                source,
+            }),
+        }
+    }
+
+    /// Netns cookies currently enrolled.
+    pub fn enrolled(&self) -> Vec<u64> {
+        self.enrolled.keys().filter_map(|k| k.ok()).collect()
+    }
+
+    /// Takes the original destination recorded for a captured connection, identified by the
+    /// client's netns and source port (the peer port of the socket the agent accepted).
+    pub fn take_orig_dst(&mut self, netns_cookie: u64, client_port: u16) -> Option<SocketAddr> {
+        let key = FlowKey {
+            netns_cookie,
+            port: u32::from(client_port),
+            reserved: 0,
+        };
+        let orig = self.orig_dst.get(&key, 0).ok()?;
+        // Best effort: the map is LRU, so a failed delete only costs a slot until eviction.
+        let _ = self.orig_dst.remove(&key);
+        orig_dst_to_socket_addr(&orig)
+    }
+
+    /// Detaches everything and removes the pins: plain networking for every pod.
+    pub fn uninstall(self) -> Result<()> {
+        let pin_dir = self.pin_dir.clone();
+        drop(self);
+        remove_pins(&pin_dir)
+    }
+}
+
+/// Removes ambit's pins under `pin_dir` (detaching the programs) without loading anything.
+pub fn remove_pins(pin_dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(pin_dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(CaptureError::Unpin {
+            path: pin_dir.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn orig_dst_to_socket_addr(orig: &OrigDst) -> Option<SocketAddr> {
+    let port = u16::try_from(orig.port).ok()?;
+    let ip = match orig.family {
+        FAMILY_V4 => IpAddr::V4(Ipv4Addr::from(orig.addr[0].to_ne_bytes())),
+        FAMILY_V6 => {
+            let mut octets = [0u8; 16];
+            for (chunk, word) in octets.chunks_exact_mut(4).zip(orig.addr) {
+                chunk.copy_from_slice(&word.to_ne_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(octets))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
+    let bpffs_root = Path::new("/sys/fs/bpf");
+    let err = |source| CaptureError::Bpffs {
+        path: bpffs_root.to_path_buf(),
+        source,
+    };
+    if !crate::sys::is_bpffs(bpffs_root).map_err(err)? {
+        crate::sys::mount_bpffs(bpffs_root).map_err(err)?;
+        info!("mounted bpffs at /sys/fs/bpf");
+    }
+    if !pin_dir.starts_with(bpffs_root) && !crate::sys::is_bpffs(pin_dir).unwrap_or(false) {
+        return Err(CaptureError::Bpffs {
+            path: pin_dir.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not on a bpffs"),
+        });
+    }
+    Ok(())
+}
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(CaptureError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| CaptureError::Program { name, source })
+}
+
+fn take_map<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>> {
+    let map = ebpf.take_map(name).ok_or(CaptureError::MissingMap(name))?;
+    HashMap::try_from(map).map_err(|source| CaptureError::Map { name, source })
+}
+
+/// A pinned link found at `pin` is still attached from an earlier run: keep it. Otherwise
+/// attach now and pin the new link.
+fn reuse_or_attach(pin: &Path, attach: impl FnOnce() -> Result<FdLink>) -> Result<PinnedLink> {
+    let pin_err = |source: Box<dyn std::error::Error + Send + Sync>| CaptureError::Pin {
+        path: pin.to_path_buf(),
+        source,
+    };
+    if pin.exists() {
+        debug!(pin = %pin.display(), "reusing pinned link");
+        return PinnedLink::from_pin(pin).map_err(|e| pin_err(Box::new(e)));
+    }
+    attach()?.pin(pin).map_err(|e| pin_err(Box::new(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orig_dst_v4_decodes_network_order() {
+        let orig = OrigDst {
+            addr: [u32::from_ne_bytes([10, 1, 2, 3]), 0, 0, 0],
+            port: 8080,
+            family: FAMILY_V4,
+        };
+        assert_eq!(
+            orig_dst_to_socket_addr(&orig),
+            Some("10.1.2.3:8080".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn orig_dst_rejects_unknown_family_and_bad_port() {
+        let mut orig = OrigDst {
+            addr: [0; 4],
+            port: 80,
+            family: 9,
+        };
+        assert_eq!(orig_dst_to_socket_addr(&orig), None);
+        orig.family = FAMILY_V4;
+        orig.port = 70_000;
+        assert_eq!(orig_dst_to_socket_addr(&orig), None);
+    }
+
+    #[test]
+    fn embedded_object_has_every_program_and_map() {
+        let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("parse embedded eBPF object");
+        for name in [programs::CONNECT4, programs::SOCK_OPS] {
+            assert!(obj.programs.contains_key(name), "program {name} missing");
+        }
+        for name in [
+            maps::ENROLLED,
+            maps::PENDING,
+            maps::ORIG_DST,
+            maps::EXCLUDED_PORTS,
+        ] {
+            assert!(obj.maps.contains_key(name), "map {name} missing");
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! ambit-agent: the node-level mesh agent. One module per concern; see
+//! docs/ARCHITECTURE.md for the path of one connection through them.
+#![deny(unsafe_code)]
+
+pub mod capture;
+pub mod netns;
+pub mod sys;

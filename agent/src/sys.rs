@@ -1,0 +1,108 @@
+//! The agent's syscall edge: every `unsafe` block of the agent lives here, each wrapping one
+//! libc call whose contract is simple to state. Everything above this module is safe Rust.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::Path;
+
+/// `SO_NETNS_COOKIE` (Linux 5.14+); not yet exported by every libc version.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+/// `BPF_FS_MAGIC` from linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Moves the calling thread into the network namespace referred to by `netns`.
+/// Only the calling thread changes namespace; callers use dedicated threads.
+pub fn setns_net(netns: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: setns takes a plain fd and a flag; it does not touch our memory.
+    cvt(unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) }).map(drop)
+}
+
+/// The kernel's cookie for the network namespace a socket lives in; the same value eBPF
+/// programs see through `bpf_get_netns_cookie`.
+pub fn netns_cookie(socket: impl AsFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid for writes of the sizes passed.
+    cvt(unsafe {
+        libc::getsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(cookie)
+}
+
+/// Sets SO_MARK on a socket (needs CAP_NET_ADMIN).
+pub fn set_mark(socket: impl AsFd, mark: u32) -> io::Result<()> {
+    set_int_opt(socket, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)
+}
+
+/// Sets IP_TRANSPARENT so a socket may bind a non-local (client) address.
+pub fn set_ip_transparent(socket: impl AsFd) -> io::Result<()> {
+    set_int_opt(socket, libc::SOL_IP, libc::IP_TRANSPARENT, 1)
+}
+
+fn set_int_opt(
+    socket: impl AsFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: `value` is a valid c_int for the duration of the call.
+    cvt(unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// True when `path` is on a bpf filesystem.
+pub fn is_bpffs(path: &Path) -> io::Result<bool> {
+    let c_path = path_to_cstring(path)?;
+    // SAFETY: statfs is plain data; zeroed is a valid bit pattern for it.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c_path` is NUL-terminated and `stat` is valid for writes.
+    cvt(unsafe { libc::statfs(c_path.as_ptr(), &mut stat) })?;
+    Ok(stat.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Mounts a bpf filesystem at `path` (which must exist).
+pub fn mount_bpffs(path: &Path) -> io::Result<()> {
+    let target = path_to_cstring(path)?;
+    let fstype = c"bpf";
+    // SAFETY: all pointers are NUL-terminated strings that outlive the call; data is null.
+    cvt(unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    })
+    .map(drop)
+}
+
+fn path_to_cstring(path: &Path) -> io::Result<CString> {
+    use std::os::unix::ffi::OsStrExt as _;
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}

@@ -1,0 +1,84 @@
+//! Types shared by ambit's eBPF programs and the agent.
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding fields so that the layout
+//! is identical on both sides and no uninitialised bytes reach the kernel's hash.
+#![no_std]
+#![deny(unsafe_code)]
+
+/// SO_MARK carried by every socket the agent opens inside a pod: the capture programs
+/// leave such sockets alone so the agent never captures its own traffic.
+pub const AGENT_MARK: u32 = 0x539;
+/// In-pod listener that receives captured outbound connections (127.0.0.1).
+pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
+/// In-pod listener for plaintext inbound connections.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// In-pod HBONE (HTTP/2 CONNECT over mTLS) listener.
+pub const HBONE_PORT: u16 = 15008;
+
+/// Names of the programs in the eBPF object, shared so that a rename breaks the build.
+pub mod programs {
+    pub const CONNECT4: &str = "ambit_connect4";
+    pub const SOCK_OPS: &str = "ambit_sock_ops";
+}
+
+/// Names of the maps in the eBPF object.
+pub mod maps {
+    /// netns cookie -> [`crate::EnrolledPod`]; presence means "capture this pod".
+    pub const ENROLLED: &str = "ENROLLED";
+    /// socket cookie -> [`crate::OrigDst`], written at connect(), before the port is known.
+    pub const PENDING: &str = "PENDING";
+    /// [`crate::FlowKey`] -> [`crate::OrigDst`], readable by the agent after accept().
+    pub const ORIG_DST: &str = "ORIG_DST";
+    /// destination port -> 1: ports never captured (e.g. the kubelet's probes).
+    pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
+}
+
+/// Address family tags used in [`OrigDst::family`].
+pub const FAMILY_V4: u32 = 4;
+pub const FAMILY_V6: u32 = 6;
+
+/// Value of the ENROLLED map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EnrolledPod {
+    /// Bit flags, see the `ENROLL_*` constants; `u32` rather than `bool` for a stable layout.
+    pub flags: u32,
+    pub reserved: u32,
+}
+
+/// Capture outbound TCP of this pod.
+pub const ENROLL_OUTBOUND: u32 = 1;
+
+/// Key under which the agent finds the original destination of a captured connection:
+/// the client's netns and the client's source port (the peer port of the accepted socket).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub netns_cookie: u64,
+    /// Client source port, host byte order.
+    pub port: u32,
+    pub reserved: u32,
+}
+
+/// Where a captured connection was going before the connect() was rewritten.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Address in network byte order; IPv4 uses `addr[0]` only.
+    pub addr: [u32; 4],
+    /// Port, host byte order.
+    pub port: u32,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u32,
+}
+
+#[cfg(feature = "user")]
+#[allow(unsafe_code)]
+mod user {
+    use super::*;
+    // SAFETY: aya::Pod promises plain-old-data; every
+    // type here is repr(C), Copy, and has no implicit padding (explicit `reserved` fields).
+    unsafe impl aya::Pod for EnrolledPod {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for OrigDst {}
+}
