@@ -57,7 +57,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), i64> {
     // SAFETY: bpf_get_netns_cookie accepts the program's context pointer.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup; the value is copied out immediately.
-    let enrolled = unsafe { ENROLLED.get(&netns_cookie) }.copied();
+    let enrolled = unsafe { ENROLLED.get(netns_cookie) }.copied();
     let Some(pod) = enrolled else {
         return Ok(());
     };
@@ -77,7 +77,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), i64> {
     }
     let dst_port = u16::from_be(sa.user_port as u16);
     // SAFETY: read-only lookup.
-    if unsafe { EXCLUDED_PORTS.get(&u32::from(dst_port)) }.is_some() {
+    if unsafe { EXCLUDED_PORTS.get(u32::from(dst_port)) }.is_some() {
         return Ok(());
     }
     let orig = OrigDst {
@@ -87,7 +87,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), i64> {
     };
     // SAFETY: bpf_get_socket_cookie accepts the program's context pointer.
     let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    PENDING.insert(&socket_cookie, &orig, 0)?;
+    PENDING.insert(socket_cookie, orig, 0)?;
     // SAFETY: the context fields user_ip4/user_port are writable in connect4 programs.
     unsafe {
         (*ctx.sock_addr).user_ip4 = LOOPBACK_V4_BE;
@@ -112,7 +112,7 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), i64> {
     // SAFETY: bpf_get_socket_cookie accepts a sock_ops context.
     let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup, copied out at once.
-    let Some(orig) = (unsafe { PENDING.get(&socket_cookie) }).copied() else {
+    let Some(orig) = (unsafe { PENDING.get(socket_cookie) }).copied() else {
         return Ok(());
     };
     // SAFETY: bpf_get_netns_cookie accepts a sock_ops context.
@@ -122,8 +122,8 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), i64> {
         port: ctx.local_port(),
         reserved: 0,
     };
-    ORIG_DST.insert(&key, &orig, 0)?;
-    PENDING.remove(&socket_cookie)?;
+    ORIG_DST.insert(key, orig, 0)?;
+    PENDING.remove(socket_cookie)?;
     Ok(())
 }
 

@@ -1,1 +1,109 @@
-fn main() {}
+//! `cargo xtask …`: the project's two commands (`demo`, `test`), the benchmark, and the
+//! setup they all run first so that a fresh machine needs no manual step.
+
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "ambit's build, test and demo tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and tests need (nightly rust-src, bpf-linker, Debian packages).
+    Setup,
+    /// Run every test: unit tests, clippy, fmt, and the privileged end-to-end suite.
+    Test {
+        /// Allow running without root: the privileged end-to-end suite is skipped.
+        #[arg(long)]
+        unprivileged: bool,
+    },
+    /// Build, load and attach ambit's eBPF programs in throw-away namespaces and show them
+    /// working.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = setup::workspace_root()?;
+    std::env::set_current_dir(&root)?;
+    match cli.command {
+        Task::Setup => setup::run(setup::Need::All),
+        Task::Test { unprivileged } => test(unprivileged),
+        Task::Demo => demo(),
+    }
+}
+
+fn test(unprivileged: bool) -> anyhow::Result<()> {
+    let privileged = setup::is_root();
+    if !privileged && !unprivileged {
+        bail!(
+            "the end-to-end suite needs root (network namespaces, eBPF). Run as root, or pass \
+             --unprivileged to run everything else and skip it"
+        );
+    }
+    setup::run(if privileged {
+        setup::Need::All
+    } else {
+        setup::Need::Build
+    })?;
+    let started = std::time::Instant::now();
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "ambit-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    setup::ebpf_clippy()?;
+    cargo(&[
+        "test",
+        "--workspace",
+        "--exclude",
+        "ambit-ebpf",
+        "--exclude",
+        "ambit-e2e",
+    ])?;
+    if privileged {
+        cargo(&["test", "-p", "ambit-e2e"])?;
+    } else {
+        eprintln!(
+            "xtask: NOT ROOT — the privileged end-to-end suite (tests/) was SKIPPED (--unprivileged)"
+        );
+    }
+    eprintln!("xtask: all checks passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+fn demo() -> anyhow::Result<()> {
+    if !setup::is_root() {
+        bail!("the demo creates network namespaces and loads eBPF programs: run it as root");
+    }
+    setup::run(setup::Need::All)?;
+    cargo(&["run", "--quiet", "-p", "ambit-e2e", "--bin", "ambit-demo"])
+}
+
+/// Runs cargo with the same toolchain that runs xtask, failing on a non-zero exit.
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("xtask: cargo {}", args.join(" "));
+    let status = Command::new(&cargo)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {cargo}"))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}

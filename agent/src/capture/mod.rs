@@ -75,6 +75,10 @@ pub enum CaptureError {
     },
 }
 
+/// bpf_link attachments to a cgroup coexist with any other program by construction and the
+/// kernel rejects explicit flags for them (EINVAL), so "Single" (no flags) is the right mode.
+const LINK_ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
 type Result<T, E = CaptureError> = std::result::Result<T, E>;
 
 #[derive(Clone, Debug)]
@@ -164,7 +168,7 @@ impl Capture {
                 prog.load()
                     .map_err(|source| CaptureError::Program { name, source })?;
                 let id = prog
-                    .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+                    .attach(&cgroup, LINK_ATTACH_MODE)
                     .map_err(|source| CaptureError::Program { name, source })?;
                 let link = prog
                     .take_link(id)
@@ -180,7 +184,7 @@ impl Capture {
                 prog.load()
                     .map_err(|source| CaptureError::Program { name, source })?;
                 let id = prog
-                    .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+                    .attach(&cgroup, LINK_ATTACH_MODE)
                     .map_err(|source| CaptureError::Program { name, source })?;
                 let link = prog
                     .take_link(id)
@@ -258,14 +262,35 @@ impl Capture {
 
     /// Detaches everything and removes the pins: plain networking for every pod.
     pub fn uninstall(self) -> Result<()> {
-        let pin_dir = self.pin_dir.clone();
-        drop(self);
+        let Self {
+            pin_dir,
+            _links: links,
+            ..
+        } = self;
+        for link in links {
+            detach_pinned(link, &pin_dir)?;
+        }
         remove_pins(&pin_dir)
     }
 }
 
-/// Removes ambit's pins under `pin_dir` (detaching the programs) without loading anything.
+/// Removes ambit's pins under `pin_dir`, detaching the programs, without loading anything.
+///
+/// Each link is opened, unpinned, and then its last fd closed: closing detaches at once,
+/// while merely unlinking the pin file would leave the detach to a kernel work queue and
+/// let a few more connections be captured after "uninstall" returned.
 pub fn remove_pins(pin_dir: &Path) -> Result<()> {
+    let links_dir = pin_dir.join("links");
+    if let Ok(entries) = std::fs::read_dir(&links_dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let link = PinnedLink::from_pin(&path).map_err(|e| CaptureError::Pin {
+                path: path.clone(),
+                source: Box::new(e),
+            })?;
+            detach_pinned(link, pin_dir)?;
+        }
+    }
     match std::fs::remove_dir_all(pin_dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -274,6 +299,15 @@ pub fn remove_pins(pin_dir: &Path) -> Result<()> {
             source,
         }),
     }
+}
+
+fn detach_pinned(link: PinnedLink, pin_dir: &Path) -> Result<()> {
+    let fd_link = link.unpin().map_err(|source| CaptureError::Unpin {
+        path: pin_dir.to_path_buf(),
+        source,
+    })?;
+    drop(fd_link);
+    Ok(())
 }
 
 fn orig_dst_to_socket_addr(orig: &OrigDst) -> Option<SocketAddr> {
