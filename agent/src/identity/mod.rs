@@ -9,7 +9,7 @@
 
 mod ca;
 mod cert;
-// mod manager;
+mod manager;
 mod spiffe;
 
 use std::path::PathBuf;
@@ -19,7 +19,7 @@ pub use ca::{
     CLOCK_SKEW_BACKDATE, CertificateAuthority, DEFAULT_CERT_TTL, LocalCa, TrustBundle, generate_csr,
 };
 pub use cert::{WorkloadCertificate, identity_from_cert};
-// pub use manager::{CertManager, CertManagerStats, CertSummary};
+pub use manager::{CertManager, CertManagerStats, CertSummary};
 pub use spiffe::{DEFAULT_TRUST_DOMAIN, SpiffeId, SpiffeIdProblem};
 
 /// Everything that can go wrong in this module.
