@@ -3,5 +3,6 @@
 #![deny(unsafe_code)]
 
 pub mod capture;
+pub mod identity;
 pub mod netns;
 pub mod sys;

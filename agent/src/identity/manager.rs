@@ -1,0 +1,613 @@
+//! [`CertManager`]: one cached, automatically renewed certificate per
+//! workload identity on this node.
+//!
+//! Certificates are fetched on first use, not when a pod appears, so an
+//! identity that never talks costs nothing. Each cached certificate gets a
+//! background task that renews it at half its lifetime and, if the CA is
+//! down, keeps retrying with back-off while the old certificate is served.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rand::Rng;
+use serde::Serialize;
+use tokio::task::AbortHandle;
+
+use super::{
+    CertificateAuthority, IdentityError, Result, SpiffeId, TrustBundle, WorkloadCertificate,
+};
+
+/// First retry delay after a failed renewal.
+const BACKOFF_INITIAL: Duration = Duration::from_millis(500);
+/// Retry delay cap: a CA outage is retried at least every 150 s, so recovery
+/// is noticed quickly without every node hammering a struggling CA.
+const BACKOFF_MAX: Duration = Duration::from_secs(150);
+/// Floor between renewals, so a CA handing out oddly short certificates
+/// cannot turn the renewal task into a busy loop.
+const MIN_RENEW_DELAY: Duration = Duration::from_millis(100);
+
+/// What the admin endpoint shows per cached certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CertSummary {
+    pub identity: SpiffeId,
+    pub serial: String,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+/// Counter values at one point in time (metrics wiring comes later).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CertManagerStats {
+    /// Certificates issued on demand by `get`.
+    pub issued: u64,
+    /// On-demand issuances that failed.
+    pub issue_failures: u64,
+    /// Successful background renewals.
+    pub renewals: u64,
+    /// Failed background renewal attempts (each retry counts).
+    pub renewal_failures: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    issued: AtomicU64,
+    issue_failures: AtomicU64,
+    renewals: AtomicU64,
+    renewal_failures: AtomicU64,
+}
+
+/// Hands out certificates per identity; cheap to clone (shared state).
+#[derive(Clone)]
+pub struct CertManager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ca: Arc<dyn CertificateAuthority>,
+    ttl: Duration,
+    entries: Mutex<HashMap<SpiffeId, Arc<Entry>>>,
+    counters: Arc<Counters>,
+}
+
+struct Entry {
+    id: SpiffeId,
+    /// The certificate new callers get. A std lock: held only to clone an Arc,
+    /// so the hot path never waits on an issuance in progress.
+    current: RwLock<Option<Arc<WorkloadCertificate>>>,
+    /// Serialises issuance for this identity (single flight). Holds the
+    /// error of the last attempt so callers that queued behind a failed
+    /// attempt share its result instead of each retrying at once.
+    flight: tokio::sync::Mutex<Option<Arc<IdentityError>>>,
+    /// Completed issuance attempts; read before queueing on `flight` to tell
+    /// whether an attempt finished while we waited.
+    attempts: AtomicU64,
+    renewer: Mutex<Renewer>,
+}
+
+#[derive(Default)]
+struct Renewer {
+    /// Set by `forget`; no renewal task may start afterwards.
+    forgotten: bool,
+    task: Option<AbortHandle>,
+}
+
+impl CertManager {
+    pub fn new(ca: Arc<dyn CertificateAuthority>, ttl: Duration) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                ca,
+                ttl,
+                entries: Mutex::new(HashMap::new()),
+                counters: Arc::new(Counters::default()),
+            }),
+        }
+    }
+
+    /// The certificate for `id`, issuing one if none is cached or the cached
+    /// one has expired. Concurrent callers for the same identity share one
+    /// issuance. Must be called within a tokio runtime (renewal is spawned).
+    pub async fn get(&self, id: &SpiffeId) -> Result<Arc<WorkloadCertificate>> {
+        let entry = self.inner.entry(id);
+        if let Some(cert) = entry.unexpired(SystemTime::now()) {
+            return Ok(cert);
+        }
+
+        let seen = entry.attempts.load(Ordering::Acquire);
+        let mut last_error = entry.flight.lock().await;
+        // Whoever held the lock before us may have just succeeded...
+        if let Some(cert) = entry.unexpired(SystemTime::now()) {
+            return Ok(cert);
+        }
+        // ...or just failed, in which case we report that instead of
+        // immediately asking a failing CA again.
+        if entry.attempts.load(Ordering::Acquire) != seen
+            && let Some(err) = last_error.as_ref()
+        {
+            return Err(IdentityError::Shared(Arc::clone(err)));
+        }
+
+        let result = checked(id, self.inner.ca.issue(id, self.inner.ttl).await);
+        entry.attempts.fetch_add(1, Ordering::AcqRel);
+        let counters = &self.inner.counters;
+        match result {
+            Ok(cert) => {
+                *last_error = None;
+                let cert = Arc::new(cert);
+                entry.set(Arc::clone(&cert));
+                counters.issued.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(identity = %id, serial = %cert.serial, "issued workload certificate");
+                drop(last_error);
+                self.inner.ensure_renewer(&entry);
+                Ok(cert)
+            }
+            Err(err) => {
+                counters.issue_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(identity = %id, error = %err, "certificate issuance failed");
+                let err = Arc::new(err);
+                *last_error = Some(Arc::clone(&err));
+                Err(IdentityError::Shared(err))
+            }
+        }
+    }
+
+    /// Stops caching and renewing `id` (its workload is gone). Holders of its
+    /// certificate keep it; a later `get` starts from scratch. Returns whether
+    /// the identity was known.
+    pub fn forget(&self, id: &SpiffeId) -> bool {
+        let removed = lock(&self.inner.entries).remove(id);
+        match removed {
+            Some(entry) => {
+                entry.stop_renewing();
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn trust_bundle(&self) -> TrustBundle {
+        self.inner.ca.trust_bundle()
+    }
+
+    /// Cached certificates, sorted by identity.
+    pub fn snapshot(&self) -> Vec<CertSummary> {
+        let entries: Vec<Arc<Entry>> = lock(&self.inner.entries).values().cloned().collect();
+        let mut out: Vec<CertSummary> = entries
+            .iter()
+            .filter_map(|entry| entry.current())
+            .map(|cert| CertSummary {
+                identity: cert.identity.clone(),
+                serial: cert.serial.clone(),
+                not_before: cert.not_before,
+                not_after: cert.not_after,
+            })
+            .collect();
+        out.sort_by(|a, b| a.identity.cmp(&b.identity));
+        out
+    }
+
+    pub fn stats(&self) -> CertManagerStats {
+        let c = &self.inner.counters;
+        CertManagerStats {
+            issued: c.issued.load(Ordering::Relaxed),
+            issue_failures: c.issue_failures.load(Ordering::Relaxed),
+            renewals: c.renewals.load(Ordering::Relaxed),
+            renewal_failures: c.renewal_failures.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl std::fmt::Debug for CertManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertManager")
+            .field("ttl", &self.inner.ttl)
+            .field("identities", &lock(&self.inner.entries).len())
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    fn entry(&self, id: &SpiffeId) -> Arc<Entry> {
+        let mut entries = lock(&self.entries);
+        Arc::clone(entries.entry(id.clone()).or_insert_with(|| {
+            Arc::new(Entry {
+                id: id.clone(),
+                current: RwLock::new(None),
+                flight: tokio::sync::Mutex::new(None),
+                attempts: AtomicU64::new(0),
+                renewer: Mutex::new(Renewer::default()),
+            })
+        }))
+    }
+
+    fn ensure_renewer(&self, entry: &Arc<Entry>) {
+        let mut renewer = lock(&entry.renewer);
+        // Checked under the same lock `forget` takes, so a `get` racing with
+        // `forget` cannot leave a renewal task behind for a gone workload.
+        if renewer.forgotten || renewer.task.is_some() {
+            return;
+        }
+        let task = tokio::spawn(renew_loop(
+            Arc::clone(&self.ca),
+            self.ttl,
+            Arc::clone(entry),
+            Arc::clone(&self.counters),
+        ));
+        renewer.task = Some(task.abort_handle());
+    }
+}
+
+impl Drop for Inner {
+    /// Renewal tasks hold no reference back to the manager, so without this
+    /// they would outlive it and renew certificates nobody can read.
+    fn drop(&mut self) {
+        for entry in lock(&self.entries).values() {
+            entry.stop_renewing();
+        }
+    }
+}
+
+impl Entry {
+    fn current(&self) -> Option<Arc<WorkloadCertificate>> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn unexpired(&self, now: SystemTime) -> Option<Arc<WorkloadCertificate>> {
+        self.current().filter(|cert| now < cert.not_after)
+    }
+
+    fn set(&self, cert: Arc<WorkloadCertificate>) {
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(cert);
+    }
+
+    fn is_current(&self, cert: &Arc<WorkloadCertificate>) -> bool {
+        self.current().is_some_and(|c| Arc::ptr_eq(&c, cert))
+    }
+
+    fn stop_renewing(&self) {
+        let mut renewer = lock(&self.renewer);
+        renewer.forgotten = true;
+        if let Some(task) = renewer.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Renews `entry`'s certificate at half life, forever (until aborted).
+async fn renew_loop(
+    ca: Arc<dyn CertificateAuthority>,
+    ttl: Duration,
+    entry: Arc<Entry>,
+    counters: Arc<Counters>,
+) {
+    loop {
+        let Some(old) = entry.current() else {
+            return; // only spawned after a certificate was stored
+        };
+        // Converted to a monotonic sleep now; a wall-clock jump while
+        // sleeping shifts renewal by at most that jump.
+        let wait = until(old.refresh_at()).max(MIN_RENEW_DELAY);
+        tokio::time::sleep(wait).await;
+
+        let mut delay = BACKOFF_INITIAL;
+        loop {
+            let mut last_error = entry.flight.lock().await;
+            // `get` may have replaced an expired certificate while we slept
+            // in back-off; then schedule from that one instead.
+            if !entry.is_current(&old) {
+                break;
+            }
+            let result = checked(&entry.id, ca.issue(&entry.id, ttl).await);
+            entry.attempts.fetch_add(1, Ordering::AcqRel);
+            match result {
+                Ok(cert) => {
+                    *last_error = None;
+                    counters.renewals.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        identity = %entry.id,
+                        old_serial = %old.serial,
+                        serial = %cert.serial,
+                        "renewed workload certificate"
+                    );
+                    entry.set(Arc::new(cert));
+                    break;
+                }
+                Err(err) => {
+                    counters.renewal_failures.fetch_add(1, Ordering::Relaxed);
+                    let still_valid = SystemTime::now() < old.not_after;
+                    tracing::warn!(
+                        identity = %entry.id,
+                        error = %err,
+                        still_valid,
+                        retry_in = ?delay,
+                        "certificate renewal failed; keeping the current certificate"
+                    );
+                    *last_error = Some(Arc::new(err));
+                }
+            }
+            drop(last_error);
+            tokio::time::sleep(jittered(delay)).await;
+            delay = (delay * 2).min(BACKOFF_MAX);
+        }
+    }
+}
+
+/// Rejects CA answers that would be wrong to cache: a certificate for
+/// another identity, or one already expired (which would also make the
+/// renewal loop spin).
+fn checked(id: &SpiffeId, result: Result<WorkloadCertificate>) -> Result<WorkloadCertificate> {
+    let cert = result?;
+    if cert.identity != *id {
+        return Err(IdentityError::Ca(format!(
+            "asked for {id}, got a certificate for {}",
+            cert.identity
+        )));
+    }
+    if cert.not_after <= SystemTime::now() {
+        return Err(IdentityError::Ca(format!(
+            "certificate for {id} is already expired"
+        )));
+    }
+    Ok(cert)
+}
+
+fn until(t: SystemTime) -> Duration {
+    t.duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO)
+}
+
+/// A delay between half and all of `d`, so agents that lost the CA at the
+/// same moment do not all come back at the same moment.
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(rand::rng().random_range(0.5..=1.0))
+}
+
+/// Locks a std mutex, ignoring poisoning: no code path panics while holding
+/// these locks, and the data (a map, a flag) stays consistent regardless.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use futures::future::BoxFuture;
+
+    use super::*;
+    use crate::identity::LocalCa;
+
+    /// A CA that counts calls, can fail the next N calls, and can be slow.
+    struct FakeCa {
+        ca: LocalCa,
+        calls: AtomicUsize,
+        fail_next: AtomicUsize,
+        delay: Duration,
+    }
+
+    impl FakeCa {
+        fn new(delay: Duration) -> Arc<Self> {
+            Arc::new(Self {
+                ca: LocalCa::generate().unwrap(),
+                calls: AtomicUsize::new(0),
+                fail_next: AtomicUsize::new(0),
+                delay,
+            })
+        }
+
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    impl CertificateAuthority for FakeCa {
+        fn issue(
+            &self,
+            id: &SpiffeId,
+            ttl: Duration,
+        ) -> BoxFuture<'_, Result<WorkloadCertificate, IdentityError>> {
+            let id = id.clone();
+            Box::pin(async move {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(self.delay).await;
+                let failing = self
+                    .fail_next
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+                if failing {
+                    return Err(IdentityError::Ca("injected failure".into()));
+                }
+                // No backdating, so lifetimes are exactly what tests ask for
+                // (up to X.509's one-second resolution).
+                let now = SystemTime::now();
+                self.ca.issue_with_validity(&id, now, now + ttl)
+            })
+        }
+
+        fn trust_bundle(&self) -> TrustBundle {
+            self.ca.trust_bundle()
+        }
+    }
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", "default", sa).unwrap()
+    }
+
+    /// Polls `cond` every 20 ms for up to `limit`.
+    async fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            if cond() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cond()
+    }
+
+    #[tokio::test]
+    async fn concurrent_gets_share_one_issuance() {
+        let ca = FakeCa::new(Duration::from_millis(100));
+        let mgr = CertManager::new(ca.clone(), Duration::from_secs(3600));
+        let a = id("a");
+        let certs = futures::future::join_all((0..50).map(|_| {
+            let mgr = mgr.clone();
+            let a = a.clone();
+            tokio::spawn(async move { mgr.get(&a).await })
+        }))
+        .await;
+        let certs: Vec<_> = certs.into_iter().map(|r| r.unwrap().unwrap()).collect();
+        assert_eq!(ca.calls(), 1);
+        assert!(certs.iter().all(|c| Arc::ptr_eq(c, &certs[0])));
+        assert_eq!(mgr.stats().issued, 1);
+        // Cached afterwards; a different identity gets its own certificate.
+        mgr.get(&a).await.unwrap();
+        let b = mgr.get(&id("b")).await.unwrap();
+        assert_eq!(b.identity, id("b"));
+        assert_eq!(ca.calls(), 2);
+        let snapshot = mgr.snapshot();
+        assert_eq!(
+            snapshot.iter().map(|s| &s.identity).collect::<Vec<_>>(),
+            [&id("a"), &id("b")]
+        );
+        assert_eq!(snapshot[0].serial, certs[0].serial);
+        assert_eq!(mgr.trust_bundle(), ca.trust_bundle());
+    }
+
+    #[tokio::test]
+    async fn concurrent_gets_share_one_failure() {
+        let ca = FakeCa::new(Duration::from_millis(100));
+        ca.fail_next.store(usize::MAX, Ordering::SeqCst);
+        let mgr = CertManager::new(ca.clone(), Duration::from_secs(3600));
+        let a = id("a");
+        let results = futures::future::join_all((0..20).map(|_| mgr.get(&a))).await;
+        assert!(results.iter().all(|r| r.is_err()));
+        assert_eq!(ca.calls(), 1);
+        // A later caller tries again rather than replaying the old error.
+        ca.fail_next.store(0, Ordering::SeqCst);
+        mgr.get(&a).await.unwrap();
+        assert_eq!(ca.calls(), 2);
+        assert_eq!(mgr.stats().issue_failures, 1);
+    }
+
+    #[tokio::test]
+    async fn renews_around_half_life() {
+        let ca = FakeCa::new(Duration::ZERO);
+        // X.509 truncates not_after to whole seconds: lifetime is in (3, 4] s,
+        // so renewal falls between 1.5 s and 2 s.
+        let mgr = CertManager::new(ca.clone(), Duration::from_secs(4));
+        let a = id("a");
+        let first = mgr.get(&a).await.unwrap();
+
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(
+            mgr.get(&a).await.unwrap().serial,
+            first.serial,
+            "renewed too early"
+        );
+        assert_eq!(ca.calls(), 1);
+
+        tokio::time::sleep(Duration::from_millis(1400)).await;
+        let second = mgr.get(&a).await.unwrap();
+        assert_ne!(second.serial, first.serial, "not renewed by 2.6 s");
+        assert_eq!(ca.calls(), 2);
+        assert_eq!(mgr.stats().renewals, 1);
+        // The old Arc's holder still has an intact certificate.
+        assert_eq!(first.identity, a);
+        first.certified_key().unwrap();
+    }
+
+    #[tokio::test]
+    async fn failed_renewal_keeps_the_old_certificate_and_retries() {
+        let ca = FakeCa::new(Duration::ZERO);
+        let mgr = CertManager::new(ca.clone(), Duration::from_secs(4));
+        let a = id("a");
+        let first = mgr.get(&a).await.unwrap();
+        ca.fail_next.store(1, Ordering::SeqCst);
+
+        assert!(wait_for(Duration::from_secs(3), || mgr.stats().renewal_failures == 1).await);
+        // The retry comes 250-500 ms later; meanwhile the old one is served.
+        assert_eq!(mgr.get(&a).await.unwrap().serial, first.serial);
+
+        assert!(wait_for(Duration::from_secs(2), || mgr.stats().renewals == 1).await);
+        let renewed = mgr.get(&a).await.unwrap();
+        assert_ne!(renewed.serial, first.serial);
+        assert!(
+            SystemTime::now() < first.not_after,
+            "retry should beat expiry"
+        );
+        assert_eq!(ca.calls(), 3);
+    }
+
+    #[tokio::test]
+    async fn expired_certificate_is_reissued_or_get_fails() {
+        let ca = FakeCa::new(Duration::ZERO);
+        let mgr = CertManager::new(ca.clone(), Duration::from_secs(2));
+        let a = id("a");
+        let first = mgr.get(&a).await.unwrap();
+        ca.fail_next.store(usize::MAX, Ordering::SeqCst);
+        tokio::time::sleep(until(first.not_after) + Duration::from_millis(50)).await;
+
+        assert!(mgr.get(&a).await.is_err(), "expired and CA down: must fail");
+        ca.fail_next.store(0, Ordering::SeqCst);
+        let fresh = mgr.get(&a).await.unwrap();
+        assert_ne!(fresh.serial, first.serial);
+        assert!(SystemTime::now() < fresh.not_after);
+    }
+
+    #[tokio::test]
+    async fn forget_stops_renewal() {
+        let ca = FakeCa::new(Duration::ZERO);
+        let mgr = CertManager::new(ca.clone(), Duration::from_secs(2));
+        let a = id("a");
+        mgr.get(&a).await.unwrap();
+        assert!(mgr.forget(&a));
+        assert!(!mgr.forget(&a));
+        assert!(mgr.snapshot().is_empty());
+        // Renewal would have happened after at most 1 s.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(ca.calls(), 1);
+        assert_eq!(mgr.stats().renewals, 0);
+        // A later get starts over with a fresh issuance.
+        mgr.get(&a).await.unwrap();
+        assert_eq!(ca.calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_manager_stops_renewal() {
+        let ca = FakeCa::new(Duration::ZERO);
+        let mgr = CertManager::new(ca.clone(), Duration::from_secs(2));
+        mgr.get(&id("a")).await.unwrap();
+        drop(mgr);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(ca.calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn rejects_a_certificate_for_another_identity() {
+        struct WrongCa(LocalCa);
+        impl CertificateAuthority for WrongCa {
+            fn issue(
+                &self,
+                _id: &SpiffeId,
+                ttl: Duration,
+            ) -> BoxFuture<'_, Result<WorkloadCertificate, IdentityError>> {
+                self.0.issue(&id("someone-else"), ttl)
+            }
+            fn trust_bundle(&self) -> TrustBundle {
+                self.0.trust_bundle()
+            }
+        }
+        let mgr = CertManager::new(
+            Arc::new(WrongCa(LocalCa::generate().unwrap())),
+            Duration::from_secs(60),
+        );
+        let err = mgr.get(&id("a")).await.unwrap_err();
+        assert!(err.to_string().contains("someone-else"), "{err}");
+    }
+}
