@@ -461,7 +461,7 @@ mod tests {
         const TD_CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789.-_";
         const SEG_CHARS: &[u8] =
             b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-_";
-        let mut rng = StdRng::seed_from_u64(0x5eed_1d);
+        let mut rng = StdRng::seed_from_u64(0x005e_ed1d);
         let mut gen_str = |alphabet: &[u8], max: usize| -> String {
             let len = rng.random_range(1..=max);
             (0..len)
