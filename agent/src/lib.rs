@@ -6,3 +6,4 @@ pub mod capture;
 pub mod identity;
 pub mod netns;
 pub mod sys;
+pub mod tunnel;

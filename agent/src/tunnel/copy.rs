@@ -1,0 +1,110 @@
+//! Moving bytes between a TCP connection and an HTTP/2 stream, both ways, with half-close
+//! carried across (TCP FIN <-> END_STREAM) and resets propagated (TCP error -> RST_STREAM,
+//! RST_STREAM -> TCP RST).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+/// Read buffers start small so that idle connections stay cheap, and grow while a
+/// connection keeps filling them (bulk transfers then move large chunks per syscall).
+const INITIAL_READ_BUF: usize = 4 * 1024;
+const MAX_READ_BUF: usize = 256 * 1024;
+
+/// Bytes moved so far, readable while the connection is open.
+#[derive(Debug, Default, Clone)]
+pub struct CopyStats {
+    /// From the TCP side into the tunnel.
+    pub sent: Arc<AtomicU64>,
+    /// From the tunnel to the TCP side.
+    pub received: Arc<AtomicU64>,
+}
+
+impl CopyStats {
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("TCP side: {0}")]
+    Tcp(std::io::Error),
+    #[error("tunnel side: {0}")]
+    Tunnel(h2::Error),
+}
+
+/// Copies until both directions have finished. On an error of either side the other is
+/// torn down the matching way (RST_STREAM or TCP RST).
+pub async fn copy_bidirectional(
+    tcp: &mut TcpStream,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+    stats: &CopyStats,
+) -> Result<(), CopyError> {
+    let (mut tcp_read, mut tcp_write) = tcp.split();
+    let upstream = async {
+        let mut buf_size = INITIAL_READ_BUF;
+        loop {
+            let mut buf = BytesMut::with_capacity(buf_size);
+            let n = tcp_read.read_buf(&mut buf).await.map_err(CopyError::Tcp)?;
+            if n == 0 {
+                // Client half-closed: END_STREAM, but keep receiving.
+                send.send_data(Bytes::new(), true)
+                    .map_err(CopyError::Tunnel)?;
+                return Ok(());
+            }
+            if n == buf_size && buf_size < MAX_READ_BUF {
+                buf_size *= 4;
+            }
+            stats.sent.fetch_add(n as u64, Ordering::Relaxed);
+            send_all(&mut send, buf.freeze()).await?;
+        }
+    };
+    let downstream = async {
+        while let Some(chunk) = recv.data().await {
+            let chunk = chunk.map_err(CopyError::Tunnel)?;
+            let len = chunk.len();
+            tcp_write.write_all(&chunk).await.map_err(CopyError::Tcp)?;
+            stats.received.fetch_add(len as u64, Ordering::Relaxed);
+            recv.flow_control()
+                .release_capacity(len)
+                .map_err(CopyError::Tunnel)?;
+        }
+        // Peer sent END_STREAM: half-close toward the TCP peer.
+        tcp_write.shutdown().await.map_err(CopyError::Tcp)
+    };
+    let result = tokio::try_join!(upstream, downstream).map(drop);
+    if let Err(CopyError::Tunnel(_)) = &result {
+        // The stream was reset: reset the TCP connection too rather than pretend a clean end.
+        super::reset_on_close(tcp);
+    }
+    // On a TCP error the SendStream is dropped unfinished here, and h2 resets the stream
+    // (RST_STREAM CANCEL) for us.
+    result
+}
+
+/// Sends `data` respecting HTTP/2 flow control: never queue more than the window allows.
+async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), CopyError> {
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let granted = futures::future::poll_fn(|cx| send.poll_capacity(cx))
+            .await
+            .ok_or_else(|| CopyError::Tunnel(h2::Error::from(h2::Reason::CANCEL)))?
+            .map_err(CopyError::Tunnel)?;
+        if granted == 0 {
+            continue;
+        }
+        let part = data.split_to(granted.min(data.len()));
+        send.send_data(part, false).map_err(CopyError::Tunnel)?;
+    }
+    Ok(())
+}

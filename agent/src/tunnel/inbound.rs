@@ -1,0 +1,282 @@
+//! Inbound: terminates HBONE on :15008 (mTLS with the destination workload's certificate,
+//! HTTP/2 CONNECT streams), asks the authorizer, and connects each stream to the local
+//! workload. Also the plaintext path (:15006) for connections that arrive without HBONE.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::copy::{CopyStats, copy_bidirectional};
+use super::outbound::handshake_failure;
+use super::tls::{peer_identity, server_config};
+use super::{Dialer, TunnelConfig, TunnelCounters, TunnelError, dial_with_timeout};
+use crate::identity::{CertManager, SpiffeId};
+
+/// A workload served by this agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalWorkload {
+    pub name: String,
+    pub namespace: String,
+    pub identity: SpiffeId,
+}
+
+/// Which local workload owns an address; the HBONE certificate and the allowed CONNECT
+/// targets both come from this.
+pub trait LocalWorkloads: Send + Sync {
+    fn by_ip(&self, ip: IpAddr) -> Option<LocalWorkload>;
+}
+
+/// What the authorizer is asked about each inbound connection.
+#[derive(Clone, Debug)]
+pub struct InboundConnection {
+    /// Verified peer identity; `None` for plaintext.
+    pub source_identity: Option<SpiffeId>,
+    pub source_addr: SocketAddr,
+    pub destination: SocketAddr,
+    pub workload: LocalWorkload,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    Deny { reason: String },
+}
+
+/// The policy decision point (the policy module implements it).
+pub trait Authorizer: Send + Sync {
+    fn authorize(&self, conn: &InboundConnection) -> Verdict;
+}
+
+/// Allows everything; the default until policies are configured.
+#[derive(Debug, Default)]
+pub struct AllowAll;
+
+impl Authorizer for AllowAll {
+    fn authorize(&self, _conn: &InboundConnection) -> Verdict {
+        Verdict::Allow
+    }
+}
+
+pub struct Inbound {
+    certs: CertManager,
+    workloads: Arc<dyn LocalWorkloads>,
+    authorizer: Arc<dyn Authorizer>,
+    dialer: Arc<dyn Dialer>,
+    config: TunnelConfig,
+    /// Connect to the workload from the client's own address (IP_TRANSPARENT) so the
+    /// application sees its real peer; needs CAP_NET_ADMIN and the pod-side routing.
+    preserve_source: bool,
+    counters: Arc<TunnelCounters>,
+}
+
+impl Inbound {
+    pub fn new(
+        certs: CertManager,
+        workloads: Arc<dyn LocalWorkloads>,
+        authorizer: Arc<dyn Authorizer>,
+        dialer: Arc<dyn Dialer>,
+        config: TunnelConfig,
+        preserve_source: bool,
+    ) -> Self {
+        Self {
+            certs,
+            workloads,
+            authorizer,
+            dialer,
+            config,
+            preserve_source,
+            counters: Arc::new(TunnelCounters::default()),
+        }
+    }
+
+    pub fn counters(&self) -> &Arc<TunnelCounters> {
+        &self.counters
+    }
+
+    /// Accepts HBONE connections until the listener fails.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        loop {
+            let (tcp, peer) = listener.accept().await?;
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.handle_hbone(tcp).await {
+                    debug!(%peer, error = %e, "HBONE connection ended with an error");
+                }
+            });
+        }
+    }
+
+    /// One HBONE connection: TLS as the workload that owns the local address, then every
+    /// CONNECT stream on it.
+    pub async fn handle_hbone(self: &Arc<Self>, tcp: TcpStream) -> Result<(), TunnelError> {
+        let local = tcp.local_addr()?;
+        let peer = tcp.peer_addr()?;
+        let Some(workload) = self.workloads.by_ip(local.ip()) else {
+            warn!(%local, "HBONE connection to an address with no local workload");
+            return Ok(());
+        };
+        let cert = self.certs.get(&workload.identity).await?;
+        let tls = server_config(
+            &cert,
+            &self.certs.trust_bundle(),
+            workload.identity.trust_domain(),
+        )?;
+        let tls_stream = match TlsAcceptor::from(Arc::new(tls)).accept(tcp).await {
+            Ok(s) => s,
+            Err(e) => {
+                let reason = handshake_failure(&e);
+                self.counters.record_handshake_failure(&reason);
+                warn!(%peer, workload = %workload.identity, %reason, "inbound HBONE handshake failed");
+                return Err(TunnelError::Handshake { addr: peer, reason });
+            }
+        };
+        let Some(source_identity) = peer_identity(tls_stream.get_ref().1.peer_certificates())
+        else {
+            // The verifier already insisted on a SPIFFE ID; this is unreachable in practice.
+            return Err(TunnelError::Handshake {
+                addr: peer,
+                reason: super::HandshakeFailure::NoSpiffeId,
+            });
+        };
+        let mut connection = h2::server::Builder::new()
+            .initial_window_size(self.config.stream_window)
+            .initial_connection_window_size(self.config.connection_window)
+            .max_frame_size(self.config.max_frame_size)
+            .max_concurrent_streams(self.config.server_max_streams)
+            .handshake::<_, Bytes>(tls_stream)
+            .await?;
+        while let Some(stream) = connection.accept().await {
+            let (request, respond) = stream?;
+            let this = self.clone();
+            let source_identity = source_identity.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this
+                    .handle_stream(request, respond, source_identity, peer)
+                    .await
+                {
+                    debug!(%peer, error = %e, "HBONE stream ended with an error");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    async fn handle_stream(
+        &self,
+        request: Request<h2::RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        source_identity: SpiffeId,
+        peer: SocketAddr,
+    ) -> Result<(), TunnelError> {
+        if request.method() != Method::CONNECT {
+            return reply(&mut respond, StatusCode::BAD_REQUEST);
+        }
+        let Some(target) = request
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        else {
+            return reply(&mut respond, StatusCode::BAD_REQUEST);
+        };
+        let Some(workload) = self.workloads.by_ip(target.ip()) else {
+            debug!(%target, "CONNECT to an address that is not a local workload");
+            return reply(&mut respond, StatusCode::BAD_REQUEST);
+        };
+        // Agents dial from inside the source pod, so the TCP peer IP is the client's real,
+        // routable address; `Forwarded` adds the client's port. A `Forwarded` IP that
+        // disagrees with the network is not believed (policy on source IPs depends on it).
+        let source_addr = forwarded_source(&request)
+            .filter(|f| f.ip() == peer.ip())
+            .unwrap_or(peer);
+        let conn = InboundConnection {
+            source_identity: Some(source_identity),
+            source_addr,
+            destination: target,
+            workload,
+        };
+        if let Verdict::Deny { reason } = self.authorizer.authorize(&conn) {
+            info!(
+                source = ?conn.source_identity.as_ref().map(ToString::to_string),
+                destination = %conn.workload.identity, %target, %reason,
+                "connection denied"
+            );
+            return reply(&mut respond, StatusCode::UNAUTHORIZED);
+        }
+        let source = self.preserve_source.then_some(source_addr);
+        let mut upstream = match dial_with_timeout(
+            self.dialer.as_ref(),
+            target,
+            source,
+            self.config.connect_timeout,
+        )
+        .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(%target, error = %e, "workload did not answer");
+                return reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            }
+        };
+        let send =
+            respond.send_response(Response::builder().status(StatusCode::OK).body(())?, false)?;
+        let stats = CopyStats::default();
+        copy_bidirectional(&mut upstream, send, request.into_body(), &stats)
+            .await
+            .map_err(|e| match e {
+                super::copy::CopyError::Tcp(io) => TunnelError::Io(io),
+                super::copy::CopyError::Tunnel(h2) => TunnelError::H2(h2),
+            })
+    }
+
+    /// The plaintext path (:15006): no identity; the destination is the address the client
+    /// dialled (the accepted socket's local address under sk_lookup).
+    pub async fn handle_plaintext(&self, mut client: TcpStream) -> Result<(), TunnelError> {
+        let destination = client.local_addr()?;
+        let source_addr = client.peer_addr()?;
+        let Some(workload) = self.workloads.by_ip(destination.ip()) else {
+            return Ok(());
+        };
+        let conn = InboundConnection {
+            source_identity: None,
+            source_addr,
+            destination,
+            workload,
+        };
+        if let Verdict::Deny { reason } = self.authorizer.authorize(&conn) {
+            info!(%source_addr, destination = %conn.workload.identity, %reason, "plaintext connection denied");
+            // Reset rather than close: the client must not mistake a denial for an empty reply.
+            super::reset_on_close(&client);
+            return Ok(());
+        }
+        let source = self.preserve_source.then_some(source_addr);
+        let mut upstream = dial_with_timeout(
+            self.dialer.as_ref(),
+            destination,
+            source,
+            self.config.connect_timeout,
+        )
+        .await?;
+        tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+        Ok(())
+    }
+}
+
+fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) -> Result<(), TunnelError> {
+    respond.send_response(Response::builder().status(status).body(())?, true)?;
+    Ok(())
+}
+
+/// `Forwarded: for="<ip>:<port>"` (or `for="[v6]:port"`), as HBONE peers send it.
+fn forwarded_source<B>(request: &Request<B>) -> Option<SocketAddr> {
+    let value = request.headers().get("forwarded")?.to_str().ok()?;
+    value.split(';').find_map(|part| {
+        let v = part.trim().strip_prefix("for=")?;
+        v.trim_matches('"').parse().ok()
+    })
+}

@@ -1,0 +1,172 @@
+//! HBONE: HTTP/2 CONNECT inside mutual TLS 1.3 on port 15008.
+//!
+//! [`Outbound`] turns a captured TCP connection into a CONNECT stream to the destination
+//! workload's agent, over a pooled mTLS connection; [`Inbound`] terminates those streams,
+//! asks the authorizer, and connects to the local workload. The wire contract is in
+//! docs/HBONE.md.
+
+mod copy;
+mod inbound;
+mod outbound;
+mod pool;
+mod tls;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::net::{TcpSocket, TcpStream};
+
+pub use copy::CopyStats;
+pub use inbound::{
+    AllowAll, Authorizer, Inbound, InboundConnection, LocalWorkload, LocalWorkloads, Verdict,
+};
+pub use outbound::{Outbound, OutboundRequest};
+pub use tls::HandshakeFailure;
+
+use crate::identity::IdentityError;
+
+/// HBONE's well-known port.
+pub const HBONE_PORT: u16 = ambit_common::HBONE_PORT;
+
+/// Tunables, defaulting to what other HBONE peers use (docs/HBONE.md).
+#[derive(Clone, Debug)]
+pub struct TunnelConfig {
+    /// Streams on one pooled client connection before another is opened.
+    pub max_streams_per_connection: usize,
+    /// Concurrent streams a server connection accepts.
+    pub server_max_streams: u32,
+    /// Pooled connections with no stream for this long are closed.
+    pub pool_idle_timeout: Duration,
+    /// HTTP/2 flow-control windows.
+    pub stream_window: u32,
+    pub connection_window: u32,
+    pub max_frame_size: u32,
+    /// TCP connect timeout, both for HBONE connections and for the inbound upstream.
+    pub connect_timeout: Duration,
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        Self {
+            max_streams_per_connection: 100,
+            server_max_streams: 200,
+            pool_idle_timeout: Duration::from_secs(300),
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            max_frame_size: 1024 * 1024,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("connect to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("connect to {0}: timed out")]
+    ConnectTimeout(SocketAddr),
+    #[error("TLS handshake with {addr} failed: {reason}")]
+    Handshake {
+        addr: SocketAddr,
+        reason: HandshakeFailure,
+    },
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+    #[error("peer answered CONNECT with {0}")]
+    Status(http::StatusCode),
+    #[error("certificate: {0}")]
+    Identity(#[from] IdentityError),
+    #[error("TLS configuration: {0}")]
+    TlsConfig(#[from] rustls::Error),
+    #[error("building request: {0}")]
+    Request(#[from] http::Error),
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Opens TCP connections; the agent's implementation opens them inside a pod's netns with
+/// the agent's mark, tests use [`DirectDialer`].
+pub trait Dialer: Send + Sync {
+    /// Connects to `target`, from `source` when given (the original client address, kept
+    /// visible to the application where the kernel allows it).
+    fn dial(
+        &self,
+        target: SocketAddr,
+        source: Option<SocketAddr>,
+    ) -> BoxFuture<'_, io::Result<TcpStream>>;
+}
+
+/// Plain connections from the current network namespace.
+#[derive(Debug, Default)]
+pub struct DirectDialer;
+
+impl Dialer for DirectDialer {
+    fn dial(
+        &self,
+        target: SocketAddr,
+        source: Option<SocketAddr>,
+    ) -> BoxFuture<'_, io::Result<TcpStream>> {
+        Box::pin(async move {
+            let socket = match target {
+                SocketAddr::V4(_) => TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => TcpSocket::new_v6()?,
+            };
+            socket.set_nodelay(true)?;
+            if let Some(source) = source {
+                crate::sys::set_ip_transparent(&socket)?;
+                socket.bind(source)?;
+            }
+            socket.connect(target).await
+        })
+    }
+}
+
+/// Counts of events an operator needs, kept here until the metrics registry takes them over.
+#[derive(Debug, Default)]
+pub struct TunnelCounters {
+    handshake_failures: Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl TunnelCounters {
+    pub fn record_handshake_failure(&self, reason: &HandshakeFailure) {
+        if let Ok(mut map) = self.handshake_failures.lock() {
+            *map.entry(reason.label().to_string()).or_default() += 1;
+        }
+    }
+
+    /// Handshake failures by reason label.
+    pub fn handshake_failures(&self) -> std::collections::BTreeMap<String, u64> {
+        self.handshake_failures
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// Makes the coming close of `tcp` a reset (RST) instead of an orderly FIN: the peer must
+/// see a torn connection as torn. A zero linger never blocks on close.
+fn reset_on_close(tcp: &TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+}
+
+async fn dial_with_timeout(
+    dialer: &dyn Dialer,
+    target: SocketAddr,
+    source: Option<SocketAddr>,
+    timeout: Duration,
+) -> Result<TcpStream, TunnelError> {
+    match tokio::time::timeout(timeout, dialer.dial(target, source)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(source)) => Err(TunnelError::Connect {
+            addr: target,
+            source,
+        }),
+        Err(_) => Err(TunnelError::ConnectTimeout(target)),
+    }
+}
+
+#[cfg(test)]
+mod tests;

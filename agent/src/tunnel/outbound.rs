@@ -1,0 +1,180 @@
+//! Outbound: a captured connection becomes an HTTP/2 CONNECT stream to the destination
+//! workload's HBONE address, over a pooled mTLS connection that presents the source
+//! workload's certificate.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, warn};
+
+use super::copy::{CopyStats, copy_bidirectional};
+use super::pool::{Pool, PoolKey, StreamLease};
+use super::tls::{HandshakeFailure, client_config};
+use super::{Dialer, TunnelConfig, TunnelCounters, TunnelError, dial_with_timeout};
+use crate::identity::{CertManager, SpiffeId};
+
+/// Everything the outbound side needs to know about one captured connection; decided
+/// before any I/O (routing builds it, this module dials it).
+#[derive(Clone, Debug)]
+pub struct OutboundRequest {
+    pub source: SpiffeId,
+    /// The captured client's address, sent in `Forwarded`.
+    pub source_addr: SocketAddr,
+    /// Source workload's name, sent in `baggage`.
+    pub source_workload: String,
+    pub destination: SpiffeId,
+    /// `<destination pod ip>:15008`.
+    pub hbone_addr: SocketAddr,
+    /// The address the client dialled: the CONNECT `:authority`.
+    pub original_destination: SocketAddr,
+}
+
+impl OutboundRequest {
+    /// The CONNECT request as other HBONE peers expect it (docs/HBONE.md).
+    fn to_http(&self) -> Result<Request<()>, http::Error> {
+        Request::builder()
+            .method(Method::CONNECT)
+            .uri(self.original_destination.to_string())
+            .header("forwarded", forwarded_for(self.source_addr))
+            .header(
+                "baggage",
+                format!(
+                    "k8s.namespace.name={},k8s.deployment.name={},service.name={}",
+                    self.source.namespace(),
+                    self.source_workload,
+                    self.source_workload
+                ),
+            )
+            .body(())
+    }
+}
+
+/// RFC 7239 `for=` with the port: IPv6 addresses go in brackets and the value is quoted.
+fn forwarded_for(addr: SocketAddr) -> String {
+    format!("for=\"{addr}\"")
+}
+
+pub struct Outbound {
+    certs: CertManager,
+    dialer: Arc<dyn Dialer>,
+    pool: Arc<Pool>,
+    config: TunnelConfig,
+    counters: Arc<TunnelCounters>,
+}
+
+impl Outbound {
+    pub fn new(certs: CertManager, dialer: Arc<dyn Dialer>, config: TunnelConfig) -> Self {
+        Self {
+            pool: Pool::new(config.max_streams_per_connection, config.pool_idle_timeout),
+            certs,
+            dialer,
+            config,
+            counters: Arc::new(TunnelCounters::default()),
+        }
+    }
+
+    pub fn counters(&self) -> &Arc<TunnelCounters> {
+        &self.counters
+    }
+
+    /// HBONE connections currently pooled.
+    pub fn pooled_connections(&self) -> usize {
+        self.pool.connection_count()
+    }
+
+    /// Tunnels `client` to the destination and copies until both sides are done.
+    pub async fn proxy(
+        &self,
+        request: &OutboundRequest,
+        mut client: TcpStream,
+        stats: &CopyStats,
+    ) -> Result<(), TunnelError> {
+        let (send, recv, _lease) = self.open_stream(request).await?;
+        copy_bidirectional(&mut client, send, recv, stats)
+            .await
+            .map_err(|e| match e {
+                super::copy::CopyError::Tcp(io) => TunnelError::Io(io),
+                super::copy::CopyError::Tunnel(h2) => TunnelError::H2(h2),
+            })
+    }
+
+    /// Opens one CONNECT stream and waits for the peer's 200.
+    pub async fn open_stream(
+        &self,
+        request: &OutboundRequest,
+    ) -> Result<(h2::SendStream<Bytes>, h2::RecvStream, StreamLease), TunnelError> {
+        let key = PoolKey {
+            source: request.source.clone(),
+            destination: request.destination.clone(),
+            address: request.hbone_addr,
+        };
+        let lease = self.pool.lease(&key, || self.connect(&key)).await?;
+        let mut sender = lease.send_request().ready().await?;
+        let (response, send) = sender.send_request(request.to_http()?, false)?;
+        let response = response.await?;
+        if response.status() != StatusCode::OK {
+            debug!(status = %response.status(), destination = %request.destination, "CONNECT refused");
+            return Err(TunnelError::Status(response.status()));
+        }
+        Ok((send, response.into_body(), lease))
+    }
+
+    /// TCP + TLS + HTTP/2 handshake to `key.address`, presenting the source's certificate and
+    /// accepting only the expected destination identity.
+    async fn connect(
+        &self,
+        key: &PoolKey,
+    ) -> Result<(h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>), TunnelError> {
+        let cert = self.certs.get(&key.source).await?;
+        let tls = client_config(&cert, &self.certs.trust_bundle(), &key.destination)?;
+        let tcp = dial_with_timeout(
+            self.dialer.as_ref(),
+            key.address,
+            None,
+            self.config.connect_timeout,
+        )
+        .await?;
+        // No SNI is sent (HBONE peers select the certificate by local address); rustls still
+        // wants a name, and the IP is the honest one.
+        let name = ServerName::IpAddress(key.address.ip().into());
+        let tls_stream = match TlsConnector::from(Arc::new(tls)).connect(name, tcp).await {
+            Ok(s) => s,
+            Err(e) => {
+                let reason = handshake_failure(&e);
+                self.counters.record_handshake_failure(&reason);
+                warn!(peer = %key.address, expected = %key.destination, %reason, "HBONE handshake failed");
+                return Err(TunnelError::Handshake {
+                    addr: key.address,
+                    reason,
+                });
+            }
+        };
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size(self.config.stream_window)
+            .initial_connection_window_size(self.config.connection_window)
+            .max_frame_size(self.config.max_frame_size)
+            .max_concurrent_reset_streams(1024)
+            .handshake::<_, Bytes>(tls_stream)
+            .await?;
+        let address = key.address;
+        let driver = tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(%address, error = %e, "HBONE connection ended");
+            }
+        });
+        Ok((send, driver))
+    }
+}
+
+/// rustls reports verification errors through io::Error; find the TLS error inside.
+pub(super) fn handshake_failure(err: &std::io::Error) -> HandshakeFailure {
+    err.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .map(HandshakeFailure::from_tls_error)
+        .unwrap_or_else(|| HandshakeFailure::Protocol(err.to_string()))
+}

@@ -1,0 +1,236 @@
+//! Pooled HBONE client connections: one key per (source identity, destination identity,
+//! destination address); up to `max_streams` streams share a connection; when none has room
+//! exactly one handshake runs while other callers wait for it; idle connections close after
+//! a timeout.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use tokio::task::JoinHandle;
+use tracing::debug;
+
+use super::TunnelError;
+use crate::identity::SpiffeId;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub source: SpiffeId,
+    pub destination: SpiffeId,
+    pub address: SocketAddr,
+}
+
+/// A live HTTP/2 client connection and its driver task.
+pub struct PooledConnection {
+    pub send: SendRequest<Bytes>,
+    driver: JoinHandle<()>,
+    active_streams: AtomicUsize,
+    /// Milliseconds since the pool's epoch when the last stream ended.
+    idle_since_ms: AtomicU64,
+}
+
+impl Drop for PooledConnection {
+    fn drop(&mut self) {
+        // Dropping the connection future closes the TLS session and the socket.
+        self.driver.abort();
+    }
+}
+
+/// A claim on one stream slot of a pooled connection; the slot frees on drop.
+pub struct StreamLease {
+    conn: Arc<PooledConnection>,
+    epoch: Instant,
+}
+
+impl StreamLease {
+    pub fn send_request(&self) -> SendRequest<Bytes> {
+        self.conn.send.clone()
+    }
+}
+
+impl Drop for StreamLease {
+    fn drop(&mut self) {
+        if self.conn.active_streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.conn
+                .idle_since_ms
+                .store(millis_since(self.epoch), Ordering::Release);
+        }
+    }
+}
+
+#[derive(Default)]
+struct KeyEntry {
+    /// Held while a handshake for this key runs: later callers queue behind it and then
+    /// find room on the new connection instead of racing their own handshakes.
+    connecting: tokio::sync::Mutex<()>,
+    connections: Mutex<Vec<Arc<PooledConnection>>>,
+}
+
+impl KeyEntry {
+    fn try_lease(&self, max_streams: usize, epoch: Instant) -> Option<StreamLease> {
+        let mut conns = self.connections.lock().ok()?;
+        conns.retain(|c| !c.driver.is_finished());
+        for conn in conns.iter() {
+            let mut active = conn.active_streams.load(Ordering::Acquire);
+            while active < max_streams {
+                match conn.active_streams.compare_exchange(
+                    active,
+                    active + 1,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => {
+                        return Some(StreamLease {
+                            conn: conn.clone(),
+                            epoch,
+                        });
+                    }
+                    Err(now) => active = now,
+                }
+            }
+        }
+        None
+    }
+}
+
+pub struct Pool {
+    entries: Mutex<HashMap<PoolKey, Arc<KeyEntry>>>,
+    max_streams: usize,
+    idle_timeout: Duration,
+    epoch: Instant,
+    reaper: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Pool {
+    pub fn new(max_streams: usize, idle_timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            entries: Mutex::new(HashMap::new()),
+            max_streams: max_streams.max(1),
+            idle_timeout,
+            epoch: Instant::now(),
+            reaper: Mutex::new(None),
+        })
+    }
+
+    /// A stream slot for `key`, connecting with `connect` only when no pooled connection
+    /// has room.
+    pub async fn lease<F, Fut>(
+        self: &Arc<Self>,
+        key: &PoolKey,
+        connect: F,
+    ) -> Result<StreamLease, TunnelError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<(SendRequest<Bytes>, JoinHandle<()>), TunnelError>>,
+    {
+        self.ensure_reaper();
+        let entry = {
+            let mut entries = self.entries.lock().map_err(poisoned)?;
+            entries.entry(key.clone()).or_default().clone()
+        };
+        if let Some(lease) = entry.try_lease(self.max_streams, self.epoch) {
+            return Ok(lease);
+        }
+        let _connecting = entry.connecting.lock().await;
+        if let Some(lease) = entry.try_lease(self.max_streams, self.epoch) {
+            return Ok(lease);
+        }
+        let (send, driver) = connect().await?;
+        let conn = Arc::new(PooledConnection {
+            send,
+            driver,
+            active_streams: AtomicUsize::new(1),
+            idle_since_ms: AtomicU64::new(0),
+        });
+        entry
+            .connections
+            .lock()
+            .map_err(poisoned)?
+            .push(conn.clone());
+        debug!(destination = %key.destination, address = %key.address, "new pooled HBONE connection");
+        Ok(StreamLease {
+            conn,
+            epoch: self.epoch,
+        })
+    }
+
+    /// Open pooled connections, over all keys.
+    pub fn connection_count(&self) -> usize {
+        let Ok(entries) = self.entries.lock() else {
+            return 0;
+        };
+        entries
+            .values()
+            .map(|e| {
+                e.connections
+                    .lock()
+                    .map(|c| c.iter().filter(|c| !c.driver.is_finished()).count())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    fn ensure_reaper(self: &Arc<Self>) {
+        let Ok(mut reaper) = self.reaper.lock() else {
+            return;
+        };
+        if reaper.is_some() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let period = (self.idle_timeout / 4).max(Duration::from_millis(10));
+        *reaper = Some(tokio::spawn(reap_idle(weak, period)));
+    }
+
+    fn reap_once(&self) {
+        let now_ms = millis_since(self.epoch);
+        let idle_ms = self.idle_timeout.as_millis() as u64;
+        let Ok(mut entries) = self.entries.lock() else {
+            return;
+        };
+        for entry in entries.values() {
+            if let Ok(mut conns) = entry.connections.lock() {
+                conns.retain(|c| {
+                    let busy = c.active_streams.load(Ordering::Acquire) > 0;
+                    let idle_for = now_ms.saturating_sub(c.idle_since_ms.load(Ordering::Acquire));
+                    !c.driver.is_finished() && (busy || idle_for < idle_ms)
+                });
+            }
+        }
+        entries.retain(|_, e| e.connections.lock().map(|c| !c.is_empty()).unwrap_or(false));
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if let Ok(mut reaper) = self.reaper.lock()
+            && let Some(task) = reaper.take()
+        {
+            task.abort();
+        }
+    }
+}
+
+async fn reap_idle(pool: Weak<Pool>, period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        pool.reap_once();
+    }
+}
+
+fn millis_since(epoch: Instant) -> u64 {
+    epoch.elapsed().as_millis() as u64
+}
+
+fn poisoned<T>(_: std::sync::PoisonError<T>) -> TunnelError {
+    TunnelError::Io(std::io::Error::other("connection pool lock poisoned"))
+}

@@ -1,0 +1,631 @@
+//! HBONE on loopback: outbound -> inbound -> echo server, with real certificates.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http::{Method, Request, StatusCode};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::*;
+use crate::identity::{
+    CertManager, CertificateAuthority, IdentityError, LocalCa, SpiffeId, TrustBundle,
+    WorkloadCertificate,
+};
+
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+fn id(sa: &str) -> SpiffeId {
+    SpiffeId::new("cluster.local", "default", sa).expect("valid id")
+}
+
+/// Issues with `signer` but hands out `bundle` as the trust bundle: lets a test build a
+/// client whose certificate comes from a CA the server does not trust.
+struct SplitCa {
+    signer: LocalCa,
+    bundle: TrustBundle,
+}
+
+impl CertificateAuthority for SplitCa {
+    fn issue(
+        &self,
+        id: &SpiffeId,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<WorkloadCertificate, IdentityError>> {
+        let id = id.clone();
+        Box::pin(async move {
+            let now = SystemTime::now();
+            self.signer
+                .issue_with_validity(&id, now - Duration::from_secs(60), now + ttl)
+        })
+    }
+
+    fn trust_bundle(&self) -> TrustBundle {
+        self.bundle.clone()
+    }
+}
+
+struct Workloads(HashMap<IpAddr, LocalWorkload>);
+
+impl LocalWorkloads for Workloads {
+    fn by_ip(&self, ip: IpAddr) -> Option<LocalWorkload> {
+        self.0.get(&ip).cloned()
+    }
+}
+
+/// Records what it was asked; denies the identities in `deny`.
+#[derive(Default)]
+struct RecordingAuthorizer {
+    seen: Mutex<Vec<InboundConnection>>,
+    deny: Vec<SpiffeId>,
+}
+
+impl Authorizer for RecordingAuthorizer {
+    fn authorize(&self, conn: &InboundConnection) -> Verdict {
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.push(conn.clone());
+        }
+        match &conn.source_identity {
+            Some(src) if self.deny.contains(src) => Verdict::Deny {
+                reason: "test denies this identity".into(),
+            },
+            _ => Verdict::Allow,
+        }
+    }
+}
+
+struct Env {
+    ca: Arc<LocalCa>,
+    inbound: Arc<Inbound>,
+    authorizer: Arc<RecordingAuthorizer>,
+    hbone_addr: SocketAddr,
+    echo_addr: SocketAddr,
+    client_certs: CertManager,
+}
+
+impl Env {
+    async fn start(config: TunnelConfig, cert_ttl: Duration, deny: Vec<SpiffeId>) -> Self {
+        let ca = Arc::new(LocalCa::generate().expect("CA"));
+        let server_certs = CertManager::new(ca.clone(), cert_ttl);
+        let client_certs = CertManager::new(ca.clone(), cert_ttl);
+        let workloads = Arc::new(Workloads(HashMap::from([(
+            LOCALHOST,
+            LocalWorkload {
+                name: "server".into(),
+                namespace: "default".into(),
+                identity: id("server"),
+            },
+        )])));
+        let authorizer = Arc::new(RecordingAuthorizer {
+            deny,
+            ..Default::default()
+        });
+        let inbound = Arc::new(Inbound::new(
+            server_certs,
+            workloads,
+            authorizer.clone(),
+            Arc::new(DirectDialer),
+            config,
+            false,
+        ));
+        let listener = TcpListener::bind((LOCALHOST, 0)).await.expect("bind hbone");
+        let hbone_addr = listener.local_addr().expect("addr");
+        tokio::spawn(inbound.clone().serve(listener));
+        let echo_addr = spawn_echo().await;
+        Self {
+            ca,
+            inbound,
+            authorizer,
+            hbone_addr,
+            echo_addr,
+            client_certs,
+        }
+    }
+
+    async fn default() -> Self {
+        Self::start(TunnelConfig::default(), Duration::from_secs(3600), vec![]).await
+    }
+
+    fn outbound(&self, config: TunnelConfig) -> Outbound {
+        Outbound::new(self.client_certs.clone(), Arc::new(DirectDialer), config)
+    }
+
+    fn request(&self, source: &str, destination: &str, target: SocketAddr) -> OutboundRequest {
+        OutboundRequest {
+            source: id(source),
+            source_addr: "127.0.0.1:40000".parse().expect("addr"),
+            source_workload: source.into(),
+            destination: id(destination),
+            hbone_addr: self.hbone_addr,
+            original_destination: target,
+        }
+    }
+
+    /// Proxies a fresh loopback TCP connection through `outbound` and returns the client end.
+    async fn proxied_client(
+        &self,
+        outbound: Arc<Outbound>,
+        request: OutboundRequest,
+    ) -> (TcpStream, tokio::task::JoinHandle<Result<(), TunnelError>>) {
+        let capture = TcpListener::bind((LOCALHOST, 0)).await.expect("bind");
+        let client = TcpStream::connect(capture.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (accepted, _) = capture.accept().await.expect("accept");
+        let task = tokio::spawn(async move {
+            outbound
+                .proxy(&request, accepted, &CopyStats::default())
+                .await
+        });
+        (client, task)
+    }
+}
+
+/// Echoes every byte back and half-closes after the client does.
+async fn spawn_echo() -> SocketAddr {
+    let listener = TcpListener::bind((LOCALHOST, 0)).await.expect("bind echo");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A raw HBONE client built from a given certificate, for the cases Outbound's own
+/// CertManager would refuse to produce (expired certificates).
+async fn raw_hbone(
+    cert: &WorkloadCertificate,
+    bundle: &TrustBundle,
+    expected: &SpiffeId,
+    addr: SocketAddr,
+) -> Result<h2::client::SendRequest<Bytes>, TunnelError> {
+    let config = tls::client_config(cert, bundle, expected)?;
+    let tcp = TcpStream::connect(addr).await?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await?;
+    let (send, conn) = h2::client::handshake(tls).await?;
+    tokio::spawn(conn);
+    Ok(send.ready().await?)
+}
+
+/// In TLS 1.3 the client finishes its handshake before the server has judged the client's
+/// certificate; a rejection shows up on the first request. This makes that request.
+async fn first_connect(
+    session: Result<h2::client::SendRequest<Bytes>, TunnelError>,
+    target: SocketAddr,
+) -> Result<StatusCode, TunnelError> {
+    let mut send = session?.ready().await?;
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .body(())?;
+    let (response, _body) = send.send_request(request, false)?;
+    Ok(response.await?.status())
+}
+
+async fn status_of(send: h2::client::SendRequest<Bytes>, request: Request<()>) -> StatusCode {
+    let mut send = send.ready().await.expect("ready");
+    let (response, _body) = send.send_request(request, false).expect("send");
+    response.await.expect("response").status()
+}
+
+async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn round_trip_checks_identities_on_both_ends() {
+    let env = Env::default().await;
+    let outbound = Arc::new(env.outbound(TunnelConfig::default()));
+    let request = env.request("client", "server", env.echo_addr);
+    let (mut client, task) = env.proxied_client(outbound, request).await;
+
+    client
+        .write_all(b"hello through HBONE")
+        .await
+        .expect("write");
+    client.shutdown().await.expect("half-close");
+    let mut echoed = Vec::new();
+    client.read_to_end(&mut echoed).await.expect("read");
+    assert_eq!(echoed, b"hello through HBONE");
+    task.await.expect("join").expect("proxy finished cleanly");
+
+    let seen = env.authorizer.seen.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].source_identity,
+        Some(id("client")),
+        "server saw the client's identity"
+    );
+    assert_eq!(seen[0].workload.identity, id("server"));
+    assert_eq!(seen[0].destination, env.echo_addr);
+    assert_eq!(seen[0].source_addr.ip(), LOCALHOST);
+}
+
+#[tokio::test]
+async fn server_with_unexpected_identity_is_refused_and_counted() {
+    let env = Env::default().await;
+    let outbound = env.outbound(TunnelConfig::default());
+    let request = env.request("client", "someone-else", env.echo_addr);
+    let err = outbound
+        .open_stream(&request)
+        .await
+        .err()
+        .expect("must fail");
+    match err {
+        TunnelError::Handshake {
+            reason: HandshakeFailure::SanMismatch { expected, got },
+            ..
+        } => {
+            assert_eq!(expected, id("someone-else").to_string());
+            assert_eq!(got, id("server").to_string());
+        }
+        other => panic!("expected a SAN mismatch, got {other}"),
+    }
+    assert_eq!(
+        outbound.counters().handshake_failures().get("san_mismatch"),
+        Some(&1)
+    );
+}
+
+#[tokio::test]
+async fn client_certificate_from_another_ca_is_rejected() {
+    let env = Env::default().await;
+    let rogue = CertManager::new(
+        Arc::new(SplitCa {
+            signer: LocalCa::generate().expect("rogue CA"),
+            bundle: env.ca.trust_bundle(),
+        }),
+        Duration::from_secs(3600),
+    );
+    let outbound = Outbound::new(rogue, Arc::new(DirectDialer), TunnelConfig::default());
+    let result = outbound
+        .open_stream(&env.request("client", "server", env.echo_addr))
+        .await;
+    assert!(
+        result.is_err(),
+        "a client from an untrusted CA must not get a stream"
+    );
+    let inbound = env.inbound.clone();
+    wait_for("server to count the failure", || {
+        inbound.counters().handshake_failures().get("unknown_ca") == Some(&1)
+    })
+    .await;
+    assert!(env.authorizer.seen.lock().expect("lock").is_empty());
+}
+
+#[tokio::test]
+async fn expired_client_certificate_is_rejected() {
+    let env = Env::default().await;
+    let now = SystemTime::now();
+    let expired = env
+        .ca
+        .issue_with_validity(
+            &id("client"),
+            now - Duration::from_secs(7200),
+            now - Duration::from_secs(3600),
+        )
+        .expect("issue expired");
+    let session = raw_hbone(
+        &expired,
+        &env.ca.trust_bundle(),
+        &id("server"),
+        env.hbone_addr,
+    )
+    .await;
+    let result = first_connect(session, env.echo_addr).await;
+    assert!(
+        result.is_err(),
+        "an expired client certificate must not be accepted: {result:?}"
+    );
+    let inbound = env.inbound.clone();
+    wait_for("server to count the failure", || {
+        inbound.counters().handshake_failures().get("expired") == Some(&1)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn client_without_certificate_is_rejected() {
+    #[derive(Debug)]
+    struct TrustAnything;
+    impl rustls::client::danger::ServerCertVerifier for TrustAnything {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            rustls::crypto::aws_lc_rs::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+    let env = Env::default().await;
+    crate::identity::install_crypto_provider();
+    let mut config = rustls::ClientConfig::builder()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(TrustAnything))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(env.hbone_addr).await.expect("connect");
+    let handshake = async {
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::IpAddress(env.hbone_addr.ip().into()), tcp)
+            .await?;
+        let (send, conn) = h2::client::handshake(tls).await?;
+        tokio::spawn(conn);
+        Ok::<_, TunnelError>(send)
+    };
+    let result = first_connect(handshake.await, env.echo_addr).await;
+    assert!(
+        result.is_err(),
+        "no client certificate, no stream: {result:?}"
+    );
+    let inbound = env.inbound.clone();
+    wait_for("server to count the failure", || {
+        inbound
+            .counters()
+            .handshake_failures()
+            .get("no_client_cert")
+            == Some(&1)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn inbound_answers_400_401_503_as_hbone_peers_expect() {
+    let env = Start::deny_client().await;
+    let client_cert = env.client_certs.get(&id("client")).await.expect("cert");
+    let bundle = env.ca.trust_bundle();
+    let connect = |authority: String| {
+        Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority)
+            .body(())
+            .expect("request")
+    };
+    let send = raw_hbone(&client_cert, &bundle, &id("server"), env.hbone_addr)
+        .await
+        .expect("session");
+
+    let get = Request::builder()
+        .method(Method::GET)
+        .uri(format!("https://{}/", env.echo_addr))
+        .body(())
+        .expect("request");
+    assert_eq!(
+        status_of(send.clone(), get).await,
+        StatusCode::BAD_REQUEST,
+        "only CONNECT"
+    );
+    assert_eq!(
+        status_of(send.clone(), connect("127.0.0.9:80".into())).await,
+        StatusCode::BAD_REQUEST,
+        "authority must be a local workload's address"
+    );
+    let closed = TcpListener::bind((LOCALHOST, 0)).await.expect("bind");
+    let closed_addr = closed.local_addr().expect("addr");
+    drop(closed);
+    assert_eq!(
+        status_of(send.clone(), connect(closed_addr.to_string())).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "destination not answering"
+    );
+
+    let denied_cert = env.client_certs.get(&id("denied")).await.expect("cert");
+    let denied = raw_hbone(&denied_cert, &bundle, &id("server"), env.hbone_addr)
+        .await
+        .expect("session");
+    assert_eq!(
+        status_of(denied, connect(env.echo_addr.to_string())).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        status_of(send, connect(env.echo_addr.to_string())).await,
+        StatusCode::OK,
+        "an allowed identity still gets through"
+    );
+}
+
+struct Start;
+impl Start {
+    async fn deny_client() -> Env {
+        Env::start(
+            TunnelConfig::default(),
+            Duration::from_secs(3600),
+            vec![id("denied")],
+        )
+        .await
+    }
+}
+
+/// Deterministic bytes: both ends regenerate the stream from the seed, so comparing them
+/// checks every byte without storing a GiB.
+struct Pattern(u64);
+
+impl Pattern {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            let bytes = self.0.to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+    }
+}
+
+/// Writes `total` pattern bytes, half-closes, and checks that the same bytes come back
+/// followed by EOF.
+async fn echo_transfer(client: TcpStream, total: usize, pace: Option<Duration>) {
+    const CHUNK: usize = 64 * 1024;
+    let (mut r, mut w) = client.into_split();
+    let writer = tokio::spawn(async move {
+        let mut pattern = Pattern(0x9E37_79B9_7F4A_7C15);
+        let mut buf = vec![0u8; CHUNK];
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(CHUNK);
+            pattern.fill(&mut buf[..n]);
+            w.write_all(&buf[..n]).await.expect("write");
+            left -= n;
+            if let Some(pace) = pace {
+                tokio::time::sleep(pace).await;
+            }
+        }
+        w.shutdown().await.expect("half-close");
+    });
+    let mut expected = Pattern(0x9E37_79B9_7F4A_7C15);
+    let mut buf = vec![0u8; CHUNK];
+    let mut want = vec![0u8; CHUNK];
+    let mut received = 0usize;
+    loop {
+        let n = r.read(&mut buf).await.expect("read");
+        if n == 0 {
+            break;
+        }
+        // The pattern is generated in 8-byte steps; reads of any size are compared by
+        // regenerating exactly the bytes received (buffering the 0-7 byte remainder).
+        want.clear();
+        want.resize(n, 0);
+        expected.fill_exact(&mut want);
+        assert_eq!(&buf[..n], &want[..], "corruption at byte {received}");
+        received += n;
+    }
+    assert_eq!(received, total, "everything came back, then EOF");
+    writer.await.expect("writer");
+}
+
+impl Pattern {
+    /// Like `fill`, but for lengths that are not multiples of 8: keeps the unused tail of
+    /// the last word for the next call.
+    fn fill_exact(&mut self, buf: &mut [u8]) {
+        thread_local! {
+            static CARRY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        CARRY.with(|carry| {
+            let mut carry = carry.borrow_mut();
+            let mut i = 0;
+            while i < buf.len() {
+                if carry.is_empty() {
+                    let mut word = [0u8; 8];
+                    self.fill(&mut word);
+                    carry.extend_from_slice(&word);
+                }
+                let take = carry.len().min(buf.len() - i);
+                buf[i..i + take].copy_from_slice(&carry[..take]);
+                carry.drain(..take);
+                i += take;
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_each_way_arrives_intact_with_half_close() {
+    let env = Env::default().await;
+    let outbound = Arc::new(env.outbound(TunnelConfig::default()));
+    let (client, task) = env
+        .proxied_client(outbound, env.request("client", "server", env.echo_addr))
+        .await;
+    echo_transfer(client, 1 << 30, None).await;
+    task.await.expect("join").expect("proxy finished cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_transfer_survives_certificate_rotations() {
+    let ttl = Duration::from_secs(2);
+    let env = Env::start(TunnelConfig::default(), ttl, vec![]).await;
+    let outbound = Arc::new(env.outbound(TunnelConfig::default()));
+    let first = env.client_certs.get(&id("client")).await.expect("cert");
+    let (client, task) = env
+        .proxied_client(
+            outbound.clone(),
+            env.request("client", "server", env.echo_addr),
+        )
+        .await;
+    // ~5 s of paced traffic: long enough for at least two renewals at half of a 2 s TTL.
+    echo_transfer(client, 100 * 64 * 1024, Some(Duration::from_millis(50))).await;
+    task.await.expect("join").expect("proxy finished cleanly");
+    assert!(
+        env.client_certs.stats().renewals >= 2,
+        "certificates rotated during the transfer: {:?}",
+        env.client_certs.stats()
+    );
+    let now = env.client_certs.get(&id("client")).await.expect("cert");
+    assert_ne!(
+        now.serial, first.serial,
+        "new connections get the renewed certificate"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_streams_share_two_connections_until_idle() {
+    let env = Env::default().await;
+    let config = TunnelConfig {
+        pool_idle_timeout: Duration::from_millis(300),
+        ..TunnelConfig::default()
+    };
+    let outbound = Arc::new(env.outbound(config));
+    let request = env.request("client", "server", env.echo_addr);
+    let opens = (0..200).map(|_| {
+        let outbound = outbound.clone();
+        let request = request.clone();
+        tokio::spawn(async move { outbound.open_stream(&request).await })
+    });
+    let mut streams = Vec::new();
+    for open in opens {
+        streams.push(open.await.expect("join").expect("stream"));
+    }
+    assert_eq!(
+        outbound.pooled_connections(),
+        2,
+        "100 streams per connection"
+    );
+    drop(streams);
+    let pool_outbound = outbound.clone();
+    wait_for("idle connections to be released", move || {
+        pool_outbound.pooled_connections() == 0
+    })
+    .await;
+}
