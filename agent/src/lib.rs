@@ -4,4 +4,5 @@
 
 pub mod capture;
 pub mod netns;
+pub mod policy;
 pub mod sys;
