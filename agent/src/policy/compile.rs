@@ -271,8 +271,8 @@ fn compile_peer_auth(
 /// Policies in one namespace at the same level with the same selector tie;
 /// evaluation picks the first by name, and the user should hear about it.
 fn warn_peer_conflicts(items: &[CompiledPeerAuth], warnings: &mut Warnings) {
-    let mut seen: BTreeMap<(&str, Option<&BTreeMap<String, String>>), &PolicyName> =
-        BTreeMap::new();
+    type Level<'a> = (&'a str, Option<&'a BTreeMap<String, String>>);
+    let mut seen: BTreeMap<Level<'_>, &PolicyName> = BTreeMap::new();
     for pa in items {
         let key = (pa.name.namespace.as_str(), pa.selector.as_ref());
         if let Some(winner) = seen.get(&key) {
