@@ -98,9 +98,11 @@ pub(crate) fn build(
         }
         let metadata: Metadata = match map.remove("metadata") {
             None | Some(Value::Null) => Metadata::default(),
-            Some(v) => {
-                serde_yaml::from_value(v).map_err(|source| PolicyError::Yaml { index, source })?
-            }
+            Some(v) => serde_yaml::from_value(v).map_err(|source| PolicyError::BadMetadata {
+                index,
+                kind,
+                source,
+            })?,
         };
         let Some(name) = metadata.name.filter(|n| !n.is_empty()) else {
             return Err(PolicyError::MissingName { index, kind });

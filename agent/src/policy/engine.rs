@@ -358,7 +358,9 @@ impl<T> Indexed<T> {
     }
 }
 
-/// Which level of PeerAuthentication produced a mode; used for inheritance.
+/// Effective mode of a workload port and the PeerAuthentication that set it.
+/// Precedence: workload port-level > workload > namespace > mesh; UNSET at a
+/// level defers to the next one; nothing at all means PERMISSIVE.
 pub(crate) fn resolve_mtls(
     peer: &Indexed<CompiledPeerAuth>,
     root_namespace: &str,

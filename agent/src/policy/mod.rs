@@ -183,6 +183,13 @@ pub enum PolicyError {
     NotAMapping { index: usize },
     #[error("document {index}: missing `kind`")]
     MissingKind { index: usize },
+    #[error("document {index}: {kind} has malformed metadata: {source}")]
+    BadMetadata {
+        index: usize,
+        kind: &'static str,
+        #[source]
+        source: serde_yaml::Error,
+    },
     #[error("document {index}: {kind} has no metadata.name")]
     MissingName { index: usize, kind: &'static str },
     #[error(
@@ -235,7 +242,10 @@ pub(crate) const KIND_AP: &str = "AuthorizationPolicy";
 /// - DENY without rules matches nothing (Istio), with a warning because
 ///   users often expect it to deny everything.
 /// - PeerAuthentication ties at one level: the first by (namespace, name)
-///   wins (Istio picks the oldest; we have no timestamps), with a warning.
+///   wins (Istio picks the oldest; we have no timestamps). Ties visible at
+///   load time (several namespace-wide policies, or identical selectors) are
+///   warned about; overlapping but different selectors can only be seen per
+///   workload and are resolved the same way without a warning.
 /// - A later document with the same kind, namespace and name replaces the
 ///   earlier one (as `kubectl apply` would), with a warning.
 #[derive(Debug, Clone)]
@@ -254,7 +264,8 @@ struct Inner {
 
 impl PolicySet {
     /// Parse multi-document YAML; returns the set and warnings (never
-    /// silently drops a policy).
+    /// silently drops a policy). Empty documents (a bare `---`) are skipped,
+    /// as kubectl does; documents of other kinds are skipped and counted.
     pub fn from_yaml(
         input: &str,
         default_namespace: &str,

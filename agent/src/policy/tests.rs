@@ -1175,6 +1175,11 @@ fn invalid_input_errors_name_the_place() {
             &["document 0", "metadata.name"],
         ),
         (
+            "metadata not a mapping",
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: [x]\n".to_owned(),
+            &["document 0", "PeerAuthentication", "metadata"],
+        ),
+        (
             "unsupported apiVersion",
             "apiVersion: security.istio.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p}\n".to_owned(),
             &["document 0", "v1alpha1"],
