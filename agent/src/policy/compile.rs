@@ -437,7 +437,7 @@ fn compile_authz(
         warnings.push(
             KIND_AP,
             &name,
-            format!("L7 fields cannot be enforced at L4: {fields}; {effect}"),
+            format!("fields that cannot be enforced at L4 (L7 or unknown): {fields}; {effect}"),
         );
     }
 

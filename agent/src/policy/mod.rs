@@ -132,7 +132,9 @@ pub struct Decision {
     pub policy: Option<PolicyName>,
     /// Index of the matching rule in that policy's `spec.rules`.
     pub rule: Option<usize>,
-    /// AUDIT policies that matched; they never change the verdict.
+    /// AUDIT policies that matched; they never change the verdict. Empty
+    /// when the connection was refused for lacking mTLS (no authorization
+    /// policy was evaluated).
     pub audited: Vec<PolicyName>,
 }
 
