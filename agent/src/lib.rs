@@ -5,5 +5,6 @@
 pub mod capture;
 pub mod identity;
 pub mod netns;
+pub mod policy;
 pub mod sys;
 pub mod tunnel;

@@ -1,0 +1,593 @@
+//! Turning Istio documents into compiled, indexed policies.
+//!
+//! All validation happens here so that evaluation never has to fail.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+use serde_yaml::Value;
+
+use super::engine::{
+    Action, CompiledAuthz, CompiledPeerAuth, CompiledRule, ConditionMatch, IdentityMatch, Indexed,
+    IpMatch, ModeSetting, OperationMatch, PortMatch, SourceMatch, StrMatch,
+};
+use super::istio::{
+    AuthorizationPolicySpec, Condition, Metadata, PeerAuthenticationSpec, Scalar, Selector, Source,
+};
+use super::{KIND_AP, KIND_PA, PolicyError, PolicyName, PolicyWarning};
+
+pub(crate) struct Built {
+    pub(crate) peer: Indexed<CompiledPeerAuth>,
+    pub(crate) authz: Indexed<CompiledAuthz>,
+    pub(crate) skipped: BTreeMap<String, usize>,
+    pub(crate) warnings: Vec<PolicyWarning>,
+}
+
+struct Warnings(Vec<PolicyWarning>);
+
+impl Warnings {
+    fn push(&mut self, kind: &'static str, policy: &PolicyName, message: impl Into<String>) {
+        self.0.push(PolicyWarning {
+            policy: policy.clone(),
+            kind,
+            message: message.into(),
+        });
+    }
+}
+
+fn invalid(
+    kind: &'static str,
+    policy: &PolicyName,
+    field: impl Into<String>,
+    message: impl Into<String>,
+) -> PolicyError {
+    PolicyError::Invalid {
+        kind,
+        policy: policy.clone(),
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+pub(crate) fn build(
+    docs: Vec<Value>,
+    default_namespace: &str,
+    root_namespace: &str,
+) -> Result<Built, PolicyError> {
+    let mut warnings = Warnings(Vec::new());
+    let mut skipped: BTreeMap<String, usize> = BTreeMap::new();
+    // BTreeMaps give the (namespace, name) order that tie-breaks rely on.
+    let mut pas: BTreeMap<PolicyName, (usize, Value)> = BTreeMap::new();
+    let mut aps: BTreeMap<PolicyName, (usize, Value)> = BTreeMap::new();
+
+    for (index, doc) in docs.into_iter().enumerate() {
+        let mut map = match doc {
+            Value::Mapping(m) => m,
+            // An empty document (`---` followed by nothing) carries no
+            // resource; kubectl accepts it too.
+            Value::Null => continue,
+            _ => return Err(PolicyError::NotAMapping { index }),
+        };
+        let kind = match map.get("kind") {
+            Some(Value::String(k)) => k.clone(),
+            _ => return Err(PolicyError::MissingKind { index }),
+        };
+        let kind: &'static str = match kind.as_str() {
+            "PeerAuthentication" => KIND_PA,
+            "AuthorizationPolicy" => KIND_AP,
+            _ => {
+                *skipped.entry(kind).or_default() += 1;
+                continue;
+            }
+        };
+        let api_version = map
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if !matches!(
+            api_version,
+            "security.istio.io/v1" | "security.istio.io/v1beta1"
+        ) {
+            return Err(PolicyError::UnsupportedApiVersion {
+                index,
+                kind,
+                api_version: api_version.to_owned(),
+            });
+        }
+        let metadata: Metadata = match map.remove("metadata") {
+            None | Some(Value::Null) => Metadata::default(),
+            Some(v) => serde_yaml::from_value(v).map_err(|source| PolicyError::BadMetadata {
+                index,
+                kind,
+                source,
+            })?,
+        };
+        let Some(name) = metadata.name.filter(|n| !n.is_empty()) else {
+            return Err(PolicyError::MissingName { index, kind });
+        };
+        let namespace = metadata
+            .namespace
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| default_namespace.to_owned());
+        let policy = PolicyName::new(namespace, name);
+        let spec = map.remove("spec").unwrap_or(Value::Null);
+        let target = if kind == KIND_PA { &mut pas } else { &mut aps };
+        if let Some((earlier, _)) = target.insert(policy.clone(), (index, spec)) {
+            warnings.push(
+                kind,
+                &policy,
+                format!("defined again in document {index}; it replaces document {earlier}"),
+            );
+        }
+    }
+
+    let mut peer = Indexed::default();
+    for (policy, (index, spec)) in pas {
+        let spec: PeerAuthenticationSpec = parse_spec(spec, index, KIND_PA, &policy)?;
+        let pa = compile_peer_auth(policy, spec, &mut warnings)?;
+        let i = peer.items.len();
+        peer.by_namespace
+            .entry(pa.name.namespace.clone())
+            .or_default()
+            .insert(i, pa.selector.as_ref());
+        peer.items.push(pa);
+    }
+    warn_peer_conflicts(&peer.items, &mut warnings);
+
+    let mut authz = Indexed::default();
+    for (policy, (index, spec)) in aps {
+        let spec: AuthorizationPolicySpec = parse_spec(spec, index, KIND_AP, &policy)?;
+        let Some(ap) = compile_authz(policy, spec, &mut warnings)? else {
+            continue;
+        };
+        let i = authz.items.len();
+        if ap.name.namespace == root_namespace {
+            authz.mesh.insert(i, ap.selector.as_ref());
+        } else {
+            authz
+                .by_namespace
+                .entry(ap.name.namespace.clone())
+                .or_default()
+                .insert(i, ap.selector.as_ref());
+        }
+        authz.items.push(ap);
+    }
+
+    Ok(Built {
+        peer,
+        authz,
+        skipped,
+        warnings: warnings.0,
+    })
+}
+
+fn parse_spec<T: serde::de::DeserializeOwned + Default>(
+    spec: Value,
+    index: usize,
+    kind: &'static str,
+    policy: &PolicyName,
+) -> Result<T, PolicyError> {
+    if spec.is_null() {
+        return Ok(T::default());
+    }
+    serde_yaml::from_value(spec).map_err(|source| PolicyError::Malformed {
+        index,
+        kind,
+        policy: policy.clone(),
+        source,
+    })
+}
+
+/// An empty `matchLabels` selects every workload, same as no selector.
+fn compile_selector(selector: Option<Selector>) -> Option<BTreeMap<String, String>> {
+    let labels: BTreeMap<String, String> = selector?
+        .match_labels?
+        .into_iter()
+        .map(|(k, v)| (k, v.0))
+        .collect();
+    (!labels.is_empty()).then_some(labels)
+}
+
+fn parse_mode(
+    mode: Option<&str>,
+    policy: &PolicyName,
+    field: &str,
+) -> Result<ModeSetting, PolicyError> {
+    Ok(match mode {
+        None | Some("UNSET") => ModeSetting::Unset,
+        Some("STRICT") => ModeSetting::Strict,
+        Some("PERMISSIVE") => ModeSetting::Permissive,
+        Some("DISABLE") => ModeSetting::Disable,
+        Some(other) => {
+            return Err(invalid(
+                KIND_PA,
+                policy,
+                field,
+                format!("unknown mode {other:?} (expected STRICT, PERMISSIVE, DISABLE or UNSET)"),
+            ));
+        }
+    })
+}
+
+fn compile_peer_auth(
+    name: PolicyName,
+    spec: PeerAuthenticationSpec,
+    warnings: &mut Warnings,
+) -> Result<CompiledPeerAuth, PolicyError> {
+    let selector = compile_selector(spec.selector);
+    let mode = parse_mode(
+        spec.mtls.as_ref().and_then(|m| m.mode.as_deref()),
+        &name,
+        "spec.mtls.mode",
+    )?;
+    let mut port_modes = BTreeMap::new();
+    let port_level = spec.port_level_mtls.unwrap_or_default();
+    if !port_level.is_empty() && selector.is_none() {
+        // Istio only honours port-level settings on workload policies, since
+        // target ports mean nothing without a concrete workload.
+        warnings.push(
+            KIND_PA,
+            &name,
+            "portLevelMtls requires a workload selector; ignored",
+        );
+    } else {
+        for (key, value) in port_level {
+            let key_text = match &key {
+                Value::Number(n) => n.to_string(),
+                Value::String(s) => s.clone(),
+                other => format!("{other:?}"),
+            };
+            let field = format!("spec.portLevelMtls.{key_text}");
+            let port = parse_port(&key_text)
+                .ok_or_else(|| invalid(KIND_PA, &name, &field, "expected a port 1-65535"))?;
+            let mode = match value {
+                Value::Null => None,
+                Value::Mapping(m) => match m.get("mode") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(s)) => Some(s.clone()),
+                    Some(_) => {
+                        return Err(invalid(
+                            KIND_PA,
+                            &name,
+                            format!("{field}.mode"),
+                            "expected a string",
+                        ));
+                    }
+                },
+                _ => return Err(invalid(KIND_PA, &name, field, "expected a mapping")),
+            };
+            let mode = parse_mode(mode.as_deref(), &name, &format!("{field}.mode"))?;
+            port_modes.insert(port, mode);
+        }
+    }
+    Ok(CompiledPeerAuth {
+        name,
+        selector,
+        mode,
+        port_modes,
+    })
+}
+
+/// Policies in one namespace at the same level with the same selector tie;
+/// evaluation picks the first by name, and the user should hear about it.
+fn warn_peer_conflicts(items: &[CompiledPeerAuth], warnings: &mut Warnings) {
+    type Level<'a> = (&'a str, Option<&'a BTreeMap<String, String>>);
+    let mut seen: BTreeMap<Level<'_>, &PolicyName> = BTreeMap::new();
+    for pa in items {
+        let key = (pa.name.namespace.as_str(), pa.selector.as_ref());
+        if let Some(winner) = seen.get(&key) {
+            let level = if pa.selector.is_some() {
+                "the same selector"
+            } else {
+                "namespace-wide scope"
+            };
+            warnings.push(
+                KIND_PA,
+                &pa.name,
+                format!("conflicts with {winner} ({level}); {winner} wins (first by name)"),
+            );
+        } else {
+            seen.insert(key, &pa.name);
+        }
+    }
+}
+
+fn parse_port(s: &str) -> Option<u16> {
+    s.trim().parse::<u16>().ok().filter(|p| *p != 0)
+}
+
+fn parse_ip_block(s: &str) -> Option<IpNet> {
+    let s = s.trim();
+    if s.contains('/') {
+        IpNet::from_str(s).ok()
+    } else {
+        IpAddr::from_str(s).ok().map(IpNet::from)
+    }
+}
+
+/// Compiles one policy; `None` means refused (with a warning).
+fn compile_authz(
+    name: PolicyName,
+    spec: AuthorizationPolicySpec,
+    warnings: &mut Warnings,
+) -> Result<Option<CompiledAuthz>, PolicyError> {
+    let action = match spec.action.as_deref() {
+        None | Some("ALLOW") => Action::Allow,
+        Some("DENY") => Action::Deny,
+        Some("AUDIT") => Action::Audit,
+        Some("CUSTOM") => {
+            warnings.push(
+                KIND_AP,
+                &name,
+                "action CUSTOM (external authorization) is not supported; policy ignored",
+            );
+            return Ok(None);
+        }
+        Some(other) => {
+            return Err(invalid(
+                KIND_AP,
+                &name,
+                "spec.action",
+                format!("unknown action {other:?} (expected ALLOW, DENY, AUDIT or CUSTOM)"),
+            ));
+        }
+    };
+    let selector = compile_selector(spec.selector);
+    let has_target_refs =
+        spec.target_ref.is_some() || spec.target_refs.as_ref().is_some_and(|t| !t.is_empty());
+    let raw_rules = spec.rules.unwrap_or_default();
+
+    if has_target_refs {
+        if action == Action::Allow {
+            // Dropping it could turn an allow-listed namespace into an open
+            // one, so it stays as an ALLOW that matches nothing.
+            warnings.push(
+                KIND_AP,
+                &name,
+                "targetRef/targetRefs cannot be enforced at L4; kept as an ALLOW policy that \
+                 matches nothing, so workloads in its scope admit only traffic other ALLOW \
+                 policies allow",
+            );
+            return Ok(Some(CompiledAuthz {
+                name,
+                action,
+                selector,
+                rules: Vec::new(),
+            }));
+        }
+        warnings.push(
+            KIND_AP,
+            &name,
+            "targetRef/targetRefs cannot be enforced at L4; policy ignored",
+        );
+        return Ok(None);
+    }
+
+    if action == Action::Deny && raw_rules.is_empty() {
+        warnings.push(
+            KIND_AP,
+            &name,
+            "DENY policy without rules matches nothing and denies nothing; to deny all traffic \
+             use an ALLOW policy with an empty spec (`spec: {}`)",
+        );
+    }
+
+    let mut l7 = BTreeSet::new();
+    let mut rules = Vec::with_capacity(raw_rules.len());
+    for (i, raw) in raw_rules.into_iter().enumerate() {
+        let mut ctx = RuleCtx {
+            policy: &name,
+            l7: BTreeSet::new(),
+        };
+        let mut rule = CompiledRule::default();
+        for (j, from) in raw.from.unwrap_or_default().into_iter().enumerate() {
+            let path = format!("spec.rules[{i}].from[{j}].source");
+            rule.from
+                .push(ctx.source(from.source.unwrap_or_default(), &path)?);
+        }
+        for (j, to) in raw.to.unwrap_or_default().into_iter().enumerate() {
+            let path = format!("spec.rules[{i}].to[{j}].operation");
+            let op = to.operation.unwrap_or_default();
+            for (field, present) in [
+                ("hosts", &op.hosts),
+                ("notHosts", &op.not_hosts),
+                ("methods", &op.methods),
+                ("notMethods", &op.not_methods),
+                ("paths", &op.paths),
+                ("notPaths", &op.not_paths),
+            ] {
+                if present.as_ref().is_some_and(|v| !v.is_empty()) {
+                    ctx.l7.insert(field.to_owned());
+                }
+            }
+            rule.to.push(OperationMatch {
+                ports: PortMatch {
+                    values: ctx.ports(op.ports, &format!("{path}.ports"))?,
+                    negated: ctx.ports(op.not_ports, &format!("{path}.notPorts"))?,
+                },
+            });
+        }
+        for (j, cond) in raw.when.unwrap_or_default().into_iter().enumerate() {
+            let path = format!("spec.rules[{i}].when[{j}]");
+            if let Some(c) = ctx.condition(cond, &path)? {
+                rule.when.push(c);
+            }
+        }
+        // ALLOW: a rule depending on what we cannot see must not grant
+        // access. DENY/AUDIT: the L7 parts were simply not compiled, so the
+        // rule matches on its L4 parts alone (wider, i.e. fail closed).
+        rule.never = action == Action::Allow && !ctx.l7.is_empty();
+        l7.append(&mut ctx.l7);
+        rules.push(rule);
+    }
+
+    if !l7.is_empty() {
+        let fields = l7.into_iter().collect::<Vec<_>>().join(", ");
+        let effect = match action {
+            Action::Allow => "ALLOW rules using them never match (fail closed)",
+            Action::Deny => {
+                "they are ignored, so DENY rules using them match on their L4 parts alone (fail closed)"
+            }
+            Action::Audit => {
+                "they are ignored, so AUDIT rules using them match on their L4 parts alone"
+            }
+        };
+        warnings.push(
+            KIND_AP,
+            &name,
+            format!("fields that cannot be enforced at L4 (L7 or unknown): {fields}; {effect}"),
+        );
+    }
+
+    Ok(Some(CompiledAuthz {
+        name,
+        action,
+        selector,
+        rules,
+    }))
+}
+
+struct RuleCtx<'p> {
+    policy: &'p PolicyName,
+    l7: BTreeSet<String>,
+}
+
+impl RuleCtx<'_> {
+    fn source(&mut self, src: Source, path: &str) -> Result<SourceMatch, PolicyError> {
+        for (field, present) in [
+            ("requestPrincipals", &src.request_principals),
+            ("notRequestPrincipals", &src.not_request_principals),
+        ] {
+            if present.as_ref().is_some_and(|v| !v.is_empty()) {
+                self.l7.insert(field.to_owned());
+            }
+        }
+        let principals = |v: Option<Vec<String>>| -> Vec<StrMatch> {
+            v.unwrap_or_default()
+                .iter()
+                .map(|p| StrMatch::parse_principal(p))
+                .collect()
+        };
+        let namespaces = |v: Option<Vec<String>>| -> Vec<StrMatch> {
+            v.unwrap_or_default()
+                .iter()
+                .map(|p| StrMatch::parse(p))
+                .collect()
+        };
+        let mut ips = Vec::new();
+        for (pos, neg, pos_name, neg_name) in [
+            (src.ip_blocks, src.not_ip_blocks, "ipBlocks", "notIpBlocks"),
+            (
+                src.remote_ip_blocks,
+                src.not_remote_ip_blocks,
+                "remoteIpBlocks",
+                "notRemoteIpBlocks",
+            ),
+        ] {
+            let m = IpMatch {
+                values: self.ip_blocks(pos, &format!("{path}.{pos_name}"))?,
+                negated: self.ip_blocks(neg, &format!("{path}.{neg_name}"))?,
+            };
+            if !m.values.is_empty() || !m.negated.is_empty() {
+                ips.push(m);
+            }
+        }
+        Ok(SourceMatch {
+            principals: IdentityMatch {
+                values: principals(src.principals),
+                negated: principals(src.not_principals),
+            },
+            namespaces: IdentityMatch {
+                values: namespaces(src.namespaces),
+                negated: namespaces(src.not_namespaces),
+            },
+            ips,
+        })
+    }
+
+    fn ip_blocks(&self, v: Option<Vec<String>>, path: &str) -> Result<Vec<IpNet>, PolicyError> {
+        v.unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(k, s)| {
+                parse_ip_block(s).ok_or_else(|| {
+                    invalid(
+                        KIND_AP,
+                        self.policy,
+                        format!("{path}[{k}]"),
+                        format!("invalid IP address or CIDR {s:?}"),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    fn ports(&self, v: Option<Vec<Scalar>>, path: &str) -> Result<Vec<u16>, PolicyError> {
+        v.unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(k, s)| {
+                parse_port(&s.0).ok_or_else(|| {
+                    invalid(
+                        KIND_AP,
+                        self.policy,
+                        format!("{path}[{k}]"),
+                        format!("invalid port {:?} (expected a number 1-65535)", s.0),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// `None` for keys that need L7 data (recorded for the warning).
+    fn condition(
+        &mut self,
+        cond: Condition,
+        path: &str,
+    ) -> Result<Option<ConditionMatch>, PolicyError> {
+        let strings = |v: Option<Vec<Scalar>>| -> Vec<String> {
+            v.unwrap_or_default().into_iter().map(|s| s.0).collect()
+        };
+        let values = strings(cond.values);
+        let not_values = strings(cond.not_values);
+        let vp = format!("{path}.values");
+        let np = format!("{path}.notValues");
+        Ok(Some(match cond.key.as_str() {
+            "source.ip" => ConditionMatch::SourceIp(IpMatch {
+                values: self.ip_blocks(Some(values), &vp)?,
+                negated: self.ip_blocks(Some(not_values), &np)?,
+            }),
+            "destination.ip" => ConditionMatch::DestinationIp(IpMatch {
+                values: self.ip_blocks(Some(values), &vp)?,
+                negated: self.ip_blocks(Some(not_values), &np)?,
+            }),
+            "destination.port" => {
+                let scal = |v: Vec<String>| Some(v.into_iter().map(Scalar).collect());
+                ConditionMatch::DestinationPort(PortMatch {
+                    values: self.ports(scal(values), &vp)?,
+                    negated: self.ports(scal(not_values), &np)?,
+                })
+            }
+            "source.principal" => ConditionMatch::SourcePrincipal(IdentityMatch {
+                values: values
+                    .iter()
+                    .map(|s| StrMatch::parse_principal(s))
+                    .collect(),
+                negated: not_values
+                    .iter()
+                    .map(|s| StrMatch::parse_principal(s))
+                    .collect(),
+            }),
+            "source.namespace" => ConditionMatch::SourceNamespace(IdentityMatch {
+                values: values.iter().map(|s| StrMatch::parse(s)).collect(),
+                negated: not_values.iter().map(|s| StrMatch::parse(s)).collect(),
+            }),
+            other => {
+                self.l7.insert(format!("when[{other}]"));
+                return Ok(None);
+            }
+        }))
+    }
+}
