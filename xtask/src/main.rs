@@ -25,6 +25,12 @@ enum Task {
         #[arg(long)]
         unprivileged: bool,
     },
+    /// Benchmarks: for now the HBONE loopback micro-benchmark against direct TCP.
+    Bench {
+        /// A short run that only checks the benchmark still works.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Build, load and attach ambit's eBPF programs in throw-away namespaces and show them
     /// working.
     Demo,
@@ -38,6 +44,7 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::run(setup::Need::All),
         Task::Test { unprivileged } => test(unprivileged),
         Task::Demo => demo(),
+        Task::Bench { quick } => bench(quick),
     }
 }
 
@@ -92,6 +99,20 @@ fn demo() -> anyhow::Result<()> {
     }
     setup::run(setup::Need::All)?;
     cargo(&["run", "--quiet", "-p", "ambit-e2e", "--bin", "ambit-demo"])
+}
+
+fn bench(quick: bool) -> anyhow::Result<()> {
+    setup::run(setup::Need::Build)?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(["bench", "-p", "ambit-agent", "--bench", "hbone"])
+        .env("AMBIT_BENCH_QUICK", if quick { "1" } else { "" })
+        .status()
+        .context("running cargo bench")?;
+    if !status.success() {
+        bail!("benchmark failed ({status})");
+    }
+    Ok(())
 }
 
 /// Runs cargo with the same toolchain that runs xtask, failing on a non-zero exit.

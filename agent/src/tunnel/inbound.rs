@@ -234,10 +234,13 @@ impl Inbound {
             })
     }
 
-    /// The plaintext path (:15006): no identity; the destination is the address the client
-    /// dialled (the accepted socket's local address under sk_lookup).
-    pub async fn handle_plaintext(&self, mut client: TcpStream) -> Result<(), TunnelError> {
-        let destination = client.local_addr()?;
+    /// The plaintext path (:15006): no identity. `destination` is the address the client
+    /// dialled (under sk_lookup, the accepted socket's local address).
+    pub async fn handle_plaintext(
+        &self,
+        mut client: TcpStream,
+        destination: SocketAddr,
+    ) -> Result<(), TunnelError> {
         let source_addr = client.peer_addr()?;
         let Some(workload) = self.workloads.by_ip(destination.ip()) else {
             return Ok(());

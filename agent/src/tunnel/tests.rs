@@ -63,6 +63,7 @@ impl LocalWorkloads for Workloads {
 struct RecordingAuthorizer {
     seen: Mutex<Vec<InboundConnection>>,
     deny: Vec<SpiffeId>,
+    deny_plaintext: bool,
 }
 
 impl Authorizer for RecordingAuthorizer {
@@ -73,6 +74,9 @@ impl Authorizer for RecordingAuthorizer {
         match &conn.source_identity {
             Some(src) if self.deny.contains(src) => Verdict::Deny {
                 reason: "test denies this identity".into(),
+            },
+            None if self.deny_plaintext => Verdict::Deny {
+                reason: "test denies plaintext".into(),
             },
             _ => Verdict::Allow,
         }
@@ -90,6 +94,15 @@ struct Env {
 
 impl Env {
     async fn start(config: TunnelConfig, cert_ttl: Duration, deny: Vec<SpiffeId>) -> Self {
+        Self::start_with(config, cert_ttl, deny, false).await
+    }
+
+    async fn start_with(
+        config: TunnelConfig,
+        cert_ttl: Duration,
+        deny: Vec<SpiffeId>,
+        deny_plaintext: bool,
+    ) -> Self {
         let ca = Arc::new(LocalCa::generate().expect("CA"));
         let server_certs = CertManager::new(ca.clone(), cert_ttl);
         let client_certs = CertManager::new(ca.clone(), cert_ttl);
@@ -103,6 +116,7 @@ impl Env {
         )])));
         let authorizer = Arc::new(RecordingAuthorizer {
             deny,
+            deny_plaintext,
             ..Default::default()
         });
         let inbound = Arc::new(Inbound::new(
@@ -628,4 +642,52 @@ async fn two_hundred_streams_share_two_connections_until_idle() {
         pool_outbound.pooled_connections() == 0
     })
     .await;
+}
+
+/// A plaintext client handed to the 15006 path, as sk_lookup would.
+async fn plaintext_client(env: &Env) -> TcpStream {
+    let listener = TcpListener::bind((LOCALHOST, 0)).await.expect("bind");
+    let client = TcpStream::connect(listener.local_addr().expect("addr"))
+        .await
+        .expect("connect");
+    let (accepted, _) = listener.accept().await.expect("accept");
+    let inbound = env.inbound.clone();
+    let destination = env.echo_addr;
+    tokio::spawn(async move { inbound.handle_plaintext(accepted, destination).await });
+    client
+}
+
+#[tokio::test]
+async fn plaintext_path_asks_the_authorizer_with_no_identity() {
+    let env = Env::default().await;
+    let mut client = plaintext_client(&env).await;
+    client.write_all(b"plain").await.expect("write");
+    client.shutdown().await.expect("half-close");
+    let mut echoed = Vec::new();
+    client.read_to_end(&mut echoed).await.expect("read");
+    assert_eq!(echoed, b"plain");
+    let seen = env.authorizer.seen.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].source_identity, None,
+        "plaintext carries no identity"
+    );
+}
+
+#[tokio::test]
+async fn plaintext_denied_connection_is_reset() {
+    let env = Env::start_with(
+        TunnelConfig::default(),
+        Duration::from_secs(3600),
+        vec![],
+        true,
+    )
+    .await;
+    let mut client = plaintext_client(&env).await;
+    let mut buf = [0u8; 16];
+    let err = client
+        .read(&mut buf)
+        .await
+        .expect_err("a denied connection is reset, not closed");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
 }

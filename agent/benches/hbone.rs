@@ -1,0 +1,245 @@
+//! HBONE micro-benchmark on loopback: bulk throughput and 1 KiB round-trip latency through
+//! outbound + inbound (two TLS ends, HTTP/2 CONNECT), against direct TCP measured in the same
+//! run. `cargo xtask bench` runs it; `AMBIT_BENCH_QUICK=1` shrinks it to a smoke run.
+//!
+//! Written by hand (no criterion): the figures wanted are one-shot throughput and latency
+//! percentiles of a network path, reported as ratios to a same-run baseline.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ambit_agent::identity::{CertManager, LocalCa, SpiffeId};
+use ambit_agent::tunnel::{
+    AllowAll, CopyStats, DirectDialer, Inbound, LocalWorkload, LocalWorkloads, Outbound,
+    OutboundRequest, TunnelConfig,
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const MSG: usize = 1024;
+
+struct Sizes {
+    bulk_bytes: usize,
+    rtt_iterations: usize,
+}
+
+struct Workloads(HashMap<IpAddr, LocalWorkload>);
+impl LocalWorkloads for Workloads {
+    fn by_ip(&self, ip: IpAddr) -> Option<LocalWorkload> {
+        self.0.get(&ip).cloned()
+    }
+}
+
+fn id(sa: &str) -> anyhow::Result<SpiffeId> {
+    Ok(SpiffeId::new("cluster.local", "bench", sa)?)
+}
+
+/// Discards what it reads, then answers one byte when the client half-closes: the client
+/// times bulk transfer up to that byte, so the figure includes draining the pipe.
+async fn spawn_sink() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind((LOCALHOST, 0)).await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 256 * 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let _ = s.write_all(b"k").await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Echoes fixed-size messages.
+async fn spawn_echo() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind((LOCALHOST, 0)).await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let mut buf = [0u8; MSG];
+                while s.read_exact(&mut buf).await.is_ok() {
+                    if s.write_all(&buf).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn bulk(mut stream: TcpStream, total: usize) -> anyhow::Result<f64> {
+    let chunk = vec![0xA5u8; 256 * 1024];
+    let start = Instant::now();
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        stream.write_all(&chunk[..n]).await?;
+        left -= n;
+    }
+    stream.shutdown().await?;
+    let mut ack = [0u8; 1];
+    stream.read_exact(&mut ack).await?;
+    Ok(total as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9)
+}
+
+async fn round_trips(mut stream: TcpStream, iterations: usize) -> anyhow::Result<Vec<Duration>> {
+    stream.set_nodelay(true)?;
+    let msg = [7u8; MSG];
+    let mut back = [0u8; MSG];
+    let mut samples = Vec::with_capacity(iterations);
+    for i in 0..iterations + iterations / 10 {
+        let start = Instant::now();
+        stream.write_all(&msg).await?;
+        stream.read_exact(&mut back).await?;
+        // The first tenth warms up (pool, windows, caches) and is not recorded.
+        if i >= iterations / 10 {
+            samples.push(start.elapsed());
+        }
+    }
+    samples.sort();
+    Ok(samples)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(idx).map_or(f64::NAN, |d| d.as_secs_f64() * 1e6)
+}
+
+struct Mesh {
+    outbound: Arc<Outbound>,
+    hbone_addr: SocketAddr,
+}
+
+impl Mesh {
+    async fn start() -> anyhow::Result<Self> {
+        let ca = Arc::new(LocalCa::generate()?);
+        let ttl = Duration::from_secs(3600);
+        let workloads = Arc::new(Workloads(HashMap::from([(
+            LOCALHOST,
+            LocalWorkload {
+                name: "server".into(),
+                namespace: "bench".into(),
+                identity: id("server")?,
+            },
+        )])));
+        let inbound = Arc::new(Inbound::new(
+            CertManager::new(ca.clone(), ttl),
+            workloads,
+            Arc::new(AllowAll),
+            Arc::new(DirectDialer),
+            TunnelConfig::default(),
+            false,
+        ));
+        let listener = TcpListener::bind((LOCALHOST, 0)).await?;
+        let hbone_addr = listener.local_addr()?;
+        tokio::spawn(inbound.serve(listener));
+        let outbound = Arc::new(Outbound::new(
+            CertManager::new(ca, ttl),
+            Arc::new(DirectDialer),
+            TunnelConfig::default(),
+        ));
+        Ok(Self {
+            outbound,
+            hbone_addr,
+        })
+    }
+
+    /// A client socket whose bytes go through outbound -> inbound -> `target`.
+    async fn connect(&self, target: SocketAddr) -> anyhow::Result<TcpStream> {
+        let capture = TcpListener::bind((LOCALHOST, 0)).await?;
+        let client = TcpStream::connect(capture.local_addr()?).await?;
+        let (accepted, source_addr) = capture.accept().await?;
+        let request = OutboundRequest {
+            source: id("client")?,
+            source_addr,
+            source_workload: "client".into(),
+            destination: id("server")?,
+            hbone_addr: self.hbone_addr,
+            original_destination: target,
+        };
+        let outbound = self.outbound.clone();
+        tokio::spawn(async move {
+            let _ = outbound
+                .proxy(&request, accepted, &CopyStats::default())
+                .await;
+        });
+        Ok(client)
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let quick = std::env::var("AMBIT_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let sizes = if quick {
+        Sizes {
+            bulk_bytes: 64 << 20,
+            rtt_iterations: 2_000,
+        }
+    } else {
+        Sizes {
+            bulk_bytes: 2 << 30,
+            rtt_iterations: 20_000,
+        }
+    };
+    let sink = spawn_sink().await?;
+    let echo = spawn_echo().await?;
+    let mesh = Mesh::start().await?;
+
+    let direct_gbps = bulk(TcpStream::connect(sink).await?, sizes.bulk_bytes).await?;
+    let hbone_gbps = bulk(mesh.connect(sink).await?, sizes.bulk_bytes).await?;
+    let direct_rtt = round_trips(TcpStream::connect(echo).await?, sizes.rtt_iterations).await?;
+    let hbone_rtt = round_trips(mesh.connect(echo).await?, sizes.rtt_iterations).await?;
+
+    let rows = [
+        ("bulk throughput (Gbit/s)", direct_gbps, hbone_gbps),
+        (
+            "1 KiB round trip p50 (µs)",
+            percentile(&direct_rtt, 0.5),
+            percentile(&hbone_rtt, 0.5),
+        ),
+        (
+            "1 KiB round trip p90 (µs)",
+            percentile(&direct_rtt, 0.9),
+            percentile(&hbone_rtt, 0.9),
+        ),
+        (
+            "1 KiB round trip p99 (µs)",
+            percentile(&direct_rtt, 0.99),
+            percentile(&hbone_rtt, 0.99),
+        ),
+    ];
+    println!(
+        "HBONE loopback micro-benchmark ({} MiB bulk, {} round trips{})",
+        sizes.bulk_bytes >> 20,
+        sizes.rtt_iterations,
+        if quick { ", quick" } else { "" }
+    );
+    println!("| figure | direct TCP | HBONE | HBONE / direct |");
+    println!("| --- | ---: | ---: | ---: |");
+    let mut json = Vec::new();
+    for (name, direct, hbone) in rows {
+        println!(
+            "| {name} | {direct:.2} | {hbone:.2} | {:.2} |",
+            hbone / direct
+        );
+        json.push(format!(
+            "{{\"figure\":\"{name}\",\"direct\":{direct:.3},\"hbone\":{hbone:.3},\"ratio\":{:.4}}}",
+            hbone / direct
+        ));
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("hbone.json"), format!("[{}]\n", json.join(",")))?;
+    Ok(())
+}
