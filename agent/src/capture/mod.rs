@@ -159,39 +159,25 @@ impl Capture {
             source,
         })?;
 
-        let mut links = Vec::new();
-        {
-            let name = programs::CONNECT4;
-            let pin = links_dir.join(name);
-            links.push(reuse_or_attach(&pin, || {
-                let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-                prog.load()
-                    .map_err(|source| CaptureError::Program { name, source })?;
-                let id = prog
-                    .attach(&cgroup, LINK_ATTACH_MODE)
-                    .map_err(|source| CaptureError::Program { name, source })?;
-                let link = prog
-                    .take_link(id)
-                    .map_err(|source| CaptureError::Program { name, source })?;
-                FdLink::try_from(link).map_err(|source| CaptureError::Link { name, source })
-            })?);
+        // aya gives CgroupSockAddr and SockOps the same load/attach/take_link shape but no
+        // common trait, so one macro serves both.
+        macro_rules! attach_to_cgroup {
+            ($ty:ty, $name:expr) => {{
+                let name = $name;
+                reuse_or_attach(&links_dir.join(name), || {
+                    let prog: &mut $ty = program(&mut ebpf, name)?;
+                    let err = |source| CaptureError::Program { name, source };
+                    prog.load().map_err(err)?;
+                    let id = prog.attach(&cgroup, LINK_ATTACH_MODE).map_err(err)?;
+                    let link = prog.take_link(id).map_err(err)?;
+                    FdLink::try_from(link).map_err(|source| CaptureError::Link { name, source })
+                })?
+            }};
         }
-        {
-            let name = programs::SOCK_OPS;
-            let pin = links_dir.join(name);
-            links.push(reuse_or_attach(&pin, || {
-                let prog: &mut SockOps = program(&mut ebpf, name)?;
-                prog.load()
-                    .map_err(|source| CaptureError::Program { name, source })?;
-                let id = prog
-                    .attach(&cgroup, LINK_ATTACH_MODE)
-                    .map_err(|source| CaptureError::Program { name, source })?;
-                let link = prog
-                    .take_link(id)
-                    .map_err(|source| CaptureError::Program { name, source })?;
-                FdLink::try_from(link).map_err(|source| CaptureError::Link { name, source })
-            })?);
-        }
+        let links = vec![
+            attach_to_cgroup!(CgroupSockAddr, programs::CONNECT4),
+            attach_to_cgroup!(SockOps, programs::SOCK_OPS),
+        ];
 
         let enrolled = take_map(&mut ebpf, maps::ENROLLED)?;
         let orig_dst = take_map(&mut ebpf, maps::ORIG_DST)?;
