@@ -3,6 +3,7 @@
 #![deny(unsafe_code)]
 
 pub mod capture;
+pub mod config;
 pub mod identity;
 pub mod netns;
 pub mod policy;
