@@ -21,6 +21,19 @@ enum Command {
         #[arg(long, default_value = ambit_agent::capture::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// Inspect Istio policies offline.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Decide one connection against a file of Istio policies.
+    ///
+    /// Exit status: 0 = ALLOW, 1 = DENY, 2 = usage or configuration error.
+    Check(ambit_agent::policy::cli::CheckArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,6 +44,27 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
+    if let Command::Policy {
+        command: PolicyCommand::Check(args),
+    } = &cli.command
+    {
+        // Exit codes are part of the interface (scripts test ALLOW/DENY), so
+        // errors bypass anyhow's exit status 1.
+        let code = match ambit_agent::policy::cli::check(args) {
+            Ok(outcome) => {
+                for w in &outcome.warnings {
+                    eprintln!("{w}");
+                }
+                print!("{}", outcome.text);
+                outcome.exit_code()
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                2
+            }
+        };
+        std::process::exit(code);
+    }
     match cli.command {
         Command::Version => {
             println!("ambit {}", env!("CARGO_PKG_VERSION"));
@@ -42,5 +76,7 @@ fn main() -> anyhow::Result<()> {
             println!("removed {}; ambit programs detached", pin_dir.display());
             Ok(())
         }
+        // Handled above, before any fallible work.
+        Command::Policy { .. } => Ok(()),
     }
 }

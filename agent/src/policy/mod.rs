@@ -7,7 +7,9 @@
 //! Istio field cannot be enforced at L4 we fail closed and say so through a
 //! [`PolicyWarning`]; the choices are documented on [`PolicySet`].
 
+mod authorizer;
 mod bench;
+pub mod cli;
 mod compile;
 mod engine;
 mod istio;
@@ -22,6 +24,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+pub use authorizer::{DecisionKey, LabelLookup, PolicyAuthorizer};
 pub use bench::{measure_decision_time, synthetic_decision, synthetic_policy_set};
 
 use engine::{Action, CompiledAuthz, CompiledPeerAuth, ConnFacts, Indexed};
@@ -90,7 +93,7 @@ pub struct Connection<'a> {
 }
 
 /// Why a connection was allowed or denied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum DecisionReason {
     /// Plaintext connection to a port whose effective mTLS mode is STRICT.
     MtlsRequired,

@@ -1,0 +1,249 @@
+//! The policy engine as the tunnel's decision point: turns an
+//! [`InboundConnection`] into a [`Workload`]/[`Connection`] pair, evaluates the
+//! current [`PolicySet`] and counts the outcome.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use super::{Connection, Decision, DecisionReason, PolicyName, PolicySet, Workload};
+use crate::tunnel::{Authorizer, InboundConnection, LocalWorkload, Verdict};
+
+/// Looks up a local workload's labels; the tunnel's [`LocalWorkload`] does not
+/// carry them, and policies select workloads by label.
+pub type LabelLookup = Arc<dyn Fn(&LocalWorkload) -> BTreeMap<String, String> + Send + Sync>;
+
+/// Key of one decision counter: (allowed, reason, deciding policy).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DecisionKey {
+    pub allowed: bool,
+    pub reason: DecisionReason,
+    pub policy: Option<PolicyName>,
+}
+
+/// Authorizes inbound connections against a swappable [`PolicySet`].
+pub struct PolicyAuthorizer {
+    /// Readers clone the `Arc` and drop the lock at once, so a `replace`
+    /// never waits on an evaluation and in-flight checks keep their snapshot.
+    policies: RwLock<Arc<PolicySet>>,
+    labels: LabelLookup,
+    counters: Mutex<BTreeMap<DecisionKey, u64>>,
+}
+
+impl std::fmt::Debug for PolicyAuthorizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyAuthorizer")
+            .field("policies", &self.snapshot().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PolicyAuthorizer {
+    pub fn new(set: PolicySet, labels: LabelLookup) -> Self {
+        Self {
+            policies: RwLock::new(Arc::new(set)),
+            labels,
+            counters: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Swaps in new policies; every connection authorized afterwards uses
+    /// them (no restart, so an emergency relaxation applies at once).
+    pub fn replace(&self, set: PolicySet) {
+        // A poisoned lock only means a writer panicked; the Arc inside is
+        // still a complete set, so keep going rather than fail open/closed.
+        *self
+            .policies
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(set);
+    }
+
+    /// The policies new connections are checked against.
+    pub fn snapshot(&self) -> Arc<PolicySet> {
+        self.policies
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Evaluates without counting or logging (for diagnostics).
+    pub fn decide(&self, conn: &InboundConnection) -> Decision {
+        let set = self.snapshot();
+        let labels = (self.labels)(&conn.workload);
+        let workload = Workload {
+            namespace: &conn.workload.namespace,
+            labels: &labels,
+        };
+        let principal = conn.source_identity.as_ref().map(ToString::to_string);
+        let connection = Connection {
+            source_principal: principal.as_deref(),
+            source_ip: conn.source_addr.ip(),
+            destination_ip: conn.destination.ip(),
+            destination_port: conn.destination.port(),
+        };
+        set.evaluate(&workload, &connection)
+    }
+
+    /// Decision counts so far, by (allowed, reason, policy).
+    pub fn decision_counts(&self) -> BTreeMap<DecisionKey, u64> {
+        self.counters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn count(&self, decision: &Decision) {
+        let key = DecisionKey {
+            allowed: decision.allowed,
+            reason: decision.reason,
+            policy: decision.policy.clone(),
+        };
+        *self
+            .counters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key)
+            .or_insert(0) += 1;
+    }
+}
+
+impl Authorizer for PolicyAuthorizer {
+    fn authorize(&self, conn: &InboundConnection) -> Verdict {
+        let decision = self.decide(conn);
+        self.count(&decision);
+        if decision.allowed {
+            return Verdict::Allow;
+        }
+        let source = conn
+            .source_identity
+            .as_ref()
+            .map_or_else(|| "<plaintext>".to_owned(), ToString::to_string);
+        tracing::info!(
+            source = %source,
+            source_addr = %conn.source_addr,
+            destination = %conn.destination,
+            destination_identity = %conn.workload.identity,
+            workload = %format_args!("{}/{}", conn.workload.namespace, conn.workload.name),
+            decision = %decision,
+            "connection denied by policy"
+        );
+        Verdict::Deny {
+            reason: decision.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::SpiffeId;
+
+    const STRICT: &str = "
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+";
+
+    const ALLOW_WEB: &str = "
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: cart}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/front/sa/web]}}]
+";
+
+    const MESH_PERMISSIVE: &str = "
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: relax, namespace: istio-system}
+spec: {mtls: {mode: PERMISSIVE}}
+";
+
+    fn set(yaml: &str) -> PolicySet {
+        PolicySet::from_yaml(yaml, "default", "istio-system")
+            .expect("valid policy")
+            .0
+    }
+
+    fn authorizer(yaml: &str) -> PolicyAuthorizer {
+        let labels: LabelLookup =
+            Arc::new(|w: &LocalWorkload| BTreeMap::from([("app".to_owned(), w.name.clone())]));
+        PolicyAuthorizer::new(set(yaml), labels)
+    }
+
+    fn conn(source: Option<&str>) -> InboundConnection {
+        InboundConnection {
+            source_identity: source.map(|s| s.parse::<SpiffeId>().expect("valid id")),
+            source_addr: "10.0.0.1:40000".parse().expect("addr"),
+            destination: "10.0.1.5:8080".parse().expect("addr"),
+            workload: LocalWorkload {
+                name: "cart".to_owned(),
+                namespace: "shop".to_owned(),
+                identity: "spiffe://cluster.local/ns/shop/sa/cart"
+                    .parse()
+                    .expect("valid id"),
+            },
+        }
+    }
+
+    const WEB: &str = "spiffe://cluster.local/ns/front/sa/web";
+    const OTHER: &str = "spiffe://cluster.local/ns/front/sa/other";
+
+    #[test]
+    fn strict_denies_plaintext_and_allows_mtls() {
+        let a = authorizer(STRICT);
+        match a.authorize(&conn(None)) {
+            Verdict::Deny { reason } => {
+                assert!(reason.contains("mtls_required"), "{reason}");
+                assert!(reason.contains("shop/strict"), "{reason}");
+            }
+            Verdict::Allow => panic!("plaintext must be denied under STRICT"),
+        }
+        assert_eq!(a.authorize(&conn(Some(WEB))), Verdict::Allow);
+    }
+
+    #[test]
+    fn identity_allow_admits_one_principal_only() {
+        let a = authorizer(ALLOW_WEB);
+        assert_eq!(a.authorize(&conn(Some(WEB))), Verdict::Allow);
+        match a.authorize(&conn(Some(OTHER))) {
+            Verdict::Deny { reason } => assert!(reason.contains("no_allow_policy_matched")),
+            Verdict::Allow => panic!("other principal must be kept out"),
+        }
+    }
+
+    #[test]
+    fn replace_with_mesh_permissive_relaxes_at_once() {
+        let a = authorizer(STRICT);
+        assert!(matches!(a.authorize(&conn(None)), Verdict::Deny { .. }));
+        // The namespace STRICT would still win over a mesh-wide PERMISSIVE,
+        // so the emergency set drops it, as an operator would.
+        a.replace(set(MESH_PERMISSIVE));
+        assert_eq!(a.authorize(&conn(None)), Verdict::Allow);
+    }
+
+    #[test]
+    fn counters_count_decisions() {
+        let a = authorizer(&format!("{STRICT}---{ALLOW_WEB}"));
+        a.authorize(&conn(None));
+        a.authorize(&conn(None));
+        a.authorize(&conn(Some(WEB)));
+        let counts = a.decision_counts();
+        let denied = DecisionKey {
+            allowed: false,
+            reason: DecisionReason::MtlsRequired,
+            policy: Some(PolicyName::new("shop", "strict")),
+        };
+        let allowed = DecisionKey {
+            allowed: true,
+            reason: DecisionReason::AllowedByPolicy,
+            policy: Some(PolicyName::new("shop", "allow-web")),
+        };
+        assert_eq!(counts.get(&denied), Some(&2));
+        assert_eq!(counts.get(&allowed), Some(&1));
+        assert_eq!(counts.values().sum::<u64>(), 3);
+    }
+}
