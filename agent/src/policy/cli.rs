@@ -84,8 +84,9 @@ pub enum CheckError {
     #[error("{path}: {source}", path = path.display())]
     Policy {
         path: PathBuf,
+        // Boxed: PolicyError is large and this enum is returned everywhere.
         #[source]
-        source: PolicyError,
+        source: Box<PolicyError>,
     },
     #[error("{0}")]
     Usage(String),
@@ -158,7 +159,7 @@ pub fn check(args: &CheckArgs) -> Result<CheckOutcome, CheckError> {
         PolicySet::from_yaml(&input, &args.default_namespace, &args.root_namespace).map_err(
             |source| CheckError::Policy {
                 path: args.config.clone(),
-                source,
+                source: Box::new(source),
             },
         )?;
 
