@@ -2,6 +2,7 @@
 //! docs/ARCHITECTURE.md for the path of one connection through them.
 #![deny(unsafe_code)]
 
+pub mod app;
 pub mod capture;
 pub mod config;
 pub mod identity;

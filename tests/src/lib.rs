@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod capture_check;
+pub mod testbed;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -83,6 +83,8 @@ fn test(unprivileged: bool) -> anyhow::Result<()> {
         "ambit-e2e",
     ])?;
     if privileged {
+        // The end-to-end suite runs the real agent binary.
+        cargo(&["build", "-p", "ambit-agent", "--bin", "ambit"])?;
         cargo(&["test", "-p", "ambit-e2e"])?;
     } else {
         eprintln!(

@@ -164,12 +164,11 @@ pub fn parse(input: &str, node: &str) -> Result<(MeshState, Vec<PolicyWarning>),
     let mut values = Vec::new();
     let mut config_doc = None;
     for (index, document) in serde_yaml::Deserializer::from_str(input).enumerate() {
-        let value = serde_yaml::Value::deserialize(document).map_err(|source| {
-            ConfigError::Yaml {
+        let value =
+            serde_yaml::Value::deserialize(document).map_err(|source| ConfigError::Yaml {
                 document: index,
                 source,
-            }
-        })?;
+            })?;
         let kind = value.get("kind").and_then(|k| k.as_str());
         if kind == Some(LOCAL_CONFIG_KIND) {
             if let Some(first) = config_doc {

@@ -88,7 +88,10 @@ impl MeshState {
                 .insert(ns.name.clone(), ns.labels.clone())
                 .is_some()
             {
-                return Err(invalid(format!("namespaces[{i}]"), format!("namespace {} listed twice", ns.name)));
+                return Err(invalid(
+                    format!("namespaces[{i}]"),
+                    format!("namespace {} listed twice", ns.name),
+                ));
             }
         }
         let mut workloads = Vec::new();
@@ -97,7 +100,10 @@ impl MeshState {
         for (i, w) in config.workloads.iter().enumerate() {
             let place = format!("workloads[{i}] ({}/{})", w.namespace, w.name);
             if w.name.is_empty() || w.namespace.is_empty() || w.node.is_empty() {
-                return Err(invalid(place, "name, namespace and node must not be empty".into()));
+                return Err(invalid(
+                    place,
+                    "name, namespace and node must not be empty".into(),
+                ));
             }
             if !names.insert((w.namespace.clone(), w.name.clone())) {
                 return Err(invalid(place, "workload listed twice".into()));
@@ -126,7 +132,10 @@ impl MeshState {
                 if let Some(other) = by_ip.insert(*ip, entry.clone()) {
                     return Err(invalid(
                         place,
-                        format!("IP {ip} is already used by {}/{}", other.namespace, other.name),
+                        format!(
+                            "IP {ip} is already used by {}/{}",
+                            other.namespace, other.name
+                        ),
                     ));
                 }
             }
@@ -165,7 +174,10 @@ impl MeshState {
                     .insert((s.vip, port.port), (entry.clone(), port.target_port))
                     .is_some()
                 {
-                    return Err(invalid(place, format!("{}:{} is declared twice", s.vip, port.port)));
+                    return Err(invalid(
+                        place,
+                        format!("{}:{} is declared twice", s.vip, port.port),
+                    ));
                 }
             }
         }
@@ -207,7 +219,9 @@ impl MeshState {
         if let Some(workload) = self.by_ip.get(&destination.ip()) {
             return to_workload(workload, destination);
         }
-        if let Some((service, target_port)) = self.services.get(&(destination.ip(), destination.port())) {
+        if let Some((service, target_port)) =
+            self.services.get(&(destination.ip(), destination.port()))
+        {
             if service.endpoints.is_empty() {
                 return Route::Deny {
                     reason: "service has no endpoints",

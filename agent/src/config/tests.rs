@@ -16,9 +16,15 @@ fn example_file_parses_and_enrolls_only_opted_in_pods_of_this_node() {
     assert_eq!(local, ["frontend"], "batch opted out; checkout is on node2");
     let (state2, _) = parse(EXAMPLE, "node2").expect("example parses");
     let local2: Vec<_> = state2.local_pods().map(|w| w.name.as_str()).collect();
-    assert_eq!(local2, ["checkout-v1"], "reporting's namespace is not opted in");
+    assert_eq!(
+        local2,
+        ["checkout-v1"],
+        "reporting's namespace is not opted in"
+    );
     assert_eq!(state.policies().len(), 2);
-    let frontend = state.workload_by_ip("10.11.1.2".parse().expect("ip")).expect("frontend");
+    let frontend = state
+        .workload_by_ip("10.11.1.2".parse().expect("ip"))
+        .expect("frontend");
     assert_eq!(
         frontend.identity.to_string(),
         "spiffe://cluster.local/ns/shop/sa/frontend"
@@ -29,7 +35,11 @@ fn example_file_parses_and_enrolls_only_opted_in_pods_of_this_node() {
 fn routes_workloads_services_and_the_rest() {
     let (state, _) = parse(EXAMPLE, "node1").expect("parses");
     match state.route(addr("10.11.2.2:8080"), 0) {
-        Route::Hbone { workload, target, hbone_addr } => {
+        Route::Hbone {
+            workload,
+            target,
+            hbone_addr,
+        } => {
             assert_eq!(workload.name, "checkout-v1");
             assert_eq!(target, addr("10.11.2.2:8080"));
             assert_eq!(hbone_addr, addr("10.11.2.2:15008"));
@@ -37,27 +47,41 @@ fn routes_workloads_services_and_the_rest() {
         other => panic!("expected HBONE, got {other:?}"),
     }
     match state.route(addr("10.96.0.10:80"), 7) {
-        Route::Hbone { target, .. } => assert_eq!(target, addr("10.11.2.2:8080"), "VIP -> endpoint:targetPort"),
+        Route::Hbone { target, .. } => {
+            assert_eq!(target, addr("10.11.2.2:8080"), "VIP -> endpoint:targetPort")
+        }
         other => panic!("expected HBONE to the endpoint, got {other:?}"),
     }
     assert_eq!(
         state.route(addr("10.11.2.3:80"), 0),
-        Route::Direct { target: addr("10.11.2.3:80") },
+        Route::Direct {
+            target: addr("10.11.2.3:80")
+        },
         "a workload outside the mesh is reached directly"
     );
     assert_eq!(
         state.route(addr("10.11.1.3:80"), 0),
-        Route::Direct { target: addr("10.11.1.3:80") },
+        Route::Direct {
+            target: addr("10.11.1.3:80")
+        },
         "an opted-out pod is reached directly"
     );
     assert_eq!(
         state.route(addr("192.0.2.1:443"), 0),
-        Route::Direct { target: addr("192.0.2.1:443") },
+        Route::Direct {
+            target: addr("192.0.2.1:443")
+        },
         "passthrough by default"
     );
-    let denying = EXAMPLE.replace("unknownDestination: passthrough", "unknownDestination: deny");
+    let denying = EXAMPLE.replace(
+        "unknownDestination: passthrough",
+        "unknownDestination: deny",
+    );
     let (state, _) = parse(&denying, "node1").expect("parses");
-    assert!(matches!(state.route(addr("192.0.2.1:443"), 0), Route::Deny { .. }));
+    assert!(matches!(
+        state.route(addr("192.0.2.1:443"), 0),
+        Route::Deny { .. }
+    ));
 }
 
 #[test]
@@ -81,14 +105,26 @@ fn service_load_is_spread_over_endpoints() {
 #[test]
 fn bad_files_are_refused_with_the_place_named() {
     let cases: Vec<(&str, String, &str)> = vec![
-        ("syntax", "kind: AmbitLocalConfig\nworkloads: [".into(), "document 0"),
-        ("no config", "kind: Other\n".into(), "no document of kind AmbitLocalConfig"),
+        (
+            "syntax",
+            "kind: AmbitLocalConfig\nworkloads: [".into(),
+            "document 0",
+        ),
+        (
+            "no config",
+            "kind: Other\n".into(),
+            "no document of kind AmbitLocalConfig",
+        ),
         (
             "two configs",
             format!("{EXAMPLE}\n---\nkind: AmbitLocalConfig\n"),
             "both of kind AmbitLocalConfig",
         ),
-        ("bad ip", EXAMPLE.replace("ips: [10.11.1.2]", "ips: [10.11.1.300]"), "line"),
+        (
+            "bad ip",
+            EXAMPLE.replace("ips: [10.11.1.2]", "ips: [10.11.1.300]"),
+            "line",
+        ),
         (
             "duplicate ip",
             EXAMPLE.replace("ips: [10.11.2.3]", "ips: [10.11.2.2]"),
@@ -116,8 +152,13 @@ fn bad_files_are_refused_with_the_place_named() {
         ),
     ];
     for (name, text, expected) in &cases {
-        let err = parse(text, "node1").err().unwrap_or_else(|| panic!("{name}: must be refused"));
+        let err = parse(text, "node1")
+            .err()
+            .unwrap_or_else(|| panic!("{name}: must be refused"));
         let message = err.to_string();
-        assert!(message.contains(expected), "{name}: {message:?} should contain {expected:?}");
+        assert!(
+            message.contains(expected),
+            "{name}: {message:?} should contain {expected:?}"
+        );
     }
 }

@@ -226,12 +226,23 @@ impl Inbound {
         let send =
             respond.send_response(Response::builder().status(StatusCode::OK).body(())?, false)?;
         let stats = CopyStats::default();
-        copy_bidirectional(&mut upstream, send, request.into_body(), &stats)
+        let started = std::time::Instant::now();
+        let result = copy_bidirectional(&mut upstream, send, request.into_body(), &stats)
             .await
             .map_err(|e| match e {
                 super::copy::CopyError::Tcp(io) => TunnelError::Io(io),
                 super::copy::CopyError::Tunnel(h2) => TunnelError::H2(h2),
-            })
+            });
+        info!(
+            source = %conn.source_identity.as_ref().map_or_else(String::new, ToString::to_string),
+            %source_addr, destination = %conn.workload.identity, %target, security = "mutual_tls",
+            // From the workload's side: bytes it sent back, bytes it received.
+            sent = stats.sent(), received = stats.received(),
+            duration_ms = started.elapsed().as_millis() as u64,
+            result = %result.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()),
+            "inbound connection closed"
+        );
+        result
     }
 
     /// The plaintext path (:15006): no identity. `destination` is the address the client

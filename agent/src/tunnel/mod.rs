@@ -148,7 +148,7 @@ impl TunnelCounters {
 
 /// Makes the coming close of `tcp` a reset (RST) instead of an orderly FIN: the peer must
 /// see a torn connection as torn. A zero linger never blocks on close.
-fn reset_on_close(tcp: &TcpStream) {
+pub fn reset_on_close(tcp: &TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
 }
 

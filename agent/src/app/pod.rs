@@ -1,0 +1,247 @@
+//! One enrolled pod: its in-pod listeners (outbound capture 127.0.0.1:15001, plaintext
+//! inbound :15006, HBONE :15008), its enrollment in the capture maps, and the tasks that
+//! serve them.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use ambit_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_CAPTURE_PORT};
+use anyhow::Context as _;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
+use tracing::{debug, info, warn};
+
+use super::sockets::PodSockets;
+use super::{Shared, StateWorkloads};
+use crate::config::{Route, WorkloadEntry};
+use crate::netns::NetNs;
+use crate::tunnel::{CopyStats, Dialer as _, Inbound, Outbound, OutboundRequest};
+
+/// What identifies a running pod; a change to any part restarts it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PodKey {
+    namespace: String,
+    name: String,
+    identity: String,
+    ips: Vec<IpAddr>,
+    netns: Option<PathBuf>,
+}
+
+impl PodKey {
+    pub fn of(w: &WorkloadEntry) -> Self {
+        Self {
+            namespace: w.namespace.clone(),
+            name: w.name.clone(),
+            identity: w.identity.to_string(),
+            ips: w.ips.clone(),
+            netns: w.netns.clone(),
+        }
+    }
+}
+
+pub(crate) struct PodRuntime {
+    workload: Arc<WorkloadEntry>,
+    netns_cookie: u64,
+    tasks: Vec<AbortHandle>,
+}
+
+impl PodRuntime {
+    pub async fn start(shared: Arc<Shared>, workload: Arc<WorkloadEntry>) -> anyhow::Result<Self> {
+        let path = workload.netns.clone().context("workload has no netns")?;
+        let netns = NetNs::open(&path)?;
+        let netns_cookie = netns.cookie().context("reading the pod's netns cookie")?;
+        let sockets = Arc::new(PodSockets::spawn(&netns)?);
+        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        let outbound_listener = sockets
+            .listen(SocketAddr::new(
+                Ipv4Addr::LOCALHOST.into(),
+                OUTBOUND_CAPTURE_PORT,
+            ))
+            .await
+            .context("outbound listener 127.0.0.1:15001")?;
+        let plaintext_listener = sockets
+            .listen(SocketAddr::new(any, INBOUND_PLAINTEXT_PORT))
+            .await
+            .context("plaintext listener :15006")?;
+        let hbone_listener = sockets
+            .listen(SocketAddr::new(any, HBONE_PORT))
+            .await
+            .context("HBONE listener :15008")?;
+        // Have the certificate before traffic arrives.
+        shared.certs.get(&workload.identity).await?;
+
+        let inbound = Arc::new(Inbound::new(
+            shared.certs.clone(),
+            Arc::new(StateWorkloads(shared.clone())),
+            shared.authorizer.clone(),
+            sockets.clone(),
+            shared.tunnel.clone(),
+            false,
+        ));
+        let outbound = Arc::new(Outbound::new(
+            shared.certs.clone(),
+            sockets.clone(),
+            shared.tunnel.clone(),
+        ));
+        let ctx = Arc::new(OutboundCtx {
+            shared: shared.clone(),
+            workload: workload.clone(),
+            netns_cookie,
+            outbound,
+            sockets,
+            picks: AtomicUsize::new(0),
+        });
+        let tasks = vec![
+            tokio::spawn(serve_outbound(ctx, outbound_listener)).abort_handle(),
+            tokio::spawn(serve_hbone(inbound.clone(), hbone_listener)).abort_handle(),
+            tokio::spawn(serve_plaintext(inbound, plaintext_listener)).abort_handle(),
+        ];
+        shared
+            .capture
+            .lock()
+            .map_err(|_| anyhow::anyhow!("capture lock poisoned"))?
+            .enroll(netns_cookie)?;
+        info!(pod = %format!("{}/{}", workload.namespace, workload.name), identity = %workload.identity, netns_cookie, "pod enrolled");
+        Ok(Self {
+            workload,
+            netns_cookie,
+            tasks,
+        })
+    }
+
+    pub fn netns_cookie(&self) -> u64 {
+        self.netns_cookie
+    }
+
+    /// Unenrolls the pod and closes its listeners; connections in flight finish on their own.
+    pub fn stop(self, shared: &Shared) {
+        if let Ok(mut capture) = shared.capture.lock()
+            && let Err(e) = capture.unenroll(self.netns_cookie)
+        {
+            warn!(error = %e, "unenroll failed");
+        }
+        for task in &self.tasks {
+            task.abort();
+        }
+        shared.certs.forget(&self.workload.identity);
+        info!(pod = %format!("{}/{}", self.workload.namespace, self.workload.name), "pod unenrolled");
+    }
+}
+
+struct OutboundCtx {
+    shared: Arc<Shared>,
+    workload: Arc<WorkloadEntry>,
+    netns_cookie: u64,
+    outbound: Arc<Outbound>,
+    sockets: Arc<PodSockets>,
+    /// Spreads service connections over endpoints.
+    picks: AtomicUsize,
+}
+
+async fn serve_outbound(ctx: Arc<OutboundCtx>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((client, peer)) => {
+                tokio::spawn(handle_outbound(ctx.clone(), client, peer));
+            }
+            Err(e) => {
+                warn!(error = %e, "outbound accept failed");
+                return;
+            }
+        }
+    }
+}
+
+async fn handle_outbound(ctx: Arc<OutboundCtx>, client: TcpStream, peer: SocketAddr) {
+    let orig = ctx
+        .shared
+        .capture
+        .lock()
+        .ok()
+        .and_then(|mut c| c.take_orig_dst(ctx.netns_cookie, peer.port()));
+    let Some(orig) = orig else {
+        warn!(%peer, "captured connection without an original destination; closing");
+        return;
+    };
+    let state = ctx.shared.state();
+    let started = Instant::now();
+    let me = &ctx.workload;
+    match state.route(orig, ctx.picks.fetch_add(1, Ordering::Relaxed)) {
+        Route::Hbone {
+            workload,
+            target,
+            hbone_addr,
+        } => {
+            let source_ip = me.ips.first().copied().unwrap_or(peer.ip());
+            let request = OutboundRequest {
+                source: me.identity.clone(),
+                source_addr: SocketAddr::new(source_ip, peer.port()),
+                source_workload: me.name.clone(),
+                destination: workload.identity.clone(),
+                hbone_addr,
+                original_destination: target,
+            };
+            let stats = CopyStats::default();
+            let result = ctx.outbound.proxy(&request, client, &stats).await;
+            info!(
+                source = %me.identity, destination = %workload.identity, original_destination = %orig, %target,
+                security = "mutual_tls", sent = stats.sent(), received = stats.received(),
+                duration_ms = started.elapsed().as_millis() as u64,
+                result = %result.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()),
+                "outbound connection closed"
+            );
+        }
+        Route::Direct { target } => {
+            let result = passthrough(&ctx.sockets, client, target).await;
+            info!(source = %me.identity, %target, security = "none",
+                result = %result.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()),
+                "outbound passthrough closed");
+        }
+        Route::Deny { reason } => {
+            info!(source = %me.identity, original_destination = %orig, reason, "outbound connection refused");
+            crate::tunnel::reset_on_close(&client);
+        }
+    }
+}
+
+async fn passthrough(
+    sockets: &PodSockets,
+    mut client: TcpStream,
+    target: SocketAddr,
+) -> std::io::Result<()> {
+    let mut upstream = sockets.dial(target, None).await?;
+    tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+    Ok(())
+}
+
+async fn serve_hbone(inbound: Arc<Inbound>, listener: TcpListener) {
+    if let Err(e) = inbound.serve(listener).await {
+        warn!(error = %e, "HBONE listener failed");
+    }
+}
+
+async fn serve_plaintext(inbound: Arc<Inbound>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((client, peer)) => {
+                let inbound = inbound.clone();
+                tokio::spawn(async move {
+                    // Under sk_lookup the accepted socket's local address is what the client dialled.
+                    let Ok(destination) = client.local_addr() else {
+                        return;
+                    };
+                    if let Err(e) = inbound.handle_plaintext(client, destination).await {
+                        debug!(%peer, error = %e, "plaintext connection ended with an error");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "plaintext accept failed");
+                return;
+            }
+        }
+    }
+}

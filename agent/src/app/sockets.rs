@@ -1,0 +1,99 @@
+//! Sockets inside a pod's network namespace. A socket belongs to the netns it was created
+//! in, so only creation has to happen there: one long-lived thread per pod sits in the pod's
+//! netns and creates sockets on request; binding, listening and connecting then happen on
+//! the async runtime as usual. Every socket carries the agent's mark so the capture
+//! programs never take the agent's own traffic.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::mpsc;
+
+use ambit_common::AGENT_MARK;
+use futures::future::BoxFuture;
+use socket2::{Domain, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::oneshot;
+
+use crate::netns::NetNs;
+use crate::tunnel::Dialer;
+
+type Request = (Domain, oneshot::Sender<io::Result<Socket>>);
+
+pub struct PodSockets {
+    requests: Mutex<mpsc::Sender<Request>>,
+}
+
+impl PodSockets {
+    /// Starts the pod's socket thread; fails if the netns cannot be entered.
+    pub fn spawn(netns: &NetNs) -> io::Result<Self> {
+        let fd = std::fs::File::open(netns.path())?;
+        let (tx, rx) = mpsc::channel::<Request>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("ambit-pod-sockets".into())
+            .spawn(move || {
+                if let Err(e) = crate::sys::setns_net(std::os::fd::AsFd::as_fd(&fd)) {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+                let _ = ready_tx.send(Ok(()));
+                // Ends when the PodSockets (the only sender) is dropped.
+                while let Ok((domain, reply)) = rx.recv() {
+                    let _ = reply.send(new_marked_socket(domain));
+                }
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("pod socket thread died"))??;
+        Ok(Self {
+            requests: Mutex::new(tx),
+        })
+    }
+
+    async fn socket(&self, domain: Domain) -> io::Result<Socket> {
+        let (reply, response) = oneshot::channel();
+        self.requests
+            .lock()
+            .map_err(|_| io::Error::other("pod socket lock poisoned"))?
+            .send((domain, reply))
+            .map_err(|_| io::Error::other("pod socket thread is gone"))?;
+        response
+            .await
+            .map_err(|_| io::Error::other("pod socket thread is gone"))?
+    }
+
+    /// A listener inside the pod on `addr`.
+    pub async fn listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
+        let socket = self.socket(Domain::for_address(addr)).await?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        TcpListener::from_std(socket.into())
+    }
+}
+
+fn new_marked_socket(domain: Domain) -> io::Result<Socket> {
+    let socket = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), None)?;
+    crate::sys::set_mark(&socket, AGENT_MARK)?;
+    socket.set_tcp_nodelay(true)?;
+    Ok(socket)
+}
+
+impl Dialer for PodSockets {
+    fn dial(
+        &self,
+        target: SocketAddr,
+        source: Option<SocketAddr>,
+    ) -> BoxFuture<'_, io::Result<TcpStream>> {
+        Box::pin(async move {
+            let socket = self.socket(Domain::for_address(target)).await?;
+            if let Some(source) = source {
+                crate::sys::set_ip_transparent(&socket)?;
+                socket.bind(&source.into())?;
+            }
+            let std_stream: std::net::TcpStream = socket.into();
+            TcpSocket::from_std_stream(std_stream).connect(target).await
+        })
+    }
+}

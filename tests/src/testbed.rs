@@ -1,0 +1,541 @@
+//! A mesh in network namespaces: N nodes joined by a bridge (the "wire"), pods wired to
+//! their node like a point-to-point CNI, one `ambit run` process per node in local mode.
+//! Everything it creates — namespaces, pins, files, agent processes — goes away on drop.
+
+use std::fmt::Write as _;
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::{Netns, PinDir, ip, unique_name};
+
+/// Namespace that the testbed's config opts into the mesh.
+pub const MESH_NS: &str = "mesh";
+/// Namespace left out of the mesh.
+pub const PLAIN_NS: &str = "plain";
+/// The port every pod's test server listens on.
+pub const APP_PORT: u16 = 8080;
+
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub name: &'static str,
+    pub namespace: &'static str,
+    pub node: usize,
+    pub labels: Vec<(&'static str, &'static str)>,
+}
+
+impl PodSpec {
+    pub fn new(name: &'static str, namespace: &'static str, node: usize) -> Self {
+        Self {
+            name,
+            namespace,
+            node,
+            labels: vec![("app", name)],
+        }
+    }
+}
+
+pub struct Pod {
+    pub spec: PodSpec,
+    pub ip: Ipv4Addr,
+    pub ns: Netns,
+}
+
+impl Pod {
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.ip, port))
+    }
+
+    pub fn identity(&self) -> String {
+        format!(
+            "spiffe://cluster.local/ns/{}/sa/{}",
+            self.spec.namespace, self.spec.name
+        )
+    }
+
+    /// Opens a TCP connection from inside this pod.
+    pub fn connect(&self, to: SocketAddr) -> anyhow::Result<TcpStream> {
+        let stream = self.ns.open()?.run(move || {
+            let s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            Ok(s)
+        })?;
+        Ok(stream)
+    }
+
+    /// Connects, sends `payload`, half-closes, and returns everything the server sent.
+    pub fn request(&self, to: SocketAddr, payload: &[u8]) -> anyhow::Result<String> {
+        let mut s = self.connect(to)?;
+        s.write_all(payload)?;
+        s.shutdown(Shutdown::Write)?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply)?;
+        Ok(reply)
+    }
+
+    /// Starts the pod's test server on APP_PORT: it first writes
+    /// `<pod> peer=<peer> local=<local>\n`, then echoes what it receives.
+    fn start_app(&self) -> anyhow::Result<()> {
+        let ip = self.ip;
+        let name = self.spec.name;
+        let listener = self
+            .ns
+            .open()?
+            .run(move || TcpListener::bind((ip, APP_PORT)))?;
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                std::thread::spawn(move || {
+                    let peer = stream
+                        .peer_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
+                    let local = stream
+                        .local_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
+                    let _ = writeln!(stream, "{name} peer={peer} local={local}");
+                    let mut buf = [0u8; 16 * 1024];
+                    while let Ok(n) = stream.read(&mut buf) {
+                        if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = stream.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        Ok(())
+    }
+}
+
+pub struct Node {
+    pub name: String,
+    pub ns: Netns,
+    pub wire_ip: Ipv4Addr,
+    pub pins: PinDir,
+}
+
+/// A running `ambit run`, killed on drop; its log lines are kept for assertions.
+pub struct Agent {
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Waits until a log line contains every one of `parts`.
+    pub fn wait_for_log(&self, parts: &[&str], timeout: Duration) -> anyhow::Result<String> {
+        self.wait_for_logs(parts, 1, timeout)
+    }
+
+    /// Waits until `count` log lines contain every one of `parts`; returns the last.
+    pub fn wait_for_logs(
+        &self,
+        parts: &[&str],
+        count: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let matching: Vec<String> = self
+                .logs()
+                .into_iter()
+                .filter(|l| parts.iter().all(|p| l.contains(p)))
+                .collect();
+            if matching.len() >= count
+                && let Some(line) = matching.last()
+            {
+                return Ok(line.clone());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no log line with {parts:?} within {timeout:?}; last lines:\n{}",
+                    self.logs()
+                        .iter()
+                        .rev()
+                        .take(15)
+                        .rev()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no chance to clean up, as in a crash.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Service {
+    pub name: &'static str,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub selector_app: &'static str,
+}
+
+pub struct Testbed {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub pods: Vec<Pod>,
+    pub nodes: Vec<Node>,
+    pub services: Vec<Service>,
+    pub agents: Vec<Option<Agent>>,
+    /// Extra YAML documents (Istio policies) appended to the config.
+    pub policies: String,
+    /// Whether MESH_NS carries the opt-in label.
+    pub mesh_enabled: bool,
+    ca_cert: PathBuf,
+    ca_key: PathBuf,
+    // Declared last so it is dropped after the nodes and pods it connects.
+    _fabric: Netns,
+}
+
+impl Testbed {
+    /// Builds `nodes` nodes and the given pods (not yet with agents).
+    pub fn build(nodes: usize, pods: &[PodSpec], services: Vec<Service>) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(unique_name("ambit-testbed-"));
+        std::fs::create_dir_all(&dir)?;
+        let fabric = Netns::create("afab")?;
+        let bridge = "br0";
+        fabric.ip(&["link", "add", bridge, "type", "bridge"])?;
+        fabric.ip(&["link", "set", bridge, "up"])?;
+        let mut node_list = Vec::new();
+        for i in 0..nodes {
+            let ns = Netns::create("anode")?;
+            let wire_ip = Ipv4Addr::new(172, 30, 0, i as u8 + 1);
+            let port = format!("n{i}");
+            ip(&[
+                "link",
+                "add",
+                &port,
+                "netns",
+                fabric.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "wire",
+                "netns",
+                ns.name(),
+            ])?;
+            fabric.ip(&["link", "set", &port, "master", bridge, "up"])?;
+            ns.ip(&["addr", "add", &format!("{wire_ip}/24"), "dev", "wire"])?;
+            ns.ip(&["link", "set", "wire", "up"])?;
+            sysctl(&ns, "net/ipv4/ip_forward", "1")?;
+            node_list.push(Node {
+                name: format!("node{}", i + 1),
+                ns,
+                wire_ip,
+                pins: PinDir::unique(),
+            });
+        }
+        // Each node routes the other nodes' pod ranges over the wire.
+        for (i, node) in node_list.iter().enumerate() {
+            for (k, other) in node_list.iter().enumerate() {
+                if i != k {
+                    node.ns.ip(&[
+                        "route",
+                        "add",
+                        &format!("10.11.{}.0/24", k + 1),
+                        "via",
+                        &other.wire_ip.to_string(),
+                    ])?;
+                }
+            }
+        }
+        let mut pod_list = Vec::new();
+        for (j, spec) in pods.iter().enumerate() {
+            let node = node_list
+                .get(spec.node)
+                .context("pod on a node that does not exist")?;
+            let ns = Netns::create("apod")?;
+            let ip_addr = Ipv4Addr::new(10, 11, spec.node as u8 + 1, j as u8 + 2);
+            let gateway = Ipv4Addr::new(10, 11, spec.node as u8 + 1, 1);
+            let host_if = format!("p{j}");
+            ip(&[
+                "link",
+                "add",
+                &host_if,
+                "netns",
+                node.ns.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns.name(),
+            ])?;
+            node.ns
+                .ip(&["addr", "add", &format!("{gateway}/32"), "dev", &host_if])?;
+            node.ns.ip(&["link", "set", &host_if, "up"])?;
+            node.ns
+                .ip(&["route", "add", &format!("{ip_addr}/32"), "dev", &host_if])?;
+            ns.ip(&["addr", "add", &format!("{ip_addr}/32"), "dev", "eth0"])?;
+            ns.ip(&["link", "set", "eth0", "up"])?;
+            ns.ip(&["route", "add", &format!("{gateway}/32"), "dev", "eth0"])?;
+            ns.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
+            let pod = Pod {
+                spec: spec.clone(),
+                ip: ip_addr,
+                ns,
+            };
+            pod.start_app()?;
+            pod_list.push(pod);
+        }
+        // One CA for the whole mesh, as a cluster would have.
+        let ca_dir = dir.join("ca");
+        ambit_agent::identity::LocalCa::load_or_create(&ca_dir)?;
+        let agents = node_list.iter().map(|_| None).collect();
+        let bed = Self {
+            config: dir.join("mesh.yaml"),
+            ca_cert: ca_dir.join("ca-cert.pem"),
+            ca_key: ca_dir.join("ca-key.pem"),
+            dir,
+            pods: pod_list,
+            nodes: node_list,
+            services,
+            agents,
+            policies: String::new(),
+            mesh_enabled: true,
+            _fabric: fabric,
+        };
+        bed.write_config()?;
+        Ok(bed)
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.spec.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} in the testbed"))
+    }
+
+    /// Writes the local-mode file from the testbed's description (atomically: the agents
+    /// watch it).
+    pub fn write_config(&self) -> anyhow::Result<()> {
+        let mut y = String::new();
+        writeln!(
+            y,
+            "apiVersion: ambit.dev/v1alpha1\nkind: AmbitLocalConfig\nnamespaces:"
+        )?;
+        let label = if self.mesh_enabled { "enabled" } else { "off" };
+        writeln!(
+            y,
+            "  - name: {MESH_NS}\n    labels: {{ambit.dev/mesh: {label}}}"
+        )?;
+        writeln!(y, "  - name: {PLAIN_NS}\nworkloads:")?;
+        for pod in &self.pods {
+            let labels: Vec<String> = pod
+                .spec
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            writeln!(
+                y,
+                "  - name: {}\n    namespace: {}\n    serviceAccount: {}\n    labels: {{{}}}\n    ips: [{}]\n    node: {}\n    netns: {}",
+                pod.spec.name,
+                pod.spec.namespace,
+                pod.spec.name,
+                labels.join(", "),
+                pod.ip,
+                self.nodes[pod.spec.node].name,
+                pod.ns.path().display()
+            )?;
+        }
+        writeln!(y, "services:")?;
+        if self.services.is_empty() {
+            y.truncate(y.len() - "services:\n".len());
+        }
+        for s in &self.services {
+            writeln!(
+                y,
+                "  - name: {}\n    namespace: {MESH_NS}\n    vip: {}\n    ports: [{{port: {}, targetPort: {APP_PORT}}}]\n    selector: {{app: {}}}",
+                s.name, s.vip, s.port, s.selector_app
+            )?;
+        }
+        y.push_str(&self.policies);
+        let tmp = self.dir.join("mesh.yaml.tmp");
+        std::fs::write(&tmp, y)?;
+        std::fs::rename(&tmp, &self.config)?;
+        Ok(())
+    }
+
+    /// Starts (or restarts) the agent of node `i` and waits until it is ready.
+    pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        let node = &self.nodes[i];
+        let state_dir = self.dir.join(&node.name);
+        let mut child = Command::new(agent_binary()?)
+            .args(["run", "--node", &node.name, "--config"])
+            .arg(&self.config)
+            .arg("--pin-dir")
+            .arg(node.pins.path())
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--ca-cert")
+            .arg(&self.ca_cert)
+            .arg("--ca-key")
+            .arg(&self.ca_key)
+            .args(["--reload-interval-ms", "100"])
+            .env("AMBIT_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting the agent")?;
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        for pipe in [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let logs = logs.clone();
+            let node_name = node.name.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if std::env::var_os("AMBIT_TESTBED_ECHO").is_some() {
+                        eprintln!("[{node_name}] {line}");
+                    }
+                    if let Ok(mut l) = logs.lock() {
+                        l.push(line);
+                    }
+                }
+            });
+        }
+        let agent = Agent { child, logs };
+        agent.wait_for_log(&["ready"], Duration::from_secs(20))?;
+        self.agents[i] = Some(agent);
+        Ok(())
+    }
+
+    pub fn start_agents(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.nodes.len() {
+            self.start_agent(i)?;
+        }
+        Ok(())
+    }
+
+    pub fn agent(&self, i: usize) -> &Agent {
+        self.agents[i].as_ref().expect("agent running")
+    }
+
+    /// Kills node `i`'s agent with SIGKILL.
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(agent) = self.agents[i].take() {
+            agent.kill();
+        }
+    }
+
+    /// Captures on node `i`'s wire while `f` runs; returns the raw capture bytes and
+    /// tcpdump's one-line-per-packet summary.
+    pub fn capture_wire<T>(
+        &self,
+        i: usize,
+        f: impl FnOnce() -> anyhow::Result<T>,
+    ) -> anyhow::Result<(T, Vec<u8>, String)> {
+        let file = self.dir.join(unique_name("wire-") + ".pcap");
+        let netns_arg = format!("--net={}", self.nodes[i].ns.path().display());
+        let mut dump = Command::new("nsenter")
+            .arg(&netns_arg)
+            .args([
+                "tcpdump",
+                "--immediate-mode",
+                "-Z",
+                "root",
+                "-i",
+                "wire",
+                "-U",
+                "-n",
+                "-s",
+                "0",
+                "-w",
+            ])
+            .arg(&file)
+            .arg("tcp")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting tcpdump (cargo xtask setup installs it)")?;
+        // tcpdump announces "listening on" once the capture runs.
+        let mut stderr = BufReader::new(dump.stderr.take().context("tcpdump stderr")?);
+        let mut line = String::new();
+        stderr.read_line(&mut line)?;
+        let result = f();
+        std::thread::sleep(Duration::from_millis(200));
+        // SIGINT (not SIGKILL) lets tcpdump flush the file.
+        let _ = Command::new("kill")
+            .args(["-INT", &dump.id().to_string()])
+            .status();
+        let _ = dump.wait();
+        let raw = std::fs::read(&file).unwrap_or_default();
+        let summary = Command::new("tcpdump")
+            .args(["-n", "-r"])
+            .arg(&file)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        Ok((result?, raw, summary))
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        for agent in &mut self.agents {
+            agent.take();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn sysctl(ns: &Netns, key: &str, value: &str) -> anyhow::Result<()> {
+    let path = Path::new("/proc/sys").join(key);
+    let value = value.to_string();
+    ns.open()?.run(move || std::fs::write(&path, value))?;
+    Ok(())
+}
+
+/// The `ambit` binary: $AMBIT_BIN, or target/debug/ambit of this workspace
+/// (`cargo xtask test` builds it before the end-to-end suite).
+pub fn agent_binary() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("AMBIT_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ambit");
+    if !bin.exists() {
+        bail!(
+            "{} not found: run `cargo build -p ambit-agent` (cargo xtask test does)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}

@@ -1,0 +1,208 @@
+//! Privileged: the two-node testbed with one agent per node in local mode. Pods talk over
+//! HBONE with the right identities; the wire carries only TLS; the agent failing keeps
+//! enrolled pods closed; config changes enroll and unenroll pods live.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ambit_e2e::testbed::{APP_PORT, MESH_NS, PLAIN_NS, PodSpec, Service, Testbed};
+use ambit_e2e::unique_name;
+
+const LOG_WAIT: Duration = Duration::from_secs(10);
+const VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 10);
+
+fn mesh() -> anyhow::Result<Testbed> {
+    let pods = [
+        PodSpec::new("client", MESH_NS, 0),
+        PodSpec::new("server-a", MESH_NS, 0),
+        PodSpec::new("server-b", MESH_NS, 1),
+        PodSpec::new("plain-client", PLAIN_NS, 0),
+        PodSpec::new("plain-server", PLAIN_NS, 1),
+    ];
+    let services = vec![Service {
+        name: "echo",
+        vip: VIP,
+        port: 80,
+        selector_app: "server-b",
+    }];
+    let mut bed = Testbed::build(2, &pods, services)?;
+    bed.start_agents()?;
+    Ok(bed)
+}
+
+/// The first line the pod app sends: `<name> peer=<peer> local=<local>`.
+fn greeting(reply: &str) -> &str {
+    reply.lines().next().unwrap_or_default()
+}
+
+#[test]
+fn pods_reach_each_other_over_hbone_with_identities_on_both_ends() -> anyhow::Result<()> {
+    let bed = mesh()?;
+    let client = bed.pod("client");
+
+    // Same node.
+    let a = bed.pod("server-a");
+    let reply = client.request(a.addr(APP_PORT), b"hello a")?;
+    assert!(greeting(&reply).starts_with("server-a "), "{reply}");
+    assert!(reply.ends_with("hello a"), "payload echoed: {reply}");
+    assert!(
+        greeting(&reply).contains(&format!("local={}", a.addr(APP_PORT))),
+        "the app sees the original destination: {reply}"
+    );
+    let src = client.identity();
+    let dst_a = a.identity();
+    bed.agent(0).wait_for_log(
+        &[
+            "inbound connection closed",
+            &format!("source={src}"),
+            &format!("destination={dst_a}"),
+        ],
+        LOG_WAIT,
+    )?;
+    bed.agent(0).wait_for_log(
+        &[
+            "outbound connection closed",
+            &format!("destination={dst_a}"),
+            "mutual_tls",
+        ],
+        LOG_WAIT,
+    )?;
+
+    // Across nodes: the receiving agent is node2's.
+    let b = bed.pod("server-b");
+    let reply = client.request(b.addr(APP_PORT), b"hello b")?;
+    assert!(greeting(&reply).starts_with("server-b "), "{reply}");
+    assert!(reply.ends_with("hello b"));
+    let dst_b = b.identity();
+    bed.agent(1).wait_for_log(
+        &[
+            "inbound connection closed",
+            &format!("source={src}"),
+            &format!("destination={dst_b}"),
+        ],
+        LOG_WAIT,
+    )?;
+
+    // Through the service VIP, which only node-local routing in the agent knows.
+    let reply = client.request(SocketAddr::from((VIP, 80)), b"hello vip")?;
+    assert!(
+        greeting(&reply).starts_with("server-b "),
+        "VIP served by its endpoint: {reply}"
+    );
+    assert!(
+        greeting(&reply).contains(&format!("local={}", b.addr(APP_PORT))),
+        "VIP:80 became endpoint:targetPort: {reply}"
+    );
+    Ok(())
+}
+
+#[test]
+fn wire_between_nodes_carries_only_tls_and_plain_pods_stay_plain() -> anyhow::Result<()> {
+    let bed = mesh()?;
+    let marker = unique_name("AMBIT-SECRET-MARKER-");
+    let b = bed.pod("server-b");
+    let (reply, raw, summary) = bed.capture_wire(0, || {
+        bed.pod("client")
+            .request(b.addr(APP_PORT), marker.as_bytes())
+    })?;
+    assert!(
+        reply.ends_with(&marker),
+        "the request itself worked: {reply}"
+    );
+    assert!(!summary.is_empty(), "the capture saw the traffic");
+    assert!(
+        !raw.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "the plaintext marker must never be on the wire"
+    );
+    for line in summary.lines() {
+        assert!(
+            line.contains(".15008"),
+            "only HBONE crosses the wire, saw: {line}"
+        );
+    }
+
+    // Pods outside the mesh are untouched: their bytes cross in the clear.
+    let plain_marker = unique_name("AMBIT-PLAIN-MARKER-");
+    let plain_server = bed.pod("plain-server");
+    let (reply, raw, _) = bed.capture_wire(0, || {
+        bed.pod("plain-client")
+            .request(plain_server.addr(APP_PORT), plain_marker.as_bytes())
+    })?;
+    assert!(reply.ends_with(&plain_marker));
+    assert!(
+        raw.windows(plain_marker.len())
+            .any(|w| w == plain_marker.as_bytes()),
+        "a non-enrolled pod's traffic is not captured"
+    );
+    Ok(())
+}
+
+#[test]
+fn killed_agent_fails_closed_and_restart_restores_traffic() -> anyhow::Result<()> {
+    let mut bed = mesh()?;
+    let b_addr = bed.pod("server-b").addr(APP_PORT);
+    bed.pod("client").request(b_addr, b"warm up")?;
+
+    bed.kill_agent(0);
+    let marker = unique_name("AMBIT-DOWN-MARKER-");
+    let (result, raw, _) = bed.capture_wire(0, || {
+        Ok(bed.pod("client").request(b_addr, marker.as_bytes()))
+    })?;
+    assert!(
+        result.is_err(),
+        "with its agent dead an enrolled pod cannot connect: {result:?}"
+    );
+    assert!(
+        !raw.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "nothing leaks in plaintext while the agent is down"
+    );
+
+    bed.start_agent(0)?;
+    let reply = bed.pod("client").request(b_addr, b"back")?;
+    assert!(
+        reply.ends_with("back"),
+        "traffic works again without touching the pod: {reply}"
+    );
+    Ok(())
+}
+
+#[test]
+fn namespace_label_change_unenrolls_and_reenrolls_pods_live() -> anyhow::Result<()> {
+    let mut bed = mesh()?;
+    let b_addr = bed.pod("server-b").addr(APP_PORT);
+
+    bed.mesh_enabled = false;
+    bed.write_config()?;
+    bed.agent(0)
+        .wait_for_log(&["pod unenrolled", "mesh/client"], LOG_WAIT)?;
+    bed.agent(1)
+        .wait_for_log(&["pod unenrolled", "mesh/server-b"], LOG_WAIT)?;
+    let marker = unique_name("AMBIT-UNENROLLED-");
+    let (reply, raw, _) =
+        bed.capture_wire(0, || bed.pod("client").request(b_addr, marker.as_bytes()))?;
+    assert!(
+        reply.ends_with(&marker),
+        "plain networking works after unenrollment: {reply}"
+    );
+    assert!(
+        raw.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "and it is plain"
+    );
+
+    bed.mesh_enabled = true;
+    bed.write_config()?;
+    // Enrolled at start and again now that the label is back.
+    bed.agent(0)
+        .wait_for_logs(&["pod enrolled", "mesh/client"], 2, LOG_WAIT)?;
+    bed.agent(1)
+        .wait_for_logs(&["pod enrolled", "mesh/server-b"], 2, LOG_WAIT)?;
+    let marker = unique_name("AMBIT-REENROLLED-");
+    let (reply, raw, _) =
+        bed.capture_wire(0, || bed.pod("client").request(b_addr, marker.as_bytes()))?;
+    assert!(reply.ends_with(&marker));
+    assert!(
+        !raw.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "encrypted again"
+    );
+    Ok(())
+}
