@@ -31,8 +31,8 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
-    /// Build, load and attach ambit's eBPF programs in throw-away namespaces and show them
-    /// working.
+    /// Two nodes in network namespaces, one agent each: an mTLS call across nodes, what the
+    /// wire sees, and a clean teardown.
     Demo,
 }
 
@@ -100,6 +100,7 @@ fn demo() -> anyhow::Result<()> {
         bail!("the demo creates network namespaces and loads eBPF programs: run it as root");
     }
     setup::run(setup::Need::All)?;
+    cargo(&["build", "--quiet", "-p", "ambit-agent", "--bin", "ambit"])?;
     cargo(&["run", "--quiet", "-p", "ambit-e2e", "--bin", "ambit-demo"])
 }
 
