@@ -340,12 +340,20 @@ impl Testbed {
             y,
             "apiVersion: ambit.dev/v1alpha1\nkind: AmbitLocalConfig\nnamespaces:"
         )?;
+        // Every namespace but PLAIN_NS opts in (while `mesh_enabled`).
         let label = if self.mesh_enabled { "enabled" } else { "off" };
-        writeln!(
-            y,
-            "  - name: {MESH_NS}\n    labels: {{ambit.dev/mesh: {label}}}"
-        )?;
-        writeln!(y, "  - name: {PLAIN_NS}\nworkloads:")?;
+        let mut namespaces: Vec<&str> = self.pods.iter().map(|p| p.spec.namespace).collect();
+        namespaces.extend([MESH_NS, PLAIN_NS]);
+        namespaces.sort_unstable();
+        namespaces.dedup();
+        for ns in namespaces {
+            if ns == PLAIN_NS {
+                writeln!(y, "  - name: {ns}")?;
+            } else {
+                writeln!(y, "  - name: {ns}\n    labels: {{ambit.dev/mesh: {label}}}")?;
+            }
+        }
+        writeln!(y, "workloads:")?;
         for pod in &self.pods {
             let labels: Vec<String> = pod
                 .spec

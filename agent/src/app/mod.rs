@@ -147,6 +147,12 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 }
                 shared.authorizer.replace((**state.policies()).clone());
                 reconcile(&shared, &mut pods, &state).await;
+                if state.revoke_on_policy_change {
+                    let revoked: usize = pods.values().map(pod::PodRuntime::revoke_denied).sum();
+                    if revoked > 0 {
+                        info!(revoked, "live connections closed after a policy change");
+                    }
+                }
                 info!(enrolled = pods.len(), "configuration applied");
             }
             _ = tokio::signal::ctrl_c() => break,

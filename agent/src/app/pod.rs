@@ -45,6 +45,7 @@ impl PodKey {
 pub(crate) struct PodRuntime {
     workload: Arc<WorkloadEntry>,
     netns_cookie: u64,
+    inbound: Arc<Inbound>,
     tasks: Vec<AbortHandle>,
 }
 
@@ -97,7 +98,7 @@ impl PodRuntime {
         let tasks = vec![
             tokio::spawn(serve_outbound(ctx, outbound_listener)).abort_handle(),
             tokio::spawn(serve_hbone(inbound.clone(), hbone_listener)).abort_handle(),
-            tokio::spawn(serve_plaintext(inbound, plaintext_listener)).abort_handle(),
+            tokio::spawn(serve_plaintext(inbound.clone(), plaintext_listener)).abort_handle(),
         ];
         shared
             .capture
@@ -108,12 +109,18 @@ impl PodRuntime {
         Ok(Self {
             workload,
             netns_cookie,
+            inbound,
             tasks,
         })
     }
 
     pub fn netns_cookie(&self) -> u64 {
         self.netns_cookie
+    }
+
+    /// Closes this pod's inbound connections that the current policies deny.
+    pub fn revoke_denied(&self) -> usize {
+        self.inbound.revoke_denied()
     }
 
     /// Unenrolls the pod and closes its listeners; connections in flight finish on their own.

@@ -87,6 +87,29 @@ pub struct LocalConfig {
     pub services: Vec<ServiceConfig>,
     #[serde(default)]
     pub outbound: OutboundConfig,
+    #[serde(default)]
+    pub authorization: AuthorizationConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationConfig {
+    /// Close live connections that a policy change no longer allows (Istio leaves them
+    /// open; ambit revokes by default).
+    #[serde(default = "yes")]
+    pub revoke_on_policy_change: bool,
+}
+
+impl Default for AuthorizationConfig {
+    fn default() -> Self {
+        Self {
+            revoke_on_policy_change: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]

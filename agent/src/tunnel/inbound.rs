@@ -9,6 +9,7 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
@@ -73,6 +74,41 @@ pub struct Inbound {
     /// application sees its real peer; needs CAP_NET_ADMIN and the pod-side routing.
     preserve_source: bool,
     counters: Arc<TunnelCounters>,
+    live: LiveConnections,
+}
+
+/// Connections in flight, so a policy change can close the ones it no longer allows.
+#[derive(Default)]
+struct LiveConnections {
+    next_id: std::sync::atomic::AtomicU64,
+    map: std::sync::Mutex<std::collections::HashMap<u64, (InboundConnection, Arc<Notify>)>>,
+}
+
+/// Removes a connection from the live set however its task ends.
+struct LiveGuard<'a> {
+    live: &'a LiveConnections,
+    id: u64,
+}
+
+impl LiveConnections {
+    fn register(&self, conn: &InboundConnection) -> (LiveGuard<'_>, Arc<Notify>) {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let revoke = Arc::new(Notify::new());
+        if let Ok(mut map) = self.map.lock() {
+            map.insert(id, (conn.clone(), revoke.clone()));
+        }
+        (LiveGuard { live: self, id }, revoke)
+    }
+}
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.live.map.lock() {
+            map.remove(&self.id);
+        }
+    }
 }
 
 impl Inbound {
@@ -92,6 +128,7 @@ impl Inbound {
             config,
             preserve_source,
             counters: Arc::new(TunnelCounters::default()),
+            live: LiveConnections::default(),
         }
     }
 
@@ -227,12 +264,21 @@ impl Inbound {
             respond.send_response(Response::builder().status(StatusCode::OK).body(())?, false)?;
         let stats = CopyStats::default();
         let started = std::time::Instant::now();
-        let result = copy_bidirectional(&mut upstream, send, request.into_body(), &stats)
-            .await
-            .map_err(|e| match e {
-                super::copy::CopyError::Tcp(io) => TunnelError::Io(io),
-                super::copy::CopyError::Tunnel(h2) => TunnelError::H2(h2),
-            });
+        let (_live, revoked) = self.live.register(&conn);
+        let result = tokio::select! {
+            copied = copy_bidirectional(&mut upstream, send, request.into_body(), &stats) => {
+                copied.map_err(|e| match e {
+                    super::copy::CopyError::Tcp(io) => TunnelError::Io(io),
+                    super::copy::CopyError::Tunnel(h2) => TunnelError::H2(h2),
+                })
+            }
+            // Dropping the copy resets the stream (RST_STREAM), which the client's agent
+            // turns into a TCP reset; the workload side is reset here.
+            () = revoked.notified() => {
+                super::reset_on_close(&upstream);
+                Err(TunnelError::Revoked)
+            }
+        };
         info!(
             source = %conn.source_identity.as_ref().map_or_else(String::new, ToString::to_string),
             %source_addr, destination = %conn.workload.identity, %target, security = "mutual_tls",
@@ -276,8 +322,46 @@ impl Inbound {
             self.config.connect_timeout,
         )
         .await?;
-        tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
-        Ok(())
+        let (_live, revoked) = self.live.register(&conn);
+        tokio::select! {
+            copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+                copied?;
+                Ok(())
+            }
+            () = revoked.notified() => {
+                super::reset_on_close(&client);
+                super::reset_on_close(&upstream);
+                info!(%source_addr, destination = %conn.workload.identity, "plaintext connection revoked");
+                Err(TunnelError::Revoked)
+            }
+        }
+    }
+
+    /// Asks the authorizer again about every connection in flight and closes (resets) the
+    /// ones it now denies. Returns how many were revoked.
+    pub fn revoke_denied(&self) -> usize {
+        let Ok(map) = self.live.map.lock() else {
+            return 0;
+        };
+        let mut revoked = 0;
+        for (conn, revoke) in map.values() {
+            if let Verdict::Deny { reason } = self.authorizer.authorize(conn) {
+                info!(
+                    source = %conn.source_identity.as_ref().map_or_else(|| "<plaintext>".into(), ToString::to_string),
+                    destination = %conn.workload.identity, %reason,
+                    "revoking a live connection the new policy denies"
+                );
+                // notify_one keeps a permit if the task is not waiting yet, so none is lost.
+                revoke.notify_one();
+                revoked += 1;
+            }
+        }
+        revoked
+    }
+
+    /// Connections currently proxied to local workloads.
+    pub fn live_connections(&self) -> usize {
+        self.live.map.lock().map_or(0, |m| m.len())
     }
 }
 

@@ -85,6 +85,8 @@ pub enum TunnelError {
     Request(#[from] http::Error),
     #[error("I/O: {0}")]
     Io(#[from] io::Error),
+    #[error("revoked: a policy change denies this connection")]
+    Revoked,
 }
 
 /// Opens TCP connections; the agent's implementation opens them inside a pod's netns with

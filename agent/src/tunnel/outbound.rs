@@ -94,7 +94,15 @@ impl Outbound {
         mut client: TcpStream,
         stats: &CopyStats,
     ) -> Result<(), TunnelError> {
-        let (send, recv, _lease) = self.open_stream(request).await?;
+        let (send, recv, _lease) = match self.open_stream(request).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                // The client's connect() already succeeded against the capture listener; a
+                // reset is the closest it can see to "refused" (e.g. a 401 from the peer).
+                super::reset_on_close(&client);
+                return Err(e);
+            }
+        };
         copy_bidirectional(&mut client, send, recv, stats)
             .await
             .map_err(|e| match e {

@@ -691,3 +691,93 @@ async fn plaintext_denied_connection_is_reset() {
         .expect_err("a denied connection is reset, not closed");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
 }
+
+/// Allows until told to deny everything.
+#[derive(Default)]
+struct Switch(std::sync::atomic::AtomicBool);
+
+impl Authorizer for Switch {
+    fn authorize(&self, _conn: &InboundConnection) -> Verdict {
+        if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            Verdict::Deny {
+                reason: "switched to deny".into(),
+            }
+        } else {
+            Verdict::Allow
+        }
+    }
+}
+
+#[tokio::test]
+async fn policy_change_revokes_live_connections_it_denies() {
+    let ca = Arc::new(LocalCa::generate().expect("CA"));
+    let ttl = Duration::from_secs(3600);
+    let switch = Arc::new(Switch::default());
+    let inbound = Arc::new(Inbound::new(
+        CertManager::new(ca.clone(), ttl),
+        Arc::new(Workloads(HashMap::from([(
+            LOCALHOST,
+            LocalWorkload {
+                name: "server".into(),
+                namespace: "default".into(),
+                identity: id("server"),
+            },
+        )]))),
+        switch.clone(),
+        Arc::new(DirectDialer),
+        TunnelConfig::default(),
+        false,
+    ));
+    let listener = TcpListener::bind((LOCALHOST, 0)).await.expect("bind");
+    let hbone_addr = listener.local_addr().expect("addr");
+    tokio::spawn(inbound.clone().serve(listener));
+    let echo_addr = spawn_echo().await;
+    let outbound = Arc::new(Outbound::new(
+        CertManager::new(ca, ttl),
+        Arc::new(DirectDialer),
+        TunnelConfig::default(),
+    ));
+    let capture = TcpListener::bind((LOCALHOST, 0)).await.expect("bind");
+    let mut client = TcpStream::connect(capture.local_addr().expect("addr"))
+        .await
+        .expect("connect");
+    let (accepted, _) = capture.accept().await.expect("accept");
+    let request = OutboundRequest {
+        source: id("client"),
+        source_addr: "127.0.0.1:40000".parse().expect("addr"),
+        source_workload: "client".into(),
+        destination: id("server"),
+        hbone_addr,
+        original_destination: echo_addr,
+    };
+    tokio::spawn(async move {
+        outbound
+            .proxy(&request, accepted, &CopyStats::default())
+            .await
+    });
+
+    let mut buf = [0u8; 5];
+    client.write_all(b"alive").await.expect("write");
+    client
+        .read_exact(&mut buf)
+        .await
+        .expect("echo while allowed");
+    assert_eq!(inbound.live_connections(), 1);
+    assert_eq!(inbound.revoke_denied(), 0, "still allowed: nothing revoked");
+
+    switch.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(inbound.revoke_denied(), 1);
+    let mut rest = Vec::new();
+    let outcome = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest))
+        .await
+        .expect("the revoked connection ends promptly");
+    assert!(
+        outcome.is_err(),
+        "a revoked connection is reset, not closed cleanly: {outcome:?}"
+    );
+    let inbound_done = inbound.clone();
+    wait_for("the live set to drop the connection", move || {
+        inbound_done.live_connections() == 0
+    })
+    .await;
+}
