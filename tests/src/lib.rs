@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod capture_check;
+pub mod inbound_check;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -81,7 +82,8 @@ impl Drop for Netns {
 }
 
 /// Joins two namespaces with a veth pair and gives each end an address (`a.b.c.d/len`).
-pub fn wire(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) -> anyhow::Result<()> {
+/// Returns the interface names (in `a`, in `b`).
+pub fn wire(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) -> anyhow::Result<(String, String)> {
     let a_if = unique_name("va");
     let b_if = unique_name("vb");
     ip(&[
@@ -102,7 +104,7 @@ pub fn wire(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) -> anyhow::Result<
         ns.ip(&["addr", "add", addr, "dev", ifname])?;
         ns.ip(&["link", "set", ifname, "up"])?;
     }
-    Ok(())
+    Ok((a_if, b_if))
 }
 
 /// A bpffs directory for one test's pins, removed on drop (removing link pins detaches the
