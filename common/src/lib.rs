@@ -113,6 +113,14 @@ pub struct OrigDst {
     pub family: u32,
 }
 
+// The layouts the kernel hashes: no implicit padding anywhere.
+const _: () = {
+    assert!(core::mem::size_of::<EnrolledPod>() == 8);
+    assert!(core::mem::size_of::<FlowKey>() == 16);
+    assert!(core::mem::size_of::<ListenerKey>() == 16);
+    assert!(core::mem::size_of::<OrigDst>() == 24);
+};
+
 #[cfg(feature = "user")]
 #[allow(unsafe_code)]
 mod user {

@@ -3,7 +3,8 @@
 //! - [`Capture::attach_inbound`]: an sk_lookup program attached to the pod's netns steers
 //!   TCP connections that arrive on a real interface to the agent's in-pod listeners
 //!   (15008 → HBONE, anything else → plaintext 15006), which sit in the INBOUND_LISTENERS
-//!   sockhash under (netns cookie, slot).
+//!   sockhash under (netns cookie, slot). A tc program on the pod's lo keeps the agent's own
+//!   (marked) connections to the app from being steered back to the agent.
 //! - [`Capture::preserve_source`]: the in-pod plumbing that lets the agent's upstream socket
 //!   to the app carry the original client's address (tc egress program, policy route,
 //!   sysctl).
@@ -64,24 +65,15 @@ impl Capture {
         let pod_dir = self.pod_dir(netns_cookie);
         create_dir(&pod_dir)?;
         let maps_dir = self.pin_dir.join("maps");
-        reuse_or_attach(&pod_dir.join(SK_LOOKUP_PIN), || {
-            let name = programs::SK_LOOKUP;
-            let mut ebpf = pinned_loader(&maps_dir)
-                .override_global(globals::POD_NETNS_COOKIE, &netns_cookie, true)
-                .load(EBPF_OBJECT)?;
-            let prog: &mut SkLookup = program(&mut ebpf, name)?;
-            let err = |source| CaptureError::Program { name, source };
-            prog.load().map_err(err)?;
-            let id = prog.attach(pod).map_err(err)?;
-            // The pinned link keeps the program (and its cookie global) alive once `ebpf`
-            // is dropped.
-            Ok(FdLink::from(prog.take_link(id).map_err(err)?))
-        })?;
-        // The agent's own connections to the app must not be steered back to the agent.
+        // Order: everything sk_lookup relies on first, so that a failure part-way never
+        // leaves the pod steered into a loop, and steering starts with listeners in place.
+        // 1. The agent's own (marked) connections to the app must not be steered back to
+        //    the agent: re-inject them at lo ingress (see `ambit_tc_agent_lo`).
         let pin = pod_dir.join(TC_LO_PIN);
+        let lo_maps_dir = maps_dir.clone();
         run_in_pod(pod, move || {
             accept_local_on_lo()?;
-            attach_tc_egress(&maps_dir, &pin, "lo", programs::TC_AGENT_LO)
+            attach_tc_egress(&lo_maps_dir, &pin, "lo", programs::TC_AGENT_LO)
         })?;
         for (slot, listener) in [(SLOT_PLAINTEXT, plaintext), (SLOT_HBONE, hbone)] {
             let key = ListenerKey {
@@ -96,13 +88,27 @@ impl Capture {
                     source,
                 })?;
         }
+        // 2. Listeners registered; 3. steering starts here.
+        reuse_or_attach(&pod_dir.join(SK_LOOKUP_PIN), || {
+            let name = programs::SK_LOOKUP;
+            let mut ebpf = pinned_loader(&maps_dir)
+                .override_global(globals::POD_NETNS_COOKIE, &netns_cookie, true)
+                .load(EBPF_OBJECT)?;
+            let prog: &mut SkLookup = program(&mut ebpf, name)?;
+            let err = |source| CaptureError::Program { name, source };
+            prog.load().map_err(err)?;
+            let id = prog.attach(pod).map_err(err)?;
+            // The pinned link keeps the program (and its cookie global) alive once `ebpf`
+            // is dropped.
+            Ok(FdLink::from(prog.take_link(id).map_err(err)?))
+        })?;
         info!(netns_cookie, netns = %pod.path().display(), "inbound capture attached");
         Ok(())
     }
 
-    /// Stops steering the pod's inbound connections: detaches its per-pod links (sk_lookup
-    /// and the tc egress program of [`Capture::preserve_source`]), removes their pins and the
-    /// pod's listener entries. Plain networking is back once this returns. Absent state is
+    /// Stops steering the pod's inbound connections: detaches its per-pod links (sk_lookup,
+    /// the tc program on lo and the one of [`Capture::preserve_source`]), removes their pins
+    /// and the pod's listener entries. Plain networking is back once this returns. Absent state is
     /// not an error.
     pub fn detach_inbound(&mut self, netns_cookie: u64) -> Result<()> {
         let pod_dir = self.pod_dir(netns_cookie);
