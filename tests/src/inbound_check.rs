@@ -46,6 +46,11 @@ impl InboundBed {
     /// Namespaces, the app's listener, and the capture programs attached with a unique pin
     /// directory. The pod is not steered until [`InboundBed::start_agent`].
     pub fn new() -> anyhow::Result<Self> {
+        Self::with_excluded_ports(&[])
+    }
+
+    /// Like [`InboundBed::new`], with these destination ports never captured.
+    pub fn with_excluded_ports(excluded_ports: &[u16]) -> anyhow::Result<Self> {
         let pod = Netns::create("ipod")?;
         let client = Netns::create("icli")?;
         let (pod_if, _) = wire(
@@ -63,7 +68,7 @@ impl InboundBed {
             Ok(l)
         })?;
         let pins = PinDir::unique();
-        let capture = attach(&pins)?;
+        let capture = attach(&pins, excluded_ports)?;
         Ok(Self {
             pins,
             capture: Some(capture),
@@ -115,7 +120,7 @@ impl InboundBed {
 
     /// Plays an agent restart: reattach (reusing pins), reopen and re-register listeners.
     pub fn restart_agent(&mut self) -> anyhow::Result<()> {
-        self.capture = Some(attach(&self.pins)?);
+        self.capture = Some(attach(&self.pins, &[])?);
         self.start_agent()
     }
 
@@ -162,10 +167,11 @@ impl InboundBed {
     }
 }
 
-fn attach(pins: &PinDir) -> anyhow::Result<Capture> {
+fn attach(pins: &PinDir, excluded_ports: &[u16]) -> anyhow::Result<Capture> {
     Capture::attach(&CaptureConfig {
         pin_dir: pins.path().to_path_buf(),
-        ..CaptureConfig::default()
+        cgroup: None,
+        excluded_ports: excluded_ports.to_vec(),
     })
     .context("attach capture programs")
 }

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::time::Duration;
 
 use ambit_common::HBONE_PORT;
-use ambit_e2e::inbound_check::{CLIENT_IP, InboundBed, POD_IP, accept_within};
+use ambit_e2e::inbound_check::{APP_PORT, CLIENT_IP, InboundBed, POD_IP, accept_within};
 use anyhow::Context as _;
 
 const WAIT: Duration = Duration::from_millis(500);
@@ -68,6 +68,18 @@ fn loopback_and_the_agents_own_connections_are_not_steered() -> anyhow::Result<(
         .context("the agent's own connection to the app was not delivered to the app")?;
     assert_eq!(seen_by_app, upstream.local_addr()?);
 
+    let agent = bed.agent.as_ref().context("agent listeners")?;
+    assert!(accept_within(&agent.plaintext, SHORT)?.is_none());
+    Ok(())
+}
+
+#[test]
+fn excluded_ports_are_not_steered() -> anyhow::Result<()> {
+    let mut bed = InboundBed::with_excluded_ports(&[APP_PORT])?;
+    bed.start_agent()?;
+    let client = bed.connect_from_client(bed.app_addr())?;
+    let (_, peer) = accept_within(&bed.app, WAIT)?.context("excluded port must reach the app")?;
+    assert_eq!(peer, client.local_addr()?);
     let agent = bed.agent.as_ref().context("agent listeners")?;
     assert!(accept_within(&agent.plaintext, SHORT)?.is_none());
     Ok(())
