@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::io;
 use std::net::UdpSocket;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use crate::sys;
@@ -57,5 +57,12 @@ impl NetNs {
             let probe = UdpSocket::bind(("0.0.0.0", 0))?;
             sys::netns_cookie(&probe)
         })
+    }
+}
+
+impl AsFd for NetNs {
+    /// The namespace file, e.g. for attaching a program to the namespace.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
     }
 }

@@ -19,6 +19,22 @@ pub const HBONE_PORT: u16 = 15008;
 pub mod programs {
     pub const CONNECT4: &str = "ambit_connect4";
     pub const SOCK_OPS: &str = "ambit_sock_ops";
+    /// cgroup/getpeername4: a captured socket's peer reads as its original destination.
+    pub const GETPEERNAME4: &str = "ambit_getpeername4";
+    /// sk_lookup, one loaded instance per enrolled pod netns (see [`crate::globals`]).
+    pub const SK_LOOKUP: &str = "ambit_sk_lookup";
+    /// tc egress on a pod's interface: replies to the agent's transparent sockets go to lo.
+    pub const TC_REPLY_TO_LO: &str = "ambit_tc_reply_to_lo";
+    /// tc egress on a pod's lo: the agent's own (marked) packets re-enter at lo ingress.
+    pub const TC_AGENT_LO: &str = "ambit_tc_agent_lo";
+}
+
+/// Names of the global variables the agent sets at load time.
+pub mod globals {
+    /// `u64`: the netns cookie of the pod an sk_lookup instance is attached to. sk_lookup
+    /// programs cannot call `bpf_get_netns_cookie`, so each pod gets its own instance with
+    /// its cookie baked in.
+    pub const POD_NETNS_COOKIE: &str = "POD_NETNS_COOKIE";
 }
 
 /// Names of the maps in the eBPF object.
@@ -31,6 +47,31 @@ pub mod maps {
     pub const ORIG_DST: &str = "ORIG_DST";
     /// destination port -> 1: ports never captured (e.g. the kubelet's probes).
     pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
+    /// socket cookie -> [`crate::OrigDst`], written at connect() and kept (LRU) so that
+    /// getpeername() of a captured socket reports the original destination.
+    pub const PEER_ORIG_DST: &str = "PEER_ORIG_DST";
+    /// SOCKHASH [`crate::ListenerKey`] -> the agent's in-pod inbound listeners.
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+}
+
+/// Slot of the plaintext inbound listener (port [`INBOUND_PLAINTEXT_PORT`]) in
+/// [`ListenerKey::slot`].
+pub const SLOT_PLAINTEXT: u32 = 0;
+/// Slot of the HBONE listener (port [`HBONE_PORT`]).
+pub const SLOT_HBONE: u32 = 1;
+
+/// The loopback interface's index: 1 in every network namespace (the kernel creates lo
+/// first in each one).
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
+/// Key of the INBOUND_LISTENERS sockhash: which pod, which listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    pub netns_cookie: u64,
+    /// [`SLOT_PLAINTEXT`] or [`SLOT_HBONE`].
+    pub slot: u32,
+    pub reserved: u32,
 }
 
 /// Address family tags used in [`OrigDst::family`].
@@ -72,6 +113,14 @@ pub struct OrigDst {
     pub family: u32,
 }
 
+// The layouts the kernel hashes: no implicit padding anywhere.
+const _: () = {
+    assert!(core::mem::size_of::<EnrolledPod>() == 8);
+    assert!(core::mem::size_of::<FlowKey>() == 16);
+    assert!(core::mem::size_of::<ListenerKey>() == 16);
+    assert!(core::mem::size_of::<OrigDst>() == 24);
+};
+
 #[cfg(feature = "user")]
 #[allow(unsafe_code)]
 mod user {
@@ -81,4 +130,5 @@ mod user {
     unsafe impl aya::Pod for EnrolledPod {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for ListenerKey {}
 }

@@ -6,19 +6,30 @@
 #![no_main]
 
 use ambit_common::{
-    AGENT_MARK, ENROLL_OUTBOUND, EnrolledPod, FAMILY_V4, FlowKey, OUTBOUND_CAPTURE_PORT, OrigDst,
+    AGENT_MARK, ENROLL_OUTBOUND, EnrolledPod, FAMILY_V4, FlowKey, HBONE_PORT, LOOPBACK_IFINDEX,
+    ListenerKey, OUTBOUND_CAPTURE_PORT, OrigDst, SLOT_HBONE, SLOT_PLAINTEXT,
 };
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock},
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{HashMap, LruHashMap},
-    programs::{SockAddrContext, SockOpsContext},
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_SOCK_OPS_TCP_CONNECT_CB, TC_ACT_OK, bpf_sock,
+        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as SockTupleV4,
+        sk_action::{SK_DROP, SK_PASS},
+    },
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_redirect, bpf_sk_fullsock, bpf_sk_release,
+        bpf_skc_lookup_tcp,
+    },
+    macros::{cgroup_sock_addr, classifier, map, sk_lookup, sock_ops},
+    maps::{HashMap, LruHashMap, SockHash},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext, TcContext},
 };
 
 const SOCK_STREAM: u32 = 1;
 const AF_INET: u32 = 2;
+const IPPROTO_TCP: u32 = 6;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_HLEN: usize = 14;
 /// 127.0.0.1 in network byte order as the kernel stores it in `user_ip4`.
 const LOOPBACK_V4_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 
@@ -36,6 +47,18 @@ static ORIG_DST: LruHashMap<FlowKey, OrigDst> = LruHashMap::with_max_entries(65_
 
 #[map(name = "EXCLUDED_PORTS")]
 static EXCLUDED_PORTS: HashMap<u32, u32> = HashMap::with_max_entries(64, 0);
+
+#[map(name = "PEER_ORIG_DST")]
+static PEER_ORIG_DST: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65_536, 0);
+
+#[map(name = "INBOUND_LISTENERS")]
+static INBOUND_LISTENERS: SockHash<ListenerKey> = SockHash::with_max_entries(16_384, 0);
+
+/// Netns cookie of the pod this sk_lookup instance serves, set by the agent at load time
+/// (sk_lookup programs have no `bpf_get_netns_cookie`). Read volatile so that the compiler
+/// does not fold the placeholder value.
+#[unsafe(no_mangle)]
+static POD_NETNS_COOKIE: u64 = 0;
 
 /// connect() of an IPv4 TCP socket in any netns: if the netns is an enrolled pod and the
 /// socket is not the agent's own, remember where it was going and send it to the agent's
@@ -88,6 +111,9 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), i64> {
     // SAFETY: bpf_get_socket_cookie accepts the program's context pointer.
     let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     PENDING.insert(socket_cookie, orig, 0)?;
+    // Only getpeername() cosmetics depend on this entry: a failed insert must not stop the
+    // capture.
+    let _ = PEER_ORIG_DST.insert(socket_cookie, orig, 0);
     // SAFETY: the context fields user_ip4/user_port are writable in connect4 programs.
     unsafe {
         (*ctx.sock_addr).user_ip4 = LOOPBACK_V4_BE;
@@ -125,6 +151,151 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), i64> {
     ORIG_DST.insert(key, orig, 0)?;
     PENDING.remove(socket_cookie)?;
     Ok(())
+}
+
+/// getpeername() of a socket captured by connect4 reports its original destination rather
+/// than the agent's 127.0.0.1:15001.
+#[cgroup_sock_addr(getpeername4)]
+pub fn ambit_getpeername4(ctx: SockAddrContext) -> i32 {
+    let _ = try_getpeername4(&ctx);
+    ALLOW
+}
+
+fn try_getpeername4(ctx: &SockAddrContext) -> Result<(), i64> {
+    // SAFETY: bpf_get_socket_cookie accepts the program's context pointer.
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup, copied out at once.
+    let Some(orig) = (unsafe { PEER_ORIG_DST.get(socket_cookie) }).copied() else {
+        return Ok(());
+    };
+    if orig.family != FAMILY_V4 {
+        return Ok(());
+    }
+    // SAFETY: user_ip4/user_port are writable in getpeername4 programs.
+    unsafe {
+        (*ctx.sock_addr).user_ip4 = orig.addr[0];
+        (*ctx.sock_addr).user_port = u32::from((orig.port as u16).to_be());
+    }
+    Ok(())
+}
+
+/// Runs in an enrolled pod's netns when no established socket matches an incoming TCP
+/// packet: connections that arrived on a real interface go to the agent's in-pod listeners
+/// (15008 to the HBONE listener, any other port to the plaintext one). With the agent's
+/// listeners gone the connection is refused rather than handed to the app (fail closed).
+#[sk_lookup]
+pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
+    try_sk_lookup(&ctx).unwrap_or(SK_DROP)
+}
+
+fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, i64> {
+    // SAFETY: the verifier guarantees `lookup` points to a valid context for this hook.
+    let lookup = unsafe { &*ctx.lookup };
+    // IPv4 only for now, like connect4; loopback stays in the pod (the agent's own upstream
+    // connections to the app arrive there).
+    if lookup.protocol != IPPROTO_TCP
+        || lookup.family != AF_INET
+        || lookup.ingress_ifindex == LOOPBACK_IFINDEX
+    {
+        return Ok(SK_PASS);
+    }
+    let port = lookup.local_port;
+    // SAFETY: read-only lookup.
+    if unsafe { EXCLUDED_PORTS.get(port) }.is_some() {
+        return Ok(SK_PASS);
+    }
+    let slot = if port == u32::from(HBONE_PORT) {
+        SLOT_HBONE
+    } else {
+        SLOT_PLAINTEXT
+    };
+    let key = ListenerKey {
+        // SAFETY: a plain read of a global the loader initialised.
+        netns_cookie: unsafe { core::ptr::read_volatile(&raw const POD_NETNS_COOKIE) },
+        slot,
+        reserved: 0,
+    };
+    // No listener (agent down) or assignment refused: drop, never fall through to the app.
+    match INBOUND_LISTENERS.redirect_sk_lookup(ctx, key, 0) {
+        Ok(()) => Ok(SK_PASS),
+        Err(_) => Ok(SK_DROP),
+    }
+}
+
+/// tc egress on a pod's interface: a reply addressed to a socket the agent opened
+/// transparently (SO_MARK AGENT_MARK, bound to the original client's address) belongs to
+/// that local socket, not to the wire. Send it back in through lo; the pod's policy route for
+/// the mark makes the kernel deliver it locally.
+#[classifier]
+pub fn ambit_tc_reply_to_lo(ctx: TcContext) -> i32 {
+    try_tc_reply_to_lo(&ctx).unwrap_or(TC_ACT_OK)
+}
+
+fn try_tc_reply_to_lo(ctx: &TcContext) -> Result<i32, i64> {
+    let ethertype: u16 = ctx.load(12)?;
+    if u16::from_be(ethertype) != ETH_P_IP {
+        return Ok(TC_ACT_OK);
+    }
+    let version_ihl: u8 = ctx.load(ETH_HLEN)?;
+    let protocol: u8 = ctx.load(ETH_HLEN + 9)?;
+    if u32::from(protocol) != IPPROTO_TCP {
+        return Ok(TC_ACT_OK);
+    }
+    let ihl = usize::from(version_ihl & 0x0f) * 4;
+    let l4 = ETH_HLEN + ihl;
+    // The tuple as the receiving socket would see this packet arrive: source = remote.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv4 = SockTupleV4 {
+        saddr: ctx.load(ETH_HLEN + 12)?,
+        daddr: ctx.load(ETH_HLEN + 16)?,
+        sport: ctx.load(l4)?,
+        dport: ctx.load(l4 + 2)?,
+    };
+    // SAFETY: `tuple` is a stack buffer of the size passed; the result is released below.
+    let sk = unsafe {
+        bpf_skc_lookup_tcp(
+            ctx.as_ptr(),
+            &mut tuple,
+            core::mem::size_of::<SockTupleV4>() as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return Ok(TC_ACT_OK);
+    }
+    // SAFETY: `sk` is a referenced socket from skc_lookup; fullsock may return null for
+    // request and timewait sockets, which carry no mark.
+    let mark = unsafe {
+        let full = bpf_sk_fullsock(sk);
+        let mark = if full.is_null() { 0 } else { (*full).mark };
+        bpf_sk_release(sk.cast());
+        mark
+    };
+    if mark != AGENT_MARK {
+        return Ok(TC_ACT_OK);
+    }
+    // lo's hardware address is all zeros; anything else makes the packet PACKET_OTHERHOST.
+    ctx.store(0, &[0u8; 6], 0)?;
+    ctx.set_mark(AGENT_MARK);
+    // SAFETY: bpf_redirect takes plain integers.
+    Ok(unsafe { bpf_redirect(LOOPBACK_IFINDEX, u64::from(BPF_F_INGRESS)) } as i32)
+}
+
+/// tc egress on an enrolled pod's lo: the agent's own packets (SO_MARK AGENT_MARK) are
+/// re-injected at lo ingress. A connection to the pod's own address is routed "from" the
+/// pod's interface (the local route's device), so sk_lookup would steer the agent's
+/// connection to the app back to the agent; after this re-injection the kernel routes it
+/// as input on lo, sk_lookup sees lo as its ingress interface and leaves it alone.
+#[classifier]
+pub fn ambit_tc_agent_lo(ctx: TcContext) -> i32 {
+    // SAFETY: `skb` is the program's context; reading `mark` is allowed in tc programs.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if mark != AGENT_MARK {
+        return TC_ACT_OK;
+    }
+    // SAFETY: bpf_redirect takes plain integers.
+    unsafe { bpf_redirect(LOOPBACK_IFINDEX, u64::from(BPF_F_INGRESS)) as i32 }
 }
 
 #[cfg(not(test))]

@@ -175,6 +175,21 @@ impl CaptureBed {
         Ok(Outcome::Direct(reply.trim().to_string()))
     }
 
+    /// connect() from inside the pod to `dst`, as an unmarked app; returns what the app's
+    /// getpeername() reports once the agent has taken the connection. Errors when the
+    /// connection was not captured.
+    pub fn peer_name_seen_by_pod_app(&mut self, dst: SocketAddr) -> anyhow::Result<SocketAddr> {
+        let client = self.pod_ns.run(move || {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            socket.connect_timeout(&dst.into(), IO_TIMEOUT)?;
+            Ok(TcpStream::from(socket))
+        })?;
+        let client_port = client.local_addr()?.port();
+        self.accept_captured(client_port)?
+            .context("connection was not captured by the agent")?;
+        Ok(client.peer_addr()?)
+    }
+
     /// The connection from `client_port`, if it is waiting in the agent's accept queue.
     /// The kernel completes the handshake before connect() returns, so a captured connection
     /// is already queued here; a short grace period covers scheduling only.

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod capture_check;
+pub mod inbound_check;
 pub mod testbed;
 
 use std::path::{Path, PathBuf};
@@ -82,7 +83,8 @@ impl Drop for Netns {
 }
 
 /// Joins two namespaces with a veth pair and gives each end an address (`a.b.c.d/len`).
-pub fn wire(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) -> anyhow::Result<()> {
+/// Returns the interface names (in `a`, in `b`).
+pub fn wire(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) -> anyhow::Result<(String, String)> {
     let a_if = unique_name("va");
     let b_if = unique_name("vb");
     ip(&[
@@ -103,7 +105,7 @@ pub fn wire(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) -> anyhow::Result<
         ns.ip(&["addr", "add", addr, "dev", ifname])?;
         ns.ip(&["link", "set", ifname, "up"])?;
     }
-    Ok(())
+    Ok((a_if, b_if))
 }
 
 /// A bpffs directory for one test's pins, removed on drop (removing link pins detaches the

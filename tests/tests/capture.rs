@@ -84,3 +84,16 @@ fn uninstall_detaches_programs_and_removes_pins() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn captured_socket_getpeername_reports_original_destination() -> anyhow::Result<()> {
+    let mut bed = CaptureBed::new()?;
+    let peer = bed.peer();
+    bed.enroll()?;
+    assert_eq!(
+        bed.peer_name_seen_by_pod_app(peer)?,
+        peer,
+        "the app must see its original peer, not the agent's 127.0.0.1:15001"
+    );
+    Ok(())
+}

@@ -7,14 +7,16 @@
 //! closed). A restarted agent finds the pins and reuses them.
 
 mod cgroup;
+mod inbound;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use ambit_common::{
-    ENROLL_OUTBOUND, EnrolledPod, FAMILY_V4, FAMILY_V6, FlowKey, OrigDst, maps, programs,
+    ENROLL_OUTBOUND, EnrolledPod, FAMILY_V4, FAMILY_V6, FlowKey, ListenerKey, OrigDst, maps,
+    programs,
 };
-use aya::maps::{HashMap, MapData, MapError};
+use aya::maps::{HashMap, MapData, MapError, SockHash};
 use aya::programs::links::{CgroupAttachMode, FdLink, LinkError, PinnedLink};
 use aya::programs::{CgroupSockAddr, ProgramError, SockOps};
 use aya::{Ebpf, EbpfLoader};
@@ -73,6 +75,13 @@ pub enum CaptureError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("inside pod netns {path}: {source}")]
+    PodNetns {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed: {message}")]
+    Command { command: String, message: String },
 }
 
 /// bpf_link attachments to a cgroup coexist with any other program by construction and the
@@ -80,6 +89,26 @@ pub enum CaptureError {
 const LINK_ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
 type Result<T, E = CaptureError> = std::result::Result<T, E>;
+
+/// Every map of the object is pinned: the per-pod program instances loaded later (see
+/// `inbound.rs`) must share them with the cgroup programs.
+const PINNED_MAPS: [&str; 6] = [
+    maps::ENROLLED,
+    maps::PENDING,
+    maps::ORIG_DST,
+    maps::EXCLUDED_PORTS,
+    maps::PEER_ORIG_DST,
+    maps::INBOUND_LISTENERS,
+];
+
+/// A loader that reuses (or creates) the pinned maps under `maps_dir`.
+fn pinned_loader<'a>(maps_dir: &Path) -> EbpfLoader<'a> {
+    let mut loader = EbpfLoader::new();
+    for name in PINNED_MAPS {
+        loader.map_pin_path(name, maps_dir.join(name));
+    }
+    loader
+}
 
 #[derive(Clone, Debug)]
 pub struct CaptureConfig {
@@ -107,6 +136,7 @@ pub struct Capture {
     pin_dir: PathBuf,
     enrolled: HashMap<MapData, u64, EnrolledPod>,
     orig_dst: HashMap<MapData, FlowKey, OrigDst>,
+    listeners: SockHash<MapData, ListenerKey>,
     // Kept so the pinned links' fds stay open for the agent's lifetime; the pins keep the
     // programs attached when the agent is gone.
     _links: Vec<PinnedLink>,
@@ -137,18 +167,8 @@ impl Capture {
             })?;
         }
 
-        let map_names = [
-            maps::ENROLLED,
-            maps::PENDING,
-            maps::ORIG_DST,
-            maps::EXCLUDED_PORTS,
-        ];
-        let mut loader = EbpfLoader::new();
-        for name in map_names {
-            // Reuses an existing pin, so state survives agent restarts.
-            loader.map_pin_path(name, maps_dir.join(name));
-        }
-        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        // Reuses existing pins, so state survives agent restarts.
+        let mut ebpf = pinned_loader(&maps_dir).load(EBPF_OBJECT)?;
 
         let cgroup_path = match &config.cgroup {
             Some(path) => path.clone(),
@@ -177,10 +197,16 @@ impl Capture {
         let links = vec![
             attach_to_cgroup!(CgroupSockAddr, programs::CONNECT4),
             attach_to_cgroup!(SockOps, programs::SOCK_OPS),
+            attach_to_cgroup!(CgroupSockAddr, programs::GETPEERNAME4),
         ];
 
         let enrolled = take_map(&mut ebpf, maps::ENROLLED)?;
         let orig_dst = take_map(&mut ebpf, maps::ORIG_DST)?;
+        let listeners = {
+            let name = maps::INBOUND_LISTENERS;
+            let map = ebpf.take_map(name).ok_or(CaptureError::MissingMap(name))?;
+            SockHash::try_from(map).map_err(|source| CaptureError::Map { name, source })?
+        };
         let mut excluded: HashMap<MapData, u32, u32> = take_map(&mut ebpf, maps::EXCLUDED_PORTS)?;
         for port in &config.excluded_ports {
             excluded
@@ -195,6 +221,7 @@ impl Capture {
             pin_dir,
             enrolled,
             orig_dst,
+            listeners,
             _links: links,
             _ebpf: ebpf,
         })
@@ -265,18 +292,14 @@ impl Capture {
 /// Each link is opened, unpinned, and then its last fd closed: closing detaches at once,
 /// while merely unlinking the pin file would leave the detach to a kernel work queue and
 /// let a few more connections be captured after "uninstall" returned.
+/// Per-pod links (`pods/<netns-cookie>/…`) go first, then the cgroup links.
 pub fn remove_pins(pin_dir: &Path) -> Result<()> {
-    let links_dir = pin_dir.join("links");
-    if let Ok(entries) = std::fs::read_dir(&links_dir) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let link = PinnedLink::from_pin(&path).map_err(|e| CaptureError::Pin {
-                path: path.clone(),
-                source: Box::new(e),
-            })?;
-            detach_pinned(link, pin_dir)?;
+    if let Ok(pods) = std::fs::read_dir(pin_dir.join(inbound::PODS_DIR)) {
+        for pod in pods.flatten() {
+            detach_links_in(&pod.path())?;
         }
     }
+    detach_links_in(&pin_dir.join("links"))?;
     match std::fs::remove_dir_all(pin_dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -285,6 +308,21 @@ pub fn remove_pins(pin_dir: &Path) -> Result<()> {
             source,
         }),
     }
+}
+
+/// Detaches every pinned link in `dir` (absent directory: nothing to do).
+fn detach_links_in(dir: &Path) -> Result<()> {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let link = PinnedLink::from_pin(&path).map_err(|e| CaptureError::Pin {
+                path: path.clone(),
+                source: Box::new(e),
+            })?;
+            detach_pinned(link, dir)?;
+        }
+    }
+    Ok(())
 }
 
 fn detach_pinned(link: PinnedLink, pin_dir: &Path) -> Result<()> {
@@ -396,15 +434,17 @@ mod tests {
     #[test]
     fn embedded_object_has_every_program_and_map() {
         let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("parse embedded eBPF object");
-        for name in [programs::CONNECT4, programs::SOCK_OPS] {
+        for name in [
+            programs::CONNECT4,
+            programs::SOCK_OPS,
+            programs::GETPEERNAME4,
+            programs::SK_LOOKUP,
+            programs::TC_REPLY_TO_LO,
+            programs::TC_AGENT_LO,
+        ] {
             assert!(obj.programs.contains_key(name), "program {name} missing");
         }
-        for name in [
-            maps::ENROLLED,
-            maps::PENDING,
-            maps::ORIG_DST,
-            maps::EXCLUDED_PORTS,
-        ] {
+        for name in PINNED_MAPS {
             assert!(obj.maps.contains_key(name), "map {name} missing");
         }
     }
