@@ -8,6 +8,11 @@
 /// SO_MARK carried by every socket the agent opens inside a pod: the capture programs
 /// leave such sockets alone so the agent never captures its own traffic.
 pub const AGENT_MARK: u32 = 0x539;
+/// skb mark of application replies that the tc reply program sends back in through lo, so a
+/// policy-routing rule (fwmark -> table 133: local 0.0.0.0/0 dev lo) delivers them locally.
+/// Distinct from [`AGENT_MARK`]: that rule must not apply to the agent's own outgoing
+/// connections, whose sockets carry AGENT_MARK and must follow the normal routes.
+pub const REPLY_MARK: u32 = 0x53a;
 /// In-pod listener that receives captured outbound connections (127.0.0.1).
 pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
 /// In-pod listener for plaintext inbound connections.

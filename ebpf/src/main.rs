@@ -7,7 +7,7 @@
 
 use ambit_common::{
     AGENT_MARK, ENROLL_OUTBOUND, EnrolledPod, FAMILY_V4, FlowKey, HBONE_PORT, LOOPBACK_IFINDEX,
-    ListenerKey, OUTBOUND_CAPTURE_PORT, OrigDst, SLOT_HBONE, SLOT_PLAINTEXT,
+    ListenerKey, OUTBOUND_CAPTURE_PORT, OrigDst, REPLY_MARK, SLOT_HBONE, SLOT_PLAINTEXT,
 };
 use aya_ebpf::{
     EbpfContext,
@@ -277,7 +277,7 @@ fn try_tc_reply_to_lo(ctx: &TcContext) -> Result<i32, i64> {
     }
     // lo's hardware address is all zeros; anything else makes the packet PACKET_OTHERHOST.
     ctx.store(0, &[0u8; 6], 0)?;
-    ctx.set_mark(AGENT_MARK);
+    ctx.set_mark(REPLY_MARK);
     // SAFETY: bpf_redirect takes plain integers.
     Ok(unsafe { bpf_redirect(LOOPBACK_IFINDEX, u64::from(BPF_F_INGRESS)) } as i32)
 }

@@ -44,6 +44,10 @@ fn pods_reach_each_other_over_hbone_with_identities_on_both_ends() -> anyhow::Re
     let a = bed.pod("server-a");
     let reply = client.request(a.addr(APP_PORT), b"hello a")?;
     assert!(greeting(&reply).starts_with("server-a "), "{reply}");
+    assert!(
+        greeting(&reply).contains(&format!("peer={}:", client.ip)),
+        "the app sees the real client address, not the agent's: {reply}"
+    );
     assert!(reply.ends_with("hello a"), "payload echoed: {reply}");
     assert!(
         greeting(&reply).contains(&format!("local={}", a.addr(APP_PORT))),

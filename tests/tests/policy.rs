@@ -3,7 +3,7 @@
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::time::Duration;
 
-use ambit_e2e::testbed::{APP_PORT, MESH_NS, PodSpec, Testbed};
+use ambit_e2e::testbed::{APP_PORT, MESH_NS, PLAIN_NS, PodSpec, Testbed};
 
 const LOG_WAIT: Duration = Duration::from_secs(10);
 
@@ -13,6 +13,7 @@ fn bed_with(policies: &str) -> anyhow::Result<Testbed> {
         PodSpec::new("intruder", MESH_NS, 0),
         PodSpec::new("outsider", "other", 0),
         PodSpec::new("backend", MESH_NS, 1),
+        PodSpec::new("legacy", PLAIN_NS, 0),
     ];
     let mut bed = Testbed::build(2, &pods, Vec::new())?;
     bed.policies = policies.to_string();
@@ -121,4 +122,87 @@ fn policy_update_revokes_a_live_connection() -> anyhow::Result<()> {
         "allowed traffic is untouched"
     );
     Ok(())
+}
+
+fn peer_auth(mode: &str, port_exception: Option<&str>) -> String {
+    let mut doc = format!(
+        "---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: mesh-wide, namespace: istio-system}}
+spec:
+  mtls: {{mode: {mode}}}
+"
+    );
+    if let Some(port_mode) = port_exception {
+        doc.push_str(&format!(
+            "---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: backend-port-exception, namespace: mesh}}
+spec:
+  selector: {{matchLabels: {{app: backend}}}}
+  mtls: {{mode: UNSET}}
+  portLevelMtls:
+    \"{APP_PORT}\": {{mode: {port_mode}}}
+"
+        ));
+    }
+    doc
+}
+
+#[test]
+fn strict_refuses_plaintext_and_permissive_accepts_it_with_the_real_client_address()
+-> anyhow::Result<()> {
+    let mut bed = bed_with(&peer_auth("STRICT", None))?;
+    let backend = bed.pod("backend").addr(APP_PORT);
+    let legacy_ip = bed.pod("legacy").ip;
+    assert!(
+        refused(bed.pod("legacy").request(backend, b"plaintext")),
+        "STRICT: a non-enrolled pod's plaintext is refused"
+    );
+    bed.agent(1)
+        .wait_for_log(&["plaintext connection denied", "mtls_required"], LOG_WAIT)?;
+    let mtls = bed.pod("frontend").request(backend, b"over mTLS")?;
+    assert!(
+        mtls.ends_with("over mTLS"),
+        "mTLS still works under STRICT: {mtls}"
+    );
+
+    // Emergency relaxation: patch the mesh-wide policy, no restart.
+    bed.policies = peer_auth("PERMISSIVE", None);
+    bed.write_config()?;
+    bed.agent(1)
+        .wait_for_log(&["configuration applied"], LOG_WAIT)?;
+    let reply = bed.pod("legacy").request(backend, b"plaintext again")?;
+    assert!(
+        reply.ends_with("plaintext again"),
+        "PERMISSIVE accepts plaintext: {reply}"
+    );
+    assert!(
+        greeting(&reply).contains(&format!("peer={legacy_ip}:")),
+        "the app sees the real client address: {reply}"
+    );
+    Ok(())
+}
+
+#[test]
+fn port_level_permissive_is_an_exception_to_mesh_wide_strict() -> anyhow::Result<()> {
+    let bed = bed_with(&peer_auth("STRICT", Some("PERMISSIVE")))?;
+    let backend = bed.pod("backend").addr(APP_PORT);
+    let reply = bed
+        .pod("legacy")
+        .request(backend, b"through the exception")?;
+    assert!(reply.ends_with("through the exception"), "{reply}");
+    // The exception is per workload and port: the same plaintext to another workload under
+    // the mesh-wide STRICT is refused.
+    let frontend = bed.pod("frontend").addr(APP_PORT);
+    assert!(refused(
+        bed.pod("legacy").request(frontend, b"no exception here")
+    ));
+    Ok(())
+}
+
+fn greeting(reply: &str) -> &str {
+    reply.lines().next().unwrap_or_default()
 }

@@ -64,23 +64,39 @@ impl PodRuntime {
             .await
             .context("outbound listener 127.0.0.1:15001")?;
         let plaintext_listener = sockets
-            .listen(SocketAddr::new(any, INBOUND_PLAINTEXT_PORT))
+            .listen_std(SocketAddr::new(any, INBOUND_PLAINTEXT_PORT))
             .await
             .context("plaintext listener :15006")?;
         let hbone_listener = sockets
-            .listen(SocketAddr::new(any, HBONE_PORT))
+            .listen_std(SocketAddr::new(any, HBONE_PORT))
             .await
             .context("HBONE listener :15008")?;
         // Have the certificate before traffic arrives.
         shared.certs.get(&workload.identity).await?;
 
+        {
+            let mut capture = shared
+                .capture
+                .lock()
+                .map_err(|_| anyhow::anyhow!("capture lock poisoned"))?;
+            // Replies to the preserved client addresses must find their way back first, then
+            // inbound steering, then outbound capture: each step only works once the one
+            // before it is in place.
+            capture
+                .preserve_source(&netns, &workload.interface)
+                .context("source-address preservation")?;
+            capture
+                .attach_inbound(&netns, netns_cookie, &hbone_listener, &plaintext_listener)
+                .context("inbound steering")?;
+            capture.enroll(netns_cookie)?;
+        }
         let inbound = Arc::new(Inbound::new(
             shared.certs.clone(),
             Arc::new(StateWorkloads(shared.clone())),
             shared.authorizer.clone(),
             sockets.clone(),
             shared.tunnel.clone(),
-            false,
+            true,
         ));
         let outbound = Arc::new(Outbound::new(
             shared.certs.clone(),
@@ -97,14 +113,17 @@ impl PodRuntime {
         });
         let tasks = vec![
             tokio::spawn(serve_outbound(ctx, outbound_listener)).abort_handle(),
-            tokio::spawn(serve_hbone(inbound.clone(), hbone_listener)).abort_handle(),
-            tokio::spawn(serve_plaintext(inbound.clone(), plaintext_listener)).abort_handle(),
+            tokio::spawn(serve_hbone(
+                inbound.clone(),
+                TcpListener::from_std(hbone_listener)?,
+            ))
+            .abort_handle(),
+            tokio::spawn(serve_plaintext(
+                inbound.clone(),
+                TcpListener::from_std(plaintext_listener)?,
+            ))
+            .abort_handle(),
         ];
-        shared
-            .capture
-            .lock()
-            .map_err(|_| anyhow::anyhow!("capture lock poisoned"))?
-            .enroll(netns_cookie)?;
         info!(pod = %format!("{}/{}", workload.namespace, workload.name), identity = %workload.identity, netns_cookie, "pod enrolled");
         Ok(Self {
             workload,
@@ -125,10 +144,13 @@ impl PodRuntime {
 
     /// Unenrolls the pod and closes its listeners; connections in flight finish on their own.
     pub fn stop(self, shared: &Shared) {
-        if let Ok(mut capture) = shared.capture.lock()
-            && let Err(e) = capture.unenroll(self.netns_cookie)
-        {
-            warn!(error = %e, "unenroll failed");
+        if let Ok(mut capture) = shared.capture.lock() {
+            if let Err(e) = capture.unenroll(self.netns_cookie) {
+                warn!(error = %e, "unenroll failed");
+            }
+            if let Err(e) = capture.detach_inbound(self.netns_cookie) {
+                warn!(error = %e, "detaching inbound steering failed");
+            }
         }
         for task in &self.tasks {
             task.abort();

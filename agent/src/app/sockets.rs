@@ -1,8 +1,8 @@
 //! Sockets inside a pod's network namespace. A socket belongs to the netns it was created
 //! in, so only creation has to happen there: one long-lived thread per pod sits in the pod's
 //! netns and creates sockets on request; binding, listening and connecting then happen on
-//! the async runtime as usual. Every socket carries the agent's mark so the capture
-//! programs never take the agent's own traffic.
+//! the async runtime as usual. Every socket the agent connects from carries the agent's
+//! mark so the capture programs never take the agent's own traffic.
 
 use std::io;
 use std::net::SocketAddr;
@@ -18,7 +18,16 @@ use tokio::sync::oneshot;
 use crate::netns::NetNs;
 use crate::tunnel::Dialer;
 
-type Request = (Domain, oneshot::Sender<io::Result<Socket>>);
+/// Which kind of socket to create: the agent's outgoing connections carry its mark; its
+/// listeners must not, or their replies would follow the mark's routing (table 133 sends
+/// marked packets to lo for source preservation) instead of the normal routes.
+#[derive(Clone, Copy)]
+enum Purpose {
+    Connect,
+    Listen,
+}
+
+type Request = (Domain, Purpose, oneshot::Sender<io::Result<Socket>>);
 
 pub struct PodSockets {
     requests: Mutex<mpsc::Sender<Request>>,
@@ -39,8 +48,8 @@ impl PodSockets {
                 }
                 let _ = ready_tx.send(Ok(()));
                 // Ends when the PodSockets (the only sender) is dropped.
-                while let Ok((domain, reply)) = rx.recv() {
-                    let _ = reply.send(new_marked_socket(domain));
+                while let Ok((domain, purpose, reply)) = rx.recv() {
+                    let _ = reply.send(new_socket(domain, purpose));
                 }
             })?;
         ready_rx
@@ -51,12 +60,12 @@ impl PodSockets {
         })
     }
 
-    async fn socket(&self, domain: Domain) -> io::Result<Socket> {
+    async fn socket(&self, domain: Domain, purpose: Purpose) -> io::Result<Socket> {
         let (reply, response) = oneshot::channel();
         self.requests
             .lock()
             .map_err(|_| io::Error::other("pod socket lock poisoned"))?
-            .send((domain, reply))
+            .send((domain, purpose, reply))
             .map_err(|_| io::Error::other("pod socket thread is gone"))?;
         response
             .await
@@ -65,18 +74,28 @@ impl PodSockets {
 
     /// A listener inside the pod on `addr`.
     pub async fn listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
-        let socket = self.socket(Domain::for_address(addr)).await?;
+        TcpListener::from_std(self.listen_std(addr).await?)
+    }
+
+    /// The same as a std listener, for handing to the kernel (sk_lookup's socket map)
+    /// before the runtime takes it.
+    pub async fn listen_std(&self, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+        let socket = self
+            .socket(Domain::for_address(addr), Purpose::Listen)
+            .await?;
         socket.set_reuse_address(true)?;
         socket.bind(&addr.into())?;
         socket.listen(1024)?;
-        TcpListener::from_std(socket.into())
+        Ok(socket.into())
     }
 }
 
-fn new_marked_socket(domain: Domain) -> io::Result<Socket> {
+fn new_socket(domain: Domain, purpose: Purpose) -> io::Result<Socket> {
     let socket = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), None)?;
-    crate::sys::set_mark(&socket, AGENT_MARK)?;
-    socket.set_tcp_nodelay(true)?;
+    if let Purpose::Connect = purpose {
+        crate::sys::set_mark(&socket, AGENT_MARK)?;
+        socket.set_tcp_nodelay(true)?;
+    }
     Ok(socket)
 }
 
@@ -87,7 +106,9 @@ impl Dialer for PodSockets {
         source: Option<SocketAddr>,
     ) -> BoxFuture<'_, io::Result<TcpStream>> {
         Box::pin(async move {
-            let socket = self.socket(Domain::for_address(target)).await?;
+            let socket = self
+                .socket(Domain::for_address(target), Purpose::Connect)
+                .await?;
             if let Some(source) = source {
                 crate::sys::set_ip_transparent(&socket)?;
                 socket.bind(&source.into())?;

@@ -26,7 +26,7 @@ use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ambit_common::{AGENT_MARK, ListenerKey, SLOT_HBONE, SLOT_PLAINTEXT, globals, maps, programs};
+use ambit_common::{ListenerKey, REPLY_MARK, SLOT_HBONE, SLOT_PLAINTEXT, globals, maps, programs};
 use aya::maps::MapError;
 use aya::programs::links::FdLink;
 use aya::programs::tc::{self, TcAttachType};
@@ -150,7 +150,8 @@ impl Capture {
     /// are addressed to that client and would leave through `ifname`. Inside the pod:
     /// - a tc egress program on `ifname` sends packets that belong to such a local socket
     ///   back in through lo (marked);
-    /// - `ip rule fwmark 0x539 lookup 133` + `local 0.0.0.0/0 dev lo table 133` deliver them
+    /// - `ip rule fwmark 0x53a` ([`REPLY_MARK`], set by that program) `lookup 133` +
+    ///   `local 0.0.0.0/0 dev lo table 133` deliver them
     ///   locally;
     /// - `net.ipv4.conf.lo.accept_local=1` accepts their local source address on lo.
     pub fn preserve_source(&mut self, pod: &NetNs, ifname: &str) -> Result<()> {
@@ -172,7 +173,7 @@ impl Capture {
         // iproute2 (installed by `cargo xtask setup`) under nsenter. `ip netns exec` would
         // not do: it remounts /sys and hides the bpffs pins from what it runs (not needed by
         // ip, but nsenter also takes /proc/<pid>/ns/net paths).
-        let mark = format!("{AGENT_MARK:#x}");
+        let mark = format!("{REPLY_MARK:#x}");
         run_in_netns(
             pod.path(),
             &["rule", "add", "fwmark", &mark, "lookup", LOCAL_REPLY_TABLE],

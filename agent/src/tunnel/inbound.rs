@@ -245,7 +245,11 @@ impl Inbound {
             );
             return reply(&mut respond, StatusCode::UNAUTHORIZED);
         }
-        let source = self.preserve_source.then_some(source_addr);
+        // Port 0: the steered socket already holds the client's exact address toward the
+        // original destination, so the upstream may reuse the client's IP but not its port.
+        let source = self
+            .preserve_source
+            .then_some(SocketAddr::new(source_addr.ip(), 0));
         let mut upstream = match dial_with_timeout(
             self.dialer.as_ref(),
             target,
@@ -314,7 +318,11 @@ impl Inbound {
             super::reset_on_close(&client);
             return Ok(());
         }
-        let source = self.preserve_source.then_some(source_addr);
+        // Port 0: the steered socket already holds the client's exact address toward the
+        // original destination, so the upstream may reuse the client's IP but not its port.
+        let source = self
+            .preserve_source
+            .then_some(SocketAddr::new(source_addr.ip(), 0));
         let mut upstream = dial_with_timeout(
             self.dialer.as_ref(),
             destination,
