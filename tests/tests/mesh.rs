@@ -210,3 +210,33 @@ fn namespace_label_change_unenrolls_and_reenrolls_pods_live() -> anyhow::Result<
     );
     Ok(())
 }
+
+#[test]
+fn pod_dropped_from_the_mesh_while_its_agent_was_down_is_released_on_restart() -> anyhow::Result<()>
+{
+    let mut bed = mesh()?;
+    let b_addr = bed.pod("server-b").addr(APP_PORT);
+    bed.kill_agent(1);
+    let b = bed
+        .pods
+        .iter_mut()
+        .find(|p| p.spec.name == "server-b")
+        .expect("server-b");
+    b.spec.labels.push(("ambit.dev/mesh", "disabled"));
+    bed.write_config()?;
+    assert!(
+        bed.pod("plain-client")
+            .request(b_addr, b"while down")
+            .is_err(),
+        "still closed while no agent runs"
+    );
+    bed.start_agent(1)?;
+    bed.agent(1)
+        .wait_for_log(&["releasing a pod no longer in the config"], LOG_WAIT)?;
+    let reply = bed.pod("plain-client").request(b_addr, b"plain again")?;
+    assert!(
+        reply.ends_with("plain again"),
+        "the opted-out pod has plain networking: {reply}"
+    );
+    Ok(())
+}

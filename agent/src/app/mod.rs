@@ -205,13 +205,18 @@ fn forget_stale_enrollments(shared: &Shared, pods: &HashMap<PodKey, pod::PodRunt
     let Ok(mut capture) = shared.capture.lock() else {
         return;
     };
-    for cookie in capture.enrolled() {
-        if !live.contains(&cookie) {
-            warn!(
-                netns_cookie = cookie,
-                "removing enrollment of a pod no longer in the config"
-            );
-            let _ = capture.unenroll(cookie);
-        }
+    let mut stale: Vec<u64> = capture.enrolled();
+    stale.extend(capture.inbound_pods());
+    stale.sort_unstable();
+    stale.dedup();
+    for cookie in stale.into_iter().filter(|c| !live.contains(c)) {
+        // A pod that left the config while the agent was down would otherwise stay
+        // captured, with no agent listening for it: closed for good.
+        warn!(
+            netns_cookie = cookie,
+            "releasing a pod no longer in the config"
+        );
+        let _ = capture.unenroll(cookie);
+        let _ = capture.detach_inbound(cookie);
     }
 }

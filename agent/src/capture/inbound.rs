@@ -106,6 +106,18 @@ impl Capture {
         Ok(())
     }
 
+    /// Netns cookies of the pods whose inbound steering is pinned (possibly by an earlier run).
+    pub fn inbound_pods(&self) -> Vec<u64> {
+        std::fs::read_dir(self.pin_dir.join(PODS_DIR))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Stops steering the pod's inbound connections: detaches its per-pod links (sk_lookup,
     /// the tc program on lo and the one of [`Capture::preserve_source`]), removes their pins
     /// and the pod's listener entries. Plain networking is back once this returns. Absent state is
