@@ -109,12 +109,9 @@ impl Dialer for PodSockets {
             let socket = self
                 .socket(Domain::for_address(target), Purpose::Connect)
                 .await?;
-            if let Some(source) = source {
-                crate::sys::set_ip_transparent(&socket)?;
-                socket.bind(&source.into())?;
-            }
             let std_stream: std::net::TcpStream = socket.into();
-            TcpSocket::from_std_stream(std_stream).connect(target).await
+            crate::tunnel::connect_from(TcpSocket::from_std_stream(std_stream), target, source)
+                .await
         })
     }
 }

@@ -117,13 +117,23 @@ impl Dialer for DirectDialer {
                 SocketAddr::V6(_) => TcpSocket::new_v6()?,
             };
             socket.set_nodelay(true)?;
-            if let Some(source) = source {
-                crate::sys::set_ip_transparent(&socket)?;
-                socket.bind(source)?;
-            }
-            socket.connect(target).await
+            connect_from(socket, target, source).await
         })
     }
+}
+
+/// Connects `socket` to `target`, first binding it to `source` (a client's address, not
+/// ours: IP_TRANSPARENT) when given. Shared by every [`Dialer`].
+pub async fn connect_from(
+    socket: TcpSocket,
+    target: SocketAddr,
+    source: Option<SocketAddr>,
+) -> io::Result<TcpStream> {
+    if let Some(source) = source {
+        crate::sys::set_ip_transparent(&socket)?;
+        socket.bind(source)?;
+    }
+    socket.connect(target).await
 }
 
 /// Counts of events an operator needs, kept here until the metrics registry takes them over.
