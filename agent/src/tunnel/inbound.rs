@@ -185,7 +185,7 @@ impl Inbound {
                 if let Some(m) = &self.metrics {
                     m.handshake_failure(&reason);
                 }
-                warn!(%peer, workload = %workload.identity, %reason, "inbound HBONE handshake failed");
+                warn!(%peer, workload = %workload.identity, reason = %reason.label(), detail = %reason, "inbound HBONE handshake failed");
                 return Err(TunnelError::Handshake { addr: peer, reason });
             }
         };

@@ -150,6 +150,25 @@ impl Metrics {
             "Bytes received in the request direction (source to destination)",
             m.received.clone(),
         );
+        // Every reason starts at 0, so rate() has a baseline and alerts see the series
+        // before the first failure.
+        for reason in [
+            HandshakeFailure::UnknownCa,
+            HandshakeFailure::NoClientCertificate,
+            HandshakeFailure::Expired,
+            HandshakeFailure::NotYetValid,
+            HandshakeFailure::SanMismatch {
+                expected: String::new(),
+                got: String::new(),
+            },
+            HandshakeFailure::WrongTrustDomain { got: String::new() },
+            HandshakeFailure::NoSpiffeId,
+            HandshakeFailure::Protocol(String::new()),
+        ] {
+            m.handshake_failures.get_or_create(&HandshakeLabels {
+                reason: reason.label(),
+            });
+        }
         registry.register(
             "ambit_tls_handshake_failures",
             "Failed mTLS handshakes on HBONE connections, by reason",

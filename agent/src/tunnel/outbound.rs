@@ -160,7 +160,7 @@ impl Outbound {
                 if let Some(m) = &self.metrics {
                     m.handshake_failure(&reason);
                 }
-                warn!(peer = %key.address, expected = %key.destination, %reason, "HBONE handshake failed");
+                warn!(peer = %key.address, expected = %key.destination, reason = %reason.label(), detail = %reason, "HBONE handshake failed");
                 return Err(TunnelError::Handshake {
                     addr: key.address,
                     reason,
