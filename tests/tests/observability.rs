@@ -423,6 +423,27 @@ fn quitquitquit_drains_without_cutting_a_transfer_then_forces_at_the_deadline() 
     );
     agent.wait_for_log(&["drained"], WAIT)?;
 
+    // With node2's agent gone the tunnel cannot come up: the client's agent records the
+    // connection closed with Envoy's upstream-failure flag.
+    let refused = bed
+        .pod("client")
+        .request(bed.pod("server-b").addr(APP_PORT), b"anyone?");
+    assert!(
+        refused.as_deref().map_or(true, |r| !r.contains("anyone?")),
+        "{refused:?}"
+    );
+    wait_metric(
+        || bed.agent(0).metrics(),
+        "upstream failure flagged",
+        |t| {
+            sample(
+                t,
+                "istio_tcp_connections_closed_total",
+                &["response_flags=\"UF\"", "destination_workload=\"server-b\""],
+            ) == Some(1.0)
+        },
+    )?;
+
     // An idle connection that never ends is closed at the deadline.
     let mut idle = bed
         .pod("client")

@@ -165,9 +165,9 @@ impl Metrics {
             HandshakeFailure::NoSpiffeId,
             HandshakeFailure::Protocol(String::new()),
         ] {
-            m.handshake_failures.get_or_create(&HandshakeLabels {
+            drop(m.handshake_failures.get_or_create(&HandshakeLabels {
                 reason: reason.label(),
-            });
+            }));
         }
         registry.register(
             "ambit_tls_handshake_failures",
