@@ -114,6 +114,17 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = std::env::var("AMBIT_LOG").unwrap_or_else(|_| "info".into());
     let log = observability::logging::init(cli.log_format, &filter);
+    if matches!(
+        cli.command,
+        Command::Status(_) | Command::ConfigDump(_) | Command::Certs { .. }
+    ) {
+        // A short message and a meaningful exit status, not anyhow's chain and backtrace.
+        let code = admin_command(&cli.command).unwrap_or_else(|e| {
+            eprintln!("error: {e}");
+            1
+        });
+        std::process::exit(code);
+    }
     if let Command::Policy {
         command: PolicyCommand::Check(args),
     } = &cli.command
@@ -174,6 +185,22 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        // Handled above, before any fallible work.
+        Command::Status(_) | Command::ConfigDump(_) | Command::Certs { .. } => Ok(()),
+        Command::Uninstall { pin_dir } => {
+            ambit_agent::capture::remove_pins(&pin_dir)
+                .with_context(|| format!("removing {}", pin_dir.display()))?;
+            println!("removed {}; ambit programs detached", pin_dir.display());
+            Ok(())
+        }
+        // Handled above, before any fallible work.
+        Command::Policy { .. } => Ok(()),
+    }
+}
+
+/// The commands that query a running agent; their exit status: 0, or 1 for "not ready".
+fn admin_command(command: &Command) -> Result<i32, observability::ObservabilityError> {
+    match command {
         Command::Status(admin) => {
             let status = client::get_json(admin.admin_addr, "/status")?;
             let readiness: observability::Readiness = serde_json::from_value(status.clone())?;
@@ -200,11 +227,11 @@ fn main() -> anyhow::Result<()> {
             if status["draining"].as_bool() == Some(true) {
                 println!("draining:          yes");
             }
-            std::process::exit(if readiness.ready { 0 } else { 1 });
+            Ok(if readiness.ready { 0 } else { 1 })
         }
         Command::ConfigDump(admin) => {
             print!("{}", client::get(admin.admin_addr, "/config_dump")?);
-            Ok(())
+            Ok(0)
         }
         Command::Certs { admin, pem } => {
             let certs = client::get_json(admin.admin_addr, "/certs")?;
@@ -233,19 +260,12 @@ fn main() -> anyhow::Result<()> {
                 println!("  serial:     {}", c["serial"].as_str().unwrap_or("?"));
                 println!("  not before: {}", c["notBefore"].as_u64().unwrap_or(0));
                 println!("  not after:  {}", time("notAfter"));
-                if pem {
+                if *pem {
                     print!("{}", c["chainPem"].as_str().unwrap_or(""));
                 }
             }
-            Ok(())
+            Ok(0)
         }
-        Command::Uninstall { pin_dir } => {
-            ambit_agent::capture::remove_pins(&pin_dir)
-                .with_context(|| format!("removing {}", pin_dir.display()))?;
-            println!("removed {}; ambit programs detached", pin_dir.display());
-            Ok(())
-        }
-        // Handled above, before any fallible work.
-        Command::Policy { .. } => Ok(()),
+        _ => Ok(0),
     }
 }
