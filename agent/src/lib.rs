@@ -7,6 +7,7 @@ pub mod capture;
 pub mod config;
 pub mod identity;
 pub mod netns;
+pub mod observability;
 pub mod policy;
 pub mod sys;
 pub mod tunnel;

@@ -1,6 +1,8 @@
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ambit_agent::observability::{self, LogFormat, client};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
@@ -8,16 +10,42 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "ambit", version, about)]
 struct Cli {
+    /// Log line format.
+    #[arg(long, global = true, env = "AMBIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where a running agent's admin API is.
+#[derive(clap::Args, Debug)]
+struct AdminArgs {
+    /// The agent's admin address (its --admin-addr).
+    #[arg(long, env = "AMBIT_ADMIN_ADDR", default_value = observability::DEFAULT_ADMIN_ADDR)]
+    admin_addr: SocketAddr,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the agent for one node (local mode: the mesh is described by --config).
     Run(RunArgs),
-    /// Print the version and build information.
-    Version,
+    /// Print this binary's version and, when one answers, the running agent's.
+    Version(AdminArgs),
+    /// Show a running agent's readiness, enrolled pods and attached programs.
+    ///
+    /// Exit status: 0 = ready, 1 = not ready or unreachable.
+    Status(AdminArgs),
+    /// Print a running agent's configuration as JSON (workloads, services, policies and their
+    /// warnings, certificate summary, effective flags).
+    ConfigDump(AdminArgs),
+    /// Show the workload certificates a running agent holds (never keys).
+    Certs {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print the certificate chains (PEM) too.
+        #[arg(long)]
+        pem: bool,
+    },
     /// Detach every ambit eBPF program and remove its pins: plain networking for all pods.
     Uninstall {
         /// bpffs directory holding ambit's pins.
@@ -68,16 +96,35 @@ struct RunArgs {
     /// Close pooled HBONE connections idle for this many seconds.
     #[arg(long, default_value_t = 300)]
     pool_idle_secs: u64,
+    /// Admin API (config dump, certs, log level, /quitquitquit); keep it on localhost.
+    #[arg(long, env = "AMBIT_ADMIN_ADDR", default_value = observability::DEFAULT_ADMIN_ADDR)]
+    admin_addr: SocketAddr,
+    /// Prometheus metrics (/metrics, /stats/prometheus).
+    #[arg(long, env = "AMBIT_METRICS_ADDR", default_value = observability::DEFAULT_METRICS_ADDR)]
+    metrics_addr: SocketAddr,
+    /// Readiness probe (/healthz/ready).
+    #[arg(long, env = "AMBIT_READINESS_ADDR", default_value = observability::DEFAULT_READINESS_ADDR)]
+    readiness_addr: SocketAddr,
+    /// On /quitquitquit or SIGTERM, how long open connections may finish before being closed.
+    #[arg(long, default_value_t = 5000)]
+    drain_deadline_ms: u64,
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AMBIT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let cli = Cli::parse();
+    let filter = std::env::var("AMBIT_LOG").unwrap_or_else(|_| "info".into());
+    let log = observability::logging::init(cli.log_format, &filter);
+    if matches!(
+        cli.command,
+        Command::Status(_) | Command::ConfigDump(_) | Command::Certs { .. }
+    ) {
+        // A short message and a meaningful exit status, not anyhow's chain and backtrace.
+        let code = admin_command(&cli.command).unwrap_or_else(|e| {
+            eprintln!("error: {e}");
+            1
+        });
+        std::process::exit(code);
+    }
     if let Command::Policy {
         command: PolicyCommand::Check(args),
     } = &cli.command
@@ -114,16 +161,32 @@ fn main() -> anyhow::Result<()> {
                     pool_idle_timeout: Duration::from_secs(args.pool_idle_secs),
                     ..Default::default()
                 },
+                admin_addr: args.admin_addr,
+                metrics_addr: args.metrics_addr,
+                readiness_addr: args.readiness_addr,
+                drain_deadline: Duration::from_millis(args.drain_deadline_ms),
+                log: Some(log),
             };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
                 .block_on(ambit_agent::app::run(options))
         }
-        Command::Version => {
+        Command::Version(admin) => {
             println!("ambit {}", env!("CARGO_PKG_VERSION"));
+            // The agent's version is extra information: not finding one is no error.
+            match client::get_json(admin.admin_addr, "/status") {
+                Ok(status) => println!(
+                    "agent at {}: {}",
+                    admin.admin_addr,
+                    status["version"].as_str().unwrap_or("unknown")
+                ),
+                Err(_) => println!("agent at {}: not reachable", admin.admin_addr),
+            }
             Ok(())
         }
+        // Handled above, before any fallible work.
+        Command::Status(_) | Command::ConfigDump(_) | Command::Certs { .. } => Ok(()),
         Command::Uninstall { pin_dir } => {
             ambit_agent::capture::remove_pins(&pin_dir)
                 .with_context(|| format!("removing {}", pin_dir.display()))?;
@@ -132,5 +195,77 @@ fn main() -> anyhow::Result<()> {
         }
         // Handled above, before any fallible work.
         Command::Policy { .. } => Ok(()),
+    }
+}
+
+/// The commands that query a running agent; their exit status: 0, or 1 for "not ready".
+fn admin_command(command: &Command) -> Result<i32, observability::ObservabilityError> {
+    match command {
+        Command::Status(admin) => {
+            let status = client::get_json(admin.admin_addr, "/status")?;
+            let readiness: observability::Readiness = serde_json::from_value(status.clone())?;
+            println!(
+                "ready:             {}",
+                if readiness.ready { "yes" } else { "no" }
+            );
+            for problem in &readiness.problems {
+                println!("  not ready because: {problem}");
+            }
+            println!("enrolled pods:     {}", readiness.enrolled_pods);
+            println!(
+                "programs attached: {}",
+                if readiness.programs_attached.is_empty() {
+                    "none".to_owned()
+                } else {
+                    readiness.programs_attached.join(", ")
+                }
+            );
+            println!(
+                "version:           {}",
+                status["version"].as_str().unwrap_or("unknown")
+            );
+            if status["draining"].as_bool() == Some(true) {
+                println!("draining:          yes");
+            }
+            Ok(if readiness.ready { 0 } else { 1 })
+        }
+        Command::ConfigDump(admin) => {
+            print!("{}", client::get(admin.admin_addr, "/config_dump")?);
+            Ok(0)
+        }
+        Command::Certs { admin, pem } => {
+            let certs = client::get_json(admin.admin_addr, "/certs")?;
+            let list = certs["certificates"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if list.is_empty() {
+                println!("no certificates (no local workload has needed one yet)");
+            }
+            for c in list {
+                let time = |key: &str| {
+                    c[key]
+                        .as_u64()
+                        .map(|secs| {
+                            let t = std::time::UNIX_EPOCH + Duration::from_secs(secs);
+                            let left = t.duration_since(std::time::SystemTime::now()).map_or_else(
+                                |_| "expired".to_owned(),
+                                |d| format!("in {}s", d.as_secs()),
+                            );
+                            format!("{secs} ({left})")
+                        })
+                        .unwrap_or_default()
+                };
+                println!("{}", c["identity"].as_str().unwrap_or("?"));
+                println!("  serial:     {}", c["serial"].as_str().unwrap_or("?"));
+                println!("  not before: {}", c["notBefore"].as_u64().unwrap_or(0));
+                println!("  not after:  {}", time("notAfter"));
+                if *pem {
+                    print!("{}", c["chainPem"].as_str().unwrap_or(""));
+                }
+            }
+            Ok(0)
+        }
+        _ => Ok(0),
     }
 }

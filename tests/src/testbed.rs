@@ -125,9 +125,56 @@ pub struct Node {
 pub struct Agent {
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,
+    /// Where its admin, metrics and readiness servers listen (bound on port 0, read back
+    /// from its log: several agents share the host's network namespace).
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
 }
 
 impl Agent {
+    /// GET on the admin API; the body of a 2xx answer.
+    pub fn admin_get(&self, path: &str) -> anyhow::Result<String> {
+        Ok(ambit_agent::observability::client::get(
+            self.admin_addr,
+            path,
+        )?)
+    }
+
+    /// POST on the admin API; the body of a 2xx answer.
+    pub fn admin_post(&self, path: &str) -> anyhow::Result<String> {
+        Ok(ambit_agent::observability::client::request(
+            self.admin_addr,
+            "POST",
+            path,
+        )?)
+    }
+
+    /// A scrape of the metrics port.
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        Ok(ambit_agent::observability::client::get(
+            self.metrics_addr,
+            "/metrics",
+        )?)
+    }
+
+    /// Waits for the process to exit on its own; `None` if it is still running at `timeout`.
+    pub fn wait_exit(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn logs(&self) -> Vec<String> {
         self.logs.lock().map(|l| l.clone()).unwrap_or_default()
     }
@@ -205,6 +252,8 @@ pub struct Testbed {
     pub policies: String,
     /// Whether MESH_NS carries the opt-in label.
     pub mesh_enabled: bool,
+    /// Extra `ambit run` arguments for agents started from now on.
+    pub agent_args: Vec<String>,
     ca_cert: PathBuf,
     ca_key: PathBuf,
     // Declared last so it is dropped after the nodes and pods it connects.
@@ -319,10 +368,16 @@ impl Testbed {
             agents,
             policies: String::new(),
             mesh_enabled: true,
+            agent_args: Vec::new(),
             _fabric: fabric,
         };
         bed.write_config()?;
         Ok(bed)
+    }
+
+    /// The mesh CA's certificate (PEM).
+    pub fn ca_cert_path(&self) -> &Path {
+        &self.ca_cert
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
@@ -407,6 +462,10 @@ impl Testbed {
             .arg("--ca-key")
             .arg(&self.ca_key)
             .args(["--reload-interval-ms", "100"])
+            .args(["--admin-addr", "127.0.0.1:0"])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(["--readiness-addr", "127.0.0.1:0"])
+            .args(&self.agent_args)
             .env("AMBIT_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
@@ -440,8 +499,36 @@ impl Testbed {
                 }
             });
         }
-        let agent = Agent { child, logs };
-        agent.wait_for_log(&["ready"], Duration::from_secs(20))?;
+        let unbound = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+        let mut agent = Agent {
+            child,
+            logs,
+            admin_addr: unbound,
+            metrics_addr: unbound,
+            readiness_addr: unbound,
+        };
+        let line = agent.wait_for_log(&["endpoints listening"], Duration::from_secs(20))?;
+        let addr = |key: &str| -> anyhow::Result<SocketAddr> {
+            // Text (`key=addr`) and JSON (`"key":"addr"`) log lines both work.
+            let rest = line
+                .split_once(key)
+                .map(|(_, r)| r.trim_start_matches(['=', '"', ':']))
+                .with_context(|| format!("no {key} in {line}"))?;
+            let value: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                .collect();
+            value.parse().with_context(|| format!("{key} in {line}"))
+        };
+        agent.admin_addr = addr("admin_addr")?;
+        agent.metrics_addr = addr("metrics_addr")?;
+        agent.readiness_addr = addr("readiness_addr")?;
+        let ready = if self.agent_args.iter().any(|a| a == "json") {
+            "\"message\":\"ready\""
+        } else {
+            ": ready enrolled="
+        };
+        agent.wait_for_log(&[ready], Duration::from_secs(20))?;
         self.agents[i] = Some(agent);
         Ok(())
     }

@@ -3,9 +3,10 @@
 
 mod pod;
 mod sockets;
+mod view;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -17,8 +18,9 @@ use tracing::{error, info, warn};
 use crate::capture::{Capture, CaptureConfig};
 use crate::config::{ConfigWatcher, MeshState};
 use crate::identity::{CertManager, LocalCa};
+use crate::observability::{Admin, Listeners, LogControl};
 use crate::policy::PolicyAuthorizer;
-use crate::tunnel::{LocalWorkload, LocalWorkloads, TunnelConfig};
+use crate::tunnel::{LocalWorkload, LocalWorkloads, TunnelConfig, WorkloadMeta};
 
 pub use pod::PodKey;
 
@@ -35,6 +37,13 @@ pub struct AgentOptions {
     pub cert_ttl: Duration,
     pub reload_interval: Duration,
     pub tunnel: TunnelConfig,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    /// How long a drain waits for open connections before closing them.
+    pub drain_deadline: Duration,
+    /// The live log filter, for `/logging`; `None` when logging is set up elsewhere.
+    pub log: Option<LogControl>,
 }
 
 /// What every pod runtime shares.
@@ -44,6 +53,9 @@ pub(crate) struct Shared {
     pub authorizer: Arc<PolicyAuthorizer>,
     pub state: RwLock<Arc<MeshState>>,
     pub tunnel: TunnelConfig,
+    pub metrics: Arc<crate::tunnel::Metrics>,
+    /// Turns true when the agent drains.
+    pub drain: watch::Receiver<bool>,
 }
 
 impl Shared {
@@ -67,6 +79,10 @@ impl LocalWorkloads for StateWorkloads {
             namespace: w.namespace.clone(),
             identity: w.identity.clone(),
         })
+    }
+
+    fn describe(&self, ip: IpAddr) -> Option<WorkloadMeta> {
+        self.0.state().workload_by_ip(ip).map(|w| view::meta_of(w))
     }
 }
 
@@ -96,6 +112,18 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     })
     .context("attaching the capture programs")?;
 
+    // Bound first, so that readiness answers (503) while pods are being enrolled.
+    let listeners = Listeners::bind(
+        options.admin_addr,
+        options.metrics_addr,
+        options.readiness_addr,
+    )
+    .await?;
+    let (admin_addr, metrics_addr, readiness_addr) = listeners.addrs()?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let tunnel_metrics = Arc::new(crate::tunnel::Metrics::new(&mut registry));
+    let (drain_tx, mut drain_rx) = watch::channel(false);
+
     let labels_state: Arc<RwLock<Arc<MeshState>>> = Arc::new(RwLock::new(state.clone()));
     let labels_lookup = {
         let labels_state = labels_state.clone();
@@ -121,12 +149,32 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         authorizer,
         state: RwLock::new(state.clone()),
         tunnel: options.tunnel.clone(),
+        metrics: tunnel_metrics.clone(),
+        drain: drain_rx.clone(),
     });
+    let view = Arc::new(view::View {
+        shared: shared.clone(),
+        options: options.clone(),
+        agent_metrics: crate::observability::AgentMetrics::new(&mut registry),
+        policy_metrics: crate::policy::metrics::Metrics::new(&mut registry),
+        cert_metrics: crate::identity::metrics::Metrics::new(&mut registry),
+        started: std::sync::atomic::AtomicBool::new(false),
+    });
+    let admin = Arc::new(Admin::new(
+        view.clone(),
+        registry,
+        options.log.clone(),
+        drain_tx.clone(),
+    ));
+    listeners.spawn(admin);
+    info!(%admin_addr, %metrics_addr, %readiness_addr, "observability endpoints listening");
 
     let mut pods: HashMap<PodKey, pod::PodRuntime> = HashMap::new();
     reconcile(&shared, &mut pods, &state).await;
     // Entries left in the pinned map by an earlier run for pods that are gone now.
     forget_stale_enrollments(&shared, &pods);
+    view.started
+        .store(true, std::sync::atomic::Ordering::Release);
     info!(enrolled = pods.len(), "ready");
 
     let (tx, mut rx) = watch::channel(state);
@@ -155,13 +203,48 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 }
                 info!(enrolled = pods.len(), "configuration applied");
             }
+            _ = drain_rx.wait_for(|d| *d) => break,
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
         }
     }
+    drain(&shared, &pods, &drain_tx, options.drain_deadline).await;
     // Pins stay: enrolled pods fail closed until an agent is back.
     info!("shutting down; capture stays pinned (fail closed)");
     Ok(())
+}
+
+/// Graceful stop: no new connections, GOAWAY on HBONE connections, then wait for open
+/// connections up to `deadline`; whatever is left is closed when the process exits.
+async fn drain(
+    shared: &Shared,
+    pods: &HashMap<PodKey, pod::PodRuntime>,
+    drain_tx: &watch::Sender<bool>,
+    deadline: Duration,
+) {
+    for pod in pods.values() {
+        pod.close_listeners();
+    }
+    drain_tx.send_replace(true);
+    let open = shared.metrics.active_connections();
+    info!(
+        open_connections = open,
+        deadline_ms = deadline.as_millis() as u64,
+        "draining"
+    );
+    let until = tokio::time::Instant::now() + deadline;
+    while shared.metrics.active_connections() > 0 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = shared.metrics.active_connections();
+    if left > 0 {
+        warn!(
+            open_connections = left,
+            "drain deadline reached; closing the rest"
+        );
+    } else {
+        info!("drained");
+    }
 }
 
 /// Makes the running pods match the state: stops pods that left (unenrolling them) and

@@ -15,10 +15,13 @@ use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
 use super::sockets::PodSockets;
+use super::view::meta_of;
 use super::{Shared, StateWorkloads};
 use crate::config::{Route, WorkloadEntry};
 use crate::netns::NetNs;
-use crate::tunnel::{CopyStats, Dialer as _, Inbound, Outbound, OutboundRequest};
+use crate::tunnel::{
+    ConnectionLabels, Dialer as _, Inbound, Outbound, OutboundRequest, Reporter, TunnelError,
+};
 
 /// What identifies a running pod; a change to any part restarts it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -90,19 +93,22 @@ impl PodRuntime {
                 .context("inbound steering")?;
             capture.enroll(netns_cookie)?;
         }
-        let inbound = Arc::new(Inbound::new(
-            shared.certs.clone(),
-            Arc::new(StateWorkloads(shared.clone())),
-            shared.authorizer.clone(),
-            sockets.clone(),
-            shared.tunnel.clone(),
-            true,
-        ));
-        let outbound = Arc::new(Outbound::new(
-            shared.certs.clone(),
-            sockets.clone(),
-            shared.tunnel.clone(),
-        ));
+        let inbound = Arc::new(
+            Inbound::new(
+                shared.certs.clone(),
+                Arc::new(StateWorkloads(shared.clone())),
+                shared.authorizer.clone(),
+                sockets.clone(),
+                shared.tunnel.clone(),
+                true,
+            )
+            .with_metrics(shared.metrics.clone())
+            .with_drain(shared.drain.clone()),
+        );
+        let outbound = Arc::new(
+            Outbound::new(shared.certs.clone(), sockets.clone(), shared.tunnel.clone())
+                .with_metrics(shared.metrics.clone()),
+        );
         let ctx = Arc::new(OutboundCtx {
             shared: shared.clone(),
             workload: workload.clone(),
@@ -140,6 +146,14 @@ impl PodRuntime {
     /// Closes this pod's inbound connections that the current policies deny.
     pub fn revoke_denied(&self) -> usize {
         self.inbound.revoke_denied()
+    }
+
+    /// Stops accepting new connections (drain); the pod stays enrolled and its
+    /// connections in flight go on.
+    pub fn close_listeners(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 
     /// Unenrolls the pod and closes its listeners; connections in flight finish on their own.
@@ -213,10 +227,36 @@ async fn handle_outbound(ctx: Arc<OutboundCtx>, client: TcpStream, peer: SocketA
                 hbone_addr,
                 original_destination: target,
             };
-            let stats = CopyStats::default();
-            let result = ctx.outbound.proxy(&request, client, &stats).await;
+            let service = state
+                .service_at(orig)
+                .map(|s| format!("{}.{}.svc.cluster.local", s.name, s.namespace));
+            let labels = ConnectionLabels::new(
+                Reporter::Source,
+                meta_of(me),
+                meta_of(&workload),
+                service,
+                true,
+            );
+            let mut record = ctx.shared.metrics.open(labels, true);
+            let result = ctx.outbound.proxy(&request, client, record.stats()).await;
+            if let Err(
+                TunnelError::Connect { .. }
+                | TunnelError::ConnectTimeout(_)
+                | TunnelError::Handshake { .. }
+                | TunnelError::Status(_),
+            ) = &result
+            {
+                // Upstream failure: the tunnel never carried this connection.
+                record.set_response_flags("UF");
+            }
+            let stats = record.stats();
             info!(
-                source = %me.identity, destination = %workload.identity, original_destination = %orig, %target,
+                source = %me.identity, source_workload = %format_args!("{}/{}", me.namespace, me.name),
+                destination = %workload.identity,
+                destination_workload = %format_args!("{}/{}", workload.namespace, workload.name),
+                original_destination = %orig, %target,
+                // Enforced by the destination's agent; its access log has the decision.
+                authz = "remote",
                 security = "mutual_tls", sent = stats.sent(), received = stats.received(),
                 duration_ms = started.elapsed().as_millis() as u64,
                 result = %result.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()),

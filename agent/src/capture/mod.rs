@@ -137,6 +137,8 @@ pub struct Capture {
     enrolled: HashMap<MapData, u64, EnrolledPod>,
     orig_dst: HashMap<MapData, FlowKey, OrigDst>,
     listeners: SockHash<MapData, ListenerKey>,
+    /// Names of the programs whose links this agent holds.
+    programs: Vec<&'static str>,
     // Kept so the pinned links' fds stay open for the agent's lifetime; the pins keep the
     // programs attached when the agent is gone.
     _links: Vec<PinnedLink>,
@@ -222,6 +224,7 @@ impl Capture {
             enrolled,
             orig_dst,
             listeners,
+            programs: vec![programs::CONNECT4, programs::SOCK_OPS],
             _links: links,
             _ebpf: ebpf,
         })
@@ -257,6 +260,20 @@ impl Capture {
     /// Netns cookies currently enrolled.
     pub fn enrolled(&self) -> Vec<u64> {
         self.enrolled.keys().filter_map(|k| k.ok()).collect()
+    }
+
+    /// Attached programs, by name (for metrics and readiness).
+    pub fn programs(&self) -> &[&'static str] {
+        &self.programs
+    }
+
+    /// Entries in the maps that steer traffic, by map name. Walks the maps: for scrapes, not
+    /// for the data path.
+    pub fn map_entries(&self) -> Vec<(&'static str, usize)> {
+        vec![
+            (maps::ENROLLED, self.enrolled.keys().count()),
+            (maps::ORIG_DST, self.orig_dst.keys().count()),
+        ]
     }
 
     /// Takes the original destination recorded for a captured connection, identified by the

@@ -47,6 +47,9 @@ pub struct ServiceEntry {
     pub endpoints: Vec<Arc<WorkloadEntry>>,
 }
 
+/// A service and its `(port, target port)` pairs.
+pub type ServicePorts = (Arc<ServiceEntry>, Vec<(u16, u16)>);
+
 /// Where a captured outbound connection goes, decided without I/O.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
@@ -213,6 +216,30 @@ impl MeshState {
 
     pub fn policies(&self) -> &Arc<PolicySet> {
         &self.policies
+    }
+
+    /// The service whose VIP and port are `addr`, if any.
+    pub fn service_at(&self, addr: SocketAddr) -> Option<&Arc<ServiceEntry>> {
+        self.services.get(&(addr.ip(), addr.port())).map(|(s, _)| s)
+    }
+
+    /// Every service with its ports as `(port, target port)`, sorted by namespace and name.
+    pub fn services(&self) -> Vec<ServicePorts> {
+        let mut by_name: BTreeMap<(String, String), ServicePorts> = BTreeMap::new();
+        for ((_, port), (service, target)) in &self.services {
+            by_name
+                .entry((service.namespace.clone(), service.name.clone()))
+                .or_insert_with(|| (service.clone(), Vec::new()))
+                .1
+                .push((*port, *target));
+        }
+        by_name
+            .into_values()
+            .map(|(s, mut ports)| {
+                ports.sort_unstable();
+                (s, ports)
+            })
+            .collect()
     }
 
     /// Routes a connection to `destination`; `pick` spreads load over a service's endpoints

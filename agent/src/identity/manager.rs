@@ -187,6 +187,14 @@ impl CertManager {
         out
     }
 
+    /// Cached certificates (chain included), sorted by identity; for the admin endpoint.
+    pub fn certificates(&self) -> Vec<Arc<WorkloadCertificate>> {
+        let entries: Vec<Arc<Entry>> = lock(&self.inner.entries).values().cloned().collect();
+        let mut out: Vec<_> = entries.iter().filter_map(|e| e.current()).collect();
+        out.sort_by(|a, b| a.identity.cmp(&b.identity));
+        out
+    }
+
     pub fn stats(&self) -> CertManagerStats {
         let c = &self.inner.counters;
         CertManagerStats {

@@ -10,6 +10,7 @@
 mod ca;
 mod cert;
 mod manager;
+pub mod metrics;
 mod spiffe;
 
 use std::path::PathBuf;

@@ -108,10 +108,14 @@ impl PolicyAuthorizer {
 
 impl Authorizer for PolicyAuthorizer {
     fn authorize(&self, conn: &InboundConnection) -> Verdict {
+        self.authorize_explained(conn).0
+    }
+
+    fn authorize_explained(&self, conn: &InboundConnection) -> (Verdict, String) {
         let decision = self.decide(conn);
         self.count(&decision);
         if decision.allowed {
-            return Verdict::Allow;
+            return (Verdict::Allow, decision.to_string());
         }
         let source = conn
             .source_identity
@@ -126,9 +130,13 @@ impl Authorizer for PolicyAuthorizer {
             decision = %decision,
             "connection denied by policy"
         );
-        Verdict::Deny {
-            reason: decision.to_string(),
-        }
+        let text = decision.to_string();
+        (
+            Verdict::Deny {
+                reason: text.clone(),
+            },
+            text,
+        )
     }
 }
 

@@ -13,6 +13,7 @@ pub mod cli;
 mod compile;
 mod engine;
 mod istio;
+pub mod metrics;
 
 #[cfg(test)]
 mod fixtures_tests;
@@ -411,6 +412,25 @@ impl PolicySet {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Enforced policies as `(kind, namespace/name, action)`, for diagnostics.
+    pub fn summary(&self) -> Vec<(&'static str, String, String)> {
+        let peer = self.inner.peer.items.iter().map(|p| {
+            (
+                "PeerAuthentication",
+                p.name.to_string(),
+                format!("{:?}", p.mode),
+            )
+        });
+        let authz = self.inner.authz.items.iter().map(|a| {
+            (
+                "AuthorizationPolicy",
+                a.name.to_string(),
+                format!("{:?}", a.action),
+            )
+        });
+        peer.chain(authz).collect()
     }
 
     /// Documents of other kinds that were skipped, by kind.

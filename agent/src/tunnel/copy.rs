@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -22,9 +23,33 @@ pub struct CopyStats {
     pub sent: Arc<AtomicU64>,
     /// From the tunnel to the TCP side.
     pub received: Arc<AtomicU64>,
+    /// Metric counters bumped alongside (sent, received), so scrapes see open connections.
+    metrics: Option<(Counter, Counter)>,
 }
 
 impl CopyStats {
+    /// Stats that also add to the given metric counters as bytes move.
+    pub fn with_counters(sent: Counter, received: Counter) -> Self {
+        Self {
+            metrics: Some((sent, received)),
+            ..Self::default()
+        }
+    }
+
+    pub fn add_sent(&self, n: u64) {
+        self.sent.fetch_add(n, Ordering::Relaxed);
+        if let Some((sent, _)) = &self.metrics {
+            sent.inc_by(n);
+        }
+    }
+
+    pub fn add_received(&self, n: u64) {
+        self.received.fetch_add(n, Ordering::Relaxed);
+        if let Some((_, received)) = &self.metrics {
+            received.inc_by(n);
+        }
+    }
+
     pub fn sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
     }
@@ -65,7 +90,7 @@ pub async fn copy_bidirectional(
             if n == buf_size && buf_size < MAX_READ_BUF {
                 buf_size *= 4;
             }
-            stats.sent.fetch_add(n as u64, Ordering::Relaxed);
+            stats.add_sent(n as u64);
             send_all(&mut send, buf.freeze()).await?;
         }
     };
@@ -74,7 +99,7 @@ pub async fn copy_bidirectional(
             let chunk = chunk.map_err(CopyError::Tunnel)?;
             let len = chunk.len();
             tcp_write.write_all(&chunk).await.map_err(CopyError::Tcp)?;
-            stats.received.fetch_add(len as u64, Ordering::Relaxed);
+            stats.add_received(len as u64);
             recv.flow_control()
                 .release_capacity(len)
                 .map_err(CopyError::Tunnel)?;
@@ -107,4 +132,38 @@ async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), C
         send.send_data(part, false).map_err(CopyError::Tunnel)?;
     }
     Ok(())
+}
+
+/// Plain TCP to TCP (the plaintext inbound path), counting as it goes like the tunnel copy:
+/// `stats.sent` is `a` to `b`. Half-close is carried across; the first error ends both.
+pub async fn copy_tcp(
+    a: &mut TcpStream,
+    b: &mut TcpStream,
+    stats: &CopyStats,
+) -> std::io::Result<()> {
+    let (mut a_read, mut a_write) = a.split();
+    let (mut b_read, mut b_write) = b.split();
+    let forward = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = a_read.read(&mut buf).await?;
+            if n == 0 {
+                return b_write.shutdown().await;
+            }
+            b_write.write_all(&buf[..n]).await?;
+            stats.add_sent(n as u64);
+        }
+    };
+    let backward = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = b_read.read(&mut buf).await?;
+            if n == 0 {
+                return a_write.shutdown().await;
+            }
+            a_write.write_all(&buf[..n]).await?;
+            stats.add_received(n as u64);
+        }
+    };
+    tokio::try_join!(forward, backward).map(drop)
 }

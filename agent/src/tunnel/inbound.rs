@@ -10,10 +10,12 @@ use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::copy::{CopyStats, copy_bidirectional};
+use super::metrics::{ConnectionLabels, Metrics, Reporter, WorkloadMeta};
 use super::outbound::handshake_failure;
 use super::tls::{peer_identity, server_config};
 use super::{Dialer, TunnelConfig, TunnelCounters, TunnelError, dial_with_timeout};
@@ -31,6 +33,11 @@ pub struct LocalWorkload {
 /// targets both come from this.
 pub trait LocalWorkloads: Send + Sync {
     fn by_ip(&self, ip: IpAddr) -> Option<LocalWorkload>;
+
+    /// Metric labels of any mesh workload with this IP (local or not); `None` when unknown.
+    fn describe(&self, _ip: IpAddr) -> Option<WorkloadMeta> {
+        None
+    }
 }
 
 /// What the authorizer is asked about each inbound connection.
@@ -52,6 +59,16 @@ pub enum Verdict {
 /// The policy decision point (the policy module implements it).
 pub trait Authorizer: Send + Sync {
     fn authorize(&self, conn: &InboundConnection) -> Verdict;
+
+    /// The verdict plus, for the access log, the decision and the policy that made it.
+    fn authorize_explained(&self, conn: &InboundConnection) -> (Verdict, String) {
+        let verdict = self.authorize(conn);
+        let text = match &verdict {
+            Verdict::Allow => "ALLOW".to_owned(),
+            Verdict::Deny { reason } => format!("DENY ({reason})"),
+        };
+        (verdict, text)
+    }
 }
 
 /// Allows everything; the default until policies are configured.
@@ -75,6 +92,9 @@ pub struct Inbound {
     preserve_source: bool,
     counters: Arc<TunnelCounters>,
     live: LiveConnections,
+    metrics: Option<Arc<Metrics>>,
+    /// Turns true when the agent drains: HBONE connections get a GOAWAY.
+    drain: Option<watch::Receiver<bool>>,
 }
 
 /// Connections in flight, so a policy change can close the ones it no longer allows.
@@ -129,7 +149,37 @@ impl Inbound {
             preserve_source,
             counters: Arc::new(TunnelCounters::default()),
             live: LiveConnections::default(),
+            metrics: None,
+            drain: None,
         }
+    }
+
+    /// Records connections and handshake failures in the agent's metrics.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Sends GOAWAY on every HBONE connection once `drain` turns true.
+    pub fn with_drain(mut self, drain: watch::Receiver<bool>) -> Self {
+        self.drain = Some(drain);
+        self
+    }
+
+    fn meta(&self, ip: IpAddr, identity: Option<&SpiffeId>) -> WorkloadMeta {
+        let mut meta = self
+            .workloads
+            .describe(ip)
+            .unwrap_or_else(WorkloadMeta::unknown);
+        // The verified certificate, not the address, says who the peer is.
+        match identity {
+            Some(id) => {
+                meta.principal = id.to_string();
+                id.namespace().clone_into(&mut meta.namespace);
+            }
+            None => meta.principal = super::metrics::UNKNOWN.into(),
+        }
+        meta
     }
 
     pub fn counters(&self) -> &Arc<TunnelCounters> {
@@ -169,7 +219,10 @@ impl Inbound {
             Err(e) => {
                 let reason = handshake_failure(&e);
                 self.counters.record_handshake_failure(&reason);
-                warn!(%peer, workload = %workload.identity, %reason, "inbound HBONE handshake failed");
+                if let Some(m) = &self.metrics {
+                    m.handshake_failure(&reason);
+                }
+                warn!(%peer, workload = %workload.identity, reason = %reason.label(), detail = %reason, "inbound HBONE handshake failed");
                 return Err(TunnelError::Handshake { addr: peer, reason });
             }
         };
@@ -188,7 +241,20 @@ impl Inbound {
             .max_concurrent_streams(self.config.server_max_streams)
             .handshake::<_, Bytes>(tls_stream)
             .await?;
-        while let Some(stream) = connection.accept().await {
+        let drain = drain_signal(self.drain.clone());
+        tokio::pin!(drain);
+        let mut draining = false;
+        loop {
+            let stream = tokio::select! {
+                stream = connection.accept() => stream,
+                () = &mut drain, if !draining => {
+                    // GOAWAY: the peer opens no new streams here; those in flight finish.
+                    connection.graceful_shutdown();
+                    draining = true;
+                    continue;
+                }
+            };
+            let Some(stream) = stream else { break };
             let (request, respond) = stream?;
             let this = self.clone();
             let source_identity = source_identity.clone();
@@ -237,7 +303,8 @@ impl Inbound {
             destination: target,
             workload,
         };
-        if let Verdict::Deny { reason } = self.authorizer.authorize(&conn) {
+        let (verdict, authz) = self.authorizer.authorize_explained(&conn);
+        if let Verdict::Deny { reason } = verdict {
             info!(
                 source = ?conn.source_identity.as_ref().map(ToString::to_string),
                 destination = %conn.workload.identity, %target, %reason,
@@ -266,7 +333,19 @@ impl Inbound {
         };
         let send =
             respond.send_response(Response::builder().status(StatusCode::OK).body(())?, false)?;
-        let stats = CopyStats::default();
+        let record = self.metrics.as_ref().map(|m| {
+            let labels = ConnectionLabels::new(
+                Reporter::Destination,
+                self.meta(source_addr.ip(), conn.source_identity.as_ref()),
+                self.meta(target.ip(), Some(&conn.workload.identity)),
+                None,
+                true,
+            );
+            m.open(labels, false)
+        });
+        let stats = record
+            .as_ref()
+            .map_or_else(CopyStats::default, |r| r.stats().clone());
         let started = std::time::Instant::now();
         let (_live, revoked) = self.live.register(&conn);
         let result = tokio::select! {
@@ -283,15 +362,23 @@ impl Inbound {
                 Err(TunnelError::Revoked)
             }
         };
+        let source_workload = self
+            .workloads
+            .describe(source_addr.ip())
+            .map_or_else(|| super::metrics::UNKNOWN.to_owned(), |m| m.workload);
         info!(
             source = %conn.source_identity.as_ref().map_or_else(String::new, ToString::to_string),
-            %source_addr, destination = %conn.workload.identity, %target, security = "mutual_tls",
+            %source_workload, %source_addr,
+            destination = %conn.workload.identity,
+            destination_workload = %format_args!("{}/{}", conn.workload.namespace, conn.workload.name),
+            %target, security = "mutual_tls", %authz,
             // From the workload's side: bytes it sent back, bytes it received.
             sent = stats.sent(), received = stats.received(),
             duration_ms = started.elapsed().as_millis() as u64,
             result = %result.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()),
             "inbound connection closed"
         );
+        drop(record);
         result
     }
 
@@ -312,7 +399,8 @@ impl Inbound {
             destination,
             workload,
         };
-        if let Verdict::Deny { reason } = self.authorizer.authorize(&conn) {
+        let (verdict, authz) = self.authorizer.authorize_explained(&conn);
+        if let Verdict::Deny { reason } = verdict {
             info!(%source_addr, destination = %conn.workload.identity, %reason, "plaintext connection denied");
             // Reset rather than close: the client must not mistake a denial for an empty reply.
             super::reset_on_close(&client);
@@ -330,19 +418,40 @@ impl Inbound {
             self.config.connect_timeout,
         )
         .await?;
+        let record = self.metrics.as_ref().map(|m| {
+            let labels = ConnectionLabels::new(
+                Reporter::Destination,
+                self.meta(source_addr.ip(), None),
+                self.meta(destination.ip(), Some(&conn.workload.identity)),
+                None,
+                false,
+            );
+            m.open(labels, true)
+        });
+        let stats = record
+            .as_ref()
+            .map_or_else(CopyStats::default, |r| r.stats().clone());
+        let started = std::time::Instant::now();
+        // The client is the TCP side here: what it sends is the request.
         let (_live, revoked) = self.live.register(&conn);
-        tokio::select! {
-            copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
-                copied?;
-                Ok(())
-            }
+        let result = tokio::select! {
+            copied = super::copy::copy_tcp(&mut client, &mut upstream, &stats) => copied,
             () = revoked.notified() => {
                 super::reset_on_close(&client);
                 super::reset_on_close(&upstream);
                 info!(%source_addr, destination = %conn.workload.identity, "plaintext connection revoked");
-                Err(TunnelError::Revoked)
+                Err(std::io::Error::other("revoked: a policy change denies this connection"))
             }
-        }
+        };
+        info!(
+            %source_addr, destination = %conn.workload.identity, target = %destination,
+            security = "none", %authz, sent = stats.sent(), received = stats.received(),
+            duration_ms = started.elapsed().as_millis() as u64,
+            result = %result.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()),
+            "inbound plaintext connection closed"
+        );
+        result?;
+        Ok(())
     }
 
     /// Asks the authorizer again about every connection in flight and closes (resets) the
@@ -371,6 +480,16 @@ impl Inbound {
     pub fn live_connections(&self) -> usize {
         self.live.map.lock().map_or(0, |m| m.len())
     }
+}
+
+/// Resolves when `drain` turns true; never when there is none or its sender is gone.
+async fn drain_signal(drain: Option<watch::Receiver<bool>>) {
+    if let Some(mut rx) = drain
+        && rx.wait_for(|d| *d).await.is_ok()
+    {
+        return;
+    }
+    std::future::pending::<()>().await;
 }
 
 fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) -> Result<(), TunnelError> {

@@ -7,6 +7,7 @@
 
 mod copy;
 mod inbound;
+mod metrics;
 mod outbound;
 mod pool;
 mod tls;
@@ -23,8 +24,9 @@ pub use copy::CopyStats;
 pub use inbound::{
     AllowAll, Authorizer, Inbound, InboundConnection, LocalWorkload, LocalWorkloads, Verdict,
 };
+pub use metrics::{ConnectionLabels, ConnectionRecord, Metrics, Reporter, UNKNOWN, WorkloadMeta};
 pub use outbound::{Outbound, OutboundRequest};
-pub use tls::HandshakeFailure;
+pub use tls::{HandshakeFailure, client_config};
 
 use crate::identity::IdentityError;
 

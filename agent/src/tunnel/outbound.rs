@@ -13,6 +13,7 @@ use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
 
 use super::copy::{CopyStats, copy_bidirectional};
+use super::metrics::Metrics;
 use super::pool::{Pool, PoolKey, StreamLease};
 use super::tls::{HandshakeFailure, client_config};
 use super::{Dialer, TunnelConfig, TunnelCounters, TunnelError, dial_with_timeout};
@@ -65,6 +66,7 @@ pub struct Outbound {
     pool: Arc<Pool>,
     config: TunnelConfig,
     counters: Arc<TunnelCounters>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Outbound {
@@ -75,7 +77,15 @@ impl Outbound {
             dialer,
             config,
             counters: Arc::new(TunnelCounters::default()),
+            metrics: None,
         }
+    }
+
+    /// Records handshake failures in the agent's metrics (connections are recorded by the
+    /// caller, which knows both workloads).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn counters(&self) -> &Arc<TunnelCounters> {
@@ -155,7 +165,10 @@ impl Outbound {
             Err(e) => {
                 let reason = handshake_failure(&e);
                 self.counters.record_handshake_failure(&reason);
-                warn!(peer = %key.address, expected = %key.destination, %reason, "HBONE handshake failed");
+                if let Some(m) = &self.metrics {
+                    m.handshake_failure(&reason);
+                }
+                warn!(peer = %key.address, expected = %key.destination, reason = %reason.label(), detail = %reason, "HBONE handshake failed");
                 return Err(TunnelError::Handshake {
                     addr: key.address,
                     reason,

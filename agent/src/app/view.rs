@@ -1,0 +1,184 @@
+//! What the admin server sees of the running agent ([`AgentView`]), and the metric labels of
+//! mesh workloads.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+use super::{AgentOptions, Shared};
+use crate::config::WorkloadEntry;
+use crate::observability::{AgentMetrics, AgentView, Readiness, pem_certificate};
+use crate::tunnel::{UNKNOWN, WorkloadMeta};
+
+/// Istio's metric labels for a workload: `app` and `version` from the usual pod labels.
+pub(crate) fn meta_of(w: &WorkloadEntry) -> WorkloadMeta {
+    let label = |keys: &[&str]| {
+        keys.iter()
+            .find_map(|k| w.labels.get(*k).cloned())
+            .unwrap_or_else(|| UNKNOWN.to_owned())
+    };
+    WorkloadMeta {
+        workload: w.name.clone(),
+        namespace: w.namespace.clone(),
+        principal: w.identity.to_string(),
+        app: label(&["app", "app.kubernetes.io/name"]),
+        version: label(&["version", "app.kubernetes.io/version"]),
+    }
+}
+
+pub(crate) struct View {
+    pub shared: Arc<Shared>,
+    pub options: AgentOptions,
+    pub agent_metrics: AgentMetrics,
+    pub policy_metrics: crate::policy::metrics::Metrics,
+    pub cert_metrics: crate::identity::metrics::Metrics,
+    /// Set once the first reconcile has enrolled the pods.
+    pub started: AtomicBool,
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl AgentView for View {
+    fn readiness(&self) -> Readiness {
+        let mut problems = Vec::new();
+        let (programs, enrolled) = match self.shared.capture.lock() {
+            Ok(c) => (
+                c.programs().iter().map(|p| (*p).to_owned()).collect(),
+                c.enrolled().len(),
+            ),
+            Err(_) => {
+                problems.push("capture state unavailable".to_owned());
+                (Vec::new(), 0)
+            }
+        };
+        if programs.is_empty() {
+            problems.push("eBPF programs not attached".to_owned());
+        }
+        if !self.started.load(Ordering::Acquire) {
+            problems.push("still enrolling pods".to_owned());
+        }
+        let certs = self.shared.certs.snapshot();
+        let now = SystemTime::now();
+        for pod in self.shared.state().local_pods() {
+            let has_cert = certs
+                .iter()
+                .any(|c| c.identity == pod.identity && now < c.not_after);
+            if !has_cert {
+                problems.push(format!("no valid certificate for {}", pod.identity));
+            }
+        }
+        Readiness {
+            ready: problems.is_empty(),
+            enrolled_pods: enrolled,
+            programs_attached: programs,
+            problems,
+        }
+    }
+
+    fn config_dump(&self) -> Value {
+        let state = self.shared.state();
+        let workloads: Vec<Value> = state
+            .workloads()
+            .iter()
+            .map(|w| {
+                json!({
+                    "name": w.name, "namespace": w.namespace, "identity": w.identity.to_string(),
+                    "serviceAccount": w.service_account, "labels": w.labels, "ips": w.ips,
+                    "node": w.node, "inMesh": w.in_mesh, "local": w.node == state.node,
+                })
+            })
+            .collect();
+        let services: Vec<Value> = state
+            .services()
+            .iter()
+            .map(|(s, ports)| {
+                json!({
+                    "name": s.name, "namespace": s.namespace, "vip": s.vip,
+                    "ports": ports.iter().map(|(p, t)| json!({"port": p, "targetPort": t})).collect::<Vec<_>>(),
+                    "endpoints": s.endpoints.iter().map(|e| format!("{}/{}", e.namespace, e.name)).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let policies: Vec<Value> = self
+            .shared
+            .authorizer
+            .snapshot()
+            .summary()
+            .into_iter()
+            .map(|(kind, name, action)| json!({"kind": kind, "name": name, "action": action}))
+            .collect();
+        // Warnings are not kept in the state: re-parse the file the state came from.
+        let warnings: Vec<String> = std::fs::read_to_string(&self.options.config)
+            .ok()
+            .and_then(|text| crate::config::parse(&text, &self.options.node).ok())
+            .map(|(_, w)| w.iter().map(ToString::to_string).collect())
+            .unwrap_or_default();
+        let certificates: Vec<Value> = self
+            .shared
+            .certs
+            .snapshot()
+            .iter()
+            .map(|c| {
+                json!({"identity": c.identity.to_string(), "serial": c.serial,
+                       "notAfter": unix(c.not_after)})
+            })
+            .collect();
+        let o = &self.options;
+        json!({
+            "node": state.node,
+            "trustDomain": state.trust_domain,
+            "workloads": workloads,
+            "services": services,
+            "policies": {"items": policies, "warnings": warnings},
+            "certificates": certificates,
+            "config": {
+                "config": o.config, "pinDir": o.pin_dir, "stateDir": o.state_dir,
+                "caCert": o.ca_cert, "certTtlSecs": o.cert_ttl.as_secs(),
+                "reloadIntervalMs": o.reload_interval.as_millis() as u64,
+                "adminAddr": o.admin_addr, "metricsAddr": o.metrics_addr,
+                "readinessAddr": o.readiness_addr,
+                "drainDeadlineSecs": o.drain_deadline.as_secs_f64(),
+                "poolIdleSecs": o.tunnel.pool_idle_timeout.as_secs(),
+                "excludedPorts": state.excluded_ports,
+            },
+        })
+    }
+
+    fn certs(&self) -> Value {
+        let certs: Vec<Value> = self
+            .shared
+            .certs
+            .certificates()
+            .iter()
+            .map(|c| {
+                let chain: String = c.chain.iter().map(|d| pem_certificate(d)).collect();
+                json!({
+                    "identity": c.identity.to_string(),
+                    "serial": c.serial,
+                    "notBefore": unix(c.not_before),
+                    "notAfter": unix(c.not_after),
+                    "chainPem": chain,
+                })
+            })
+            .collect();
+        json!({ "certificates": certs })
+    }
+
+    fn refresh_metrics(&self) {
+        self.agent_metrics.set_ready(self.readiness().ready);
+        if let Ok(c) = self.shared.capture.lock() {
+            self.agent_metrics.set_programs(c.programs());
+            self.agent_metrics.set_enrolled_pods(c.enrolled().len());
+            for (map, n) in c.map_entries() {
+                self.agent_metrics.set_map_entries(map, n);
+            }
+        }
+        self.policy_metrics
+            .sync(&self.shared.authorizer.decision_counts());
+        self.cert_metrics.sync(&self.shared.certs);
+    }
+}

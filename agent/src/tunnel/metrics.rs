@@ -1,0 +1,356 @@
+//! The tunnel's metrics: Istio's standard TCP metrics (so existing Istio dashboards work)
+//! and ambit's handshake failures by reason.
+//!
+//! A connection is recorded through a [`ConnectionRecord`]: `opened` when it is created,
+//! bytes as the copy loop moves them (the counters share the copy loop's atomics, so a
+//! scrape sees long-lived connections grow), `closed` when it is dropped — exactly once
+//! however the connection ends.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+use super::copy::CopyStats;
+use super::tls::HandshakeFailure;
+
+/// Istio's value for a label the reporter cannot know.
+pub const UNKNOWN: &str = "unknown";
+
+/// Which end reports: the client's agent (`source`) or the server's (`destination`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+impl Reporter {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Source => "source",
+            Self::Destination => "destination",
+        }
+    }
+}
+
+/// What the metrics say about one end of a connection. Every field is bounded by the
+/// number of workloads: no ports or IPs here.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadMeta {
+    pub workload: String,
+    pub namespace: String,
+    pub principal: String,
+    pub app: String,
+    pub version: String,
+}
+
+impl WorkloadMeta {
+    /// Everything unknown: a peer we have no description of.
+    pub fn unknown() -> Self {
+        Self {
+            workload: UNKNOWN.into(),
+            namespace: UNKNOWN.into(),
+            principal: UNKNOWN.into(),
+            app: UNKNOWN.into(),
+            version: UNKNOWN.into(),
+        }
+    }
+}
+
+/// The labels of Istio's `istio_tcp_*` metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_service: String,
+    pub request_protocol: &'static str,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+impl ConnectionLabels {
+    pub fn new(
+        reporter: Reporter,
+        source: WorkloadMeta,
+        destination: WorkloadMeta,
+        destination_service: Option<String>,
+        mutual_tls: bool,
+    ) -> Self {
+        Self {
+            reporter: reporter.as_str(),
+            source_workload: source.workload,
+            source_workload_namespace: source.namespace,
+            source_principal: source.principal,
+            source_app: source.app,
+            source_version: source.version,
+            destination_workload: destination.workload,
+            destination_workload_namespace: destination.namespace,
+            destination_principal: destination.principal,
+            destination_app: destination.app,
+            destination_version: destination.version,
+            destination_service: destination_service.unwrap_or_else(|| UNKNOWN.into()),
+            request_protocol: "tcp",
+            // Envoy's "no flags" value; failures set theirs on close.
+            response_flags: "-",
+            connection_security_policy: if mutual_tls { "mutual_tls" } else { "none" },
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub reason: &'static str,
+}
+
+/// Shared by every pod of the agent.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    opened: Family<ConnectionLabels, Counter>,
+    closed: Family<ConnectionLabels, Counter>,
+    sent: Family<ConnectionLabels, Counter>,
+    received: Family<ConnectionLabels, Counter>,
+    handshake_failures: Family<HandshakeLabels, Counter>,
+    /// Connections recorded and not yet dropped; the drain waits for this to reach zero.
+    active: Arc<AtomicUsize>,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        // prometheus-client appends `_total` to counters.
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            m.opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            m.closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent in the response direction (destination to source)",
+            m.sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received in the request direction (source to destination)",
+            m.received.clone(),
+        );
+        // Every reason starts at 0, so rate() has a baseline and alerts see the series
+        // before the first failure.
+        for reason in [
+            HandshakeFailure::UnknownCa,
+            HandshakeFailure::NoClientCertificate,
+            HandshakeFailure::Expired,
+            HandshakeFailure::NotYetValid,
+            HandshakeFailure::SanMismatch {
+                expected: String::new(),
+                got: String::new(),
+            },
+            HandshakeFailure::WrongTrustDomain { got: String::new() },
+            HandshakeFailure::NoSpiffeId,
+            HandshakeFailure::Protocol(String::new()),
+        ] {
+            drop(m.handshake_failures.get_or_create(&HandshakeLabels {
+                reason: reason.label(),
+            }));
+        }
+        registry.register(
+            "ambit_tls_handshake_failures",
+            "Failed mTLS handshakes on HBONE connections, by reason",
+            m.handshake_failures.clone(),
+        );
+        m
+    }
+
+    pub fn handshake_failure(&self, reason: &HandshakeFailure) {
+        self.handshake_failures
+            .get_or_create(&HandshakeLabels {
+                reason: reason.label(),
+            })
+            .inc();
+    }
+
+    /// Counts a connection as opened; `tcp_is_source` says which side of the copy loop's TCP
+    /// socket is the client (outbound: yes; inbound: the TCP side is the workload).
+    pub fn open(&self, labels: ConnectionLabels, tcp_is_source: bool) -> ConnectionRecord {
+        self.opened.get_or_create(&labels).inc();
+        let request = self.received.get_or_create(&labels).clone();
+        let response = self.sent.get_or_create(&labels).clone();
+        let stats = if tcp_is_source {
+            CopyStats::with_counters(request, response)
+        } else {
+            CopyStats::with_counters(response, request)
+        };
+        self.active.fetch_add(1, Ordering::AcqRel);
+        ConnectionRecord {
+            closed: self.closed.clone(),
+            labels,
+            stats,
+            active: self.active.clone(),
+        }
+    }
+
+    /// Connections opened and not yet closed.
+    pub fn active_connections(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+}
+
+/// One open connection; counted as closed when dropped.
+#[derive(Debug)]
+pub struct ConnectionRecord {
+    closed: Family<ConnectionLabels, Counter>,
+    labels: ConnectionLabels,
+    stats: CopyStats,
+    active: Arc<AtomicUsize>,
+}
+
+impl ConnectionRecord {
+    /// The byte counters to hand to the copy loop.
+    pub fn stats(&self) -> &CopyStats {
+        &self.stats
+    }
+
+    /// Marks how the connection failed (Envoy's flags, e.g. `UF` upstream failure); shows
+    /// on the closed counter only, since opened and bytes were counted before it was known.
+    pub fn set_response_flags(&mut self, flags: &'static str) {
+        self.labels.response_flags = flags;
+    }
+}
+
+impl Drop for ConnectionRecord {
+    fn drop(&mut self) {
+        self.closed.get_or_create(&self.labels).inc();
+        self.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod metrics_tests {
+    use super::*;
+
+    fn meta(name: &str) -> WorkloadMeta {
+        WorkloadMeta {
+            workload: name.into(),
+            namespace: "mesh".into(),
+            principal: format!("spiffe://cluster.local/ns/mesh/sa/{name}"),
+            app: name.into(),
+            version: UNKNOWN.into(),
+        }
+    }
+
+    fn encode(registry: &Registry) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, registry).expect("encodes");
+        out
+    }
+
+    #[test]
+    fn a_connection_is_counted_once_with_live_bytes_and_istio_labels() {
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry);
+        let labels = ConnectionLabels::new(
+            Reporter::Source,
+            meta("client"),
+            meta("server"),
+            Some("echo.mesh.svc.cluster.local".into()),
+            true,
+        );
+        let record = m.open(labels, true);
+        // Outbound: the TCP side is the client, so what it sends is the request.
+        record.stats().add_sent(100);
+        record.stats().add_received(7);
+        assert_eq!(m.active_connections(), 1);
+        let live = encode(&registry);
+        assert!(
+            live.contains("istio_tcp_received_bytes_total{reporter=\"source\""),
+            "{live}"
+        );
+        let line = |name: &str, text: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .map(str::to_owned)
+                .unwrap_or_default()
+        };
+        assert!(
+            line("istio_tcp_received_bytes_total", &live).ends_with(" 100"),
+            "{live}"
+        );
+        assert!(
+            line("istio_tcp_sent_bytes_total", &live).ends_with(" 7"),
+            "{live}"
+        );
+        assert!(
+            !live.contains("istio_tcp_connections_closed_total{"),
+            "{live}"
+        );
+        drop(record);
+        let closed = encode(&registry);
+        let c = line("istio_tcp_connections_closed_total", &closed);
+        assert!(c.ends_with(" 1"), "{closed}");
+        for label in [
+            "source_workload=\"client\"",
+            "source_principal=\"spiffe://cluster.local/ns/mesh/sa/client\"",
+            "destination_workload=\"server\"",
+            "destination_service=\"echo.mesh.svc.cluster.local\"",
+            "request_protocol=\"tcp\"",
+            "response_flags=\"-\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ] {
+            assert!(c.contains(label), "{label} in {c}");
+        }
+        assert_eq!(m.active_connections(), 0);
+    }
+
+    #[test]
+    fn inbound_maps_directions_and_failures_get_flags() {
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry);
+        let labels = ConnectionLabels::new(
+            Reporter::Destination,
+            WorkloadMeta::unknown(),
+            meta("server"),
+            None,
+            false,
+        );
+        let mut record = m.open(labels, false);
+        // Inbound: the TCP side is the workload, so what it sends is the response.
+        record.stats().add_sent(5);
+        record.set_response_flags("UF");
+        drop(record);
+        m.handshake_failure(&HandshakeFailure::NoClientCertificate);
+        let text = encode(&registry);
+        assert!(
+            text.contains("connection_security_policy=\"none\""),
+            "{text}"
+        );
+        assert!(text.contains("response_flags=\"UF\""), "{text}");
+        assert!(
+            text.contains("ambit_tls_handshake_failures_total{reason=\"no_client_cert\"} 1"),
+            "{text}"
+        );
+        let sent = text
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_sent_bytes_total{"))
+            .unwrap_or_default();
+        assert!(
+            sent.contains("reporter=\"destination\"") && sent.ends_with(" 5"),
+            "{text}"
+        );
+    }
+}
