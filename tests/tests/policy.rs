@@ -53,11 +53,25 @@ fn identity_allow_lets_one_client_in_and_keeps_another_out() -> anyhow::Result<(
     let denial = bed
         .agent(1)
         .wait_for_log(&["denied", "intruder"], LOG_WAIT)?;
+    assert!(denial.contains("no_allow_policy_matched"), "{denial}");
+    // The receiving agent counts both decisions: the allow under the policy that matched,
+    // the denial under its reason.
+    let metrics = bed.agent(1).metrics()?;
+    let counted = |action: &str, reason: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("ambit_authorization_decisions_total{")
+                && l.contains(&format!("action=\"{action}\""))
+                && l.contains(&format!("reason=\"{reason}\""))
+                && l.ends_with(" 1")
+        })
+    };
     assert!(
-        denial.contains("frontend")
-            || denial.contains("backend-from-frontend")
-            || denial.contains("no_allow_policy_matched"),
-        "{denial}"
+        counted("allow", "allowed_by_policy"),
+        "allow counted: {metrics}"
+    );
+    assert!(
+        counted("deny", "no_allow_policy_matched"),
+        "denial counted: {metrics}"
     );
     Ok(())
 }
