@@ -108,6 +108,10 @@ struct RunArgs {
     /// On /quitquitquit or SIGTERM, how long open connections may finish before being closed.
     #[arg(long, default_value_t = 5000)]
     drain_deadline_ms: u64,
+    /// Most verbose level of the eBPF programs' own log messages (error, warn, info, debug,
+    /// trace); they appear in the agent's log. Fixed at load: debug logs every capture.
+    #[arg(long, default_value = "warn")]
+    ebpf_log_level: tracing::Level,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -165,6 +169,7 @@ fn main() -> anyhow::Result<()> {
                 metrics_addr: args.metrics_addr,
                 readiness_addr: args.readiness_addr,
                 drain_deadline: Duration::from_millis(args.drain_deadline_ms),
+                ebpf_log_level: args.ebpf_log_level,
                 log: Some(log),
             };
             tokio::runtime::Builder::new_multi_thread()

@@ -106,3 +106,18 @@ fn path_to_cstring(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
 }
+
+/// Registers an owned fd-backed object with tokio's reactor for readability.
+///
+/// `T` must own its fd for its whole life and always report the same one (true of the
+/// aya map handles this is used for: the fd is an `OwnedFd` inside them).
+pub fn async_readable<T: std::os::fd::AsRawFd>(
+    inner: T,
+) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: per the contract above, the fd stays open and unchanged while the AsyncFd
+    // owns `inner`, which is what register_with_interest requires.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| io::Error::other(e.to_string()))
+}

@@ -40,10 +40,15 @@ pub mod globals {
     /// programs cannot call `bpf_get_netns_cookie`, so each pod gets its own instance with
     /// its cookie baked in.
     pub const POD_NETNS_COOKIE: &str = "POD_NETNS_COOKIE";
+    /// `u8`: aya-log's level filter inside the programs (1 error … 5 trace); set at load so
+    /// that disabled levels cost nothing on the connect() path.
+    pub const AYA_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
 }
 
 /// Names of the maps in the eBPF object.
 pub mod maps {
+    /// aya-log's ring buffer: messages of the eBPF programs for the agent's log stream.
+    pub const AYA_LOGS: &str = "AYA_LOGS";
     /// netns cookie -> [`crate::EnrolledPod`]; presence means "capture this pod".
     pub const ENROLLED: &str = "ENROLLED";
     /// socket cookie -> [`crate::OrigDst`], written at connect(), before the port is known.

@@ -24,6 +24,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext, TcContext},
 };
+use aya_log_ebpf::{debug, warn};
 
 const SOCK_STREAM: u32 = 1;
 const AF_INET: u32 = 2;
@@ -110,10 +111,26 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), i64> {
     };
     // SAFETY: bpf_get_socket_cookie accepts the program's context pointer.
     let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    PENDING.insert(socket_cookie, orig, 0)?;
+    // Fail closed: even if the record cannot be filed, the connection is still redirected
+    // (the agent then finds no original destination and closes it) rather than let through
+    // to its destination in plaintext.
+    if PENDING.insert(socket_cookie, orig, 0).is_err() {
+        warn!(
+            ctx,
+            "capture: PENDING map refused a record (netns {}); the agent will close the connection",
+            netns_cookie
+        );
+    }
     // Only getpeername() cosmetics depend on this entry: a failed insert must not stop the
     // capture.
     let _ = PEER_ORIG_DST.insert(socket_cookie, orig, 0);
+    debug!(
+        ctx,
+        "capture: connect from netns {} to {:i}:{} redirected to the agent",
+        netns_cookie,
+        u32::from_be(dst_ip),
+        dst_port
+    );
     // SAFETY: the context fields user_ip4/user_port are writable in connect4 programs.
     unsafe {
         (*ctx.sock_addr).user_ip4 = LOOPBACK_V4_BE;
@@ -148,7 +165,13 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), i64> {
         port: ctx.local_port(),
         reserved: 0,
     };
-    ORIG_DST.insert(key, orig, 0)?;
+    if ORIG_DST.insert(key, orig, 0).is_err() {
+        warn!(
+            ctx,
+            "capture: ORIG_DST map refused a record (netns {}); the agent will close the connection",
+            netns_cookie
+        );
+    }
     PENDING.remove(socket_cookie)?;
     Ok(())
 }

@@ -170,8 +170,8 @@ impl InboundBed {
 fn attach(pins: &PinDir, excluded_ports: &[u16]) -> anyhow::Result<Capture> {
     Capture::attach(&CaptureConfig {
         pin_dir: pins.path().to_path_buf(),
-        cgroup: None,
         excluded_ports: excluded_ports.to_vec(),
+        ..CaptureConfig::default()
     })
     .context("attach capture programs")
 }

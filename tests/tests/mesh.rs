@@ -240,3 +240,28 @@ fn pod_dropped_from_the_mesh_while_its_agent_was_down_is_released_on_restart() -
     );
     Ok(())
 }
+
+#[test]
+fn ebpf_program_messages_reach_the_agent_log_with_their_level() -> anyhow::Result<()> {
+    let pods = [
+        PodSpec::new("client", MESH_NS, 0),
+        PodSpec::new("server-b", MESH_NS, 1),
+    ];
+    let mut bed = Testbed::build(2, &pods, Vec::new())?;
+    bed.agent_args = vec!["--ebpf-log-level".into(), "debug".into()];
+    bed.start_agents()?;
+    // The agent's own filter must let debug through too.
+    bed.agent(0).admin_post("/logging?level=debug")?;
+    let b = bed.pod("server-b");
+    bed.pod("client").request(b.addr(APP_PORT), b"logged")?;
+    let line = bed.agent(0).wait_for_log(
+        &[
+            "DEBUG",
+            "redirected to the agent",
+            &format!("{}:{APP_PORT}", b.ip),
+        ],
+        LOG_WAIT,
+    )?;
+    assert!(line.contains("capture: connect from netns"), "{line}");
+    Ok(())
+}

@@ -108,7 +108,15 @@ fn bench(quick: bool) -> anyhow::Result<()> {
     setup::run(setup::Need::Build)?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(&cargo)
-        .args(["bench", "-p", "ambit-agent", "--bench", "hbone"])
+        .args([
+            "bench",
+            "-p",
+            "ambit-agent",
+            "--bench",
+            "hbone",
+            "--bench",
+            "policy",
+        ])
         .env("AMBIT_BENCH_QUICK", if quick { "1" } else { "" })
         .status()
         .context("running cargo bench")?;

@@ -44,6 +44,8 @@ pub struct AgentOptions {
     pub drain_deadline: Duration,
     /// The live log filter, for `/logging`; `None` when logging is set up elsewhere.
     pub log: Option<LogControl>,
+    /// Most verbose level of the eBPF programs' own log messages.
+    pub ebpf_log_level: tracing::Level,
 }
 
 /// What every pod runtime shares.
@@ -105,12 +107,16 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         _ => anyhow::bail!("--ca-cert and --ca-key go together"),
     };
     let certs = CertManager::new(Arc::new(ca), options.cert_ttl);
-    let capture = Capture::attach(&CaptureConfig {
+    let mut capture = Capture::attach(&CaptureConfig {
         pin_dir: options.pin_dir.clone(),
         cgroup: None,
         excluded_ports: state.excluded_ports.clone(),
+        ebpf_log_level: options.ebpf_log_level,
     })
     .context("attaching the capture programs")?;
+    if let Some(logger) = capture.take_ebpf_logger() {
+        tokio::spawn(forward_ebpf_logs(logger));
+    }
 
     // Bound first, so that readiness answers (503) while pods are being enrolled.
     let listeners = Listeners::bind(
@@ -301,5 +307,24 @@ fn forget_stale_enrollments(shared: &Shared, pods: &HashMap<PodKey, pod::PodRunt
         );
         let _ = capture.unenroll(cookie);
         let _ = capture.detach_inbound(cookie);
+    }
+}
+
+/// Moves the eBPF programs' log records (aya-log's ring buffer) into the agent's log as
+/// they arrive.
+async fn forward_ebpf_logs(logger: crate::capture::EbpfLogger) {
+    let mut ring = match crate::sys::async_readable(logger) {
+        Ok(ring) => ring,
+        Err(e) => {
+            warn!(error = %e, "cannot poll the eBPF log ring");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut ready) = ring.readable_mut().await else {
+            return;
+        };
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
     }
 }

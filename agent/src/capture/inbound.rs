@@ -65,6 +65,7 @@ impl Capture {
         let pod_dir = self.pod_dir(netns_cookie);
         create_dir(&pod_dir)?;
         let maps_dir = self.pin_dir.join("maps");
+        let log_level = self.ebpf_log_level;
         // Order: everything sk_lookup relies on first, so that a failure part-way never
         // leaves the pod steered into a loop, and steering starts with listeners in place.
         // 1. The agent's own (marked) connections to the app must not be steered back to
@@ -73,7 +74,7 @@ impl Capture {
         let lo_maps_dir = maps_dir.clone();
         run_in_pod(pod, move || {
             accept_local_on_lo()?;
-            attach_tc_egress(&lo_maps_dir, &pin, "lo", programs::TC_AGENT_LO)
+            attach_tc_egress(&lo_maps_dir, &pin, "lo", programs::TC_AGENT_LO, log_level)
         })?;
         for (slot, listener) in [(SLOT_PLAINTEXT, plaintext), (SLOT_HBONE, hbone)] {
             let key = ListenerKey {
@@ -91,7 +92,7 @@ impl Capture {
         // 2. Listeners registered; 3. steering starts here.
         reuse_or_attach(&pod_dir.join(SK_LOOKUP_PIN), || {
             let name = programs::SK_LOOKUP;
-            let mut ebpf = pinned_loader(&maps_dir)
+            let mut ebpf = pinned_loader(&maps_dir, &log_level)
                 .override_global(globals::POD_NETNS_COOKIE, &netns_cookie, true)
                 .load(EBPF_OBJECT)?;
             let prog: &mut SkLookup = program(&mut ebpf, name)?;
@@ -174,11 +175,18 @@ impl Capture {
         let pod_dir = self.pod_dir(netns_cookie);
         create_dir(&pod_dir)?;
         let maps_dir = self.pin_dir.join("maps");
+        let log_level = self.ebpf_log_level;
         let pin = pod_dir.join(TC_EGRESS_PIN);
         let ifname_owned = ifname.to_string();
         run_in_pod(pod, move || {
             accept_local_on_lo()?;
-            attach_tc_egress(&maps_dir, &pin, &ifname_owned, programs::TC_REPLY_TO_LO)
+            attach_tc_egress(
+                &maps_dir,
+                &pin,
+                &ifname_owned,
+                programs::TC_REPLY_TO_LO,
+                log_level,
+            )
         })?;
 
         // No rtnetlink crate is in the workspace yet, so rules and routes go through
@@ -232,7 +240,13 @@ fn accept_local_on_lo() -> Result<()> {
 
 /// Attaches tc egress program `name` to `ifname` of the calling thread's netns and pins the
 /// link at `pin`, or keeps the link already pinned there.
-fn attach_tc_egress(maps_dir: &Path, pin: &Path, ifname: &str, name: &'static str) -> Result<()> {
+fn attach_tc_egress(
+    maps_dir: &Path,
+    pin: &Path,
+    ifname: &str,
+    name: &'static str,
+    log_level: u8,
+) -> Result<()> {
     reuse_or_attach(pin, || {
         // The clsact qdisc is what legacy (netlink) tc attachment needs; with TCX links
         // (kernel >= 6.6, what aya uses here) it is harmless. EEXIST: already there.
@@ -245,7 +259,7 @@ fn attach_tc_egress(maps_dir: &Path, pin: &Path, ifname: &str, name: &'static st
                 });
             }
         }
-        let mut ebpf = pinned_loader(maps_dir).load(EBPF_OBJECT)?;
+        let mut ebpf = pinned_loader(maps_dir, &log_level).load(EBPF_OBJECT)?;
         let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
         let err = |source| CaptureError::Program { name, source };
         prog.load().map_err(err)?;

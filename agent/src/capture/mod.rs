@@ -13,8 +13,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use ambit_common::{
-    ENROLL_OUTBOUND, EnrolledPod, FAMILY_V4, FAMILY_V6, FlowKey, ListenerKey, OrigDst, maps,
-    programs,
+    ENROLL_OUTBOUND, EnrolledPod, FAMILY_V4, FAMILY_V6, FlowKey, ListenerKey, OrigDst, globals,
+    maps, programs,
 };
 use aya::maps::{HashMap, MapData, MapError, SockHash};
 use aya::programs::links::{CgroupAttachMode, FdLink, LinkError, PinnedLink};
@@ -92,7 +92,8 @@ type Result<T, E = CaptureError> = std::result::Result<T, E>;
 
 /// Every map of the object is pinned: the per-pod program instances loaded later (see
 /// `inbound.rs`) must share them with the cgroup programs.
-const PINNED_MAPS: [&str; 6] = [
+const PINNED_MAPS: [&str; 7] = [
+    maps::AYA_LOGS,
     maps::ENROLLED,
     maps::PENDING,
     maps::ORIG_DST,
@@ -101,14 +102,31 @@ const PINNED_MAPS: [&str; 6] = [
     maps::INBOUND_LISTENERS,
 ];
 
-/// A loader that reuses (or creates) the pinned maps under `maps_dir`.
-fn pinned_loader<'a>(maps_dir: &Path) -> EbpfLoader<'a> {
+/// A loader that reuses (or creates) the pinned maps under `maps_dir` (aya-log's ring
+/// included, so one reader serves every loaded instance and survives agent restarts) and
+/// sets the programs' log level.
+fn pinned_loader<'a>(maps_dir: &Path, log_level: &'a u8) -> EbpfLoader<'a> {
     let mut loader = EbpfLoader::new();
     for name in PINNED_MAPS {
         loader.map_pin_path(name, maps_dir.join(name));
     }
+    loader.override_global(globals::AYA_LOG_LEVEL, log_level, false);
     loader
 }
+
+/// aya-log's numbering of a tracing level.
+fn aya_log_level(level: tracing::Level) -> u8 {
+    match level {
+        tracing::Level::ERROR => 1,
+        tracing::Level::WARN => 2,
+        tracing::Level::INFO => 3,
+        tracing::Level::DEBUG => 4,
+        tracing::Level::TRACE => 5,
+    }
+}
+
+/// Reads the eBPF programs' log records (aya-log) into the agent's own log stream.
+pub type EbpfLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 #[derive(Clone, Debug)]
 pub struct CaptureConfig {
@@ -119,6 +137,8 @@ pub struct CaptureConfig {
     pub cgroup: Option<PathBuf>,
     /// Destination ports that are never captured.
     pub excluded_ports: Vec<u16>,
+    /// Most verbose level the eBPF programs log at.
+    pub ebpf_log_level: tracing::Level,
 }
 
 impl Default for CaptureConfig {
@@ -127,6 +147,7 @@ impl Default for CaptureConfig {
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
             cgroup: None,
             excluded_ports: Vec::new(),
+            ebpf_log_level: tracing::Level::WARN,
         }
     }
 }
@@ -139,6 +160,8 @@ pub struct Capture {
     listeners: SockHash<MapData, ListenerKey>,
     /// Names of the programs whose links this agent holds.
     programs: Vec<&'static str>,
+    ebpf_log_level: u8,
+    ebpf_logger: Option<EbpfLogger>,
     // Kept so the pinned links' fds stay open for the agent's lifetime; the pins keep the
     // programs attached when the agent is gone.
     _links: Vec<PinnedLink>,
@@ -170,7 +193,15 @@ impl Capture {
         }
 
         // Reuses existing pins, so state survives agent restarts.
-        let mut ebpf = pinned_loader(&maps_dir).load(EBPF_OBJECT)?;
+        let ebpf_log_level = aya_log_level(config.ebpf_log_level);
+        let mut ebpf = pinned_loader(&maps_dir, &ebpf_log_level).load(EBPF_OBJECT)?;
+        let ebpf_logger = match EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                tracing::warn!(error = %e, "eBPF program logs will not reach the agent's log");
+                None
+            }
+        };
 
         let cgroup_path = match &config.cgroup {
             Some(path) => path.clone(),
@@ -225,9 +256,16 @@ impl Capture {
             orig_dst,
             listeners,
             programs: vec![programs::CONNECT4, programs::SOCK_OPS],
+            ebpf_log_level,
+            ebpf_logger,
             _links: links,
             _ebpf: ebpf,
         })
+    }
+
+    /// The reader of the programs' log records, for the caller to drive (once).
+    pub fn take_ebpf_logger(&mut self) -> Option<EbpfLogger> {
+        self.ebpf_logger.take()
     }
 
     /// Starts capturing outbound TCP of the pod whose netns has this cookie.
