@@ -68,6 +68,11 @@ struct RunArgs {
     /// Close pooled HBONE connections idle for this many seconds.
     #[arg(long, default_value_t = 300)]
     pool_idle_secs: u64,
+    /// Do not pool HBONE connections: every proxied connection gets its own TCP + TLS +
+    /// HTTP/2 connection, closed when it ends (one stream per connection, no idle reuse).
+    /// For measuring the cost of a full handshake per connection; not for production.
+    #[arg(long)]
+    no_pool: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -101,6 +106,10 @@ fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Run(args) => {
+            match ambit_agent::sys::raise_nofile_limit() {
+                Ok(limit) => tracing::debug!(limit, "open-file limit"),
+                Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+            }
             let options = ambit_agent::app::AgentOptions {
                 node: args.node,
                 config: args.config,
@@ -112,6 +121,7 @@ fn main() -> anyhow::Result<()> {
                 reload_interval: Duration::from_millis(args.reload_interval_ms),
                 tunnel: ambit_agent::tunnel::TunnelConfig {
                     pool_idle_timeout: Duration::from_secs(args.pool_idle_secs),
+                    pooling: !args.no_pool,
                     ..Default::default()
                 },
             };

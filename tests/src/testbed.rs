@@ -173,6 +173,11 @@ impl Agent {
         }
     }
 
+    /// The agent's process id (for /proc/<pid>/status and /proc/<pid>/stat).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no chance to clean up, as in a crash.
     pub fn kill(mut self) {
         let _ = self.child.kill();
@@ -205,6 +210,8 @@ pub struct Testbed {
     pub policies: String,
     /// Whether MESH_NS carries the opt-in label.
     pub mesh_enabled: bool,
+    /// Extra `ambit run` arguments for agents started from now on (e.g. `--no-pool`).
+    pub agent_args: Vec<String>,
     ca_cert: PathBuf,
     ca_key: PathBuf,
     // Declared last so it is dropped after the nodes and pods it connects.
@@ -319,6 +326,7 @@ impl Testbed {
             agents,
             policies: String::new(),
             mesh_enabled: true,
+            agent_args: Vec::new(),
             _fabric: fabric,
         };
         bed.write_config()?;
@@ -399,6 +407,7 @@ impl Testbed {
             .arg("--ca-key")
             .arg(&self.ca_key)
             .args(["--reload-interval-ms", "100"])
+            .args(&self.agent_args)
             .env("AMBIT_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
@@ -517,7 +526,8 @@ impl Drop for Testbed {
     }
 }
 
-fn sysctl(ns: &Netns, key: &str, value: &str) -> anyhow::Result<()> {
+/// Writes `/proc/sys/<key>` inside `ns` (e.g. `net/ipv4/tcp_tw_reuse`).
+pub fn sysctl(ns: &Netns, key: &str, value: &str) -> anyhow::Result<()> {
     let path = Path::new("/proc/sys").join(key);
     let value = value.to_string();
     ns.open()?.run(move || std::fs::write(&path, value))?;

@@ -113,7 +113,12 @@ impl Outbound {
             destination: request.destination.clone(),
             address: request.hbone_addr,
         };
-        let lease = self.pool.lease(&key, || self.connect(&key)).await?;
+        let lease = if self.config.pooling {
+            self.pool.lease(&key, || self.connect(&key)).await?
+        } else {
+            let (send, driver) = self.connect(&key).await?;
+            StreamLease::unpooled(send, driver)
+        };
         let mut sender = lease.send_request().ready().await?;
         let (response, send) = sender.send_request(request.to_http()?, false)?;
         let response = response.await?;
