@@ -80,15 +80,26 @@ pub struct Row {
 pub struct Pair {
     pub no_mesh: Option<f64>,
     pub mesh: Option<f64>,
+    /// mesh / no mesh; none where the baseline is nil by construction (the agents do no
+    /// work without the mesh, so CPU per GiB and bytes per connection are zero plus noise).
+    pub ratio: Option<f64>,
 }
 
 impl Pair {
-    /// mesh / no mesh, when both exist and the baseline is a real (non-zero) quantity.
-    pub fn ratio(&self) -> Option<f64> {
-        match (self.no_mesh, self.mesh) {
-            (Some(b), Some(m)) if b > 0.0 => Some(m / b),
+    fn new(no_mesh: Option<f64>, mesh: Option<f64>, comparable: bool) -> Self {
+        let ratio = match (no_mesh, mesh) {
+            (Some(b), Some(m)) if comparable && b > 0.0 => Some(m / b),
             _ => None,
+        };
+        Self {
+            no_mesh,
+            mesh,
+            ratio,
         }
+    }
+
+    pub fn ratio(&self) -> Option<f64> {
+        self.ratio
     }
 }
 
@@ -272,9 +283,10 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
     ];
     let mut bed = Testbed::build(2, &pods, Vec::new())?;
     for pod in &bed.pods {
-        // Thousands of short connections from one address: reuse TIME_WAIT ports.
+        // Thousands of short connections from one address: reuse TIME_WAIT ports, and more
+        // of them (from 20000: below are the agent's in-pod ports 15001/15006/15008).
         sysctl(&pod.ns, "net/ipv4/tcp_tw_reuse", "1")?;
-        sysctl(&pod.ns, "net/ipv4/ip_local_port_range", "10000 65000")?;
+        sysctl(&pod.ns, "net/ipv4/ip_local_port_range", "20000 65000")?;
         // The holders keep connections in their accept queue.
         sysctl(&pod.ns, "net/core/somaxconn", "65535")?;
     }
@@ -319,19 +331,25 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
         bed.agent(agent)
             .wait_for_log(&["pod enrolled", pod], LOG_WAIT)?;
     }
-    settle();
-    let idle_mesh = agents_rss(&bed)?;
-    for place in [Place::Cross, Place::Same] {
-        check_meshed(&bed, place)?;
-    }
+    let mut idle_mesh = None;
     let mut mesh_cross = Figures::default();
     let mut mesh_same = Figures::default();
     for (place, figs) in [
         (Place::Cross, &mut mesh_cross),
         (Place::Same, &mut mesh_same),
     ] {
+        // Fresh agents for each placement, for the same reason as measuring memory first.
+        bed.kill_agent(0);
+        bed.kill_agent(1);
+        bed.start_agents()?;
+        settle();
+        if idle_mesh.is_none() {
+            idle_mesh = Some(agents_rss(&bed)?);
+        }
+        check_meshed(&bed, place)?;
         measure(&bed, settings, idle, place, &holders, figs)?;
     }
+    let idle_mesh = idle_mesh.context("no mesh placement ran")?;
 
     // A full TCP + TLS + HTTP/2 handshake per connection: node 1's agent (the client's,
     // which dials HBONE) restarted without pooling.
@@ -432,13 +450,34 @@ fn measure(
 ) -> anyhow::Result<()> {
     let client = bed.pod("client").ns.path();
     let server = bed.pod(place.server());
-    let name = place.server();
     eprintln!(
-        "bench: {} → {name} ({})",
-        "client",
+        "bench: client → {} ({})",
+        place.server(),
         if bed.mesh_enabled { "mesh" } else { "no mesh" }
     );
 
+    // Memory per idle proxied connection, first: later figures leave freed memory in the
+    // agents' heaps that new connections would reuse unseen.
+    let holder = holders
+        .iter()
+        .find(|h| h.addr.ip() == std::net::IpAddr::V4(server.ip))
+        .context("no holder for the server pod")?;
+    settle();
+    let before = agents_rss(bed)?;
+    let count = idle.of(place);
+    let conns = load::open_idle(&client, holder.addr, count)?;
+    holder.wait_queued(count, Duration::from_secs(60))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let after = agents_rss(bed)?;
+    let n = count as f64;
+    for i in 0..2 {
+        figs.per_conn_bytes[i] = Some((after[i] - before[i]) / n);
+        figs.rss_with_conns_mib[i] = Some(after[i] / MIB);
+    }
+    drop(conns);
+    holder.release();
+    // Let both agents see the closes before the next figure.
+    std::thread::sleep(Duration::from_secs(1));
     // Bulk, with both agents' CPU time around it.
     let cpu_before = agents_cpu(bed)?;
     let one = iperf::run_client(&client, server.ip, IPERF_PORT, settings.bulk_secs, 1)?;
@@ -467,27 +506,6 @@ fn measure(
         settings.connect_workers,
     )?);
 
-    // Memory per idle proxied connection.
-    let holder = holders
-        .iter()
-        .find(|h| h.addr.ip() == std::net::IpAddr::V4(server.ip))
-        .context("no holder for the server pod")?;
-    settle();
-    let before = agents_rss(bed)?;
-    let count = idle.of(place);
-    let conns = load::open_idle(&client, holder.addr, count)?;
-    holder.wait_queued(count, Duration::from_secs(60))?;
-    std::thread::sleep(Duration::from_secs(1));
-    let after = agents_rss(bed)?;
-    let n = count as f64;
-    for i in 0..2 {
-        figs.per_conn_bytes[i] = Some((after[i] - before[i]) / n);
-        figs.rss_with_conns_mib[i] = Some(after[i] / MIB);
-    }
-    drop(conns);
-    holder.release();
-    // Let both agents see the closes before the next figure.
-    std::thread::sleep(Duration::from_secs(1));
     Ok(())
 }
 
@@ -501,16 +519,11 @@ fn rows(
 ) -> Vec<Row> {
     let mut rows = Vec::new();
     let mut add = |figure: String, get: &dyn Fn(&Figures) -> Option<f64>| {
+        let comparable = !figure.contains("CPU s per GiB") && !figure.contains("bytes per idle");
         rows.push(Row {
+            cross_node: Pair::new(get(cross[0]), get(cross[1]), comparable),
+            same_node: Pair::new(get(same[0]), get(same[1]), comparable),
             figure,
-            cross_node: Pair {
-                no_mesh: get(cross[0]),
-                mesh: get(cross[1]),
-            },
-            same_node: Pair {
-                no_mesh: get(same[0]),
-                mesh: get(same[1]),
-            },
         });
     };
     add("bulk, 1 stream (Gbit/s)".into(), &|f| f.bulk1_gbps);
@@ -556,18 +569,15 @@ fn rows(
         &|f| f.per_conn_bytes[1],
     );
     add(
-        format!("node 1 agent RSS with the idle connections (MiB)"),
+        "node 1 agent RSS with the idle connections (MiB)".into(),
         &|f| f.rss_with_conns_mib[0],
     );
     add(
-        format!("node 2 agent RSS with the idle connections (MiB)"),
+        "node 2 agent RSS with the idle connections (MiB)".into(),
         &|f| f.rss_with_conns_mib[1],
     );
     for (i, node) in ["node 1", "node 2"].iter().enumerate() {
-        let pair = Pair {
-            no_mesh: Some(idle_no_mesh[i] / MIB),
-            mesh: Some(idle_mesh[i] / MIB),
-        };
+        let pair = Pair::new(Some(idle_no_mesh[i] / MIB), Some(idle_mesh[i] / MIB), true);
         rows.push(Row {
             figure: format!("{node} agent idle RSS (MiB; mesh = pods enrolled)"),
             cross_node: pair,
