@@ -94,7 +94,9 @@ impl Outbound {
         mut client: TcpStream,
         stats: &CopyStats,
     ) -> Result<(), TunnelError> {
-        let (send, recv, _lease) = self.open_stream(request).await?;
+        // Boxed: the handshake's state is large and only lives during setup; inline it
+        // would size every proxied connection's task for it while the connection idles.
+        let (send, recv, _lease) = Box::pin(self.open_stream(request)).await?;
         copy_bidirectional(&mut client, send, recv, stats)
             .await
             .map_err(|e| match e {
