@@ -112,6 +112,11 @@ struct RunArgs {
     /// trace); they appear in the agent's log. Fixed at load: debug logs every capture.
     #[arg(long, default_value = "warn")]
     ebpf_log_level: tracing::Level,
+    /// Do not pool HBONE connections: every proxied connection gets its own TCP + TLS +
+    /// HTTP/2 connection, closed when it ends (one stream per connection, no idle reuse).
+    /// For measuring the cost of a full handshake per connection; not for production.
+    #[arg(long)]
+    no_pool: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -152,6 +157,10 @@ fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Run(args) => {
+            match ambit_agent::sys::raise_nofile_limit() {
+                Ok(limit) => tracing::debug!(limit, "open-file limit"),
+                Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+            }
             let options = ambit_agent::app::AgentOptions {
                 node: args.node,
                 config: args.config,
@@ -163,6 +172,7 @@ fn main() -> anyhow::Result<()> {
                 reload_interval: Duration::from_millis(args.reload_interval_ms),
                 tunnel: ambit_agent::tunnel::TunnelConfig {
                     pool_idle_timeout: Duration::from_secs(args.pool_idle_secs),
+                    pooling: !args.no_pool,
                     ..Default::default()
                 },
                 admin_addr: args.admin_addr,

@@ -121,3 +121,21 @@ pub fn async_readable<T: std::os::fd::AsRawFd>(
     }
     .map_err(|e| io::Error::other(e.to_string()))
 }
+
+/// Raises RLIMIT_NOFILE's soft limit to the hard limit and returns it. A proxy holds two
+/// descriptors per connection, so the usual soft limit of 1024 would cap an agent at a few
+/// hundred connections.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid rlimit for the kernel to write into.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) })?;
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: `limit` is a valid rlimit, read by the kernel during the call.
+        cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) })?;
+    }
+    Ok(limit.rlim_cur)
+}

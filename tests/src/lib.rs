@@ -3,6 +3,7 @@
 //! tests can run in parallel.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod capture_check;
 pub mod inbound_check;
 pub mod testbed;

@@ -220,6 +220,11 @@ impl Agent {
         }
     }
 
+    /// The agent's process id (for /proc/<pid>/status and /proc/<pid>/stat).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no chance to clean up, as in a crash.
     pub fn kill(mut self) {
         let _ = self.child.kill();
@@ -252,7 +257,7 @@ pub struct Testbed {
     pub policies: String,
     /// Whether MESH_NS carries the opt-in label.
     pub mesh_enabled: bool,
-    /// Extra `ambit run` arguments for agents started from now on.
+    /// Extra `ambit run` arguments for agents started from now on (e.g. `--no-pool`).
     pub agent_args: Vec<String>,
     ca_cert: PathBuf,
     ca_key: PathBuf,
@@ -612,7 +617,8 @@ impl Drop for Testbed {
     }
 }
 
-fn sysctl(ns: &Netns, key: &str, value: &str) -> anyhow::Result<()> {
+/// Writes `/proc/sys/<key>` inside `ns` (e.g. `net/ipv4/tcp_tw_reuse`).
+pub fn sysctl(ns: &Netns, key: &str, value: &str) -> anyhow::Result<()> {
     let path = Path::new("/proc/sys").join(key);
     let value = value.to_string();
     ns.open()?.run(move || std::fs::write(&path, value))?;

@@ -25,7 +25,9 @@ enum Task {
         #[arg(long)]
         unprivileged: bool,
     },
-    /// Benchmarks: for now the HBONE loopback micro-benchmark against direct TCP.
+    /// Benchmarks: the HBONE loopback micro-benchmark, then the testbed benchmark (mesh
+    /// against no mesh on two netns nodes; needs root), both against a baseline in the
+    /// same run.
     Bench {
         /// A short run that only checks the benchmark still works.
         #[arg(long)]
@@ -62,8 +64,8 @@ fn test(unprivileged: bool) -> anyhow::Result<()> {
         setup::Need::Build
     })?;
     let started = std::time::Instant::now();
-    cargo(&["fmt", "--all", "--", "--check"])?;
-    cargo(&[
+    cargo_cmd(&["fmt", "--all", "--", "--check"])?;
+    cargo_cmd(&[
         "clippy",
         "--workspace",
         "--exclude",
@@ -74,7 +76,7 @@ fn test(unprivileged: bool) -> anyhow::Result<()> {
         "warnings",
     ])?;
     setup::ebpf_clippy()?;
-    cargo(&[
+    cargo_cmd(&[
         "test",
         "--workspace",
         "--exclude",
@@ -84,8 +86,8 @@ fn test(unprivileged: bool) -> anyhow::Result<()> {
     ])?;
     if privileged {
         // The end-to-end suite runs the real agent binary.
-        cargo(&["build", "-p", "ambit-agent", "--bin", "ambit"])?;
-        cargo(&["test", "-p", "ambit-e2e"])?;
+        cargo_cmd(&["build", "-p", "ambit-agent", "--bin", "ambit"])?;
+        cargo_cmd(&["test", "-p", "ambit-e2e"])?;
     } else {
         eprintln!(
             "xtask: NOT ROOT — the privileged end-to-end suite (tests/) was SKIPPED (--unprivileged)"
@@ -100,12 +102,17 @@ fn demo() -> anyhow::Result<()> {
         bail!("the demo creates network namespaces and loads eBPF programs: run it as root");
     }
     setup::run(setup::Need::All)?;
-    cargo(&["build", "--quiet", "-p", "ambit-agent", "--bin", "ambit"])?;
-    cargo(&["run", "--quiet", "-p", "ambit-e2e", "--bin", "ambit-demo"])
+    cargo_cmd(&["build", "--quiet", "-p", "ambit-agent", "--bin", "ambit"])?;
+    cargo_cmd(&["run", "--quiet", "-p", "ambit-e2e", "--bin", "ambit-demo"])
 }
 
 fn bench(quick: bool) -> anyhow::Result<()> {
-    setup::run(setup::Need::Build)?;
+    let privileged = setup::is_root();
+    setup::run(if privileged {
+        setup::Need::All
+    } else {
+        setup::Need::Build
+    })?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(&cargo)
         .args([
@@ -123,11 +130,38 @@ fn bench(quick: bool) -> anyhow::Result<()> {
     if !status.success() {
         bail!("benchmark failed ({status})");
     }
+    if !privileged {
+        eprintln!("xtask: NOT ROOT — the testbed benchmark (namespaces, eBPF) was SKIPPED");
+        return Ok(());
+    }
+    // The figures are the agent's: measure the release build.
+    cargo_cmd(&["build", "--release", "-p", "ambit-agent", "--bin", "ambit"])?;
+    let agent = setup::workspace_root()?.join("target/release/ambit");
+    let mut args = vec![
+        "run",
+        "--release",
+        "--quiet",
+        "-p",
+        "ambit-e2e",
+        "--bin",
+        "ambit-bench",
+    ];
+    if quick {
+        args.extend(["--", "--quick"]);
+    }
+    let status = Command::new(&cargo)
+        .args(&args)
+        .env("AMBIT_BIN", &agent)
+        .status()
+        .context("running the testbed benchmark")?;
+    if !status.success() {
+        bail!("testbed benchmark failed ({status})");
+    }
     Ok(())
 }
 
 /// Runs cargo with the same toolchain that runs xtask, failing on a non-zero exit.
-fn cargo(args: &[&str]) -> anyhow::Result<()> {
+fn cargo_cmd(args: &[&str]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("xtask: cargo {}", args.join(" "));
     let status = Command::new(&cargo)

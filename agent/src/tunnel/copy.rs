@@ -11,7 +11,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-/// Read buffers start small so that idle connections stay cheap, and grow while a
+/// Read buffers are allocated only once data is there, start small, and grow while a
 /// connection keeps filling them (bulk transfers then move large chunks per syscall).
 const INITIAL_READ_BUF: usize = 4 * 1024;
 const MAX_READ_BUF: usize = 256 * 1024;
@@ -75,12 +75,20 @@ pub async fn copy_bidirectional(
     mut recv: RecvStream,
     stats: &CopyStats,
 ) -> Result<(), CopyError> {
-    let (mut tcp_read, mut tcp_write) = tcp.split();
+    let (tcp_read, mut tcp_write) = tcp.split();
     let upstream = async {
         let mut buf_size = INITIAL_READ_BUF;
         loop {
+            // Wait for data before allocating: an idle connection then holds no buffer
+            // (thousands of idle connections would otherwise pin one each).
+            let tcp_ref: &TcpStream = tcp_read.as_ref();
+            tcp_ref.readable().await.map_err(CopyError::Tcp)?;
             let mut buf = BytesMut::with_capacity(buf_size);
-            let n = tcp_read.read_buf(&mut buf).await.map_err(CopyError::Tcp)?;
+            let n = match tcp_ref.try_read_buf(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(CopyError::Tcp(e)),
+            };
             if n == 0 {
                 // Client half-closed: END_STREAM, but keep receiving.
                 send.send_data(Bytes::new(), true)

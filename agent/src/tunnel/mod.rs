@@ -42,6 +42,9 @@ pub struct TunnelConfig {
     pub server_max_streams: u32,
     /// Pooled connections with no stream for this long are closed.
     pub pool_idle_timeout: Duration,
+    /// Share HBONE connections between proxied connections. When false every proxied
+    /// connection opens its own (TCP + TLS + HTTP/2 handshakes) and closes it at the end.
+    pub pooling: bool,
     /// HTTP/2 flow-control windows.
     pub stream_window: u32,
     pub connection_window: u32,
@@ -56,6 +59,7 @@ impl Default for TunnelConfig {
             max_streams_per_connection: 100,
             server_max_streams: 200,
             pool_idle_timeout: Duration::from_secs(300),
+            pooling: true,
             stream_window: 4 * 1024 * 1024,
             connection_window: 16 * 1024 * 1024,
             max_frame_size: 1024 * 1024,

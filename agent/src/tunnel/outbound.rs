@@ -104,7 +104,9 @@ impl Outbound {
         mut client: TcpStream,
         stats: &CopyStats,
     ) -> Result<(), TunnelError> {
-        let (send, recv, _lease) = match self.open_stream(request).await {
+        // Boxed: the handshake's state is large and only lives during setup; inline it
+        // would size every proxied connection's task for it while the connection idles.
+        let (send, recv, _lease) = match Box::pin(self.open_stream(request)).await {
             Ok(stream) => stream,
             Err(e) => {
                 // The client's connect() already succeeded against the capture listener; a
@@ -131,7 +133,12 @@ impl Outbound {
             destination: request.destination.clone(),
             address: request.hbone_addr,
         };
-        let lease = self.pool.lease(&key, || self.connect(&key)).await?;
+        let lease = if self.config.pooling {
+            self.pool.lease(&key, || self.connect(&key)).await?
+        } else {
+            let (send, driver) = self.connect(&key).await?;
+            StreamLease::unpooled(send, driver)
+        };
         let mut sender = lease.send_request().ready().await?;
         let (response, send) = sender.send_request(request.to_http()?, false)?;
         let response = response.await?;

@@ -48,6 +48,20 @@ pub struct StreamLease {
 }
 
 impl StreamLease {
+    /// A lease on a connection of its own, outside any pool: the connection closes when the
+    /// lease drops.
+    pub fn unpooled(send: SendRequest<Bytes>, driver: JoinHandle<()>) -> Self {
+        Self {
+            conn: Arc::new(PooledConnection {
+                send,
+                driver,
+                active_streams: AtomicUsize::new(1),
+                idle_since_ms: AtomicU64::new(0),
+            }),
+            epoch: Instant::now(),
+        }
+    }
+
     pub fn send_request(&self) -> SendRequest<Bytes> {
         self.conn.send.clone()
     }

@@ -781,3 +781,32 @@ async fn policy_change_revokes_live_connections_it_denies() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_pooling_every_connection_gets_its_own_and_nothing_stays_pooled() {
+    let env = Env::default().await;
+    let outbound = Arc::new(env.outbound(TunnelConfig {
+        pooling: false,
+        ..TunnelConfig::default()
+    }));
+    for _ in 0..2 {
+        let (mut client, task) = env
+            .proxied_client(
+                outbound.clone(),
+                env.request("client", "server", env.echo_addr),
+            )
+            .await;
+        client.write_all(b"ping").await.expect("write");
+        client.shutdown().await.expect("half-close");
+        let mut echoed = Vec::new();
+        client.read_to_end(&mut echoed).await.expect("read");
+        assert_eq!(echoed, b"ping");
+        task.await.expect("join").expect("proxy");
+        assert_eq!(outbound.pooled_connections(), 0, "nothing kept for reuse");
+    }
+    assert_eq!(
+        env.authorizer.seen.lock().expect("lock").len(),
+        2,
+        "both connections went through"
+    );
+}

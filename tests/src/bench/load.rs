@@ -1,0 +1,257 @@
+//! Our small load tool: 1 KiB round trips on one long-lived connection (at a fixed rate or
+//! as fast as they go), new connections per second, and many idle connections held open.
+//! Client threads enter a pod's network namespace once and then use plain blocking sockets.
+
+use std::io::{Read as _, Write as _};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use hdrhistogram::Histogram;
+
+/// Request and response size of the latency figures.
+pub const MESSAGE: usize = 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs `f` on a new thread inside the network namespace at `netns`.
+pub fn spawn_in_netns<T, F>(
+    netns: &Path,
+    f: F,
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<T>>>
+where
+    T: Send + 'static,
+    F: FnOnce() -> anyhow::Result<T> + Send + 'static,
+{
+    let file =
+        std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+    Ok(std::thread::Builder::new()
+        .name("bench-netns".into())
+        .spawn(move || {
+            ambit_agent::sys::setns_net(file.as_fd()).context("setns")?;
+            f()
+        })?)
+}
+
+fn join<T>(handle: std::thread::JoinHandle<anyhow::Result<T>>) -> anyhow::Result<T> {
+    handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("bench thread panicked"))?
+}
+
+fn connect(to: SocketAddr) -> anyhow::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)
+        .with_context(|| format!("connecting to {to}"))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(s)
+}
+
+/// Reads the pod app's greeting line (`<pod> peer=… local=…\n`), sent before the echo.
+fn skip_greeting(s: &mut TcpStream) -> anyhow::Result<()> {
+    let mut byte = [0u8; 1];
+    loop {
+        s.read_exact(&mut byte)
+            .context("reading the app's greeting")?;
+        if byte[0] == b'\n' {
+            return Ok(());
+        }
+    }
+}
+
+/// Round-trip latency percentiles, in microseconds.
+#[derive(Clone, Copy, Debug)]
+pub struct Latency {
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub round_trips_per_sec: f64,
+}
+
+/// 1 KiB request, 1 KiB echo, on one connection to the pod app at `to`, for `duration`.
+/// With `rate` the requests are sent on a fixed schedule and each latency is counted from
+/// the scheduled send time, so a slow answer also charges the requests it delays
+/// (no coordinated omission); without, back to back.
+pub fn round_trips(
+    client_netns: &Path,
+    to: SocketAddr,
+    duration: Duration,
+    rate: Option<u32>,
+) -> anyhow::Result<Latency> {
+    join(spawn_in_netns(client_netns, move || {
+        let mut s = connect(to)?;
+        skip_greeting(&mut s)?;
+        let request = vec![0x5au8; MESSAGE];
+        let mut response = vec![0u8; MESSAGE];
+        let mut once = |s: &mut TcpStream| -> anyhow::Result<()> {
+            s.write_all(&request)?;
+            s.read_exact(&mut response)?;
+            Ok(())
+        };
+        for _ in 0..200 {
+            once(&mut s)?;
+        }
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+        let interval = rate.map(|r| Duration::from_secs(1) / r.max(1));
+        let started = Instant::now();
+        let mut sent: u32 = 0;
+        while started.elapsed() < duration {
+            let t0 = match interval {
+                Some(interval) => {
+                    let due = started + interval * sent;
+                    // Sleep most of the wait and spin the end: sleep overshoots by tens
+                    // of microseconds, which would otherwise count as latency.
+                    let now = Instant::now();
+                    if due > now + Duration::from_micros(200) {
+                        std::thread::sleep(due - now - Duration::from_micros(200));
+                    }
+                    while Instant::now() < due {
+                        std::hint::spin_loop();
+                    }
+                    due
+                }
+                None => Instant::now(),
+            };
+            once(&mut s)?;
+            hist.saturating_record(t0.elapsed().as_nanos() as u64);
+            sent += 1;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let _ = s.shutdown(Shutdown::Both);
+        let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+        Ok(Latency {
+            p50_us: us(0.50),
+            p90_us: us(0.90),
+            p99_us: us(0.99),
+            round_trips_per_sec: f64::from(sent) / elapsed,
+        })
+    })?)
+}
+
+/// New connections per second for `duration`, `workers` at a time, each connection doing
+/// one request/response: connect, send 64 bytes, half-close, read the greeting and echo to
+/// the end.
+pub fn connection_rate(
+    client_netns: &Path,
+    to: SocketAddr,
+    duration: Duration,
+    workers: usize,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut handles = Vec::new();
+    for _ in 0..workers.max(1) {
+        handles.push(spawn_in_netns(client_netns, move || {
+            let payload = [0x42u8; 64];
+            let mut done = 0u64;
+            let mut reply = Vec::with_capacity(256);
+            while Instant::now() < deadline {
+                let mut s = connect(to)?;
+                s.write_all(&payload)?;
+                s.shutdown(Shutdown::Write)?;
+                reply.clear();
+                s.read_to_end(&mut reply)?;
+                if !reply.ends_with(&payload) {
+                    bail!("connection to {to}: short reply ({} bytes)", reply.len());
+                }
+                done += 1;
+            }
+            Ok(done)
+        })?);
+    }
+    let mut total = 0;
+    for h in handles {
+        total += join(h)?;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+/// A listener inside a pod that never accepts: connections complete their handshake and
+/// wait in its accept queue, open and idle, costing this process no descriptor (the
+/// machine's hard RLIMIT_NOFILE may be too low for both ends of 10,000 connections). The
+/// queue length, read with `ss`, tells when every connection is through.
+pub struct Holder {
+    pub addr: SocketAddr,
+    netns: PathBuf,
+    listener: TcpListener,
+}
+
+impl Holder {
+    /// Needs `net.core.somaxconn` ≥ the connections to hold, in the pod's netns.
+    pub fn start(netns: &Path, addr: SocketAddr) -> anyhow::Result<Self> {
+        let listener = join(spawn_in_netns(netns, move || {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            s.bind(&addr.into())?;
+            s.listen(65_535)?;
+            s.set_nonblocking(true)?;
+            Ok(TcpListener::from(s))
+        })?)?;
+        Ok(Self {
+            addr,
+            netns: netns.to_path_buf(),
+            listener,
+        })
+    }
+
+    /// Connections waiting in the accept queue (`ss` Recv-Q of a listener).
+    pub fn queued(&self) -> anyhow::Result<usize> {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", self.netns.display()))
+            .args([
+                "ss",
+                "-ltnH",
+                "sport",
+                "=",
+                &format!(":{}", self.addr.port()),
+            ])
+            .output()
+            .context("running ss (iproute2)")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let queued = text
+            .lines()
+            .find_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .with_context(|| format!("no listener on {} in `ss` output: {text}", self.addr))?;
+        Ok(queued)
+    }
+
+    /// Waits until at least `count` connections are queued.
+    pub fn wait_queued(&self, count: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let queued = self.queued()?;
+            if queued >= count {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "only {queued} of {count} connections reached {} in {timeout:?}",
+                    self.addr
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Accepts and closes every queued connection.
+    pub fn release(&self) {
+        while self.listener.accept().is_ok() {}
+    }
+}
+
+/// Opens `count` connections from inside `client_netns` to `to` and returns them, open and
+/// idle (the caller checks they arrived with [`Holder::wait_queued`]).
+pub fn open_idle(
+    client_netns: &Path,
+    to: SocketAddr,
+    count: usize,
+) -> anyhow::Result<Vec<TcpStream>> {
+    join(spawn_in_netns(client_netns, move || {
+        (0..count)
+            .map(|i| connect(to).with_context(|| format!("idle connection {i}")))
+            .collect()
+    })?)
+}

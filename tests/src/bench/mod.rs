@@ -1,0 +1,659 @@
+//! The testbed benchmark: what the mesh costs, measured against no mesh in the same run on
+//! the two-node testbed. `cargo xtask bench` runs [`run`] with [`Settings::full`] through
+//! the `ambit-bench` binary; the end-to-end suite runs it once with [`Settings::quick`]
+//! and checks that every figure was produced.
+//!
+//! Pods: `client` and `server-a` on node 1, `server-b` on node 2, all in the mesh
+//! namespace. "No mesh" is the same testbed with the namespace's opt-in label off: the
+//! agents keep running but enroll nothing, so the traffic is plain pod-to-pod routing.
+
+pub mod iperf;
+pub mod load;
+pub mod procfs;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+use crate::testbed::{APP_PORT, MESH_NS, PodSpec, Testbed, sysctl};
+
+const IPERF_PORT: u16 = 5201;
+const HOLD_PORT: u16 = 9090;
+const LOG_WAIT: Duration = Duration::from_secs(20);
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+const MIB: f64 = 1024.0 * 1024.0;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Settings {
+    pub quick: bool,
+    /// Seconds of each iperf3 run.
+    pub bulk_secs: u64,
+    /// Seconds of each latency run.
+    pub latency_secs: u64,
+    /// Requests per second of the fixed-rate latency run.
+    pub fixed_rate: u32,
+    /// Seconds of each new-connections run, and its concurrency.
+    pub connect_secs: u64,
+    pub connect_workers: usize,
+    /// Idle proxied connections held open for the memory figure.
+    pub idle_connections: usize,
+}
+
+impl Settings {
+    pub fn full() -> Self {
+        Self {
+            quick: false,
+            bulk_secs: 5,
+            latency_secs: 5,
+            fixed_rate: 1000,
+            connect_secs: 5,
+            connect_workers: 4,
+            idle_connections: 10_000,
+        }
+    }
+
+    /// A smoke run: every figure, small sizes.
+    pub fn quick() -> Self {
+        Self {
+            quick: true,
+            bulk_secs: 1,
+            latency_secs: 1,
+            fixed_rate: 1000,
+            connect_secs: 1,
+            connect_workers: 2,
+            idle_connections: 1_000,
+        }
+    }
+}
+
+/// One figure: no mesh and mesh, across nodes and on the same node.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub figure: String,
+    pub cross_node: Pair,
+    pub same_node: Pair,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Pair {
+    pub no_mesh: Option<f64>,
+    pub mesh: Option<f64>,
+    /// mesh / no mesh; none where the baseline is nil by construction (the agents do no
+    /// work without the mesh, so CPU per GiB and bytes per connection are zero plus noise).
+    pub ratio: Option<f64>,
+}
+
+impl Pair {
+    fn new(no_mesh: Option<f64>, mesh: Option<f64>, comparable: bool) -> Self {
+        let ratio = match (no_mesh, mesh) {
+            (Some(b), Some(m)) if comparable && b > 0.0 => Some(m / b),
+            _ => None,
+        };
+        Self {
+            no_mesh,
+            mesh,
+            ratio,
+        }
+    }
+
+    pub fn ratio(&self) -> Option<f64> {
+        self.ratio
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub settings: Settings,
+    pub idle_connections: IdleCounts,
+    /// RLIMIT_NOFILE in force for the agents.
+    pub nofile_limit: u64,
+    pub agent_binary: PathBuf,
+    pub machine: String,
+    pub rows: Vec<Row>,
+    /// The project's aims, each with the figure compared and whether it is met.
+    pub aims: Vec<Aim>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Aim {
+    pub aim: String,
+    pub value: Option<f64>,
+    pub met: Option<bool>,
+}
+
+impl Report {
+    pub fn row(&self, figure: &str) -> Option<&Row> {
+        self.rows.iter().find(|r| r.figure == figure)
+    }
+
+    /// Figures that should have a value and do not (the quick test insists on none).
+    pub fn missing(&self) -> Vec<String> {
+        let mut missing = Vec::new();
+        for r in &self.rows {
+            for (place, pair) in [("cross-node", r.cross_node), ("same-node", r.same_node)] {
+                for (side, v) in [("no mesh", pair.no_mesh), ("mesh", pair.mesh)] {
+                    if !v.is_some_and(f64::is_finite) {
+                        missing.push(format!("{} ({place}, {side})", r.figure));
+                    }
+                }
+            }
+        }
+        for a in &self.aims {
+            if a.value.is_none() {
+                missing.push(format!("aim: {}", a.aim));
+            }
+        }
+        missing
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut s = String::from(
+            "| figure | no mesh, cross-node | mesh, cross-node | mesh / no mesh | no mesh, same node | mesh, same node | mesh / no mesh |\n\
+             | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        );
+        let f = |v: Option<f64>| v.map_or_else(|| "–".to_string(), fmt);
+        for r in &self.rows {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} |\n",
+                r.figure,
+                f(r.cross_node.no_mesh),
+                f(r.cross_node.mesh),
+                r.cross_node
+                    .ratio()
+                    .map_or("–".into(), |x| format!("{x:.2}")),
+                f(r.same_node.no_mesh),
+                f(r.same_node.mesh),
+                r.same_node
+                    .ratio()
+                    .map_or("–".into(), |x| format!("{x:.2}")),
+            ));
+        }
+        s.push_str("\n| aim | measured | met |\n| --- | ---: | :---: |\n");
+        for a in &self.aims {
+            s.push_str(&format!(
+                "| {} | {} | {} |\n",
+                a.aim,
+                f(a.value),
+                match a.met {
+                    Some(true) => "yes",
+                    Some(false) => "**no**",
+                    None => "–",
+                }
+            ));
+        }
+        s
+    }
+}
+
+fn fmt(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// Which server pod a placement talks to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Cross,
+    Same,
+}
+
+impl Place {
+    fn server(self) -> &'static str {
+        match self {
+            Place::Cross => "server-b",
+            Place::Same => "server-a",
+        }
+    }
+}
+
+/// How many idle connections each placement holds: the settings' count, fewer on the same
+/// node when one agent holding both ends (two descriptors per connection) would pass the
+/// open-file limit.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct IdleCounts {
+    pub cross_node: usize,
+    pub same_node: usize,
+}
+
+impl IdleCounts {
+    fn new(wanted: usize, nofile: u64) -> Self {
+        let room = usize::try_from(nofile)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(1000);
+        Self {
+            cross_node: wanted.min(room),
+            same_node: wanted.min(room / 2),
+        }
+    }
+
+    fn of(self, place: Place) -> usize {
+        match place {
+            Place::Cross => self.cross_node,
+            Place::Same => self.same_node,
+        }
+    }
+
+    fn describe(self) -> String {
+        if self.cross_node == self.same_node {
+            format!("{} held", self.cross_node)
+        } else {
+            format!(
+                "{} held, {} on the same node",
+                self.cross_node, self.same_node
+            )
+        }
+    }
+}
+
+/// Figures of one phase (no mesh or mesh) for one placement.
+#[derive(Default)]
+struct Figures {
+    bulk1_gbps: Option<f64>,
+    bulk4_gbps: Option<f64>,
+    cpu_s_per_gib: Option<f64>,
+    fixed: Option<load::Latency>,
+    full: Option<load::Latency>,
+    conns_pooled: Option<f64>,
+    conns_handshake: Option<f64>,
+    /// RSS growth per held connection, client node's agent and server node's agent.
+    per_conn_bytes: [Option<f64>; 2],
+    rss_with_conns_mib: [Option<f64>; 2],
+}
+
+/// Runs every scenario and returns the report (also printed and written by [`write`]).
+pub fn run(settings: &Settings) -> anyhow::Result<Report> {
+    // The client ends of the held connections live in this process; the agents (which
+    // inherit the limit and raise theirs the same way) hold one descriptor per proxied
+    // connection and side.
+    let nofile = ambit_agent::sys::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
+    let idle = IdleCounts::new(settings.idle_connections, nofile);
+    let agent_binary = crate::testbed::agent_binary()?;
+
+    let pods = [
+        PodSpec::new("client", MESH_NS, 0),
+        PodSpec::new("server-a", MESH_NS, 0),
+        PodSpec::new("server-b", MESH_NS, 1),
+    ];
+    let mut bed = Testbed::build(2, &pods, Vec::new())?;
+    for pod in &bed.pods {
+        // Thousands of short connections from one address: reuse TIME_WAIT ports, and more
+        // of them (from 20000: below are the agent's in-pod ports 15001/15006/15008).
+        sysctl(&pod.ns, "net/ipv4/tcp_tw_reuse", "1")?;
+        sysctl(&pod.ns, "net/ipv4/ip_local_port_range", "20000 65000")?;
+        // The holders keep connections in their accept queue.
+        sysctl(&pod.ns, "net/core/somaxconn", "65535")?;
+    }
+    let _iperf: Vec<iperf::IperfServer> = ["server-a", "server-b"]
+        .iter()
+        .map(|p| iperf::IperfServer::start(&bed.pod(p).ns.path(), IPERF_PORT))
+        .collect::<anyhow::Result<_>>()?;
+    let holders: Vec<load::Holder> = ["server-a", "server-b"]
+        .iter()
+        .map(|p| {
+            let pod = bed.pod(p);
+            load::Holder::start(&pod.ns.path(), pod.addr(HOLD_PORT))
+        })
+        .collect::<anyhow::Result<_>>()?;
+
+    // Baseline first: agents running, nothing enrolled.
+    bed.mesh_enabled = false;
+    bed.write_config()?;
+    bed.start_agents()?;
+    settle();
+    let idle_no_mesh = agents_rss(&bed)?;
+    let mut base_cross = Figures::default();
+    let mut base_same = Figures::default();
+    for (place, figs) in [
+        (Place::Cross, &mut base_cross),
+        (Place::Same, &mut base_same),
+    ] {
+        measure(&bed, settings, idle, place, &holders, figs)?;
+    }
+    // Without the mesh there is no HBONE connection to pool or not.
+    base_cross.conns_handshake = base_cross.conns_pooled;
+    base_same.conns_handshake = base_same.conns_pooled;
+
+    // The mesh: enroll live, check the path goes through both agents.
+    bed.mesh_enabled = true;
+    bed.write_config()?;
+    for (agent, pod) in [
+        (0, "mesh/client"),
+        (0, "mesh/server-a"),
+        (1, "mesh/server-b"),
+    ] {
+        bed.agent(agent)
+            .wait_for_log(&["pod enrolled", pod], LOG_WAIT)?;
+    }
+    let mut idle_mesh = None;
+    let mut mesh_cross = Figures::default();
+    let mut mesh_same = Figures::default();
+    for (place, figs) in [
+        (Place::Cross, &mut mesh_cross),
+        (Place::Same, &mut mesh_same),
+    ] {
+        // Fresh agents for each placement, for the same reason as measuring memory first.
+        bed.kill_agent(0);
+        bed.kill_agent(1);
+        bed.start_agents()?;
+        settle();
+        if idle_mesh.is_none() {
+            idle_mesh = Some(agents_rss(&bed)?);
+        }
+        check_meshed(&bed, place)?;
+        measure(&bed, settings, idle, place, &holders, figs)?;
+    }
+    let idle_mesh = idle_mesh.context("no mesh placement ran")?;
+
+    // A full TCP + TLS + HTTP/2 handshake per connection: node 1's agent (the client's,
+    // which dials HBONE) restarted without pooling.
+    bed.kill_agent(0);
+    bed.agent_args = vec!["--no-pool".into()];
+    bed.start_agent(0)?;
+    for place in [Place::Cross, Place::Same] {
+        check_meshed(&bed, place)?;
+        let rate = load::connection_rate(
+            &bed.pod("client").ns.path(),
+            bed.pod(place.server()).addr(APP_PORT),
+            Duration::from_secs(settings.connect_secs),
+            settings.connect_workers,
+        )?;
+        match place {
+            Place::Cross => mesh_cross.conns_handshake = Some(rate),
+            Place::Same => mesh_same.conns_handshake = Some(rate),
+        }
+    }
+    drop(holders);
+
+    let rows = rows(
+        settings,
+        idle,
+        [&base_cross, &mesh_cross],
+        [&base_same, &mesh_same],
+        idle_no_mesh,
+        idle_mesh,
+    );
+    let mut report = Report {
+        settings: settings.clone(),
+        idle_connections: idle,
+        nofile_limit: nofile,
+        agent_binary,
+        machine: machine(),
+        rows,
+        aims: Vec::new(),
+    };
+    report.aims = aims(&report);
+    Ok(report)
+}
+
+/// Prints the table and writes `target/bench/testbed.json`.
+pub fn write(report: &Report) -> anyhow::Result<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("testbed.json");
+    std::fs::write(&path, serde_json::to_string_pretty(report)? + "\n")?;
+    Ok(path)
+}
+
+/// Lets the agents finish what enrolling started before memory is read.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+/// RSS of node 1's and node 2's agents, in bytes.
+fn agents_rss(bed: &Testbed) -> anyhow::Result<[f64; 2]> {
+    Ok([
+        procfs::rss_bytes(bed.agent(0).pid())? as f64,
+        procfs::rss_bytes(bed.agent(1).pid())? as f64,
+    ])
+}
+
+fn agents_cpu(bed: &Testbed) -> anyhow::Result<f64> {
+    Ok(procfs::cpu_time(bed.agent(0).pid())?.as_secs_f64()
+        + procfs::cpu_time(bed.agent(1).pid())?.as_secs_f64())
+}
+
+/// One request through the mesh; waits for the receiving agent to log it, so a figure
+/// called "mesh" really went through both agents.
+fn check_meshed(bed: &Testbed, place: Place) -> anyhow::Result<()> {
+    let server = bed.pod(place.server());
+    let receiving = usize::from(place == Place::Cross);
+    let before = bed
+        .agent(receiving)
+        .logs()
+        .iter()
+        .filter(|l| l.contains("inbound connection closed"))
+        .count();
+    let reply = bed.pod("client").request(server.addr(APP_PORT), b"bench")?;
+    anyhow::ensure!(reply.ends_with("bench"), "unexpected reply {reply:?}");
+    bed.agent(receiving).wait_for_logs(
+        &["inbound connection closed", &server.identity()],
+        before + 1,
+        LOG_WAIT,
+    )?;
+    Ok(())
+}
+
+fn measure(
+    bed: &Testbed,
+    settings: &Settings,
+    idle: IdleCounts,
+    place: Place,
+    holders: &[load::Holder],
+    figs: &mut Figures,
+) -> anyhow::Result<()> {
+    let client = bed.pod("client").ns.path();
+    let server = bed.pod(place.server());
+    eprintln!(
+        "bench: client → {} ({})",
+        place.server(),
+        if bed.mesh_enabled { "mesh" } else { "no mesh" }
+    );
+
+    // Memory per idle proxied connection, first: later figures leave freed memory in the
+    // agents' heaps that new connections would reuse unseen.
+    let holder = holders
+        .iter()
+        .find(|h| h.addr.ip() == std::net::IpAddr::V4(server.ip))
+        .context("no holder for the server pod")?;
+    settle();
+    let before = agents_rss(bed)?;
+    let count = idle.of(place);
+    let conns = load::open_idle(&client, holder.addr, count)?;
+    holder.wait_queued(count, Duration::from_secs(60))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let after = agents_rss(bed)?;
+    let n = count as f64;
+    for i in 0..2 {
+        figs.per_conn_bytes[i] = Some((after[i] - before[i]) / n);
+        figs.rss_with_conns_mib[i] = Some(after[i] / MIB);
+    }
+    drop(conns);
+    holder.release();
+    // Let both agents see the closes before the next figure.
+    std::thread::sleep(Duration::from_secs(1));
+    // Bulk, with both agents' CPU time around it.
+    let cpu_before = agents_cpu(bed)?;
+    let one = iperf::run_client(&client, server.ip, IPERF_PORT, settings.bulk_secs, 1)?;
+    let four = iperf::run_client(&client, server.ip, IPERF_PORT, settings.bulk_secs, 4)?;
+    let cpu = agents_cpu(bed)? - cpu_before;
+    figs.bulk1_gbps = Some(one.bits_per_second / 1e9);
+    figs.bulk4_gbps = Some(four.bits_per_second / 1e9);
+    figs.cpu_s_per_gib = Some(cpu / ((one.bytes + four.bytes) / GIB));
+
+    // Latency on one long-lived connection.
+    let app = server.addr(APP_PORT);
+    let latency = Duration::from_secs(settings.latency_secs);
+    figs.fixed = Some(load::round_trips(
+        &client,
+        app,
+        latency,
+        Some(settings.fixed_rate),
+    )?);
+    figs.full = Some(load::round_trips(&client, app, latency, None)?);
+
+    // New connections.
+    figs.conns_pooled = Some(load::connection_rate(
+        &client,
+        app,
+        Duration::from_secs(settings.connect_secs),
+        settings.connect_workers,
+    )?);
+
+    Ok(())
+}
+
+fn rows(
+    settings: &Settings,
+    idle: IdleCounts,
+    cross: [&Figures; 2],
+    same: [&Figures; 2],
+    idle_no_mesh: [f64; 2],
+    idle_mesh: [f64; 2],
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let mut add = |figure: String, get: &dyn Fn(&Figures) -> Option<f64>| {
+        let comparable = !figure.contains("CPU s per GiB") && !figure.contains("bytes per idle");
+        rows.push(Row {
+            cross_node: Pair::new(get(cross[0]), get(cross[1]), comparable),
+            same_node: Pair::new(get(same[0]), get(same[1]), comparable),
+            figure,
+        });
+    };
+    add("bulk, 1 stream (Gbit/s)".into(), &|f| f.bulk1_gbps);
+    add("bulk, 4 streams (Gbit/s)".into(), &|f| f.bulk4_gbps);
+    let rate = settings.fixed_rate;
+    add(format!("1 KiB round trip p50 at {rate}/s (µs)"), &|f| {
+        f.fixed.map(|l| l.p50_us)
+    });
+    add(format!("1 KiB round trip p90 at {rate}/s (µs)"), &|f| {
+        f.fixed.map(|l| l.p90_us)
+    });
+    add(format!("1 KiB round trip p99 at {rate}/s (µs)"), &|f| {
+        f.fixed.map(|l| l.p99_us)
+    });
+    add("1 KiB round trip p50, full speed (µs)".into(), &|f| {
+        f.full.map(|l| l.p50_us)
+    });
+    add("1 KiB round trip p90, full speed (µs)".into(), &|f| {
+        f.full.map(|l| l.p90_us)
+    });
+    add("1 KiB round trip p99, full speed (µs)".into(), &|f| {
+        f.full.map(|l| l.p99_us)
+    });
+    add("1 KiB round trips/s, full speed".into(), &|f| {
+        f.full.map(|l| l.round_trips_per_sec)
+    });
+    add("new connections/s, pooled HBONE".into(), &|f| {
+        f.conns_pooled
+    });
+    add("new connections/s, full mTLS handshake each".into(), &|f| {
+        f.conns_handshake
+    });
+    add("agents' CPU s per GiB (both agents)".into(), &|f| {
+        f.cpu_s_per_gib
+    });
+    let n = idle.describe();
+    add(
+        format!("node 1 agent (client side): bytes per idle connection ({n})"),
+        &|f| f.per_conn_bytes[0],
+    );
+    add(
+        format!("node 2 agent: bytes per idle connection ({n})"),
+        &|f| f.per_conn_bytes[1],
+    );
+    add(
+        "node 1 agent RSS with the idle connections (MiB)".into(),
+        &|f| f.rss_with_conns_mib[0],
+    );
+    add(
+        "node 2 agent RSS with the idle connections (MiB)".into(),
+        &|f| f.rss_with_conns_mib[1],
+    );
+    for (i, node) in ["node 1", "node 2"].iter().enumerate() {
+        let pair = Pair::new(Some(idle_no_mesh[i] / MIB), Some(idle_mesh[i] / MIB), true);
+        rows.push(Row {
+            figure: format!("{node} agent idle RSS (MiB; mesh = pods enrolled)"),
+            cross_node: pair,
+            same_node: pair,
+        });
+    }
+    rows
+}
+
+fn aims(report: &Report) -> Vec<Aim> {
+    let find = |prefix: &str| report.rows.iter().find(|r| r.figure.starts_with(prefix));
+    let mut aims = Vec::new();
+    let mut aim = |text: &str, value: Option<f64>, ok: &dyn Fn(f64) -> bool| {
+        aims.push(Aim {
+            aim: text.into(),
+            value,
+            met: value.map(ok),
+        });
+    };
+    aim(
+        "cross-node bulk, 1 stream, mesh / no mesh ≥ 0.40",
+        find("bulk, 1 stream").and_then(|r| r.cross_node.ratio()),
+        &|v| v >= 0.40,
+    );
+    let p50 = find("1 KiB round trip p50 at").map(|r| r.cross_node);
+    aim(
+        "cross-node p50 added per round trip (µs, fixed rate) ≤ 30",
+        p50.and_then(|p| Some(p.mesh? - p.no_mesh?)),
+        &|v| v <= 30.0,
+    );
+    aim(
+        "cross-node new connections/s, full handshake each ≥ 2000",
+        find("new connections/s, full").and_then(|r| r.cross_node.mesh),
+        &|v| v >= 2000.0,
+    );
+    let per_conn = [
+        find("node 1 agent (client side): bytes").and_then(|r| r.cross_node.mesh),
+        find("node 2 agent: bytes").and_then(|r| r.cross_node.mesh),
+    ];
+    aim(
+        "bytes per idle proxied connection, per agent (larger of the two, cross-node) ≤ 4096",
+        per_conn[0].zip(per_conn[1]).map(|(a, b)| a.max(b)),
+        &|v| v <= 4096.0,
+    );
+    let idle = [
+        find("node 1 agent idle RSS").and_then(|r| r.cross_node.mesh),
+        find("node 2 agent idle RSS").and_then(|r| r.cross_node.mesh),
+    ];
+    aim(
+        "agent idle RSS, pods enrolled (MiB, larger of the two) ≤ 15 MB (14.3 MiB)",
+        idle[0].zip(idle[1]).map(|(a, b)| a.max(b)),
+        &|v| v * MIB <= 15e6,
+    );
+    aims
+}
+
+/// CPU model, cores, memory and kernel, for the report.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / MIB);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{model}, {cores} cores, {mem_gib:.0} GiB, Linux {}",
+        kernel.trim()
+    )
+}

@@ -1,0 +1,33 @@
+//! `cargo xtask bench`'s testbed part: the mesh's cost against no mesh on the two-node
+//! testbed. Needs root. `--quick` runs the smoke-sized settings. Use a release agent
+//! (`AMBIT_BIN=target/release/ambit`, as xtask does): the figures are about the agent.
+
+fn main() -> anyhow::Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    if !ambit_e2e::is_root() {
+        anyhow::bail!(
+            "the testbed benchmark creates network namespaces and loads eBPF: run it as root"
+        );
+    }
+    let settings = if quick {
+        ambit_e2e::bench::Settings::quick()
+    } else {
+        ambit_e2e::bench::Settings::full()
+    };
+    let started = std::time::Instant::now();
+    let report = ambit_e2e::bench::run(&settings)?;
+    let path = ambit_e2e::bench::write(&report)?;
+    println!(
+        "\nTestbed benchmark ({}; agent {}; {:.0?}):\n",
+        report.machine,
+        report.agent_binary.display(),
+        started.elapsed()
+    );
+    println!("{}", report.markdown());
+    println!("JSON: {}", path.display());
+    let missing = report.missing();
+    if !missing.is_empty() {
+        anyhow::bail!("figures not produced: {missing:?}");
+    }
+    Ok(())
+}

@@ -1,0 +1,12 @@
+//! Privileged: the testbed benchmark still runs. Quick settings, and only the presence of
+//! every figure is checked — never a speed (this machine is shared and noisy).
+
+#[test]
+fn quick_testbed_bench_produces_every_figure() -> anyhow::Result<()> {
+    let report = ambit_e2e::bench::run(&ambit_e2e::bench::Settings::quick())?;
+    eprintln!("{}", report.markdown());
+    let missing = report.missing();
+    assert!(missing.is_empty(), "figures not produced: {missing:?}");
+    assert_eq!(report.aims.len(), 5, "every aim compared");
+    Ok(())
+}
