@@ -188,6 +188,8 @@ async fn serve_outbound(ctx: Arc<OutboundCtx>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((client, peer)) => {
+                // A proxy forwards whatever it has at once; Nagle would only add latency.
+                let _ = client.set_nodelay(true);
                 tokio::spawn(handle_outbound(ctx.clone(), client, peer));
             }
             Err(e) => {
@@ -296,6 +298,7 @@ async fn serve_plaintext(inbound: Arc<Inbound>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((client, peer)) => {
+                let _ = client.set_nodelay(true);
                 let inbound = inbound.clone();
                 tokio::spawn(async move {
                     // Under sk_lookup the accepted socket's local address is what the client dialled.

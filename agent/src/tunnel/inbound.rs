@@ -190,6 +190,8 @@ impl Inbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
         loop {
             let (tcp, peer) = listener.accept().await?;
+            // HTTP/2 writes small frames (WINDOW_UPDATE, headers): never hold them back.
+            let _ = tcp.set_nodelay(true);
             let this = self.clone();
             tokio::spawn(async move {
                 if let Err(e) = this.handle_hbone(tcp).await {
