@@ -91,6 +91,7 @@ pub struct Inbound {
     /// application sees its real peer; needs CAP_NET_ADMIN and the pod-side routing.
     preserve_source: bool,
     counters: Arc<TunnelCounters>,
+    tls_configs: super::tls::ConfigCache<rustls::ServerConfig>,
     live: LiveConnections,
     metrics: Option<Arc<Metrics>>,
     /// Turns true when the agent drains: HBONE connections get a GOAWAY.
@@ -148,6 +149,7 @@ impl Inbound {
             config,
             preserve_source,
             counters: Arc::new(TunnelCounters::default()),
+            tls_configs: super::tls::ConfigCache::default(),
             live: LiveConnections::default(),
             metrics: None,
             drain: None,
@@ -211,12 +213,13 @@ impl Inbound {
             return Ok(());
         };
         let cert = self.certs.get(&workload.identity).await?;
-        let tls = server_config(
-            &cert,
-            &self.certs.trust_bundle(),
-            workload.identity.trust_domain(),
-        )?;
-        let tls_stream = match TlsAcceptor::from(Arc::new(tls)).accept(tcp).await {
+        let bundle = self.certs.trust_bundle();
+        let tls =
+            self.tls_configs
+                .get_or_build(workload.identity.to_string(), &cert, &bundle, || {
+                    server_config(&cert, &bundle, workload.identity.trust_domain())
+                })?;
+        let tls_stream = match TlsAcceptor::from(tls).accept(tcp).await {
             Ok(s) => s,
             Err(e) => {
                 let reason = handshake_failure(&e);

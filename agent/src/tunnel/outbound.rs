@@ -66,6 +66,7 @@ pub struct Outbound {
     pool: Arc<Pool>,
     config: TunnelConfig,
     counters: Arc<TunnelCounters>,
+    tls_configs: super::tls::ConfigCache<rustls::ClientConfig>,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -77,6 +78,7 @@ impl Outbound {
             dialer,
             config,
             counters: Arc::new(TunnelCounters::default()),
+            tls_configs: super::tls::ConfigCache::default(),
             metrics: None,
         }
     }
@@ -156,7 +158,13 @@ impl Outbound {
         key: &PoolKey,
     ) -> Result<(h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>), TunnelError> {
         let cert = self.certs.get(&key.source).await?;
-        let tls = client_config(&cert, &self.certs.trust_bundle(), &key.destination)?;
+        let bundle = self.certs.trust_bundle();
+        let tls = self.tls_configs.get_or_build(
+            format!("{} -> {}", key.source, key.destination),
+            &cert,
+            &bundle,
+            || client_config(&cert, &bundle, &key.destination),
+        )?;
         let tcp = dial_with_timeout(
             self.dialer.as_ref(),
             key.address,
@@ -167,7 +175,7 @@ impl Outbound {
         // No SNI is sent (HBONE peers select the certificate by local address); rustls still
         // wants a name, and the IP is the honest one.
         let name = ServerName::IpAddress(key.address.ip().into());
-        let tls_stream = match TlsConnector::from(Arc::new(tls)).connect(name, tcp).await {
+        let tls_stream = match TlsConnector::from(tls).connect(name, tcp).await {
             Ok(s) => s,
             Err(e) => {
                 let reason = handshake_failure(&e);

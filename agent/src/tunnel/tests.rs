@@ -810,3 +810,41 @@ async fn without_pooling_every_connection_gets_its_own_and_nothing_stays_pooled(
         "both connections went through"
     );
 }
+
+#[test]
+fn tls_configs_are_reused_until_the_certificate_or_bundle_changes() {
+    crate::identity::install_crypto_provider();
+    let ca = LocalCa::generate().expect("CA");
+    let now = SystemTime::now();
+    let first = ca
+        .issue_with_validity(&id("server"), now, now + Duration::from_secs(600))
+        .expect("cert");
+    let bundle = ca.trust_bundle();
+    let cache = tls::ConfigCache::<rustls::ServerConfig>::default();
+    let build = |cert: &WorkloadCertificate, bundle: &TrustBundle| {
+        cache.get_or_build("server".into(), cert, bundle, || {
+            tls::server_config(cert, bundle, "cluster.local")
+        })
+    };
+    let a = build(&first, &bundle).expect("config");
+    let b = build(&first, &bundle).expect("config");
+    assert!(
+        Arc::ptr_eq(&a, &b),
+        "same certificate and bundle: built once"
+    );
+    let renewed = ca
+        .issue_with_validity(&id("server"), now, now + Duration::from_secs(600))
+        .expect("cert");
+    let c = build(&renewed, &bundle).expect("config");
+    assert!(
+        !Arc::ptr_eq(&a, &c),
+        "a renewed certificate gets a new config"
+    );
+    let mut rotated = bundle.clone();
+    rotated.extend(LocalCa::generate().expect("CA").trust_bundle().roots);
+    let d = build(&renewed, &rotated).expect("config");
+    assert!(
+        !Arc::ptr_eq(&c, &d),
+        "a changed trust bundle gets a new config"
+    );
+}

@@ -324,3 +324,55 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'static>]>) -> Option<Spiffe
         .and_then(|c| c.first())
         .and_then(|leaf| identity_from_cert(leaf).ok())
 }
+
+/// Built rustls configurations, shared by every handshake with the same local certificate,
+/// trust bundle and peer expectation. Building one parses the private key, the roots and
+/// sets up a verifier, which is a sizeable share of a full handshake's cost; an entry is
+/// rebuilt when the certificate renews (new serial) or the bundle changes.
+pub struct ConfigCache<C> {
+    entries: std::sync::Mutex<std::collections::HashMap<String, CachedConfig<C>>>,
+}
+
+struct CachedConfig<C> {
+    serial: String,
+    bundle: TrustBundle,
+    config: Arc<C>,
+}
+
+impl<C> Default for ConfigCache<C> {
+    fn default() -> Self {
+        Self {
+            entries: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+}
+
+impl<C> ConfigCache<C> {
+    pub fn get_or_build(
+        &self,
+        key: String,
+        local: &WorkloadCertificate,
+        bundle: &TrustBundle,
+        build: impl FnOnce() -> Result<C, crate::tunnel::TunnelError>,
+    ) -> Result<Arc<C>, crate::tunnel::TunnelError> {
+        if let Ok(entries) = self.entries.lock()
+            && let Some(hit) = entries.get(&key)
+            && hit.serial == local.serial
+            && hit.bundle == *bundle
+        {
+            return Ok(hit.config.clone());
+        }
+        let config = Arc::new(build()?);
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.insert(
+                key,
+                CachedConfig {
+                    serial: local.serial.clone(),
+                    bundle: bundle.clone(),
+                    config: config.clone(),
+                },
+            );
+        }
+        Ok(config)
+    }
+}
