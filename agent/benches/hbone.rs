@@ -24,6 +24,7 @@ const MSG: usize = 1024;
 struct Sizes {
     bulk_bytes: usize,
     rtt_iterations: usize,
+    connections: usize,
 }
 
 struct Workloads(HashMap<IpAddr, LocalWorkload>);
@@ -122,7 +123,7 @@ struct Mesh {
 }
 
 impl Mesh {
-    async fn start() -> anyhow::Result<Self> {
+    async fn start(pooling: bool) -> anyhow::Result<Self> {
         let ca = Arc::new(LocalCa::generate()?);
         let ttl = Duration::from_secs(3600);
         let workloads = Arc::new(Workloads(HashMap::from([(
@@ -147,7 +148,10 @@ impl Mesh {
         let outbound = Arc::new(Outbound::new(
             CertManager::new(ca, ttl),
             Arc::new(DirectDialer),
-            TunnelConfig::default(),
+            TunnelConfig {
+                pooling,
+                ..TunnelConfig::default()
+            },
         ));
         Ok(Self {
             outbound,
@@ -178,6 +182,23 @@ impl Mesh {
     }
 }
 
+/// Connections per second, one after another, each with one 1 KiB round trip.
+async fn connection_rate<F, Fut>(count: usize, mut connect: F) -> anyhow::Result<f64>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<TcpStream>>,
+{
+    let start = Instant::now();
+    for _ in 0..count {
+        let mut stream = connect().await?;
+        let msg = [1u8; MSG];
+        let mut back = [0u8; MSG];
+        stream.write_all(&msg).await?;
+        stream.read_exact(&mut back).await?;
+    }
+    Ok(count as f64 / start.elapsed().as_secs_f64())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let quick = std::env::var("AMBIT_BENCH_QUICK").is_ok_and(|v| v == "1");
@@ -185,21 +206,31 @@ async fn main() -> anyhow::Result<()> {
         Sizes {
             bulk_bytes: 64 << 20,
             rtt_iterations: 2_000,
+            connections: 200,
         }
     } else {
         Sizes {
             bulk_bytes: 2 << 30,
             rtt_iterations: 20_000,
+            connections: 3_000,
         }
     };
     let sink = spawn_sink().await?;
     let echo = spawn_echo().await?;
-    let mesh = Mesh::start().await?;
+    let mesh = Mesh::start(true).await?;
+    let unpooled = Mesh::start(false).await?;
 
     let direct_gbps = bulk(TcpStream::connect(sink).await?, sizes.bulk_bytes).await?;
     let hbone_gbps = bulk(mesh.connect(sink).await?, sizes.bulk_bytes).await?;
     let direct_rtt = round_trips(TcpStream::connect(echo).await?, sizes.rtt_iterations).await?;
     let hbone_rtt = round_trips(mesh.connect(echo).await?, sizes.rtt_iterations).await?;
+
+    let direct_cps = connection_rate(sizes.connections, || async {
+        Ok(TcpStream::connect(echo).await?)
+    })
+    .await?;
+    let pooled_cps = connection_rate(sizes.connections, || mesh.connect(echo)).await?;
+    let handshake_cps = connection_rate(sizes.connections, || unpooled.connect(echo)).await?;
 
     let rows = [
         ("bulk throughput (Gbit/s)", direct_gbps, hbone_gbps),
@@ -217,6 +248,12 @@ async fn main() -> anyhow::Result<()> {
             "1 KiB round trip p99 (µs)",
             percentile(&direct_rtt, 0.99),
             percentile(&hbone_rtt, 0.99),
+        ),
+        ("new connections/s, pooled HBONE", direct_cps, pooled_cps),
+        (
+            "new connections/s, full mTLS handshake each",
+            direct_cps,
+            handshake_cps,
         ),
     ];
     println!(

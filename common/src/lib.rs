@@ -23,9 +23,12 @@ pub const HBONE_PORT: u16 = 15008;
 /// Names of the programs in the eBPF object, shared so that a rename breaks the build.
 pub mod programs {
     pub const CONNECT4: &str = "ambit_connect4";
+    /// cgroup/connect6: IPv4-mapped destinations captured, native IPv6 refused.
+    pub const CONNECT6: &str = "ambit_connect6";
     pub const SOCK_OPS: &str = "ambit_sock_ops";
     /// cgroup/getpeername4: a captured socket's peer reads as its original destination.
     pub const GETPEERNAME4: &str = "ambit_getpeername4";
+    pub const GETPEERNAME6: &str = "ambit_getpeername6";
     /// sk_lookup, one loaded instance per enrolled pod netns (see [`crate::globals`]).
     pub const SK_LOOKUP: &str = "ambit_sk_lookup";
     /// tc egress on a pod's interface: replies to the agent's transparent sockets go to lo.

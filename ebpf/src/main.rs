@@ -36,6 +36,12 @@ const LOOPBACK_V4_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 
 /// Verdicts of cgroup sock_addr programs.
 const ALLOW: i32 = 1;
+const REJECT: i32 = 0;
+const AF_INET6: u32 = 10;
+/// `0000:ffff` as the third network-order word of an IPv4-mapped IPv6 address.
+const V4_MAPPED_PREFIX_BE: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+/// `::1` as network-order words.
+const LOOPBACK_V6_BE: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 
 #[map(name = "ENROLLED")]
 static ENROLLED: HashMap<u64, EnrolledPod> = HashMap::with_max_entries(16_384, 0);
@@ -75,34 +81,99 @@ pub fn ambit_connect4(ctx: SockAddrContext) -> i32 {
 fn try_connect4(ctx: &SockAddrContext) -> Result<(), i64> {
     // SAFETY: the verifier guarantees `sock_addr` points to a valid context for this hook.
     let sa = unsafe { &*ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM || sa.user_family != AF_INET {
+    if sa.user_family != AF_INET {
         return Ok(());
+    }
+    let Some(netns_cookie) = capturable(ctx) else {
+        return Ok(());
+    };
+    if capture_v4(ctx, netns_cookie, sa.user_ip4, sa.user_port) {
+        // SAFETY: the context fields user_ip4/user_port are writable in connect4 programs.
+        unsafe {
+            (*ctx.sock_addr).user_ip4 = LOOPBACK_V4_BE;
+            (*ctx.sock_addr).user_port = u32::from(OUTBOUND_CAPTURE_PORT.to_be());
+        }
+    }
+    Ok(())
+}
+
+/// connect() of an IPv6 TCP socket. Dual-stack applications reach IPv4 services through
+/// IPv4-mapped addresses (`::ffff:a.b.c.d`): those are captured exactly like connect4 does
+/// (to `::ffff:127.0.0.1:15001`). Native IPv6 destinations other than loopback are refused
+/// for enrolled pods: the mesh does not carry IPv6 yet, and letting them out would be
+/// plaintext behind the policy's back (fail closed).
+#[cgroup_sock_addr(connect6)]
+pub fn ambit_connect6(ctx: SockAddrContext) -> i32 {
+    try_connect6(&ctx).unwrap_or(ALLOW)
+}
+
+fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i64> {
+    // SAFETY: the verifier guarantees `sock_addr` points to a valid context for this hook.
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.user_family != AF_INET6 {
+        return Ok(ALLOW);
+    }
+    let Some(netns_cookie) = capturable(ctx) else {
+        return Ok(ALLOW);
+    };
+    let ip6 = sa.user_ip6;
+    if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_PREFIX_BE {
+        if capture_v4(ctx, netns_cookie, ip6[3], sa.user_port) {
+            // SAFETY: user_ip6/user_port are writable in connect6 programs.
+            unsafe {
+                (*ctx.sock_addr).user_ip6 = [0, 0, V4_MAPPED_PREFIX_BE, LOOPBACK_V4_BE];
+                (*ctx.sock_addr).user_port = u32::from(OUTBOUND_CAPTURE_PORT.to_be());
+            }
+        }
+        return Ok(ALLOW);
+    }
+    if ip6 == LOOPBACK_V6_BE {
+        return Ok(ALLOW);
+    }
+    warn!(
+        ctx,
+        "capture: native IPv6 connect from enrolled netns {} refused (the mesh carries IPv4 only)",
+        netns_cookie
+    );
+    Ok(REJECT)
+}
+
+/// The netns cookie when this connect() belongs to an enrolled pod and is a TCP socket not
+/// marked as the agent's own; `None` when it must be left alone.
+fn capturable(ctx: &SockAddrContext) -> Option<u64> {
+    // SAFETY: the verifier guarantees `sock_addr` points to a valid context for this hook.
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        return None;
     }
     // SAFETY: bpf_get_netns_cookie accepts the program's context pointer.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup; the value is copied out immediately.
-    let enrolled = unsafe { ENROLLED.get(netns_cookie) }.copied();
-    let Some(pod) = enrolled else {
-        return Ok(());
-    };
+    let pod = unsafe { ENROLLED.get(netns_cookie) }.copied()?;
     if pod.flags & ENROLL_OUTBOUND == 0 {
-        return Ok(());
+        return None;
     }
     // SAFETY: `sk` is always set for connect hooks; reading `mark` of a bpf_sock is allowed.
     let sk: *mut bpf_sock = unsafe { sa.__bindgen_anon_1.sk };
     if sk.is_null() || unsafe { (*sk).mark } == AGENT_MARK {
-        return Ok(());
+        return None;
     }
-    let dst_ip = sa.user_ip4;
+    Some(netns_cookie)
+}
+
+/// Files the original IPv4 destination (`dst_ip`, `user_port`: network order) of a
+/// capturable socket and says whether the caller must redirect it. Loopback destinations
+/// and excluded ports are not captured.
+fn capture_v4(ctx: &SockAddrContext, netns_cookie: u64, dst_ip: u32, user_port: u32) -> bool {
     // The first octet sits in the lowest byte of the network-order word on a little-endian
     // target; all of 127.0.0.0/8 stays local.
     if dst_ip.to_ne_bytes()[0] == 127 {
-        return Ok(());
+        return false;
     }
-    let dst_port = u16::from_be(sa.user_port as u16);
+    let dst_port = u16::from_be(user_port as u16);
     // SAFETY: read-only lookup.
     if unsafe { EXCLUDED_PORTS.get(u32::from(dst_port)) }.is_some() {
-        return Ok(());
+        return false;
     }
     let orig = OrigDst {
         addr: [dst_ip, 0, 0, 0],
@@ -131,12 +202,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<(), i64> {
         u32::from_be(dst_ip),
         dst_port
     );
-    // SAFETY: the context fields user_ip4/user_port are writable in connect4 programs.
-    unsafe {
-        (*ctx.sock_addr).user_ip4 = LOOPBACK_V4_BE;
-        (*ctx.sock_addr).user_port = u32::from(OUTBOUND_CAPTURE_PORT.to_be());
-    }
-    Ok(())
+    true
 }
 
 /// Once the kernel has picked the client's source port (TCP_CONNECT_CB runs just before the
@@ -202,6 +268,32 @@ fn try_getpeername4(ctx: &SockAddrContext) -> Result<(), i64> {
     Ok(())
 }
 
+/// getpeername() of a dual-stack socket captured by connect6 (IPv4-mapped destination)
+/// reports `::ffff:<original destination>`.
+#[cgroup_sock_addr(getpeername6)]
+pub fn ambit_getpeername6(ctx: SockAddrContext) -> i32 {
+    let _ = try_getpeername6(&ctx);
+    ALLOW
+}
+
+fn try_getpeername6(ctx: &SockAddrContext) -> Result<(), i64> {
+    // SAFETY: bpf_get_socket_cookie accepts the program's context pointer.
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup, copied out at once.
+    let Some(orig) = (unsafe { PEER_ORIG_DST.get(socket_cookie) }).copied() else {
+        return Ok(());
+    };
+    if orig.family != FAMILY_V4 {
+        return Ok(());
+    }
+    // SAFETY: user_ip6/user_port are writable in getpeername6 programs.
+    unsafe {
+        (*ctx.sock_addr).user_ip6 = [0, 0, V4_MAPPED_PREFIX_BE, orig.addr[0]];
+        (*ctx.sock_addr).user_port = u32::from((orig.port as u16).to_be());
+    }
+    Ok(())
+}
+
 /// Runs in an enrolled pod's netns when no established socket matches an incoming TCP
 /// packet: connections that arrived on a real interface go to the agent's in-pod listeners
 /// (15008 to the HBONE listener, any other port to the plaintext one). With the agent's
@@ -214,13 +306,15 @@ pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
 fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, i64> {
     // SAFETY: the verifier guarantees `lookup` points to a valid context for this hook.
     let lookup = unsafe { &*ctx.lookup };
-    // IPv4 only for now, like connect4; loopback stays in the pod (the agent's own upstream
-    // connections to the app arrive there).
-    if lookup.protocol != IPPROTO_TCP
-        || lookup.family != AF_INET
-        || lookup.ingress_ifindex == LOOPBACK_IFINDEX
-    {
+    // Loopback stays in the pod (the agent's own upstream connections to the app arrive
+    // there).
+    if lookup.protocol != IPPROTO_TCP || lookup.ingress_ifindex == LOOPBACK_IFINDEX {
         return Ok(SK_PASS);
+    }
+    // The mesh carries IPv4 only: native IPv6 to an enrolled pod would reach the app with
+    // neither identity nor policy, so it is refused (fail closed), like connect6 does.
+    if lookup.family != AF_INET {
+        return Ok(SK_DROP);
     }
     let port = lookup.local_port;
     // SAFETY: read-only lookup.

@@ -34,6 +34,8 @@ pub enum Outcome {
     Captured(Option<SocketAddr>),
     /// The connection was refused (nobody listening where it was sent).
     Refused,
+    /// connect() itself was denied (EPERM from the capture hook).
+    Denied,
 }
 
 pub struct CaptureBed {
@@ -150,18 +152,20 @@ impl CaptureBed {
         agent_mark: bool,
     ) -> anyhow::Result<Outcome> {
         let connected = self.pod_ns.run(move || {
-            let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
             if agent_mark {
                 ambit_agent::sys::set_mark(&socket, AGENT_MARK)?;
             }
             match socket.connect_timeout(&dst.into(), IO_TIMEOUT) {
-                Ok(()) => Ok(Some(TcpStream::from(socket))),
-                Err(e) if e.kind() == ErrorKind::ConnectionRefused => Ok(None),
+                Ok(()) => Ok(Ok(TcpStream::from(socket))),
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => Ok(Err(Outcome::Refused)),
+                Err(e) if e.kind() == ErrorKind::PermissionDenied => Ok(Err(Outcome::Denied)),
                 Err(e) => Err(e),
             }
         })?;
-        let Some(mut client) = connected else {
-            return Ok(Outcome::Refused);
+        let mut client = match connected {
+            Ok(client) => client,
+            Err(outcome) => return Ok(outcome),
         };
         let client_port = client.local_addr()?.port();
         if let Some(accepted_peer) = self.accept_captured(client_port)? {
@@ -180,7 +184,7 @@ impl CaptureBed {
     /// connection was not captured.
     pub fn peer_name_seen_by_pod_app(&mut self, dst: SocketAddr) -> anyhow::Result<SocketAddr> {
         let client = self.pod_ns.run(move || {
-            let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            let socket = Socket::new(Domain::for_address(dst), Type::STREAM, None)?;
             socket.connect_timeout(&dst.into(), IO_TIMEOUT)?;
             Ok(TcpStream::from(socket))
         })?;

@@ -97,3 +97,42 @@ fn captured_socket_getpeername_reports_original_destination() -> anyhow::Result<
     );
     Ok(())
 }
+
+#[test]
+fn dual_stack_sockets_are_captured_and_native_ipv6_is_refused() -> anyhow::Result<()> {
+    let mut bed = CaptureBed::new()?;
+    let peer = bed.peer();
+    let std::net::IpAddr::V4(peer_v4) = peer.ip() else {
+        anyhow::bail!("the capture bed's peer is IPv4");
+    };
+    let mapped = std::net::SocketAddr::from((peer_v4.to_ipv6_mapped(), peer.port()));
+    let native =
+        std::net::SocketAddr::from(("fd00::2".parse::<std::net::Ipv6Addr>()?, peer.port()));
+    assert_eq!(
+        bed.connect_from_pod(mapped, false)?,
+        direct(),
+        "not enrolled: an IPv4-mapped connect reaches the peer"
+    );
+    assert!(
+        !matches!(bed.connect_from_pod(native, false), Ok(Outcome::Denied)),
+        "not enrolled: native IPv6 is not refused by ambit (it fails on routing alone)"
+    );
+
+    bed.enroll()?;
+    assert_eq!(
+        bed.connect_from_pod(mapped, false)?,
+        Outcome::Captured(Some(peer)),
+        "an AF_INET6 socket to ::ffff:<peer> must not slip past the capture"
+    );
+    assert_eq!(
+        bed.connect_from_pod(native, false)?,
+        Outcome::Denied,
+        "native IPv6 from an enrolled pod is refused (the mesh carries IPv4 only)"
+    );
+    assert_eq!(
+        bed.connect_from_pod(mapped, true)?,
+        direct(),
+        "the agent's own marked sockets still bypass capture"
+    );
+    Ok(())
+}

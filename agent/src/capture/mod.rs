@@ -102,6 +102,15 @@ const PINNED_MAPS: [&str; 7] = [
     maps::INBOUND_LISTENERS,
 ];
 
+/// The programs attached once at the cgroup v2 root (as opposed to per pod).
+const CGROUP_PROGRAMS: [&str; 5] = [
+    programs::CONNECT4,
+    programs::SOCK_OPS,
+    programs::GETPEERNAME4,
+    programs::CONNECT6,
+    programs::GETPEERNAME6,
+];
+
 /// A loader that reuses (or creates) the pinned maps under `maps_dir` (aya-log's ring
 /// included, so one reader serves every loaded instance and survives agent restarts) and
 /// sets the programs' log level.
@@ -231,6 +240,8 @@ impl Capture {
             attach_to_cgroup!(CgroupSockAddr, programs::CONNECT4),
             attach_to_cgroup!(SockOps, programs::SOCK_OPS),
             attach_to_cgroup!(CgroupSockAddr, programs::GETPEERNAME4),
+            attach_to_cgroup!(CgroupSockAddr, programs::CONNECT6),
+            attach_to_cgroup!(CgroupSockAddr, programs::GETPEERNAME6),
         ];
 
         let enrolled = take_map(&mut ebpf, maps::ENROLLED)?;
@@ -255,7 +266,7 @@ impl Capture {
             enrolled,
             orig_dst,
             listeners,
-            programs: vec![programs::CONNECT4, programs::SOCK_OPS],
+            programs: CGROUP_PROGRAMS.to_vec(),
             ebpf_log_level,
             ebpf_logger,
             _links: links,
@@ -493,6 +504,8 @@ mod tests {
             programs::CONNECT4,
             programs::SOCK_OPS,
             programs::GETPEERNAME4,
+            programs::CONNECT6,
+            programs::GETPEERNAME6,
             programs::SK_LOOKUP,
             programs::TC_REPLY_TO_LO,
             programs::TC_AGENT_LO,
