@@ -246,52 +246,37 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), i64> {
 /// than the agent's 127.0.0.1:15001.
 #[cgroup_sock_addr(getpeername4)]
 pub fn ambit_getpeername4(ctx: SockAddrContext) -> i32 {
-    let _ = try_getpeername4(&ctx);
+    if let Some(orig) = captured_peer(&ctx) {
+        // SAFETY: user_ip4/user_port are writable in getpeername4 programs.
+        unsafe {
+            (*ctx.sock_addr).user_ip4 = orig.addr[0];
+            (*ctx.sock_addr).user_port = u32::from((orig.port as u16).to_be());
+        }
+    }
     ALLOW
-}
-
-fn try_getpeername4(ctx: &SockAddrContext) -> Result<(), i64> {
-    // SAFETY: bpf_get_socket_cookie accepts the program's context pointer.
-    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: read-only lookup, copied out at once.
-    let Some(orig) = (unsafe { PEER_ORIG_DST.get(socket_cookie) }).copied() else {
-        return Ok(());
-    };
-    if orig.family != FAMILY_V4 {
-        return Ok(());
-    }
-    // SAFETY: user_ip4/user_port are writable in getpeername4 programs.
-    unsafe {
-        (*ctx.sock_addr).user_ip4 = orig.addr[0];
-        (*ctx.sock_addr).user_port = u32::from((orig.port as u16).to_be());
-    }
-    Ok(())
 }
 
 /// getpeername() of a dual-stack socket captured by connect6 (IPv4-mapped destination)
 /// reports `::ffff:<original destination>`.
 #[cgroup_sock_addr(getpeername6)]
 pub fn ambit_getpeername6(ctx: SockAddrContext) -> i32 {
-    let _ = try_getpeername6(&ctx);
+    if let Some(orig) = captured_peer(&ctx) {
+        // SAFETY: user_ip6/user_port are writable in getpeername6 programs.
+        unsafe {
+            (*ctx.sock_addr).user_ip6 = [0, 0, V4_MAPPED_PREFIX_BE, orig.addr[0]];
+            (*ctx.sock_addr).user_port = u32::from((orig.port as u16).to_be());
+        }
+    }
     ALLOW
 }
 
-fn try_getpeername6(ctx: &SockAddrContext) -> Result<(), i64> {
+/// The original IPv4 destination of a socket the capture redirected, if it is one.
+fn captured_peer(ctx: &SockAddrContext) -> Option<OrigDst> {
     // SAFETY: bpf_get_socket_cookie accepts the program's context pointer.
     let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup, copied out at once.
-    let Some(orig) = (unsafe { PEER_ORIG_DST.get(socket_cookie) }).copied() else {
-        return Ok(());
-    };
-    if orig.family != FAMILY_V4 {
-        return Ok(());
-    }
-    // SAFETY: user_ip6/user_port are writable in getpeername6 programs.
-    unsafe {
-        (*ctx.sock_addr).user_ip6 = [0, 0, V4_MAPPED_PREFIX_BE, orig.addr[0]];
-        (*ctx.sock_addr).user_port = u32::from((orig.port as u16).to_be());
-    }
-    Ok(())
+    let orig = unsafe { PEER_ORIG_DST.get(socket_cookie) }.copied()?;
+    (orig.family == FAMILY_V4).then_some(orig)
 }
 
 /// Runs in an enrolled pod's netns when no established socket matches an incoming TCP

@@ -76,25 +76,72 @@ fn test(unprivileged: bool) -> anyhow::Result<()> {
         "warnings",
     ])?;
     setup::ebpf_clippy()?;
-    cargo_cmd(&[
-        "test",
-        "--workspace",
-        "--exclude",
-        "ambit-ebpf",
-        "--exclude",
-        "ambit-e2e",
-    ])?;
+    let mut totals = TestTotals::default();
+    cargo_test(
+        &[
+            "test",
+            "--workspace",
+            "--exclude",
+            "ambit-ebpf",
+            "--exclude",
+            "ambit-e2e",
+        ],
+        &mut totals,
+    )?;
     if privileged {
         // The end-to-end suite runs the real agent binary.
         cargo_cmd(&["build", "-p", "ambit-agent", "--bin", "ambit"])?;
-        cargo_cmd(&["test", "-p", "ambit-e2e"])?;
+        cargo_test(&["test", "-p", "ambit-e2e"], &mut totals)?;
     } else {
         eprintln!(
             "xtask: NOT ROOT — the privileged end-to-end suite (tests/) was SKIPPED (--unprivileged)"
         );
     }
     eprintln!("xtask: all checks passed in {:.0?}", started.elapsed());
+    // One closing line over every test binary (cargo's last own line is often a doc-test
+    // run with nothing in it).
+    println!("tests: {} passed, {} failed", totals.passed, totals.failed);
     Ok(())
+}
+
+#[derive(Default)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+}
+
+/// `cargo test …`, echoing its output and adding up its `test result:` lines.
+fn cargo_test(args: &[&str], totals: &mut TestTotals) -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("xtask: cargo {}", args.join(" "));
+    let mut child = Command::new(&cargo)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {cargo}"))?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            totals.passed += count_before(rest, " passed");
+            totals.failed += count_before(rest, " failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// The number right before `label` in a `test result:` line (`ok. 5 passed; 0 failed; …`).
+fn count_before(text: &str, label: &str) -> u64 {
+    text.find(label)
+        .and_then(|end| text[..end].rsplit([' ', '.']).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 fn demo() -> anyhow::Result<()> {
@@ -172,4 +219,19 @@ fn cargo_cmd(args: &[&str]) -> anyhow::Result<()> {
         bail!("cargo {} failed ({status})", args.join(" "));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_before;
+
+    #[test]
+    fn reads_counts_from_a_cargo_result_line() {
+        let line =
+            "ok. 98 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 36.25s";
+        assert_eq!(count_before(line, " passed"), 98);
+        assert_eq!(count_before(line, " failed"), 2);
+        assert_eq!(count_before("FAILED. 0 passed; 1 failed;", " failed"), 1);
+        assert_eq!(count_before("no numbers here", " passed"), 0);
+    }
 }
