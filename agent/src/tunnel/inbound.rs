@@ -15,7 +15,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::copy::{CopyStats, copy_bidirectional};
-use super::metrics::{ConnectionLabels, Metrics, Reporter, WorkloadMeta};
+use super::metrics::{ConnectionLabels, ConnectionRecord, Metrics, Reporter, WorkloadMeta};
 use super::outbound::handshake_failure;
 use super::tls::{peer_identity, server_config};
 use super::{Dialer, TunnelConfig, TunnelCounters, TunnelError, dial_with_timeout};
@@ -166,6 +166,32 @@ impl Inbound {
     pub fn with_drain(mut self, drain: watch::Receiver<bool>) -> Self {
         self.drain = Some(drain);
         self
+    }
+
+    /// Counts an accepted connection as opened (reporter: destination) and returns its
+    /// record, whose drop counts the close, with the byte counters the copy loop feeds.
+    /// mTLS is derived from the connection having a verified identity.
+    fn open_record(
+        &self,
+        conn: &InboundConnection,
+        source_addr: SocketAddr,
+        destination: SocketAddr,
+        tcp_is_source: bool,
+    ) -> (Option<ConnectionRecord>, CopyStats) {
+        let record = self.metrics.as_ref().map(|m| {
+            let labels = ConnectionLabels::new(
+                Reporter::Destination,
+                self.meta(source_addr.ip(), conn.source_identity.as_ref()),
+                self.meta(destination.ip(), Some(&conn.workload.identity)),
+                None,
+                conn.source_identity.is_some(),
+            );
+            m.open(labels, tcp_is_source)
+        });
+        let stats = record
+            .as_ref()
+            .map_or_else(CopyStats::default, |r| r.stats().clone());
+        (record, stats)
     }
 
     fn meta(&self, ip: IpAddr, identity: Option<&SpiffeId>) -> WorkloadMeta {
@@ -338,19 +364,8 @@ impl Inbound {
         };
         let send =
             respond.send_response(Response::builder().status(StatusCode::OK).body(())?, false)?;
-        let record = self.metrics.as_ref().map(|m| {
-            let labels = ConnectionLabels::new(
-                Reporter::Destination,
-                self.meta(source_addr.ip(), conn.source_identity.as_ref()),
-                self.meta(target.ip(), Some(&conn.workload.identity)),
-                None,
-                true,
-            );
-            m.open(labels, false)
-        });
-        let stats = record
-            .as_ref()
-            .map_or_else(CopyStats::default, |r| r.stats().clone());
+        // The TCP side of this copy is the workload, not the client.
+        let (record, stats) = self.open_record(&conn, source_addr, target, false);
         let started = std::time::Instant::now();
         let (_live, revoked) = self.live.register(&conn);
         let result = tokio::select! {
@@ -423,19 +438,7 @@ impl Inbound {
             self.config.connect_timeout,
         )
         .await?;
-        let record = self.metrics.as_ref().map(|m| {
-            let labels = ConnectionLabels::new(
-                Reporter::Destination,
-                self.meta(source_addr.ip(), None),
-                self.meta(destination.ip(), Some(&conn.workload.identity)),
-                None,
-                false,
-            );
-            m.open(labels, true)
-        });
-        let stats = record
-            .as_ref()
-            .map_or_else(CopyStats::default, |r| r.stats().clone());
+        let (_record, stats) = self.open_record(&conn, source_addr, destination, true);
         let started = std::time::Instant::now();
         // The client is the TCP side here: what it sends is the request.
         let (_live, revoked) = self.live.register(&conn);
