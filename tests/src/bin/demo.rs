@@ -97,6 +97,15 @@ fn main() -> anyhow::Result<()> {
     {
         println!("   {}", excerpt(line));
     }
+    println!("\n== node2 agent metrics (excerpt of its /metrics):");
+    let metrics = bed.agent(1).metrics()?;
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("istio_tcp_connections_opened_total{")
+            || l.starts_with("ambit_enrolled_pods ")
+            || l.starts_with("ambit_authorization_decisions_total{")
+    }) {
+        println!("   {line}");
+    }
     drop(bed);
     println!(
         "\n== torn down: namespaces, agents, pins and files removed ({:.1?} in all)",
