@@ -102,8 +102,11 @@ pub struct Inbound {
 #[derive(Default)]
 struct LiveConnections {
     next_id: std::sync::atomic::AtomicU64,
-    map: std::sync::Mutex<std::collections::HashMap<u64, (InboundConnection, Arc<Notify>)>>,
+    map: std::sync::Mutex<std::collections::HashMap<u64, LiveEntry>>,
 }
+
+/// A connection in flight and the signal that revokes it.
+type LiveEntry = (Arc<InboundConnection>, Arc<Notify>);
 
 /// Removes a connection from the live set however its task ends.
 struct LiveGuard<'a> {
@@ -112,7 +115,7 @@ struct LiveGuard<'a> {
 }
 
 impl LiveConnections {
-    fn register(&self, conn: &InboundConnection) -> (LiveGuard<'_>, Arc<Notify>) {
+    fn register(&self, conn: &Arc<InboundConnection>) -> (LiveGuard<'_>, Arc<Notify>) {
         let id = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -328,12 +331,13 @@ impl Inbound {
         let source_addr = forwarded_source(&request)
             .filter(|f| f.ip() == peer.ip())
             .unwrap_or(peer);
-        let conn = InboundConnection {
+        // Shared with the live-connection set rather than copied into it.
+        let conn = Arc::new(InboundConnection {
             source_identity: Some(source_identity),
             source_addr,
             destination: target,
             workload,
-        };
+        });
         let (verdict, authz) = self.authorizer.authorize_explained(&conn);
         if let Verdict::Deny { reason } = verdict {
             info!(
@@ -413,12 +417,12 @@ impl Inbound {
         let Some(workload) = self.workloads.by_ip(destination.ip()) else {
             return Ok(());
         };
-        let conn = InboundConnection {
+        let conn = Arc::new(InboundConnection {
             source_identity: None,
             source_addr,
             destination,
             workload,
-        };
+        });
         let (verdict, authz) = self.authorizer.authorize_explained(&conn);
         if let Verdict::Deny { reason } = verdict {
             info!(%source_addr, destination = %conn.workload.identity, %reason, "plaintext connection denied");

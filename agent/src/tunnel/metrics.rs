@@ -124,6 +124,10 @@ pub struct Metrics {
     handshake_failures: Family<HandshakeLabels, Counter>,
     /// Connections recorded and not yet dropped; the drain waits for this to reach zero.
     active: Arc<AtomicUsize>,
+    /// One shared copy of each label set: an idle connection holds a pointer to it rather
+    /// than its own dozen strings. Bounded like the metric families themselves (no ports or
+    /// IPs in labels).
+    interned: std::sync::Mutex<std::collections::HashSet<Arc<ConnectionLabels>>>,
 }
 
 impl Metrics {
@@ -188,6 +192,7 @@ impl Metrics {
     /// Counts a connection as opened; `tcp_is_source` says which side of the copy loop's TCP
     /// socket is the client (outbound: yes; inbound: the TCP side is the workload).
     pub fn open(&self, labels: ConnectionLabels, tcp_is_source: bool) -> ConnectionRecord {
+        let labels = self.intern(labels);
         self.opened.get_or_create(&labels).inc();
         let request = self.received.get_or_create(&labels).clone();
         let response = self.sent.get_or_create(&labels).clone();
@@ -205,6 +210,18 @@ impl Metrics {
         }
     }
 
+    fn intern(&self, labels: ConnectionLabels) -> Arc<ConnectionLabels> {
+        let Ok(mut set) = self.interned.lock() else {
+            return Arc::new(labels);
+        };
+        if let Some(shared) = set.get(&labels) {
+            return shared.clone();
+        }
+        let shared = Arc::new(labels);
+        set.insert(shared.clone());
+        shared
+    }
+
     /// Connections opened and not yet closed.
     pub fn active_connections(&self) -> usize {
         self.active.load(Ordering::Acquire)
@@ -215,7 +232,7 @@ impl Metrics {
 #[derive(Debug)]
 pub struct ConnectionRecord {
     closed: Family<ConnectionLabels, Counter>,
-    labels: ConnectionLabels,
+    labels: Arc<ConnectionLabels>,
     stats: CopyStats,
     active: Arc<AtomicUsize>,
 }
@@ -229,7 +246,8 @@ impl ConnectionRecord {
     /// Marks how the connection failed (Envoy's flags, e.g. `UF` upstream failure); shows
     /// on the closed counter only, since opened and bytes were counted before it was known.
     pub fn set_response_flags(&mut self, flags: &'static str) {
-        self.labels.response_flags = flags;
+        // Copies the shared label set only for the (rare) connection that fails.
+        Arc::make_mut(&mut self.labels).response_flags = flags;
     }
 }
 
