@@ -53,7 +53,8 @@ pub(crate) struct Shared {
     pub capture: Mutex<Capture>,
     pub certs: CertManager,
     pub authorizer: Arc<PolicyAuthorizer>,
-    pub state: RwLock<Arc<MeshState>>,
+    /// The one current mesh state; the policy authorizer's label lookup reads it too.
+    pub state: Arc<RwLock<Arc<MeshState>>>,
     pub tunnel: TunnelConfig,
     pub metrics: Arc<crate::tunnel::Metrics>,
     /// Turns true when the agent drains.
@@ -130,17 +131,15 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let tunnel_metrics = Arc::new(crate::tunnel::Metrics::new(&mut registry));
     let (drain_tx, mut drain_rx) = watch::channel(false);
 
-    let labels_state: Arc<RwLock<Arc<MeshState>>> = Arc::new(RwLock::new(state.clone()));
+    let current_state: Arc<RwLock<Arc<MeshState>>> = Arc::new(RwLock::new(state.clone()));
     let labels_lookup = {
-        let labels_state = labels_state.clone();
+        let current_state = current_state.clone();
         Arc::new(move |w: &LocalWorkload| -> BTreeMap<String, String> {
-            let Ok(state) = labels_state.read() else {
+            let Ok(state) = current_state.read() else {
                 return BTreeMap::new();
             };
             state
-                .workloads()
-                .iter()
-                .find(|e| e.namespace == w.namespace && e.name == w.name)
+                .workload_by_name(&w.namespace, &w.name)
                 .map(|e| e.labels.clone())
                 .unwrap_or_default()
         })
@@ -153,7 +152,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         capture: Mutex::new(capture),
         certs,
         authorizer,
-        state: RwLock::new(state.clone()),
+        state: current_state,
         tunnel: options.tunnel.clone(),
         metrics: tunnel_metrics.clone(),
         drain: drain_rx.clone(),
@@ -193,9 +192,6 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                     break;
                 }
                 let state = rx.borrow_and_update().clone();
-                if let Ok(mut s) = labels_state.write() {
-                    *s = state.clone();
-                }
                 if let Ok(mut s) = shared.state.write() {
                     *s = state.clone();
                 }

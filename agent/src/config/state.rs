@@ -76,6 +76,7 @@ pub struct MeshState {
     pub revoke_on_policy_change: bool,
     workloads: Vec<Arc<WorkloadEntry>>,
     by_ip: HashMap<IpAddr, Arc<WorkloadEntry>>,
+    by_name: HashMap<(String, String), Arc<WorkloadEntry>>,
     services: HashMap<(IpAddr, u16), (Arc<ServiceEntry>, u16)>,
     policies: Arc<PolicySet>,
 }
@@ -185,6 +186,10 @@ impl MeshState {
                 }
             }
         }
+        let by_name = workloads
+            .iter()
+            .map(|w| ((w.namespace.clone(), w.name.clone()), w.clone()))
+            .collect();
         Ok(Self {
             trust_domain: config.trust_domain,
             root_namespace: config.root_namespace,
@@ -194,6 +199,7 @@ impl MeshState {
             revoke_on_policy_change: config.authorization.revoke_on_policy_change,
             workloads,
             by_ip,
+            by_name,
             services,
             policies: Arc::new(policies),
         })
@@ -212,6 +218,12 @@ impl MeshState {
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<WorkloadEntry>> {
         self.by_ip.get(&ip)
+    }
+
+    /// A workload by namespace and name (what the policy authorizer needs for labels, on
+    /// every connection: an index, not a scan).
+    pub fn workload_by_name(&self, namespace: &str, name: &str) -> Option<&Arc<WorkloadEntry>> {
+        self.by_name.get(&(namespace.to_owned(), name.to_owned()))
     }
 
     pub fn policies(&self) -> &Arc<PolicySet> {
