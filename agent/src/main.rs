@@ -27,8 +27,9 @@ struct AdminArgs {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the agent for one node (local mode: the mesh is described by --config).
-    Run(RunArgs),
+    /// Run the agent for one node: local mode (--config FILE) or Kubernetes mode
+    /// (--kubernetes).
+    Run(Box<RunArgs>),
     /// Print this binary's version and, when one answers, the running agent's.
     Version(AdminArgs),
     /// Show a running agent's readiness, enrolled pods and attached programs.
@@ -69,12 +70,37 @@ enum PolicyCommand {
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// This node's name; the agent enrolls the opted-in workloads whose `node` matches.
+    /// This node's name; the agent enrolls the opted-in pods scheduled on it. Also from
+    /// NODE_NAME (the downward API in the DaemonSet).
     #[arg(long, env = "AMBIT_NODE")]
-    node: String,
-    /// Local-mode file (docs/LOCAL-MODE.md); watched, changes apply live.
-    #[arg(long, env = "AMBIT_CONFIG")]
-    config: PathBuf,
+    node: Option<String>,
+    /// Local mode: the mesh described by this file (docs/LOCAL-MODE.md); watched, changes
+    /// apply live.
+    #[arg(long, env = "AMBIT_CONFIG", required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    config: Option<PathBuf>,
+    /// Kubernetes mode: learn the mesh from the API server (in-cluster configuration,
+    /// --kubeconfig, or KUBECONFIG). docs/KUBERNETES.md.
+    #[arg(long)]
+    kubernetes: bool,
+    /// Kubeconfig to reach the API server from outside the cluster.
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// Kubernetes mode: the host's /proc, scanned to find pods' network namespaces.
+    #[arg(long, env = "AMBIT_PROC_ROOT", default_value = "/proc")]
+    proc_root: PathBuf,
+    /// Kubernetes mode: unix socket the ambit-cni plugin asks to enroll new pods.
+    #[arg(long, env = "AMBIT_CNI_SOCKET")]
+    cni_socket: Option<PathBuf>,
+    /// Kubernetes mode: file listing the opted-in namespaces, read by the ambit-cni plugin
+    /// when the agent cannot be reached.
+    #[arg(long, env = "AMBIT_NAMESPACES_FILE")]
+    namespaces_file: Option<PathBuf>,
+    /// Kubernetes mode: the mesh's SPIFFE trust domain.
+    #[arg(long, default_value = ambit_agent::identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Kubernetes mode: where mesh-wide Istio policies live.
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
     /// bpffs directory for ambit's pinned programs, links and maps.
     #[arg(long, env = "AMBIT_PIN_DIR", default_value = ambit_agent::capture::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
@@ -157,19 +183,42 @@ fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Run(args) => {
+            let args = *args;
             match ambit_agent::sys::raise_nofile_limit() {
                 Ok(limit) => tracing::debug!(limit, "open-file limit"),
                 Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
             }
+            let node = args
+                .node
+                .or_else(|| std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()))
+                .context("--node (or AMBIT_NODE / NODE_NAME) is required")?;
+            let source = match args.config {
+                Some(path) => ambit_agent::app::SourceOptions::File {
+                    path,
+                    reload_interval: Duration::from_millis(args.reload_interval_ms),
+                },
+                None => ambit_agent::app::SourceOptions::Kubernetes(
+                    ambit_agent::app::KubernetesOptions {
+                        kubeconfig: args.kubeconfig,
+                        settings: ambit_agent::config::MeshSettings {
+                            trust_domain: args.trust_domain,
+                            root_namespace: args.root_namespace,
+                            ..Default::default()
+                        },
+                        proc_root: args.proc_root,
+                        cni_socket: args.cni_socket,
+                        namespaces_file: args.namespaces_file,
+                    },
+                ),
+            };
             let options = ambit_agent::app::AgentOptions {
-                node: args.node,
-                config: args.config,
+                node,
+                source,
                 pin_dir: args.pin_dir,
                 state_dir: args.state_dir,
                 ca_cert: args.ca_cert,
                 ca_key: args.ca_key,
                 cert_ttl: Duration::from_secs(args.cert_ttl_secs),
-                reload_interval: Duration::from_millis(args.reload_interval_ms),
                 tunnel: ambit_agent::tunnel::TunnelConfig {
                     pool_idle_timeout: Duration::from_secs(args.pool_idle_secs),
                     pooling: !args.no_pool,

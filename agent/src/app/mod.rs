@@ -1,25 +1,33 @@
-//! The running agent: reads the mesh state, enrolls this node's pods, opens their in-pod
-//! listeners and connects capture, tunnel and policy. `ambit run` calls [`run`].
+//! The running agent: takes the mesh state from its source (the local-mode file or the
+//! Kubernetes API), enrolls this node's pods, opens their in-pod listeners and connects
+//! capture, tunnel and policy. `ambit run` calls [`run`].
+//!
+//! Every source hands over whole [`MeshState`] snapshots through one channel, and
+//! [`Agent::apply`] is the one update: it swaps the state (routing, workloads and the
+//! policies the authorizer reads, all in one `Arc`), then makes the enrolled pods match.
 
+mod cni;
+mod enroll;
 mod pod;
 mod sockets;
 mod view;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::capture::{Capture, CaptureConfig};
-use crate::config::{ConfigWatcher, MeshState};
+use crate::config::{ConfigWatcher, MeshSettings, MeshSpec, MeshState};
 use crate::identity::{CertManager, LocalCa};
+use crate::k8s::KubeSource;
 use crate::observability::{Admin, Listeners, LogControl};
-use crate::policy::PolicyAuthorizer;
+use crate::policy::{PolicyAuthorizer, PolicySet, PolicySource};
 use crate::tunnel::{LocalWorkload, LocalWorkloads, TunnelConfig, WorkloadMeta};
 
 pub use pod::PodKey;
@@ -28,14 +36,13 @@ pub use pod::PodKey;
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
     pub node: String,
-    pub config: PathBuf,
+    pub source: SourceOptions,
     pub pin_dir: PathBuf,
     pub state_dir: PathBuf,
     /// CA certificate and key (PEM); when absent a root is created once in `state_dir`.
     pub ca_cert: Option<PathBuf>,
     pub ca_key: Option<PathBuf>,
     pub cert_ttl: Duration,
-    pub reload_interval: Duration,
     pub tunnel: TunnelConfig,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
@@ -48,13 +55,51 @@ pub struct AgentOptions {
     pub ebpf_log_level: tracing::Level,
 }
 
+/// Where the mesh state comes from.
+#[derive(Clone, Debug)]
+pub enum SourceOptions {
+    /// A local-mode file, watched (docs/LOCAL-MODE.md).
+    File {
+        path: PathBuf,
+        reload_interval: Duration,
+    },
+    /// The Kubernetes API (docs/KUBERNETES.md).
+    Kubernetes(KubernetesOptions),
+}
+
+#[derive(Clone, Debug)]
+pub struct KubernetesOptions {
+    /// `None`: in-cluster configuration, or `KUBECONFIG`.
+    pub kubeconfig: Option<PathBuf>,
+    pub settings: MeshSettings,
+    /// The host's /proc (`/host/proc` in the DaemonSet), scanned for pods' netns.
+    pub proc_root: PathBuf,
+    /// Unix socket the `ambit-cni` plugin asks; `None`: no CNI plugin.
+    pub cni_socket: Option<PathBuf>,
+    /// File listing the opted-in namespaces, for the CNI plugin when the agent is away.
+    pub namespaces_file: Option<PathBuf>,
+}
+
+/// Which source the state in force came from and when it last changed.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceInfo {
+    /// `file` or `kubernetes`.
+    pub kind: &'static str,
+    /// The file's path, or the API server's address.
+    pub origin: String,
+    /// Seconds since the Unix epoch; 0 before the first state.
+    pub last_change_unix: u64,
+}
+
 /// What every pod runtime shares.
 pub(crate) struct Shared {
     pub capture: Mutex<Capture>,
     pub certs: CertManager,
     pub authorizer: Arc<PolicyAuthorizer>,
-    /// The one current mesh state; the policy authorizer's label lookup reads it too.
+    /// The one current mesh state; the authorizer reads its policies and labels from it.
     pub state: Arc<RwLock<Arc<MeshState>>>,
+    pub source: Mutex<SourceInfo>,
     pub tunnel: TunnelConfig,
     pub metrics: Arc<crate::tunnel::Metrics>,
     /// Turns true when the agent drains.
@@ -63,11 +108,22 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub fn state(&self) -> Arc<MeshState> {
-        self.state
-            .read()
-            .map(|s| s.clone())
-            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+        read_state(&self.state)
     }
+
+    pub fn source(&self) -> SourceInfo {
+        self.source
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+fn read_state(state: &RwLock<Arc<MeshState>>) -> Arc<MeshState> {
+    state
+        .read()
+        .map(|s| s.clone())
+        .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
 }
 
 /// The mesh state's local workloads, as the tunnel's inbound side asks for them.
@@ -89,18 +145,93 @@ impl LocalWorkloads for StateWorkloads {
     }
 }
 
+/// Policies and workload labels from the one current state.
+struct StatePolicies(Arc<RwLock<Arc<MeshState>>>);
+
+impl PolicySource for StatePolicies {
+    fn policies(&self) -> Arc<PolicySet> {
+        read_state(&self.0).policies().clone()
+    }
+
+    fn policies_and_labels(
+        &self,
+        workload: &LocalWorkload,
+    ) -> (Arc<PolicySet>, BTreeMap<String, String>) {
+        let state = read_state(&self.0);
+        let labels = state
+            .workload_by_name(&workload.namespace, &workload.name)
+            .map(|w| w.labels.clone())
+            .unwrap_or_default();
+        (state.policies().clone(), labels)
+    }
+}
+
+/// The state before a source has said anything: no workloads, no policies.
+fn empty_state(settings: MeshSettings, node: &str) -> anyhow::Result<MeshState> {
+    Ok(MeshState::build(
+        MeshSpec {
+            settings,
+            namespaces: BTreeMap::new(),
+            workloads: Vec::new(),
+            services: Vec::new(),
+            policies: PolicySet::from_documents(Vec::new(), "default", "istio-system")?.0,
+            warnings: Vec::new(),
+        },
+        node,
+    )?)
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     crate::identity::install_crypto_provider();
-    let watcher = ConfigWatcher::new(
-        options.config.clone(),
-        options.node.clone(),
-        options.reload_interval,
-    );
-    let (text, state) = watcher
-        .load()
-        .with_context(|| format!("loading {}", options.config.display()))?;
-    let state = Arc::new(state);
-    info!(node = %options.node, config = %options.config.display(), pods = state.local_pods().count(), "starting");
+    let (tx, mut rx) = watch::channel(Arc::new(empty_state(
+        MeshSettings::default(),
+        &options.node,
+    )?));
+    // The first state: the file's, at once; the cluster's, once every kind is listed.
+    let (initial, source_info, kube) = match &options.source {
+        SourceOptions::File {
+            path,
+            reload_interval,
+        } => {
+            let watcher = ConfigWatcher::new(path.clone(), options.node.clone(), *reload_interval);
+            let (text, state) = watcher
+                .load()
+                .with_context(|| format!("loading {}", path.display()))?;
+            let state = Arc::new(state);
+            tx.send_replace(state.clone());
+            tokio::spawn(watcher.run(text, tx));
+            let info = SourceInfo {
+                kind: "file",
+                origin: path.display().to_string(),
+                last_change_unix: now_unix(),
+            };
+            (Some(state), info, None)
+        }
+        SourceOptions::Kubernetes(k) => {
+            let client = crate::k8s::client(k.kubeconfig.as_deref()).await?;
+            let origin = client.default_namespace().to_owned();
+            let source = KubeSource::new(client, options.node.clone(), k.settings.clone());
+            tokio::spawn(source.clone().run(tx));
+            let info = SourceInfo {
+                kind: "kubernetes",
+                origin: format!("API server (default namespace {origin})"),
+                last_change_unix: 0,
+            };
+            (None, info, Some((source, k.clone())))
+        }
+    };
+    rx.mark_unchanged();
+    let state = match &initial {
+        Some(state) => state.clone(),
+        None => rx.borrow().clone(),
+    };
+    info!(node = %options.node, source = source_info.kind, origin = %source_info.origin, "starting");
 
     let ca = match (&options.ca_cert, &options.ca_key) {
         (Some(cert), Some(key)) => LocalCa::load(cert, key)?,
@@ -108,10 +239,14 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         _ => anyhow::bail!("--ca-cert and --ca-key go together"),
     };
     let certs = CertManager::new(Arc::new(ca), options.cert_ttl);
+    let excluded_ports = match &kube {
+        Some((_, k)) => k.settings.excluded_ports.clone(),
+        None => state.excluded_ports.clone(),
+    };
     let mut capture = Capture::attach(&CaptureConfig {
         pin_dir: options.pin_dir.clone(),
         cgroup: None,
-        excluded_ports: state.excluded_ports.clone(),
+        excluded_ports,
         ebpf_log_level: options.ebpf_log_level,
     })
     .context("attaching the capture programs")?;
@@ -132,31 +267,28 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let (drain_tx, mut drain_rx) = watch::channel(false);
 
     let current_state: Arc<RwLock<Arc<MeshState>>> = Arc::new(RwLock::new(state.clone()));
-    let labels_lookup = {
-        let current_state = current_state.clone();
-        Arc::new(move |w: &LocalWorkload| -> BTreeMap<String, String> {
-            let Ok(state) = current_state.read() else {
-                return BTreeMap::new();
-            };
-            state
-                .workload_by_name(&w.namespace, &w.name)
-                .map(|e| e.labels.clone())
-                .unwrap_or_default()
-        })
-    };
-    let authorizer = Arc::new(PolicyAuthorizer::new(
-        (**state.policies()).clone(),
-        labels_lookup,
-    ));
+    let authorizer = Arc::new(PolicyAuthorizer::from_source(Arc::new(StatePolicies(
+        current_state.clone(),
+    ))));
     let shared = Arc::new(Shared {
         capture: Mutex::new(capture),
         certs,
         authorizer,
         state: current_state,
+        source: Mutex::new(source_info),
         tunnel: options.tunnel.clone(),
         metrics: tunnel_metrics.clone(),
         drain: drain_rx.clone(),
     });
+    let mut agent = enroll::Agent::new(
+        shared.clone(),
+        kube.as_ref().map(|(source, k)| enroll::KubeParts {
+            source: source.clone(),
+            status: crate::k8s::StatusWriter::spawn(source.client().clone()),
+            proc_root: k.proc_root.clone(),
+            namespaces_file: k.namespaces_file.clone(),
+        }),
+    );
     let view = Arc::new(view::View {
         shared: shared.clone(),
         options: options.clone(),
@@ -164,6 +296,8 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         policy_metrics: crate::policy::metrics::Metrics::new(&mut registry),
         cert_metrics: crate::identity::metrics::Metrics::new(&mut registry),
         started: std::sync::atomic::AtomicBool::new(false),
+        enrollment: agent.problems(),
+        kube: kube.as_ref().map(|(source, _)| source.clone()),
     });
     let admin = Arc::new(Admin::new(
         view.clone(),
@@ -174,135 +308,64 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     listeners.spawn(admin);
     info!(%admin_addr, %metrics_addr, %readiness_addr, "observability endpoints listening");
 
-    let mut pods: HashMap<PodKey, pod::PodRuntime> = HashMap::new();
-    reconcile(&shared, &mut pods, &state).await;
-    // Entries left in the pinned map by an earlier run for pods that are gone now.
-    forget_stale_enrollments(&shared, &pods);
-    view.started
-        .store(true, std::sync::atomic::Ordering::Release);
-    info!(enrolled = pods.len(), "ready");
+    if let Some(state) = initial {
+        agent.apply(state).await;
+        view.started
+            .store(true, std::sync::atomic::Ordering::Release);
+        info!(enrolled = agent.enrolled(), "ready");
+    }
+    // Entries left in the pinned map by an earlier run for pods that are gone now. In
+    // Kubernetes mode this waits for the first complete state (see below).
+    let mut stale_checked = kube.is_none();
+    if stale_checked {
+        agent.forget_stale_enrollments();
+    }
+    let mut cni_requests = match kube.as_ref().and_then(|(_, k)| k.cni_socket.clone()) {
+        Some(path) => Some(agent.serve_cni(&path).await?),
+        None => None,
+    };
 
-    let (tx, mut rx) = watch::channel(state);
-    tokio::spawn(watcher.run(text, tx));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
+        let retry = agent.retry_delay();
         tokio::select! {
             changed = rx.changed() => {
                 if changed.is_err() {
                     break;
                 }
                 let state = rx.borrow_and_update().clone();
-                if let Ok(mut s) = shared.state.write() {
-                    *s = state.clone();
+                agent.apply(state).await;
+                if !stale_checked {
+                    agent.forget_stale_enrollments();
+                    stale_checked = true;
+                    view.started.store(true, std::sync::atomic::Ordering::Release);
+                    info!(enrolled = agent.enrolled(), "ready");
                 }
-                shared.authorizer.replace((**state.policies()).clone());
-                reconcile(&shared, &mut pods, &state).await;
-                if state.revoke_on_policy_change {
-                    let revoked: usize = pods.values().map(pod::PodRuntime::revoke_denied).sum();
-                    if revoked > 0 {
-                        info!(revoked, "live connections closed after a policy change");
-                    }
-                }
-                info!(enrolled = pods.len(), "configuration applied");
             }
+            () = sleep_or_forever(retry) => agent.retry().await,
+            Some(request) = recv_or_forever(&mut cni_requests) => agent.cni_request(request).await,
             _ = drain_rx.wait_for(|d| *d) => break,
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
         }
     }
-    drain(&shared, &pods, &drain_tx, options.drain_deadline).await;
+    agent.drain(&drain_tx, options.drain_deadline).await;
     // Pins stay: enrolled pods fail closed until an agent is back.
     info!("shutting down; capture stays pinned (fail closed)");
     Ok(())
 }
 
-/// Graceful stop: no new connections, GOAWAY on HBONE connections, then wait for open
-/// connections up to `deadline`; whatever is left is closed when the process exits.
-async fn drain(
-    shared: &Shared,
-    pods: &HashMap<PodKey, pod::PodRuntime>,
-    drain_tx: &watch::Sender<bool>,
-    deadline: Duration,
-) {
-    for pod in pods.values() {
-        pod.close_listeners();
-    }
-    drain_tx.send_replace(true);
-    let open = shared.metrics.active_connections();
-    info!(
-        open_connections = open,
-        deadline_ms = deadline.as_millis() as u64,
-        "draining"
-    );
-    let until = tokio::time::Instant::now() + deadline;
-    while shared.metrics.active_connections() > 0 && tokio::time::Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let left = shared.metrics.active_connections();
-    if left > 0 {
-        warn!(
-            open_connections = left,
-            "drain deadline reached; closing the rest"
-        );
-    } else {
-        info!("drained");
+async fn sleep_or_forever(delay: Option<Duration>) {
+    match delay {
+        Some(delay) => tokio::time::sleep(delay).await,
+        None => std::future::pending().await,
     }
 }
 
-/// Makes the running pods match the state: stops pods that left (unenrolling them) and
-/// starts new ones. A pod whose description changed is restarted.
-async fn reconcile(
-    shared: &Arc<Shared>,
-    pods: &mut HashMap<PodKey, pod::PodRuntime>,
-    state: &MeshState,
-) {
-    let desired: HashMap<PodKey, _> = state
-        .local_pods()
-        .map(|w| (PodKey::of(w), w.clone()))
-        .collect();
-    let gone: Vec<PodKey> = pods
-        .keys()
-        .filter(|k| !desired.contains_key(k))
-        .cloned()
-        .collect();
-    for key in gone {
-        if let Some(runtime) = pods.remove(&key) {
-            runtime.stop(shared);
-        }
-    }
-    for (key, workload) in desired {
-        if pods.contains_key(&key) {
-            continue;
-        }
-        match pod::PodRuntime::start(shared.clone(), workload.clone()).await {
-            Ok(runtime) => {
-                pods.insert(key, runtime);
-            }
-            Err(e) => {
-                error!(pod = %format!("{}/{}", workload.namespace, workload.name), error = %format!("{e:#}"), "could not enroll pod")
-            }
-        }
-    }
-}
-
-fn forget_stale_enrollments(shared: &Shared, pods: &HashMap<PodKey, pod::PodRuntime>) {
-    let live: Vec<u64> = pods.values().map(|p| p.netns_cookie()).collect();
-    let Ok(mut capture) = shared.capture.lock() else {
-        return;
-    };
-    let mut stale: Vec<u64> = capture.enrolled();
-    stale.extend(capture.inbound_pods());
-    stale.sort_unstable();
-    stale.dedup();
-    for cookie in stale.into_iter().filter(|c| !live.contains(c)) {
-        // A pod that left the config while the agent was down would otherwise stay
-        // captured, with no agent listening for it: closed for good.
-        warn!(
-            netns_cookie = cookie,
-            "releasing a pod no longer in the config"
-        );
-        let _ = capture.unenroll(cookie);
-        let _ = capture.detach_inbound(cookie);
+async fn recv_or_forever<T>(rx: &mut Option<tokio::sync::mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

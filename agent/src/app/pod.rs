@@ -3,7 +3,7 @@
 //! serve them.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -28,34 +28,42 @@ use crate::tunnel::{
 pub struct PodKey {
     namespace: String,
     name: String,
+    uid: Option<String>,
     identity: String,
     ips: Vec<IpAddr>,
+    /// The netns path when a source names it (local mode, the CNI plugin); a pod found
+    /// by scanning /proc keeps the one found while it runs.
     netns: Option<PathBuf>,
 }
 
 impl PodKey {
-    pub fn of(w: &WorkloadEntry) -> Self {
+    pub fn of(w: &WorkloadEntry, cni_netns: Option<&PathBuf>) -> Self {
         Self {
             namespace: w.namespace.clone(),
             name: w.name.clone(),
+            uid: w.uid.clone(),
             identity: w.identity.to_string(),
             ips: w.ips.clone(),
-            netns: w.netns.clone(),
+            netns: w.netns.clone().or_else(|| cni_netns.cloned()),
         }
     }
 }
 
 pub(crate) struct PodRuntime {
     workload: Arc<WorkloadEntry>,
+    netns_path: PathBuf,
     netns_cookie: u64,
     inbound: Arc<Inbound>,
     tasks: Vec<AbortHandle>,
 }
 
 impl PodRuntime {
-    pub async fn start(shared: Arc<Shared>, workload: Arc<WorkloadEntry>) -> anyhow::Result<Self> {
-        let path = workload.netns.clone().context("workload has no netns")?;
-        let netns = NetNs::open(&path)?;
+    pub async fn start(
+        shared: Arc<Shared>,
+        workload: Arc<WorkloadEntry>,
+        netns_path: PathBuf,
+    ) -> anyhow::Result<Self> {
+        let netns = NetNs::open(&netns_path)?;
         let netns_cookie = netns.cookie().context("reading the pod's netns cookie")?;
         let sockets = Arc::new(PodSockets::spawn(&netns)?);
         let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
@@ -133,6 +141,7 @@ impl PodRuntime {
         info!(pod = %format!("{}/{}", workload.namespace, workload.name), identity = %workload.identity, netns_cookie, "pod enrolled");
         Ok(Self {
             workload,
+            netns_path,
             netns_cookie,
             inbound,
             tasks,
@@ -141,6 +150,15 @@ impl PodRuntime {
 
     pub fn netns_cookie(&self) -> u64 {
         self.netns_cookie
+    }
+
+    pub fn netns_path(&self) -> &Path {
+        &self.netns_path
+    }
+
+    /// `namespace/name`.
+    pub fn name(&self) -> String {
+        super::enroll::pod_name(&self.workload)
     }
 
     /// Closes this pod's inbound connections that the current policies deny.

@@ -34,8 +34,12 @@ pub(crate) struct View {
     pub agent_metrics: AgentMetrics,
     pub policy_metrics: crate::policy::metrics::Metrics,
     pub cert_metrics: crate::identity::metrics::Metrics,
-    /// Set once the first reconcile has enrolled the pods.
+    /// Set once the first state from the source has been applied.
     pub started: AtomicBool,
+    /// Pods that should be enrolled and are not, with why.
+    pub enrollment: super::enroll::Problems,
+    /// The Kubernetes source, in Kubernetes mode.
+    pub kube: Option<Arc<crate::k8s::KubeSource>>,
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -58,8 +62,28 @@ impl AgentView for View {
         if programs.is_empty() {
             problems.push("eBPF programs not attached".to_owned());
         }
+        if let Some(kube) = &self.kube {
+            let (pending, error) = kube.health();
+            if !pending.is_empty() {
+                problems.push(format!(
+                    "waiting for the first list of {} from the API server",
+                    pending.join(", ")
+                ));
+            }
+            if let Some(error) = error {
+                problems.push(error);
+            }
+        }
         if !self.started.load(Ordering::Acquire) {
             problems.push("still enrolling pods".to_owned());
+        }
+        for (pod, reason) in self
+            .enrollment
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            problems.push(format!("pod {pod} not enrolled: {reason}"));
         }
         let certs = self.shared.certs.snapshot();
         let now = SystemTime::now();
@@ -111,12 +135,8 @@ impl AgentView for View {
             .into_iter()
             .map(|(kind, name, action)| json!({"kind": kind, "name": name, "action": action}))
             .collect();
-        // Warnings are not kept in the state: re-parse the file the state came from.
-        let warnings: Vec<String> = std::fs::read_to_string(&self.options.config)
-            .ok()
-            .and_then(|text| crate::config::parse(&text, &self.options.node).ok())
-            .map(|(_, w)| w.iter().map(ToString::to_string).collect())
-            .unwrap_or_default();
+        // The warnings of the policies in force, kept with them.
+        let warnings: Vec<String> = state.warnings().iter().map(ToString::to_string).collect();
         let certificates: Vec<Value> = self
             .shared
             .certs
@@ -128,17 +148,28 @@ impl AgentView for View {
             })
             .collect();
         let o = &self.options;
+        let source = match &o.source {
+            super::SourceOptions::File {
+                path,
+                reload_interval,
+            } => json!({"config": path, "reloadIntervalMs": reload_interval.as_millis() as u64}),
+            super::SourceOptions::Kubernetes(k) => json!({
+                "kubeconfig": k.kubeconfig, "procRoot": k.proc_root, "cniSocket": k.cni_socket,
+                "namespacesFile": k.namespaces_file, "trustDomain": k.settings.trust_domain,
+                "rootNamespace": k.settings.root_namespace,
+            }),
+        };
         json!({
             "node": state.node,
+            "source": self.shared.source(),
             "trustDomain": state.trust_domain,
             "workloads": workloads,
             "services": services,
             "policies": {"items": policies, "warnings": warnings},
             "certificates": certificates,
             "config": {
-                "config": o.config, "pinDir": o.pin_dir, "stateDir": o.state_dir,
+                "source": source, "pinDir": o.pin_dir, "stateDir": o.state_dir,
                 "caCert": o.ca_cert, "certTtlSecs": o.cert_ttl.as_secs(),
-                "reloadIntervalMs": o.reload_interval.as_millis() as u64,
                 "adminAddr": o.admin_addr, "metricsAddr": o.metrics_addr,
                 "readinessAddr": o.readiness_addr,
                 "drainDeadlineSecs": o.drain_deadline.as_secs_f64(),

@@ -16,7 +16,10 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-pub use state::{MeshState, Route, ServiceEntry, WorkloadEntry};
+pub use state::{
+    MeshSettings, MeshSpec, MeshState, Route, ServiceEntry, ServiceSpec, WorkloadEntry,
+    WorkloadSpec,
+};
 pub use watch::ConfigWatcher;
 
 use crate::identity::{DEFAULT_TRUST_DOMAIN, SpiffeId};
@@ -218,8 +221,93 @@ pub fn parse(input: &str, node: &str) -> Result<(MeshState, Vec<PolicyWarning>),
         })?;
     let (policies, warnings) =
         PolicySet::from_documents(values, &config.default_namespace, &config.root_namespace)?;
-    let state = MeshState::build(config, policies, node)?;
+    let spec = local_spec(config, policies, warnings, node)?;
+    let warnings = spec.warnings.clone();
+    let state = MeshState::build(spec, node)?;
     Ok((state, warnings))
+}
+
+/// The local-mode file as a source-neutral [`MeshSpec`], with the checks only a
+/// hand-written file needs (IPs present, netns of this node's pods given, no namespace
+/// listed twice).
+fn local_spec(
+    config: LocalConfig,
+    policies: PolicySet,
+    warnings: Vec<PolicyWarning>,
+    node: &str,
+) -> Result<MeshSpec, ConfigError> {
+    let mut namespaces = BTreeMap::new();
+    for (i, ns) in config.namespaces.into_iter().enumerate() {
+        if namespaces.contains_key(&ns.name) {
+            return Err(ConfigError::Invalid {
+                place: format!("namespaces[{i}]"),
+                problem: format!("namespace {} listed twice", ns.name),
+            });
+        }
+        namespaces.insert(ns.name, ns.labels);
+    }
+    let mut workloads = Vec::with_capacity(config.workloads.len());
+    for (i, w) in config.workloads.into_iter().enumerate() {
+        let place = format!("workloads[{i}] ({}/{})", w.namespace, w.name);
+        if w.ips.is_empty() {
+            return Err(ConfigError::Invalid {
+                place,
+                problem: "needs at least one IP in `ips`".into(),
+            });
+        }
+        // Validated here too so the error names the file's place.
+        workload_identity(&config.trust_domain, &w, i)?;
+        let enrolled_here = w.node == node
+            && namespaces
+                .get(&w.namespace)
+                .and_then(|labels| labels.get(MESH_LABEL))
+                .is_some_and(|v| v == MESH_ENABLED)
+            && w.labels.get(MESH_LABEL).is_none_or(|v| v != MESH_DISABLED);
+        if enrolled_here && w.netns.is_none() {
+            return Err(ConfigError::Invalid {
+                place,
+                problem: "an enrolled workload on this node needs `netns`".into(),
+            });
+        }
+        workloads.push(WorkloadSpec {
+            name: w.name,
+            namespace: w.namespace,
+            service_account: w.service_account,
+            labels: w.labels,
+            ips: w.ips,
+            node: w.node,
+            uid: None,
+            netns: w.netns,
+            interface: w.interface,
+            host_network: false,
+        });
+    }
+    let services = config
+        .services
+        .into_iter()
+        .map(|s| ServiceSpec {
+            name: s.name,
+            namespace: s.namespace,
+            vips: vec![s.vip],
+            ports: s.ports.iter().map(|p| (p.port, p.target_port)).collect(),
+            selector: s.selector,
+            endpoints: None,
+        })
+        .collect();
+    Ok(MeshSpec {
+        settings: MeshSettings {
+            trust_domain: config.trust_domain,
+            root_namespace: config.root_namespace,
+            unknown_destination: config.outbound.unknown_destination,
+            excluded_ports: config.outbound.excluded_ports,
+            revoke_on_policy_change: config.authorization.revoke_on_policy_change,
+        },
+        namespaces,
+        workloads,
+        services,
+        policies,
+        warnings,
+    })
 }
 
 /// Builds the SPIFFE ID of a workload, naming the workload when a part is invalid.

@@ -7,12 +7,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::{
-    ConfigError, LocalConfig, MESH_DISABLED, MESH_ENABLED, MESH_LABEL, UnknownDestination,
-    workload_identity,
-};
+use super::{ConfigError, MESH_DISABLED, MESH_ENABLED, MESH_LABEL, UnknownDestination};
 use crate::identity::SpiffeId;
-use crate::policy::PolicySet;
+use crate::policy::{PolicySet, PolicyWarning};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkloadEntry {
@@ -23,9 +20,12 @@ pub struct WorkloadEntry {
     pub labels: BTreeMap<String, String>,
     pub ips: Vec<IpAddr>,
     pub node: String,
+    /// Kubernetes pod UID; `None` in local mode.
+    pub uid: Option<String>,
     pub netns: Option<PathBuf>,
     pub interface: String,
-    /// Enrolled: its namespace opted in and the pod did not opt out.
+    /// Enrolled: its namespace opted in, the pod did not opt out, it has an IP and is
+    /// not hostNetwork.
     pub in_mesh: bool,
 }
 
@@ -79,30 +79,92 @@ pub struct MeshState {
     by_name: HashMap<(String, String), Arc<WorkloadEntry>>,
     services: HashMap<(IpAddr, u16), (Arc<ServiceEntry>, u16)>,
     policies: Arc<PolicySet>,
+    warnings: Vec<PolicyWarning>,
+}
+
+/// What a source of truth (the local-mode file, the Kubernetes API) says the mesh is.
+/// [`MeshState::build`] validates and indexes it; both sources hand over the same shape.
+#[derive(Debug, Clone)]
+pub struct MeshSpec {
+    pub settings: MeshSettings,
+    /// Namespace name → its labels.
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    pub workloads: Vec<WorkloadSpec>,
+    pub services: Vec<ServiceSpec>,
+    pub policies: PolicySet,
+    /// Warnings from loading the policies; kept with the state they describe.
+    pub warnings: Vec<PolicyWarning>,
+}
+
+/// Mesh-wide settings (local mode: the `AmbitLocalConfig` document; Kubernetes: flags).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshSettings {
+    pub trust_domain: String,
+    pub root_namespace: String,
+    pub unknown_destination: UnknownDestination,
+    pub excluded_ports: Vec<u16>,
+    pub revoke_on_policy_change: bool,
+}
+
+impl Default for MeshSettings {
+    fn default() -> Self {
+        Self {
+            trust_domain: crate::identity::DEFAULT_TRUST_DOMAIN.to_owned(),
+            root_namespace: "istio-system".to_owned(),
+            unknown_destination: UnknownDestination::default(),
+            excluded_ports: Vec::new(),
+            revoke_on_policy_change: true,
+        }
+    }
+}
+
+/// One pod as a source describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadSpec {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    pub ips: Vec<IpAddr>,
+    pub node: String,
+    /// Kubernetes pod UID (none in local mode).
+    pub uid: Option<String>,
+    /// Known network-namespace path (local mode); Kubernetes pods are found by the agent.
+    pub netns: Option<PathBuf>,
+    pub interface: Option<String>,
+    /// A hostNetwork pod shares the node's network: never enrolled.
+    pub host_network: bool,
+}
+
+/// One service as a source describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub namespace: String,
+    pub vips: Vec<IpAddr>,
+    /// `(port, target port)` pairs.
+    pub ports: Vec<(u16, u16)>,
+    pub selector: BTreeMap<String, String>,
+    /// Endpoint addresses when the source knows them (EndpointSlices); otherwise the
+    /// workloads of the service's namespace matching `selector`.
+    pub endpoints: Option<Vec<IpAddr>>,
 }
 
 impl MeshState {
-    pub(super) fn build(
-        config: LocalConfig,
-        policies: PolicySet,
-        node: &str,
-    ) -> Result<Self, ConfigError> {
-        let mut namespace_labels = HashMap::new();
-        for (i, ns) in config.namespaces.iter().enumerate() {
-            if namespace_labels
-                .insert(ns.name.clone(), ns.labels.clone())
-                .is_some()
-            {
-                return Err(invalid(
-                    format!("namespaces[{i}]"),
-                    format!("namespace {} listed twice", ns.name),
-                ));
-            }
-        }
+    /// Validates and indexes what a source described, as seen from `node`.
+    pub fn build(spec: MeshSpec, node: &str) -> Result<Self, ConfigError> {
+        let MeshSpec {
+            settings,
+            namespaces,
+            workloads: workload_specs,
+            services: service_specs,
+            policies,
+            warnings,
+        } = spec;
         let mut workloads = Vec::new();
         let mut by_ip: HashMap<IpAddr, Arc<WorkloadEntry>> = HashMap::new();
         let mut names = HashSet::new();
-        for (i, w) in config.workloads.iter().enumerate() {
+        for (i, w) in workload_specs.into_iter().enumerate() {
             let place = format!("workloads[{i}] ({}/{})", w.namespace, w.name);
             if w.name.is_empty() || w.namespace.is_empty() || w.node.is_empty() {
                 return Err(invalid(
@@ -113,27 +175,27 @@ impl MeshState {
             if !names.insert((w.namespace.clone(), w.name.clone())) {
                 return Err(invalid(place, "workload listed twice".into()));
             }
-            if w.ips.is_empty() {
-                return Err(invalid(place, "needs at least one IP in `ips`".into()));
-            }
-            let namespace_enabled = namespace_labels
+            let namespace_enabled = namespaces
                 .get(&w.namespace)
                 .and_then(|labels| labels.get(MESH_LABEL))
                 .is_some_and(|v| v == MESH_ENABLED);
             let pod_opted_out = w.labels.get(MESH_LABEL).is_some_and(|v| v == MESH_DISABLED);
+            let identity = SpiffeId::new(&settings.trust_domain, &w.namespace, &w.service_account)
+                .map_err(|e| invalid(place.clone(), e.to_string()))?;
             let entry = Arc::new(WorkloadEntry {
-                name: w.name.clone(),
-                namespace: w.namespace.clone(),
-                service_account: w.service_account.clone(),
-                identity: workload_identity(&config.trust_domain, w, i)?,
-                labels: w.labels.clone(),
-                ips: w.ips.clone(),
-                node: w.node.clone(),
-                netns: w.netns.clone(),
-                interface: w.interface.clone().unwrap_or_else(|| "eth0".into()),
-                in_mesh: namespace_enabled && !pod_opted_out,
+                in_mesh: namespace_enabled && !pod_opted_out && !w.host_network && !w.ips.is_empty(),
+                name: w.name,
+                namespace: w.namespace,
+                service_account: w.service_account,
+                identity,
+                labels: w.labels,
+                ips: w.ips,
+                node: w.node,
+                uid: w.uid,
+                netns: w.netns,
+                interface: w.interface.unwrap_or_else(|| "eth0".into()),
             });
-            for ip in &w.ips {
+            for ip in &entry.ips {
                 if let Some(other) = by_ip.insert(*ip, entry.clone()) {
                     return Err(invalid(
                         place,
@@ -144,45 +206,50 @@ impl MeshState {
                     ));
                 }
             }
-            if entry.node == node && entry.in_mesh && entry.netns.is_none() {
-                return Err(invalid(
-                    place,
-                    "an enrolled workload on this node needs `netns`".into(),
-                ));
-            }
             workloads.push(entry);
         }
         let mut services = HashMap::new();
-        for (i, s) in config.services.iter().enumerate() {
+        for (i, s) in service_specs.into_iter().enumerate() {
             let place = format!("services[{i}] ({}/{})", s.namespace, s.name);
             if s.ports.is_empty() {
                 return Err(invalid(place, "needs at least one port".into()));
             }
-            let mut endpoints: Vec<Arc<WorkloadEntry>> = workloads
-                .iter()
-                .filter(|w| {
-                    w.namespace == s.namespace
-                        && !s.selector.is_empty()
-                        && s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-                })
-                .cloned()
-                .collect();
+            let mut endpoints: Vec<Arc<WorkloadEntry>> = match &s.endpoints {
+                Some(ips) => {
+                    let mut found: Vec<Arc<WorkloadEntry>> =
+                        ips.iter().filter_map(|ip| by_ip.get(ip).cloned()).collect();
+                    found.dedup_by(|a, b| Arc::ptr_eq(a, b));
+                    found
+                }
+                None => workloads
+                    .iter()
+                    .filter(|w| {
+                        w.namespace == s.namespace
+                            && !s.selector.is_empty()
+                            && s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                    })
+                    .cloned()
+                    .collect(),
+            };
             endpoints.sort_by(|a, b| a.name.cmp(&b.name));
-            let entry = Arc::new(ServiceEntry {
-                name: s.name.clone(),
-                namespace: s.namespace.clone(),
-                vip: s.vip,
-                endpoints,
-            });
-            for port in &s.ports {
-                if services
-                    .insert((s.vip, port.port), (entry.clone(), port.target_port))
-                    .is_some()
-                {
-                    return Err(invalid(
-                        place,
-                        format!("{}:{} is declared twice", s.vip, port.port),
-                    ));
+            endpoints.dedup_by(|a, b| Arc::ptr_eq(a, b));
+            for vip in &s.vips {
+                let entry = Arc::new(ServiceEntry {
+                    name: s.name.clone(),
+                    namespace: s.namespace.clone(),
+                    vip: *vip,
+                    endpoints: endpoints.clone(),
+                });
+                for (port, target_port) in &s.ports {
+                    if services
+                        .insert((*vip, *port), (entry.clone(), *target_port))
+                        .is_some()
+                    {
+                        return Err(invalid(
+                            place.clone(),
+                            format!("{vip}:{port} is declared twice"),
+                        ));
+                    }
                 }
             }
         }
@@ -191,18 +258,25 @@ impl MeshState {
             .map(|w| ((w.namespace.clone(), w.name.clone()), w.clone()))
             .collect();
         Ok(Self {
-            trust_domain: config.trust_domain,
-            root_namespace: config.root_namespace,
+            trust_domain: settings.trust_domain,
+            root_namespace: settings.root_namespace,
             node: node.to_string(),
-            unknown_destination: config.outbound.unknown_destination,
-            excluded_ports: config.outbound.excluded_ports,
-            revoke_on_policy_change: config.authorization.revoke_on_policy_change,
+            unknown_destination: settings.unknown_destination,
+            excluded_ports: settings.excluded_ports,
+            revoke_on_policy_change: settings.revoke_on_policy_change,
             workloads,
             by_ip,
             by_name,
             services,
             policies: Arc::new(policies),
+            warnings,
         })
+    }
+
+    /// Warnings of the policies in force (kept with the state, so the config dump shows
+    /// what was loaded, not what a file says now).
+    pub fn warnings(&self) -> &[PolicyWarning] {
+        &self.warnings
     }
 
     /// Enrolled workloads this node's agent serves.

@@ -20,12 +20,41 @@ pub struct DecisionKey {
     pub policy: Option<PolicyName>,
 }
 
-/// Authorizes inbound connections against a swappable [`PolicySet`].
-pub struct PolicyAuthorizer {
+/// Where the authorizer reads the policies and the labels of the workload a connection
+/// is for. The agent answers both from one state snapshot, so a connection never meets
+/// new workloads with old policies.
+pub trait PolicySource: Send + Sync {
+    fn policies(&self) -> Arc<PolicySet>;
+    /// The policy set and `workload`'s labels, from the same snapshot.
+    fn policies_and_labels(&self, workload: &LocalWorkload)
+    -> (Arc<PolicySet>, BTreeMap<String, String>);
+}
+
+/// A policy set of its own, swapped by [`PolicyAuthorizer::replace`] (tools and tests).
+struct OwnedPolicies {
     /// Readers clone the `Arc` and drop the lock at once, so a `replace`
     /// never waits on an evaluation and in-flight checks keep their snapshot.
-    policies: RwLock<Arc<PolicySet>>,
+    set: RwLock<Arc<PolicySet>>,
     labels: LabelLookup,
+}
+
+impl PolicySource for OwnedPolicies {
+    fn policies(&self) -> Arc<PolicySet> {
+        self.set.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn policies_and_labels(
+        &self,
+        workload: &LocalWorkload,
+    ) -> (Arc<PolicySet>, BTreeMap<String, String>) {
+        (self.policies(), (self.labels)(workload))
+    }
+}
+
+/// Authorizes inbound connections against the current [`PolicySet`].
+pub struct PolicyAuthorizer {
+    source: Arc<dyn PolicySource>,
+    owned: Option<Arc<OwnedPolicies>>,
     counters: Mutex<BTreeMap<DecisionKey, u64>>,
 }
 
@@ -38,37 +67,46 @@ impl std::fmt::Debug for PolicyAuthorizer {
 }
 
 impl PolicyAuthorizer {
+    /// An authorizer with a policy set of its own and a label lookup.
     pub fn new(set: PolicySet, labels: LabelLookup) -> Self {
-        Self {
-            policies: RwLock::new(Arc::new(set)),
+        let owned = Arc::new(OwnedPolicies {
+            set: RwLock::new(Arc::new(set)),
             labels,
+        });
+        Self {
+            source: owned.clone(),
+            owned: Some(owned),
             counters: Mutex::new(BTreeMap::new()),
         }
     }
 
-    /// Swaps in new policies; every connection authorized afterwards uses
-    /// them (no restart, so an emergency relaxation applies at once).
+    /// An authorizer reading policies and labels from `source` (the agent's state).
+    pub fn from_source(source: Arc<dyn PolicySource>) -> Self {
+        Self {
+            source,
+            owned: None,
+            counters: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Swaps in new policies for an authorizer made by [`Self::new`]; every connection
+    /// authorized afterwards uses them. One reading a [`PolicySource`] follows its source.
     pub fn replace(&self, set: PolicySet) {
-        // A poisoned lock only means a writer panicked; the Arc inside is
-        // still a complete set, so keep going rather than fail open/closed.
-        *self
-            .policies
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(set);
+        if let Some(owned) = &self.owned {
+            // A poisoned lock only means a writer panicked; the Arc inside is
+            // still a complete set, so keep going rather than fail open/closed.
+            *owned.set.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(set);
+        }
     }
 
     /// The policies new connections are checked against.
     pub fn snapshot(&self) -> Arc<PolicySet> {
-        self.policies
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.source.policies()
     }
 
     /// Evaluates without counting or logging (for diagnostics).
     pub fn decide(&self, conn: &InboundConnection) -> Decision {
-        let set = self.snapshot();
-        let labels = (self.labels)(&conn.workload);
+        let (set, labels) = self.source.policies_and_labels(&conn.workload);
         let workload = Workload {
             namespace: &conn.workload.namespace,
             labels: &labels,

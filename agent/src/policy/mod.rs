@@ -25,7 +25,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-pub use authorizer::{DecisionKey, LabelLookup, PolicyAuthorizer};
+pub use authorizer::{DecisionKey, LabelLookup, PolicyAuthorizer, PolicySource};
 pub use bench::{measure_decision_time, synthetic_decision, synthetic_policy_set};
 
 use engine::{Action, CompiledAuthz, CompiledPeerAuth, ConnFacts, Indexed};
