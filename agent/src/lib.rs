@@ -9,5 +9,6 @@ pub mod identity;
 pub mod netns;
 pub mod observability;
 pub mod policy;
+pub mod procscan;
 pub mod sys;
 pub mod tunnel;
