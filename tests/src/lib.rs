@@ -3,6 +3,7 @@
 //! tests can run in parallel.
 #![forbid(unsafe_code)]
 
+pub mod apiserver;
 pub mod bench;
 pub mod capture_check;
 pub mod inbound_check;
