@@ -147,7 +147,8 @@ struct RunArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = std::env::var("AMBIT_LOG").unwrap_or_else(|_| "info".into());
+    // kube-rs logs every failed retry of a watch; the agent says it once per streak.
+    let filter = std::env::var("AMBIT_LOG").unwrap_or_else(|_| "info,kube_client=off".into());
     let log = observability::logging::init(cli.log_format, &filter);
     if matches!(
         cli.command,

@@ -7,6 +7,7 @@ pub mod apiserver;
 pub mod bench;
 pub mod capture_check;
 pub mod inbound_check;
+pub mod kubebed;
 pub mod testbed;
 
 use std::path::{Path, PathBuf};

@@ -259,6 +259,9 @@ pub struct Testbed {
     pub mesh_enabled: bool,
     /// Extra `ambit run` arguments for agents started from now on (e.g. `--no-pool`).
     pub agent_args: Vec<String>,
+    /// Kubernetes mode: the fake API server and the pods' sandboxes; agents started from
+    /// now on run with `--kubernetes` against it.
+    pub kube: Option<crate::kubebed::KubeBed>,
     ca_cert: PathBuf,
     ca_key: PathBuf,
     // Declared last so it is dropped after the nodes and pods it connects.
@@ -374,10 +377,24 @@ impl Testbed {
             policies: String::new(),
             mesh_enabled: true,
             agent_args: Vec::new(),
+            kube: None,
             _fabric: fabric,
         };
         bed.write_config()?;
         Ok(bed)
+    }
+
+    /// Puts the testbed's mesh into a fake Kubernetes API server (with kubelet-like pod
+    /// sandboxes); agents started afterwards learn it from there instead of the file.
+    pub fn enable_kubernetes(&mut self) -> anyhow::Result<()> {
+        self.enable_kubernetes_except(&[])
+    }
+
+    /// The same, leaving the pods named in `except` out of the API server (pods about to
+    /// be created).
+    pub fn enable_kubernetes_except(&mut self, except: &[&str]) -> anyhow::Result<()> {
+        self.kube = Some(crate::kubebed::KubeBed::new(self, except)?);
+        Ok(())
     }
 
     /// The mesh CA's certificate (PEM).
@@ -455,9 +472,13 @@ impl Testbed {
     pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
         let node = &self.nodes[i];
         let state_dir = self.dir.join(&node.name);
+        let source: Vec<String> = match &self.kube {
+            Some(kube) => kube.agent_args(&self.dir, &node.name),
+            None => vec!["--config".into(), self.config.display().to_string()],
+        };
         let mut child = Command::new(agent_binary()?)
-            .args(["run", "--node", &node.name, "--config"])
-            .arg(&self.config)
+            .args(["run", "--node", &node.name])
+            .args(&source)
             .arg("--pin-dir")
             .arg(node.pins.path())
             .arg("--state-dir")
@@ -613,6 +634,7 @@ impl Drop for Testbed {
         for agent in &mut self.agents {
             agent.take();
         }
+        self.kube.take();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -628,10 +650,21 @@ pub fn sysctl(ns: &Netns, key: &str, value: &str) -> anyhow::Result<()> {
 /// The `ambit` binary: $AMBIT_BIN, or target/debug/ambit of this workspace
 /// (`cargo xtask test` builds it before the end-to-end suite).
 pub fn agent_binary() -> anyhow::Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("AMBIT_BIN") {
+    workspace_binary("AMBIT_BIN", "ambit")
+}
+
+/// The `ambit-cni` plugin binary: $AMBIT_CNI_BIN, or target/debug/ambit-cni.
+pub fn cni_binary() -> anyhow::Result<PathBuf> {
+    workspace_binary("AMBIT_CNI_BIN", "ambit-cni")
+}
+
+fn workspace_binary(env: &str, name: &str) -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os(env) {
         return Ok(PathBuf::from(bin));
     }
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ambit");
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/debug")
+        .join(name);
     if !bin.exists() {
         bail!(
             "{} not found: run `cargo build -p ambit-agent` (cargo xtask test does)",

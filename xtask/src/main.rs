@@ -89,8 +89,8 @@ fn test(unprivileged: bool) -> anyhow::Result<()> {
         &mut totals,
     )?;
     if privileged {
-        // The end-to-end suite runs the real agent binary.
-        cargo_cmd(&["build", "-p", "ambit-agent", "--bin", "ambit"])?;
+        // The end-to-end suite runs the real agent and CNI plugin binaries.
+        cargo_cmd(&["build", "-p", "ambit-agent", "--bins"])?;
         cargo_test(&["test", "-p", "ambit-e2e"], &mut totals)?;
     } else {
         eprintln!(

@@ -335,7 +335,16 @@ impl Agent {
 
 /// Pod UID → the netns path of its oldest process, from a scan of the host's /proc.
 fn scan_pods(proc_root: &Path) -> std::io::Result<HashMap<String, PathBuf>> {
-    Ok(crate::procscan::scan(proc_root)?
+    let found = match crate::procscan::scan(proc_root) {
+        // Some sandboxes hide pid 1's namespace; the agent runs in the host's network
+        // namespace (hostNetwork), so its own stands for the host's.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            let own = crate::procscan::NetnsId::of(Path::new("/proc/self/ns/net"))?;
+            crate::procscan::scan_excluding(proc_root, own)?
+        }
+        other => other?,
+    };
+    Ok(found
         .into_iter()
         .map(|(uid, candidate)| (uid.to_string(), candidate.path))
         .collect())
