@@ -76,7 +76,12 @@ struct RunArgs {
     node: Option<String>,
     /// Local mode: the mesh described by this file (docs/LOCAL-MODE.md); watched, changes
     /// apply live.
-    #[arg(long, env = "AMBIT_CONFIG", required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    #[arg(
+        long,
+        env = "AMBIT_CONFIG",
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
     config: Option<PathBuf>,
     /// Kubernetes mode: learn the mesh from the API server (in-cluster configuration,
     /// --kubeconfig, or KUBECONFIG). docs/KUBERNETES.md.

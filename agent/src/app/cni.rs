@@ -66,7 +66,11 @@ impl Agent {
         let key = format!("{}/{}", request.pod_namespace, request.pod_name);
         match request.command {
             CniCommand::Add => {
-                if !kube.source.mesh_namespaces().contains(&request.pod_namespace) {
+                if !kube
+                    .source
+                    .mesh_namespaces()
+                    .contains(&request.pod_namespace)
+                {
                     let _ = reply.send(CniResponse::not_in_mesh());
                     return;
                 }
@@ -78,7 +82,8 @@ impl Agent {
                         ips: request.ips.clone(),
                     }),
                 );
-                self.cni_netns.insert(key.clone(), PathBuf::from(&request.netns));
+                self.cni_netns
+                    .insert(key.clone(), PathBuf::from(&request.netns));
                 self.waiters.push(Waiter { key, reply });
                 // The hint may change nothing in the state (the API server already shows
                 // the IPs): enroll with the state in force now.
@@ -95,7 +100,10 @@ impl Agent {
             }
             CniCommand::Check => {
                 let response = if self.is_enrolled(&key)
-                    || !kube.source.mesh_namespaces().contains(&request.pod_namespace)
+                    || !kube
+                        .source
+                        .mesh_namespaces()
+                        .contains(&request.pod_namespace)
                 {
                     CniResponse::enrolled()
                 } else {

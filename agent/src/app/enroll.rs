@@ -263,7 +263,9 @@ impl Agent {
         }
         match crate::cni::write_namespaces_file(path, namespaces.iter().map(String::as_str)) {
             Ok(()) => self.namespaces_written = Some(namespaces),
-            Err(e) => warn!(path = %path.display(), error = %e, "cannot write the mesh namespaces file"),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot write the mesh namespaces file")
+            }
         }
     }
 

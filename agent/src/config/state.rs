@@ -183,7 +183,10 @@ impl MeshState {
             let identity = SpiffeId::new(&settings.trust_domain, &w.namespace, &w.service_account)
                 .map_err(|e| invalid(place.clone(), e.to_string()))?;
             let entry = Arc::new(WorkloadEntry {
-                in_mesh: namespace_enabled && !pod_opted_out && !w.host_network && !w.ips.is_empty(),
+                in_mesh: namespace_enabled
+                    && !pod_opted_out
+                    && !w.host_network
+                    && !w.ips.is_empty(),
                 name: w.name,
                 namespace: w.namespace,
                 service_account: w.service_account,
@@ -374,4 +377,145 @@ fn to_workload(workload: &Arc<WorkloadEntry>, target: SocketAddr) -> Route {
 
 fn invalid(place: String, problem: String) -> ConfigError {
     ConfigError::Invalid { place, problem }
+}
+
+#[cfg(test)]
+mod membership_tests {
+    use super::*;
+
+    fn pod(name: &str, namespace: &str, node: &str) -> WorkloadSpec {
+        WorkloadSpec {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            service_account: "default".to_owned(),
+            labels: BTreeMap::new(),
+            ips: vec![IpAddr::from([
+                10,
+                1,
+                name.len() as u8,
+                name.bytes().last().unwrap_or(0),
+            ])],
+            node: node.to_owned(),
+            uid: Some(format!("uid-{name}")),
+            netns: None,
+            interface: None,
+            host_network: false,
+        }
+    }
+
+    fn state(workloads: Vec<WorkloadSpec>) -> MeshState {
+        let namespaces = BTreeMap::from([
+            (
+                "mesh".to_owned(),
+                BTreeMap::from([(MESH_LABEL.to_owned(), MESH_ENABLED.to_owned())]),
+            ),
+            (
+                "off".to_owned(),
+                BTreeMap::from([(MESH_LABEL.to_owned(), "no".to_owned())]),
+            ),
+            ("plain".to_owned(), BTreeMap::new()),
+        ]);
+        let spec = MeshSpec {
+            settings: MeshSettings::default(),
+            namespaces,
+            workloads,
+            services: Vec::new(),
+            policies: PolicySet::from_documents(Vec::new(), "default", "istio-system")
+                .expect("empty set")
+                .0,
+            warnings: Vec::new(),
+        };
+        MeshState::build(spec, "node-1").expect("state")
+    }
+
+    fn local(state: &MeshState) -> Vec<&str> {
+        state.local_pods().map(|w| w.name.as_str()).collect()
+    }
+
+    #[test]
+    fn enrolled_needs_label_node_ip_no_host_network_and_no_opt_out() {
+        let mut opted_out = pod("optout", "mesh", "node-1");
+        opted_out
+            .labels
+            .insert(MESH_LABEL.to_owned(), MESH_DISABLED.to_owned());
+        let mut host = pod("hostnet", "mesh", "node-1");
+        host.host_network = true;
+        let mut no_ip = pod("noip", "mesh", "node-1");
+        no_ip.ips.clear();
+        let s = state(vec![
+            pod("in", "mesh", "node-1"),
+            pod("elsewhere", "mesh", "node-2"),
+            pod("plainpod", "plain", "node-1"),
+            pod("offpod", "off", "node-1"),
+            pod("nons", "missing", "node-1"),
+            opted_out,
+            host,
+            no_ip,
+        ]);
+        assert_eq!(local(&s), ["in"]);
+        let elsewhere = s
+            .workload_by_name("mesh", "elsewhere")
+            .expect("peer on another node");
+        assert!(
+            elsewhere.in_mesh,
+            "a peer pod on another node is still in the mesh"
+        );
+    }
+
+    #[test]
+    fn a_pod_label_other_than_disabled_does_not_opt_out() {
+        let mut p = pod("in", "mesh", "node-1");
+        p.labels.insert(MESH_LABEL.to_owned(), "enabled".to_owned());
+        assert_eq!(local(&state(vec![p])), ["in"]);
+    }
+
+    #[test]
+    fn explicit_endpoints_route_to_known_pods_only() {
+        let mut spec_pods = vec![pod("a", "mesh", "node-1"), pod("bb", "mesh", "node-2")];
+        spec_pods[1].labels.insert("app".into(), "x".into());
+        let mut s = state(spec_pods);
+        let vip = IpAddr::from([10, 96, 0, 1]);
+        let services = vec![ServiceSpec {
+            name: "svc".into(),
+            namespace: "mesh".into(),
+            vips: vec![vip],
+            ports: vec![(80, 8080)],
+            selector: BTreeMap::from([("app".to_owned(), "x".to_owned())]),
+            endpoints: Some(vec![
+                IpAddr::from([10, 1, 1, b'a']),
+                IpAddr::from([10, 9, 9, 9]),
+            ]),
+        }];
+        let spec = MeshSpec {
+            settings: MeshSettings::default(),
+            namespaces: BTreeMap::new(),
+            workloads: s
+                .workloads
+                .iter()
+                .map(|w| WorkloadSpec {
+                    name: w.name.clone(),
+                    namespace: w.namespace.clone(),
+                    service_account: w.service_account.clone(),
+                    labels: w.labels.clone(),
+                    ips: w.ips.clone(),
+                    node: w.node.clone(),
+                    uid: w.uid.clone(),
+                    netns: None,
+                    interface: None,
+                    host_network: false,
+                })
+                .collect(),
+            services,
+            policies: (*s.policies).clone(),
+            warnings: Vec::new(),
+        };
+        s = MeshState::build(spec, "node-1").expect("state");
+        let service = s.service_at(SocketAddr::new(vip, 80)).expect("service");
+        let names: Vec<&str> = service.endpoints.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["a"],
+            "EndpointSlice addresses win over the selector; unknown IPs are skipped"
+        );
+    }
 }

@@ -158,10 +158,7 @@ pub fn service(service: &Service) -> Option<(String, ServiceRecord)> {
             Some(ServicePortRecord {
                 name: p.name.clone().unwrap_or_default(),
                 port: u16::try_from(p.port).ok()?,
-                target: p
-                    .target_port
-                    .clone()
-                    .unwrap_or(IntOrString::Int(p.port)),
+                target: p.target_port.clone().unwrap_or(IntOrString::Int(p.port)),
             })
         })
         .collect();
@@ -191,7 +188,12 @@ pub fn slice(slice: &EndpointSlice) -> Option<(String, SliceRecord)> {
         .iter()
         .flatten()
         .filter(|p| p.protocol.as_deref().is_none_or(|proto| proto == "TCP"))
-        .filter_map(|p| Some((p.name.clone().unwrap_or_default(), u16::try_from(p.port?).ok()?)))
+        .filter_map(|p| {
+            Some((
+                p.name.clone().unwrap_or_default(),
+                u16::try_from(p.port?).ok()?,
+            ))
+        })
         .collect();
     let addresses = slice
         .endpoints
@@ -415,11 +417,7 @@ mod tests {
             }),
             status: Some(PodStatus {
                 phase: Some(phase.to_owned()),
-                pod_ips: ip.map(|ip| {
-                    vec![PodIP {
-                        ip: ip.to_owned(),
-                    }]
-                }),
+                pod_ips: ip.map(|ip| vec![PodIP { ip: ip.to_owned() }]),
                 ..Default::default()
             }),
         }
@@ -469,11 +467,7 @@ mod tests {
         };
         let slice_obj = EndpointSlice {
             address_type: "IPv4".to_owned(),
-            metadata: meta(
-                Some("shop"),
-                "cart-abc",
-                &[(SERVICE_NAME_LABEL, "cart")],
-            ),
+            metadata: meta(Some("shop"), "cart-abc", &[(SERVICE_NAME_LABEL, "cart")]),
             endpoints: vec![
                 Endpoint {
                     addresses: vec!["10.1.0.5".to_owned()],

@@ -21,8 +21,8 @@ use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams};
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event};
 use tokio::sync::{Notify, watch};
 use tracing::{error, info, warn};
 
@@ -107,7 +107,8 @@ impl<T: PartialEq> KindCache<T> {
                 false
             }
             Event::InitApply(object) => {
-                if let (Some(relist), Some((key, record))) = (self.relist.as_mut(), convert(&object))
+                if let (Some(relist), Some((key, record))) =
+                    (self.relist.as_mut(), convert(&object))
                 {
                     relist.insert(key, record);
                 }
@@ -351,9 +352,7 @@ impl KubeSource {
             Some(
                 convert::mesh_spec(&cache.records(), &cache.hints, &self.settings)
                     .map_err(|e| format!("policies refused: {e}"))
-                    .and_then(|spec| {
-                        MeshState::build(spec, &self.node).map_err(|e| e.to_string())
-                    }),
+                    .and_then(|spec| MeshState::build(spec, &self.node).map_err(|e| e.to_string())),
             )
         } else {
             None
@@ -442,15 +441,18 @@ impl KubeSource {
                 Ok(Some(resource)) => {
                     info!(kind, version = %resource.version, "watching Istio policies");
                     let api = Api::<DynamicObject>::all_with(self.client.clone(), &resource);
-                    let stream = watcher::watcher(api, watcher::Config::default())
-                        .default_backoff();
+                    let stream =
+                        watcher::watcher(api, watcher::Config::default()).default_backoff();
                     self.consume(stream, plural, select, |o| convert::policy(o, kind))
                         .await;
                     return;
                 }
                 Ok(None) => {
                     if !said_absent {
-                        info!(kind, "Istio CRD not served by this cluster: no such policies apply");
+                        info!(
+                            kind,
+                            "Istio CRD not served by this cluster: no such policies apply"
+                        );
                         said_absent = true;
                     }
                     if select(&mut self.cache()).set_absent() {
@@ -501,9 +503,8 @@ mod tests {
         Namespace {
             metadata: ObjectMeta {
                 name: Some(name.to_owned()),
-                labels: enabled.then(|| {
-                    [("ambit.dev/mesh".to_owned(), "enabled".to_owned())].into()
-                }),
+                labels: enabled
+                    .then(|| [("ambit.dev/mesh".to_owned(), "enabled".to_owned())].into()),
                 ..Default::default()
             },
             ..Default::default()
@@ -515,7 +516,10 @@ mod tests {
         let mut cache = KindCache::default();
         assert!(!cache.apply(Event::Init, convert::namespace));
         assert!(!cache.apply(Event::InitApply(ns("shop", true)), convert::namespace));
-        assert!(cache.apply(Event::InitDone, convert::namespace), "first list");
+        assert!(
+            cache.apply(Event::InitDone, convert::namespace),
+            "first list"
+        );
         // The watch restarts (410 Gone, API server restart): the same objects again.
         assert!(!cache.apply(Event::Init, convert::namespace));
         assert!(!cache.apply(Event::InitApply(ns("shop", true)), convert::namespace));
@@ -535,7 +539,11 @@ mod tests {
         cache.apply(Event::InitApply(ns("a", false)), convert::namespace);
         assert_eq!(cache.objects.len(), 2, "nothing changes mid-relist");
         assert!(cache.apply(Event::InitDone, convert::namespace));
-        assert_eq!(cache.objects.len(), 1, "b was deleted while the watch was down");
+        assert_eq!(
+            cache.objects.len(),
+            1,
+            "b was deleted while the watch was down"
+        );
         assert!(cache.objects["a"].labels.is_empty());
     }
 
@@ -553,11 +561,18 @@ mod tests {
     fn pending_kinds_are_named_until_listed() {
         let mut cache = Cache::default();
         assert_eq!(cache.pending(), KINDS.to_vec());
-        cache.namespaces.apply(Event::<Namespace>::InitDone, convert::namespace);
+        cache
+            .namespaces
+            .apply(Event::<Namespace>::InitDone, convert::namespace);
         cache.peer_authentications.set_absent();
         assert_eq!(
             cache.pending(),
-            vec!["pods", "services", "endpointslices", "authorizationpolicies"]
+            vec![
+                "pods",
+                "services",
+                "endpointslices",
+                "authorizationpolicies"
+            ]
         );
     }
 }
