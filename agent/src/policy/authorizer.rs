@@ -26,8 +26,10 @@ pub struct DecisionKey {
 pub trait PolicySource: Send + Sync {
     fn policies(&self) -> Arc<PolicySet>;
     /// The policy set and `workload`'s labels, from the same snapshot.
-    fn policies_and_labels(&self, workload: &LocalWorkload)
-    -> (Arc<PolicySet>, BTreeMap<String, String>);
+    fn policies_and_labels(
+        &self,
+        workload: &LocalWorkload,
+    ) -> (Arc<PolicySet>, BTreeMap<String, String>);
 }
 
 /// A policy set of its own, swapped by [`PolicyAuthorizer::replace`] (tools and tests).
@@ -40,7 +42,10 @@ struct OwnedPolicies {
 
 impl PolicySource for OwnedPolicies {
     fn policies(&self) -> Arc<PolicySet> {
-        self.set.read().unwrap_or_else(PoisonError::into_inner).clone()
+        self.set
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     fn policies_and_labels(
