@@ -49,6 +49,20 @@ impl PodKey {
     }
 }
 
+/// A pod whose enrollment failed part-way; the agent keeps it closed under this cookie.
+#[derive(Debug, thiserror::Error)]
+#[error("{error:#}")]
+pub(crate) struct StartError {
+    pub netns_cookie: u64,
+    pub error: anyhow::Error,
+}
+
+struct Listeners {
+    outbound: TcpListener,
+    plaintext: std::net::TcpListener,
+    hbone: std::net::TcpListener,
+}
+
 pub(crate) struct PodRuntime {
     workload: Arc<WorkloadEntry>,
     netns_path: PathBuf,
@@ -63,9 +77,41 @@ impl PodRuntime {
         workload: Arc<WorkloadEntry>,
         netns_path: PathBuf,
     ) -> anyhow::Result<Self> {
-        let netns = NetNs::open(&netns_path)?;
-        let netns_cookie = netns.cookie().context("reading the pod's netns cookie")?;
-        let sockets = Arc::new(PodSockets::spawn(&netns)?);
+        // Entering the netns and the capture maps' updates block: off the async workers.
+        let path = netns_path.clone();
+        let (netns, netns_cookie, sockets) = tokio::task::spawn_blocking(move || {
+            let netns = NetNs::open(&path)?;
+            let cookie = netns.cookie().context("reading the pod's netns cookie")?;
+            let sockets = PodSockets::spawn(&netns)?;
+            anyhow::Ok((netns, cookie, Arc::new(sockets)))
+        })
+        .await??;
+        match Self::listen_and_steer(&shared, &workload, netns, netns_cookie, &sockets).await {
+            Ok(runtime_parts) => Ok(Self::serve(
+                shared,
+                workload,
+                netns_path,
+                netns_cookie,
+                sockets,
+                runtime_parts,
+            )?),
+            Err(e) => Err(StartError {
+                netns_cookie,
+                error: e,
+            }
+            .into()),
+        }
+    }
+
+    /// The pod's listeners, its certificate, then source preservation, inbound steering and
+    /// outbound capture, in that order.
+    async fn listen_and_steer(
+        shared: &Arc<Shared>,
+        workload: &WorkloadEntry,
+        netns: NetNs,
+        netns_cookie: u64,
+        sockets: &PodSockets,
+    ) -> anyhow::Result<Listeners> {
         let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
         let outbound_listener = sockets
             .listen(SocketAddr::new(
@@ -84,8 +130,9 @@ impl PodRuntime {
             .context("HBONE listener :15008")?;
         // Have the certificate before traffic arrives.
         shared.certs.get(&workload.identity).await?;
-
-        {
+        let shared = shared.clone();
+        let interface = workload.interface.clone();
+        tokio::task::spawn_blocking(move || {
             let mut capture = shared
                 .capture
                 .lock()
@@ -94,13 +141,35 @@ impl PodRuntime {
             // inbound steering, then outbound capture: each step only works once the one
             // before it is in place.
             capture
-                .preserve_source(&netns, &workload.interface)
+                .preserve_source(&netns, &interface)
                 .context("source-address preservation")?;
             capture
                 .attach_inbound(&netns, netns_cookie, &hbone_listener, &plaintext_listener)
                 .context("inbound steering")?;
             capture.enroll(netns_cookie)?;
-        }
+            drop(capture);
+            anyhow::Ok(Listeners {
+                outbound: outbound_listener,
+                plaintext: plaintext_listener,
+                hbone: hbone_listener,
+            })
+        })
+        .await?
+    }
+
+    fn serve(
+        shared: Arc<Shared>,
+        workload: Arc<WorkloadEntry>,
+        netns_path: PathBuf,
+        netns_cookie: u64,
+        sockets: Arc<PodSockets>,
+        listeners: Listeners,
+    ) -> anyhow::Result<Self> {
+        let Listeners {
+            outbound: outbound_listener,
+            plaintext: plaintext_listener,
+            hbone: hbone_listener,
+        } = listeners;
         let inbound = Arc::new(
             Inbound::new(
                 shared.certs.clone(),
