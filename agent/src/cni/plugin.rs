@@ -764,7 +764,8 @@ mod tests {
     fn environment_errors_name_the_variable() {
         let dir = TempDir::new("plugin-env");
         let agent = FakeAgent::answering(CniResponse::enrolled());
-        let cases: [(fn(&mut CniEnv), &str); 6] = [
+        type BreakEnv = fn(&mut CniEnv);
+        let cases: [(BreakEnv, &str); 6] = [
             (|e| e.command = None, "CNI_COMMAND is not set"),
             (
                 |e| e.command = Some("GC".into()),
