@@ -535,6 +535,17 @@ mod tests {
             "app (v2) )",
             Some(300),
         );
+        // CRI-O's conmon shares the pod's cgroup parent but stays in the host's namespace;
+        // it starts before the pod's own processes and still must not win.
+        proc.process(
+            290,
+            &format!(
+                "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_UNDERSCORE}.slice/crio-conmon-1.scope\n"
+            ),
+            90,
+            "conmon",
+            Some(1),
+        );
         // Pod B (cgroupfs, v1 hybrid file): two processes with the same start time; the
         // lower pid wins.
         let v1 = format!(
