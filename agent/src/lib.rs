@@ -7,6 +7,7 @@ pub mod capture;
 pub mod cni;
 pub mod config;
 pub mod identity;
+pub mod k8s;
 pub mod netns;
 pub mod observability;
 pub mod policy;

@@ -186,7 +186,9 @@ impl KubeBed {
     pub fn set_policies(&self, yaml: &str) -> anyhow::Result<()> {
         for kind in [Kind::PeerAuthentication, Kind::AuthorizationPolicy] {
             for existing in self.api.list_json(kind) {
-                let ns = existing["metadata"]["namespace"].as_str().unwrap_or_default();
+                let ns = existing["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or_default();
                 let name = existing["metadata"]["name"].as_str().unwrap_or_default();
                 self.api.delete_json(kind, ns, name)?;
             }
@@ -232,7 +234,9 @@ impl KubeBed {
             "--cni-socket".into(),
             dir.join(format!("{node}-cni.sock")).display().to_string(),
             "--namespaces-file".into(),
-            dir.join(format!("{node}-mesh-namespaces")).display().to_string(),
+            dir.join(format!("{node}-mesh-namespaces"))
+                .display()
+                .to_string(),
         ]
     }
 }

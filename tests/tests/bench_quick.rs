@@ -10,3 +10,12 @@ fn quick_testbed_bench_produces_every_figure() -> anyhow::Result<()> {
     assert_eq!(report.aims.len(), 5, "every aim compared");
     Ok(())
 }
+
+#[test]
+fn quick_kubernetes_bench_produces_every_figure() -> anyhow::Result<()> {
+    let report = ambit_e2e::bench::kube::run(&ambit_e2e::bench::kube::KubeSettings::quick())?;
+    eprintln!("{}", report.markdown());
+    let missing = report.missing();
+    assert!(missing.is_empty(), "figures not produced: {missing:?}");
+    Ok(())
+}

@@ -34,9 +34,8 @@ fn kube(bed: &Testbed) -> &ambit_e2e::kubebed::KubeBed {
 /// capture saw the traffic.
 fn marker_on_wire(bed: &Testbed, from: &str, to: SocketAddr) -> anyhow::Result<bool> {
     let marker = unique_name("AMBIT-K8S-MARKER-");
-    let (reply, raw, summary) = bed.capture_wire(0, || {
-        bed.pod(from).request(to, marker.as_bytes())
-    })?;
+    let (reply, raw, summary) =
+        bed.capture_wire(0, || bed.pod(from).request(to, marker.as_bytes()))?;
     assert!(reply.ends_with(&marker), "the request worked: {reply}");
     assert!(!summary.is_empty(), "the capture saw the traffic");
     Ok(raw.windows(marker.len()).any(|w| w == marker.as_bytes()))
@@ -141,7 +140,12 @@ fn a_pod_opts_out_with_its_label_and_back_in() -> anyhow::Result<()> {
     let server = bed.pod("server").addr(APP_PORT);
     assert!(!marker_on_wire(&bed, "client", server)?);
     let api = &kube(&bed).api;
-    api.patch_labels(Kind::Pod, MESH_NS, "client", &[("ambit.dev/mesh", Some("disabled"))])?;
+    api.patch_labels(
+        Kind::Pod,
+        MESH_NS,
+        "client",
+        &[("ambit.dev/mesh", Some("disabled"))],
+    )?;
     bed.agent(0)
         .wait_for_log(&["pod unenrolled", "mesh/client"], LOG_WAIT)?;
     // The client is out; the server is still in the mesh and receives it as plaintext.
@@ -187,7 +191,8 @@ fn policies_come_from_the_api_server_and_change_live() -> anyhow::Result<()> {
     bed.agent(1)
         .wait_for_log(&["denied", "deny-intruder"], LOG_WAIT)?;
     assert_reset(bed.pod("legacy").request(server, b"plaintext"));
-    bed.agent(1).wait_for_log(&["denied", "mtls_required"], LOG_WAIT)?;
+    bed.agent(1)
+        .wait_for_log(&["denied", "mtls_required"], LOG_WAIT)?;
 
     // Policies removed in the API server: both are let in.
     kube(&bed).set_policies("")?;
@@ -246,7 +251,10 @@ fn api_server_trouble_unenrolls_nothing_and_drops_no_connection() -> anyhow::Res
     assert_eq!(&echoed, b"still here", "the connection survived");
     for i in 0..2 {
         assert!(
-            !bed.agent(i).logs().iter().any(|l| l.contains("pod unenrolled")),
+            !bed.agent(i)
+                .logs()
+                .iter()
+                .any(|l| l.contains("pod unenrolled")),
             "agent {i} unenrolled a pod because of API server trouble"
         );
     }
@@ -352,7 +360,10 @@ fn the_cni_plugin_enrolls_a_new_pod_before_it_starts_and_fails_closed() -> anyho
         newcomer_ip,
     )?;
     assert!(ok, "ADD succeeded: {stdout}");
-    assert!(stdout.contains("\"ips\""), "prevResult passed through: {stdout}");
+    assert!(
+        stdout.contains("\"ips\""),
+        "prevResult passed through: {stdout}"
+    );
     // Enrolled before ADD returned: the log line is already there.
     assert!(
         bed.agent(0)
@@ -379,7 +390,10 @@ fn the_cni_plugin_enrolls_a_new_pod_before_it_starts_and_fails_closed() -> anyho
         "newcomer",
         newcomer_ip,
     )?;
-    assert!(!ok, "ADD must fail for an opted-in pod without an agent: {stdout}");
+    assert!(
+        !ok,
+        "ADD must fail for an opted-in pod without an agent: {stdout}"
+    );
     assert!(stdout.contains("\"code\""), "a CNI error: {stdout}");
     let (ok, stdout) = cni(
         "ADD",
@@ -390,6 +404,9 @@ fn the_cni_plugin_enrolls_a_new_pod_before_it_starts_and_fails_closed() -> anyho
         "bystander",
         bystander.ip,
     )?;
-    assert!(ok, "a pod outside the mesh starts without an agent: {stdout}");
+    assert!(
+        ok,
+        "a pod outside the mesh starts without an agent: {stdout}"
+    );
     Ok(())
 }

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::pod::{PodKey, PodRuntime};
+use super::pod::{PodKey, PodRuntime, StartError};
 use super::{Shared, now_unix};
 use crate::config::{MeshState, WorkloadEntry};
 use crate::k8s::{KubeSource, StatusWriter};
@@ -44,6 +44,8 @@ pub(super) struct Agent {
     namespaces_written: Option<BTreeSet<String>>,
     /// CNI ADDs waiting for their pods.
     pub(super) waiters: Vec<super::cni::Waiter>,
+    /// Pods whose enrollment failed part-way, kept closed by netns cookie.
+    held_closed: HashMap<String, u64>,
 }
 
 pub(super) fn pod_name(w: &WorkloadEntry) -> String {
@@ -63,6 +65,7 @@ impl Agent {
             annotated: HashMap::new(),
             namespaces_written: None,
             waiters: Vec::new(),
+            held_closed: HashMap::new(),
         }
     }
 
@@ -141,27 +144,54 @@ impl Agent {
                 runtime.stop(&self.shared);
             }
         }
+        // Pods held closed after a failed start that are no longer wanted are released.
+        let wanted: BTreeSet<String> = desired.values().map(|w| pod_name(w)).collect();
+        let released: Vec<(String, u64)> = self
+            .held_closed
+            .iter()
+            .filter(|(name, _)| !wanted.contains(*name))
+            .map(|(name, cookie)| (name.clone(), *cookie))
+            .collect();
+        for (name, cookie) in released {
+            self.held_closed.remove(&name);
+            self.release(cookie).await;
+        }
         let mut problems = BTreeMap::new();
         let mut scan = None;
+        let mut starts = Vec::new();
         for (key, workload) in desired {
             if self.pods.contains_key(&key) {
                 continue;
             }
             let name = pod_name(&workload);
-            let netns = match self.netns_of(&workload, &mut scan).await {
-                Ok(netns) => netns,
+            match self.netns_of(&workload, &mut scan).await {
+                Ok(netns) => {
+                    let shared = self.shared.clone();
+                    starts.push(async move {
+                        let started = PodRuntime::start(shared, workload, netns).await;
+                        (key, name, started)
+                    });
+                }
                 Err(reason) => {
                     problems.insert(name, reason);
-                    continue;
                 }
-            };
-            match PodRuntime::start(self.shared.clone(), workload.clone(), netns).await {
+            }
+        }
+        // Pods start side by side: most of a start is waiting (threads entering the
+        // netns, certificate issuance), and a namespace label can bring in many at once.
+        let results = futures::future::join_all(starts).await;
+        for (key, name, started) in results {
+            match started {
                 Ok(runtime) => {
+                    self.held_closed.remove(&name);
                     self.pods.insert(key, runtime);
                 }
                 Err(e) => {
                     let reason = format!("{e:#}");
-                    warn!(pod = %name, error = %reason, "could not enroll pod; will retry");
+                    warn!(pod = %name, error = %reason, "could not enroll pod; keeping it closed and retrying");
+                    if let Some(failed) = e.downcast_ref::<StartError>() {
+                        self.hold_closed(name.clone(), failed.netns_cookie).await;
+                    }
                     problems.insert(name, reason);
                 }
             }
@@ -176,6 +206,40 @@ impl Agent {
         *self.problems.lock().unwrap_or_else(PoisonError::into_inner) = problems;
         self.write_statuses(state);
         self.answer_waiters();
+    }
+
+    /// Keeps a pod whose enrollment failed part-way closed: its outbound connections are
+    /// captured to a listener that is not there (refused) rather than leaving in plaintext.
+    async fn hold_closed(&mut self, name: String, cookie: u64) {
+        let shared = self.shared.clone();
+        let held = tokio::task::spawn_blocking(move || {
+            shared
+                .capture
+                .lock()
+                .map_err(|_| "capture lock poisoned".to_owned())?
+                .enroll(cookie)
+                .map_err(|e| e.to_string())
+        })
+        .await;
+        match held {
+            Ok(Ok(())) => {
+                self.held_closed.insert(name, cookie);
+            }
+            Ok(Err(e)) => warn!(pod = %name, error = %e, "cannot hold the pod closed"),
+            Err(e) => warn!(pod = %name, error = %e, "cannot hold the pod closed"),
+        }
+    }
+
+    /// Releases the capture of a pod held closed that left the mesh.
+    async fn release(&self, cookie: u64) {
+        let shared = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Ok(mut capture) = shared.capture.lock() {
+                let _ = capture.unenroll(cookie);
+                let _ = capture.detach_inbound(cookie);
+            }
+        })
+        .await;
     }
 
     /// Where a pod's network namespace is: the file's path (local mode), the one the CNI

@@ -67,6 +67,11 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client
     Ok(kube::Client::try_from(config)?)
 }
 
+/// How long a burst of watch events may take to land before a state is built from it.
+const BURST_WAIT: Duration = Duration::from_millis(20);
+/// The least time between two builds while the cluster keeps changing.
+const MIN_BUILD_INTERVAL: Duration = Duration::from_millis(100);
+
 /// The kinds watched, as named in readiness messages.
 pub const KINDS: [&str; 6] = [
     "namespaces",
@@ -328,14 +333,20 @@ impl KubeSource {
             "authorizationpolicies",
             |c| &mut c.authorization_policies,
         ));
+        let mut last_build = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = self.changed.notified() => {}
                 _ = tx.closed() => break,
             }
             // Let a burst of events (a relist, a namespace label touching 100 pods) land
-            // before building: one snapshot for the burst.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // before building: one snapshot for the burst. Under steady churn, at most
+            // one build per MIN_BUILD_INTERVAL (a build walks every cached pod).
+            let wait = MIN_BUILD_INTERVAL
+                .saturating_sub(last_build.elapsed())
+                .max(BURST_WAIT);
+            tokio::time::sleep(wait).await;
+            last_build = tokio::time::Instant::now();
             if let Some(state) = self.build() {
                 let _ = tx.send(Arc::new(state));
             }

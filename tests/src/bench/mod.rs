@@ -8,6 +8,7 @@
 //! agents keep running but enroll nothing, so the traffic is plain pod-to-pod routing.
 
 pub mod iperf;
+pub mod kube;
 pub mod load;
 pub mod procfs;
 

@@ -9,13 +9,39 @@ fn main() -> anyhow::Result<()> {
             "the testbed benchmark creates network namespaces and loads eBPF: run it as root"
         );
     }
+    // `--kubernetes-only`: just the Kubernetes-mode figures.
+    let kube_only = std::env::args().any(|a| a == "--kubernetes-only");
     let settings = if quick {
         ambit_e2e::bench::Settings::quick()
     } else {
         ambit_e2e::bench::Settings::full()
     };
     let started = std::time::Instant::now();
-    let report = ambit_e2e::bench::run(&settings)?;
+    if !kube_only {
+        testbed(&settings, started)?;
+    }
+    let kube_settings = if quick {
+        ambit_e2e::bench::kube::KubeSettings::quick()
+    } else {
+        ambit_e2e::bench::kube::KubeSettings::full()
+    };
+    let kube = ambit_e2e::bench::kube::run(&kube_settings)?;
+    let path = ambit_e2e::bench::kube::write(&kube)?;
+    println!("\nKubernetes mode (fake API server):\n");
+    println!("{}", kube.markdown());
+    println!("JSON: {}", path.display());
+    let missing = kube.missing();
+    if !missing.is_empty() {
+        anyhow::bail!("Kubernetes figures not produced: {missing:?}");
+    }
+    Ok(())
+}
+
+fn testbed(
+    settings: &ambit_e2e::bench::Settings,
+    started: std::time::Instant,
+) -> anyhow::Result<()> {
+    let report = ambit_e2e::bench::run(settings)?;
     let path = ambit_e2e::bench::write(&report)?;
     println!(
         "\nTestbed benchmark ({}; agent {}; {:.0?}):\n",
