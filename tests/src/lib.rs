@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod capture_check;
+pub mod faults;
 pub mod inbound_check;
 pub mod testbed;
 
