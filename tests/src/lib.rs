@@ -6,6 +6,7 @@
 pub mod apiserver;
 pub mod bench;
 pub mod capture_check;
+pub mod faults;
 pub mod inbound_check;
 pub mod kubebed;
 pub mod testbed;

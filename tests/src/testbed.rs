@@ -577,13 +577,14 @@ impl Testbed {
         }
     }
 
-    /// Captures on node `i`'s wire while `f` runs; returns the raw capture bytes and
-    /// tcpdump's one-line-per-packet summary.
+    /// Captures on node `i`'s wire while `f` runs; returns `f`'s result and what the
+    /// capture saw. A check that something is absent from the wire must also check that
+    /// the capture saw the traffic it should have ([`WireCapture::hbone_bytes`]).
     pub fn capture_wire<T>(
         &self,
         i: usize,
         f: impl FnOnce() -> anyhow::Result<T>,
-    ) -> anyhow::Result<(T, Vec<u8>, String)> {
+    ) -> anyhow::Result<(T, WireCapture)> {
         let file = self.dir.join(unique_name("wire-") + ".pcap");
         let netns_arg = format!("--net={}", self.nodes[i].ns.path().display());
         let mut dump = Command::new("nsenter")
@@ -612,7 +613,19 @@ impl Testbed {
         let mut line = String::new();
         stderr.read_line(&mut line)?;
         let result = f();
-        std::thread::sleep(Duration::from_millis(200));
+        // With -U every packet is written as it is captured: stop once the file has not
+        // grown for a while (the last ACKs and FINs trail the reply), at most after 3 s.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut size = file_size(&file);
+        let mut unchanged_since = Instant::now();
+        while Instant::now() < deadline && unchanged_since.elapsed() < Duration::from_millis(300) {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = file_size(&file);
+            if now != size {
+                size = now;
+                unchanged_since = Instant::now();
+            }
+        }
         // SIGINT (not SIGKILL) lets tcpdump flush the file.
         let _ = Command::new("kill")
             .args(["-INT", &dump.id().to_string()])
@@ -625,8 +638,58 @@ impl Testbed {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
-        Ok((result?, raw, summary))
+        let (hbone_packets, hbone_bytes) = payload_on_port(&summary, ambit_common::HBONE_PORT);
+        Ok((
+            result?,
+            WireCapture {
+                raw,
+                summary,
+                hbone_packets,
+                hbone_bytes,
+            },
+        ))
     }
+}
+
+/// What a capture on the wire saw.
+#[derive(Debug)]
+pub struct WireCapture {
+    /// The pcap file's bytes (payloads included).
+    pub raw: Vec<u8>,
+    /// tcpdump's one-line-per-packet summary.
+    pub summary: String,
+    /// TCP segments to or from port 15008 that carried payload, and the payload's bytes:
+    /// proof that the capture saw the tunnel's traffic.
+    pub hbone_packets: usize,
+    pub hbone_bytes: u64,
+}
+
+impl WireCapture {
+    /// Whether `needle` appears anywhere in the captured bytes.
+    pub fn contains(&self, needle: &[u8]) -> bool {
+        self.raw.windows(needle.len()).any(|w| w == needle)
+    }
+}
+
+fn file_size(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+/// Segments with payload to or from `port` and their payload bytes, read from tcpdump's
+/// summary lines (`IP a.b.c.d.p > e.f.g.h.q: Flags [P.], ..., length 517`).
+fn payload_on_port(summary: &str, port: u16) -> (usize, u64) {
+    let src = format!(".{port} >");
+    let dst = format!(".{port}:");
+    summary
+        .lines()
+        .filter(|l| l.contains(&src) || l.contains(&dst))
+        .filter_map(|l| {
+            let rest = l.rsplit_once(", length ")?.1;
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse::<u64>().ok()
+        })
+        .filter(|&len| len > 0)
+        .fold((0, 0), |(packets, bytes), len| (packets + 1, bytes + len))
 }
 
 impl Drop for Testbed {
@@ -672,4 +735,23 @@ fn workspace_binary(env: &str, name: &str) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(bin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::payload_on_port;
+
+    #[test]
+    fn payload_is_counted_per_port_from_tcpdump_lines() {
+        let summary = "\
+10:00:00.000001 IP 10.11.1.2.40000 > 10.11.2.3.15008: Flags [S], seq 1, win 64240, length 0
+10:00:00.000002 IP 10.11.2.3.15008 > 10.11.1.2.40000: Flags [P.], seq 1:518, ack 1, win 502, length 517
+10:00:00.000003 IP 10.11.1.2.40000 > 10.11.2.3.15008: Flags [P.], seq 1:81, ack 518, win 501, length 80
+10:00:00.000004 IP 10.11.1.5.40001 > 10.11.2.6.8080: Flags [P.], seq 1:10, ack 1, win 501, length 9: HTTP
+10:00:00.000005 IP 10.11.1.5.15008 > 10.11.2.6.8080: Flags [P.], seq 1:4, ack 1, win 501, length 3
+";
+        assert_eq!(payload_on_port(summary, 15008), (3, 600));
+        assert_eq!(payload_on_port(summary, 8080), (2, 12));
+        assert_eq!(payload_on_port("", 15008), (0, 0));
+    }
 }

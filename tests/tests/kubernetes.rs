@@ -34,11 +34,22 @@ fn kube(bed: &Testbed) -> &ambit_e2e::kubebed::KubeBed {
 /// capture saw the traffic.
 fn marker_on_wire(bed: &Testbed, from: &str, to: SocketAddr) -> anyhow::Result<bool> {
     let marker = unique_name("AMBIT-K8S-MARKER-");
-    let (reply, raw, summary) =
+    let (reply, wire) =
         bed.capture_wire(0, || bed.pod(from).request(to, marker.as_bytes()))?;
     assert!(reply.ends_with(&marker), "the request worked: {reply}");
-    assert!(!summary.is_empty(), "the capture saw the traffic");
-    Ok(raw.windows(marker.len()).any(|w| w == marker.as_bytes()))
+    assert!(!wire.summary.is_empty(), "the capture saw the traffic");
+    let plaintext = wire
+        .raw
+        .windows(marker.len())
+        .any(|w| w == marker.as_bytes());
+    if !plaintext {
+        assert!(
+            wire.hbone_bytes > marker.len() as u64,
+            "no plaintext, and the capture saw the tunnel carry the request: {}",
+            wire.summary
+        );
+    }
+    Ok(plaintext)
 }
 
 /// The request ended with a connection reset (not a timeout, not an empty reply).

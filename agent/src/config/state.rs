@@ -282,6 +282,12 @@ impl MeshState {
         &self.warnings
     }
 
+    /// Whether any workload in the configuration (enrolled or not) is on this node; false
+    /// usually means `--node` does not match the file.
+    pub fn node_known(&self) -> bool {
+        self.workloads.iter().any(|w| w.node == self.node)
+    }
+
     /// Enrolled workloads this node's agent serves.
     pub fn local_pods(&self) -> impl Iterator<Item = &Arc<WorkloadEntry>> {
         self.workloads

@@ -28,6 +28,23 @@ const BACKOFF_MAX: Duration = Duration::from_secs(150);
 /// cannot turn the renewal task into a busy loop.
 const MIN_RENEW_DELAY: Duration = Duration::from_millis(100);
 
+/// The wall clock certificates are judged by. Sleeps go through tokio's timer, so a test
+/// pairs a clock derived from tokio's (paused) time with `tokio::time::pause` and renewal
+/// runs deterministically, without racing real time.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> SystemTime;
+}
+
+/// The system's wall clock.
+#[derive(Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
 /// What the admin endpoint shows per cached certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CertSummary {
@@ -67,6 +84,7 @@ pub struct CertManager {
 struct Inner {
     ca: Arc<dyn CertificateAuthority>,
     ttl: Duration,
+    clock: Arc<dyn Clock>,
     entries: Mutex<HashMap<SpiffeId, Arc<Entry>>>,
     counters: Arc<Counters>,
 }
@@ -95,10 +113,20 @@ struct Renewer {
 
 impl CertManager {
     pub fn new(ca: Arc<dyn CertificateAuthority>, ttl: Duration) -> Self {
+        Self::with_clock(ca, ttl, Arc::new(SystemClock))
+    }
+
+    /// A manager that reads the time from `clock` (tests).
+    pub fn with_clock(
+        ca: Arc<dyn CertificateAuthority>,
+        ttl: Duration,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 ca,
                 ttl,
+                clock,
                 entries: Mutex::new(HashMap::new()),
                 counters: Arc::new(Counters::default()),
             }),
@@ -110,14 +138,15 @@ impl CertManager {
     /// issuance. Must be called within a tokio runtime (renewal is spawned).
     pub async fn get(&self, id: &SpiffeId) -> Result<Arc<WorkloadCertificate>> {
         let entry = self.inner.entry(id);
-        if let Some(cert) = entry.unexpired(SystemTime::now()) {
+        let clock = self.inner.clock.as_ref();
+        if let Some(cert) = entry.unexpired(clock.now()) {
             return Ok(cert);
         }
 
         let seen = entry.attempts.load(Ordering::Acquire);
         let mut last_error = entry.flight.lock().await;
         // Whoever held the lock before us may have just succeeded...
-        if let Some(cert) = entry.unexpired(SystemTime::now()) {
+        if let Some(cert) = entry.unexpired(clock.now()) {
             return Ok(cert);
         }
         // ...or just failed, in which case we report that instead of
@@ -128,7 +157,7 @@ impl CertManager {
             return Err(IdentityError::Shared(Arc::clone(err)));
         }
 
-        let result = checked(id, self.inner.ca.issue(id, self.inner.ttl).await);
+        let result = checked(id, self.inner.ca.issue(id, self.inner.ttl).await, clock);
         entry.attempts.fetch_add(1, Ordering::AcqRel);
         let counters = &self.inner.counters;
         match result {
@@ -240,6 +269,7 @@ impl Inner {
         let task = tokio::spawn(renew_loop(
             Arc::clone(&self.ca),
             self.ttl,
+            Arc::clone(&self.clock),
             Arc::clone(entry),
             Arc::clone(&self.counters),
         ));
@@ -290,6 +320,7 @@ impl Entry {
 async fn renew_loop(
     ca: Arc<dyn CertificateAuthority>,
     ttl: Duration,
+    clock: Arc<dyn Clock>,
     entry: Arc<Entry>,
     counters: Arc<Counters>,
 ) {
@@ -299,7 +330,7 @@ async fn renew_loop(
         };
         // Converted to a monotonic sleep now; a wall-clock jump while
         // sleeping shifts renewal by at most that jump.
-        let wait = until(old.refresh_at()).max(MIN_RENEW_DELAY);
+        let wait = until(old.refresh_at(), clock.now()).max(MIN_RENEW_DELAY);
         tokio::time::sleep(wait).await;
 
         let mut delay = BACKOFF_INITIAL;
@@ -310,7 +341,7 @@ async fn renew_loop(
             if !entry.is_current(&old) {
                 break;
             }
-            let result = checked(&entry.id, ca.issue(&entry.id, ttl).await);
+            let result = checked(&entry.id, ca.issue(&entry.id, ttl).await, clock.as_ref());
             entry.attempts.fetch_add(1, Ordering::AcqRel);
             match result {
                 Ok(cert) => {
@@ -327,7 +358,7 @@ async fn renew_loop(
                 }
                 Err(err) => {
                     counters.renewal_failures.fetch_add(1, Ordering::Relaxed);
-                    let still_valid = SystemTime::now() < old.not_after;
+                    let still_valid = clock.now() < old.not_after;
                     tracing::warn!(
                         identity = %entry.id,
                         error = %err,
@@ -347,26 +378,31 @@ async fn renew_loop(
 
 /// Rejects CA answers that would be wrong to cache: a certificate for
 /// another identity, or one already expired (which would also make the
-/// renewal loop spin).
-fn checked(id: &SpiffeId, result: Result<WorkloadCertificate>) -> Result<WorkloadCertificate> {
-    let cert = result?;
+/// renewal loop spin). Stamps the certificate as obtained now.
+fn checked(
+    id: &SpiffeId,
+    result: Result<WorkloadCertificate>,
+    clock: &dyn Clock,
+) -> Result<WorkloadCertificate> {
+    let mut cert = result?;
+    let now = clock.now();
     if cert.identity != *id {
         return Err(IdentityError::Ca(format!(
             "asked for {id}, got a certificate for {}",
             cert.identity
         )));
     }
-    if cert.not_after <= SystemTime::now() {
+    if cert.not_after <= now {
         return Err(IdentityError::Ca(format!(
             "certificate for {id} is already expired"
         )));
     }
+    cert.issued_at = now;
     Ok(cert)
 }
 
-fn until(t: SystemTime) -> Duration {
-    t.duration_since(SystemTime::now())
-        .unwrap_or(Duration::ZERO)
+fn until(t: SystemTime, now: SystemTime) -> Duration {
+    t.duration_since(now).unwrap_or(Duration::ZERO)
 }
 
 /// A delay between half and all of `d`, so agents that lost the CA at the
@@ -390,12 +426,40 @@ mod tests {
     use super::*;
     use crate::identity::LocalCa;
 
+    /// Wall-clock time that moves with tokio's clock: under `start_paused` it advances
+    /// only when the test's tasks all wait, by exactly what they wait for. Starts on a
+    /// whole second, so X.509's one-second resolution loses nothing.
+    struct TokioClock {
+        base: SystemTime,
+        start: tokio::time::Instant,
+    }
+
+    impl TokioClock {
+        fn new() -> Arc<Self> {
+            let secs = SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            Arc::new(Self {
+                base: std::time::UNIX_EPOCH + Duration::from_secs(secs),
+                start: tokio::time::Instant::now(),
+            })
+        }
+    }
+
+    impl Clock for TokioClock {
+        fn now(&self) -> SystemTime {
+            self.base + self.start.elapsed()
+        }
+    }
+
     /// A CA that counts calls, can fail the next N calls, and can be slow.
     struct FakeCa {
         ca: LocalCa,
         calls: AtomicUsize,
         fail_next: AtomicUsize,
         delay: Duration,
+        clock: Arc<TokioClock>,
     }
 
     impl FakeCa {
@@ -405,7 +469,17 @@ mod tests {
                 calls: AtomicUsize::new(0),
                 fail_next: AtomicUsize::new(0),
                 delay,
+                clock: TokioClock::new(),
             })
+        }
+
+        /// A manager on the same clock as this CA.
+        fn manager(self: &Arc<Self>, ttl: Duration) -> CertManager {
+            CertManager::with_clock(self.clone(), ttl, self.clock.clone())
+        }
+
+        fn now(&self) -> SystemTime {
+            self.clock.now()
         }
 
         fn calls(&self) -> usize {
@@ -430,9 +504,8 @@ mod tests {
                 if failing {
                     return Err(IdentityError::Ca("injected failure".into()));
                 }
-                // No backdating, so lifetimes are exactly what tests ask for
-                // (up to X.509's one-second resolution).
-                let now = SystemTime::now();
+                // No backdating, so lifetimes are exactly what tests ask for.
+                let now = self.clock.now();
                 self.ca.issue_with_validity(&id, now, now + ttl)
             })
         }
@@ -446,22 +519,13 @@ mod tests {
         SpiffeId::new("cluster.local", "default", sa).unwrap()
     }
 
-    /// Polls `cond` every 20 ms for up to `limit`.
-    async fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-        let deadline = tokio::time::Instant::now() + limit;
-        while tokio::time::Instant::now() < deadline {
-            if cond() {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        cond()
-    }
+    // Every test runs on paused tokio time with the manager and the CA on the same clock
+    // derived from it: sleeps advance time exactly, so the renewal instants are exact.
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn concurrent_gets_share_one_issuance() {
         let ca = FakeCa::new(Duration::from_millis(100));
-        let mgr = CertManager::new(ca.clone(), Duration::from_secs(3600));
+        let mgr = ca.manager(Duration::from_secs(3600));
         let a = id("a");
         let certs = futures::future::join_all((0..50).map(|_| {
             let mgr = mgr.clone();
@@ -487,11 +551,11 @@ mod tests {
         assert_eq!(mgr.trust_bundle(), ca.trust_bundle());
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn concurrent_gets_share_one_failure() {
         let ca = FakeCa::new(Duration::from_millis(100));
         ca.fail_next.store(usize::MAX, Ordering::SeqCst);
-        let mgr = CertManager::new(ca.clone(), Duration::from_secs(3600));
+        let mgr = ca.manager(Duration::from_secs(3600));
         let a = id("a");
         let results = futures::future::join_all((0..20).map(|_| mgr.get(&a))).await;
         assert!(results.iter().all(|r| r.is_err()));
@@ -503,82 +567,90 @@ mod tests {
         assert_eq!(mgr.stats().issue_failures, 1);
     }
 
-    #[tokio::test]
-    async fn renews_around_half_life() {
+    #[tokio::test(start_paused = true)]
+    async fn renews_at_half_life() {
         let ca = FakeCa::new(Duration::ZERO);
-        // X.509 truncates not_after to whole seconds: lifetime is in (3, 4] s,
-        // so renewal falls between 1.5 s and 2 s.
-        let mgr = CertManager::new(ca.clone(), Duration::from_secs(4));
+        let mgr = ca.manager(Duration::from_secs(4));
         let a = id("a");
         let first = mgr.get(&a).await.unwrap();
+        assert_eq!(first.refresh_at(), first.issued_at + Duration::from_secs(2));
 
-        tokio::time::sleep(Duration::from_millis(1200)).await;
+        tokio::time::sleep(Duration::from_millis(1999)).await;
         assert_eq!(
             mgr.get(&a).await.unwrap().serial,
             first.serial,
-            "renewed too early"
+            "renewed before half life"
         );
         assert_eq!(ca.calls(), 1);
 
-        tokio::time::sleep(Duration::from_millis(1400)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
         let second = mgr.get(&a).await.unwrap();
-        assert_ne!(second.serial, first.serial, "not renewed by 2.6 s");
+        assert_ne!(second.serial, first.serial, "not renewed at half life");
         assert_eq!(ca.calls(), 2);
         assert_eq!(mgr.stats().renewals, 1);
+        // The next renewal is timed from the new certificate: half of its life later.
+        tokio::time::sleep(Duration::from_millis(1998)).await;
+        assert_eq!(mgr.get(&a).await.unwrap().serial, second.serial);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(mgr.stats().renewals, 2);
         // The old Arc's holder still has an intact certificate.
         assert_eq!(first.identity, a);
         first.certified_key().unwrap();
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn failed_renewal_keeps_the_old_certificate_and_retries() {
         let ca = FakeCa::new(Duration::ZERO);
-        let mgr = CertManager::new(ca.clone(), Duration::from_secs(4));
+        let mgr = ca.manager(Duration::from_secs(4));
         let a = id("a");
         let first = mgr.get(&a).await.unwrap();
         ca.fail_next.store(1, Ordering::SeqCst);
 
-        assert!(wait_for(Duration::from_secs(3), || mgr.stats().renewal_failures == 1).await);
-        // The retry comes 250-500 ms later; meanwhile the old one is served.
+        // Half life (2 s): the attempt fails.
+        tokio::time::sleep(Duration::from_millis(2001)).await;
+        assert_eq!(mgr.stats().renewal_failures, 1);
+        assert_eq!(mgr.stats().renewals, 0);
+        // The retry comes 250-500 ms later (jittered); meanwhile the old one is served.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(mgr.get(&a).await.unwrap().serial, first.serial);
+        assert_eq!(ca.calls(), 2);
 
-        assert!(wait_for(Duration::from_secs(2), || mgr.stats().renewals == 1).await);
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(mgr.stats().renewals, 1, "retried within 500 ms");
         let renewed = mgr.get(&a).await.unwrap();
         assert_ne!(renewed.serial, first.serial);
-        assert!(
-            SystemTime::now() < first.not_after,
-            "retry should beat expiry"
-        );
+        assert!(ca.now() < first.not_after, "retry beat expiry");
         assert_eq!(ca.calls(), 3);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn expired_certificate_is_reissued_or_get_fails() {
         let ca = FakeCa::new(Duration::ZERO);
-        let mgr = CertManager::new(ca.clone(), Duration::from_secs(2));
+        let mgr = ca.manager(Duration::from_secs(2));
         let a = id("a");
         let first = mgr.get(&a).await.unwrap();
         ca.fail_next.store(usize::MAX, Ordering::SeqCst);
-        tokio::time::sleep(until(first.not_after) + Duration::from_millis(50)).await;
+        tokio::time::sleep(until(first.not_after, ca.now()) + Duration::from_millis(1)).await;
 
+        assert!(ca.now() > first.not_after);
         assert!(mgr.get(&a).await.is_err(), "expired and CA down: must fail");
         ca.fail_next.store(0, Ordering::SeqCst);
         let fresh = mgr.get(&a).await.unwrap();
         assert_ne!(fresh.serial, first.serial);
-        assert!(SystemTime::now() < fresh.not_after);
+        assert!(ca.now() < fresh.not_after);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn forget_stops_renewal() {
         let ca = FakeCa::new(Duration::ZERO);
-        let mgr = CertManager::new(ca.clone(), Duration::from_secs(2));
+        let mgr = ca.manager(Duration::from_secs(2));
         let a = id("a");
         mgr.get(&a).await.unwrap();
         assert!(mgr.forget(&a));
         assert!(!mgr.forget(&a));
         assert!(mgr.snapshot().is_empty());
-        // Renewal would have happened after at most 1 s.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Renewal would have come at 1 s, and again every second after.
+        tokio::time::sleep(Duration::from_secs(10)).await;
         assert_eq!(ca.calls(), 1);
         assert_eq!(mgr.stats().renewals, 0);
         // A later get starts over with a fresh issuance.
@@ -586,13 +658,13 @@ mod tests {
         assert_eq!(ca.calls(), 2);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn dropping_the_manager_stops_renewal() {
         let ca = FakeCa::new(Duration::ZERO);
-        let mgr = CertManager::new(ca.clone(), Duration::from_secs(2));
+        let mgr = ca.manager(Duration::from_secs(2));
         mgr.get(&id("a")).await.unwrap();
         drop(mgr);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
         assert_eq!(ca.calls(), 1);
     }
 

@@ -20,7 +20,7 @@ pub use ca::{
     CLOCK_SKEW_BACKDATE, CertificateAuthority, DEFAULT_CERT_TTL, LocalCa, TrustBundle, generate_csr,
 };
 pub use cert::{WorkloadCertificate, identity_from_cert};
-pub use manager::{CertManager, CertManagerStats, CertSummary};
+pub use manager::{CertManager, CertManagerStats, CertSummary, Clock, SystemClock};
 pub use spiffe::{DEFAULT_TRUST_DOMAIN, SpiffeId, SpiffeIdProblem};
 
 /// Everything that can go wrong in this module.

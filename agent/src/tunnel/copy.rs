@@ -69,12 +69,18 @@ pub enum CopyError {
 
 /// Copies until both directions have finished. On an error of either side the other is
 /// torn down the matching way (RST_STREAM or TCP RST).
+///
+/// `tcp` (the application's side) is armed to reset from the start and disarmed only once
+/// both directions ended cleanly: if the copy fails, or the agent dies mid-copy and the
+/// kernel closes the socket, the application sees a reset rather than a clean end of a
+/// truncated stream.
 pub async fn copy_bidirectional(
     tcp: &mut TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
     stats: &CopyStats,
 ) -> Result<(), CopyError> {
+    super::reset_on_close(tcp);
     let (tcp_read, mut tcp_write) = tcp.split();
     let upstream = async {
         let mut buf_size = INITIAL_READ_BUF;
@@ -82,7 +88,14 @@ pub async fn copy_bidirectional(
             // Wait for data before allocating: an idle connection then holds no buffer
             // (thousands of idle connections would otherwise pin one each).
             let tcp_ref: &TcpStream = tcp_read.as_ref();
-            tcp_ref.readable().await.map_err(CopyError::Tcp)?;
+            // While the application is quiet, still notice the stream being reset (or its
+            // connection dying): otherwise its socket would stay open, waiting for nothing.
+            tokio::select! {
+                readable = tcp_ref.readable() => readable.map_err(CopyError::Tcp)?,
+                reset = futures::future::poll_fn(|cx| send.poll_reset(cx)) => {
+                    return Err(CopyError::Tunnel(reset.map_or_else(|e| e, h2::Error::from)));
+                }
+            }
             let mut buf = BytesMut::with_capacity(buf_size);
             let n = match tcp_ref.try_read_buf(&mut buf) {
                 Ok(n) => n,
@@ -116,12 +129,13 @@ pub async fn copy_bidirectional(
         tcp_write.shutdown().await.map_err(CopyError::Tcp)
     };
     let result = tokio::try_join!(upstream, downstream).map(drop);
-    if let Err(CopyError::Tunnel(_)) = &result {
-        // The stream was reset: reset the TCP connection too rather than pretend a clean end.
-        super::reset_on_close(tcp);
+    if result.is_ok() {
+        // Both directions ended with a FIN each way: the close may be orderly (a reset
+        // now could discard reply bytes still in the send buffer).
+        super::fin_on_close(tcp);
     }
-    // On a TCP error the SendStream is dropped unfinished here, and h2 resets the stream
-    // (RST_STREAM CANCEL) for us.
+    // Otherwise the TCP side stays armed and its close is a reset; on a TCP error the
+    // SendStream is dropped unfinished here, and h2 resets the stream (RST_STREAM CANCEL).
     result
 }
 
@@ -142,9 +156,26 @@ async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), C
     Ok(())
 }
 
-/// Plain TCP to TCP (the plaintext inbound path), counting as it goes like the tunnel copy:
-/// `stats.sent` is `a` to `b`. Half-close is carried across; the first error ends both.
+/// Plain TCP to TCP (the plaintext inbound path and passthrough), counting as it goes like
+/// the tunnel copy: `stats.sent` is `a` to `b`. Half-close is carried across; the first
+/// error ends both, with a reset on both sides. Both sockets are armed to reset until both
+/// directions ended cleanly, so the agent dying mid-copy resets them too.
 pub async fn copy_tcp(
+    a: &mut TcpStream,
+    b: &mut TcpStream,
+    stats: &CopyStats,
+) -> std::io::Result<()> {
+    super::reset_on_close(a);
+    super::reset_on_close(b);
+    let result = copy_tcp_both_ways(a, b, stats).await;
+    if result.is_ok() {
+        super::fin_on_close(a);
+        super::fin_on_close(b);
+    }
+    result
+}
+
+async fn copy_tcp_both_ways(
     a: &mut TcpStream,
     b: &mut TcpStream,
     stats: &CopyStats,

@@ -5,6 +5,7 @@
 //! asks the authorizer, and connects to the local workload. The wire contract is in
 //! docs/HBONE.md.
 
+mod accept;
 mod copy;
 mod inbound;
 mod metrics;
@@ -20,7 +21,8 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::net::{TcpSocket, TcpStream};
 
-pub use copy::CopyStats;
+pub use accept::{AcceptBackoff, accept_loop};
+pub use copy::{CopyStats, copy_tcp};
 pub use inbound::{
     AllowAll, Authorizer, Inbound, InboundConnection, LocalWorkload, LocalWorkloads, Verdict,
 };
@@ -166,8 +168,22 @@ impl TunnelCounters {
 
 /// Makes the coming close of `tcp` a reset (RST) instead of an orderly FIN: the peer must
 /// see a torn connection as torn. A zero linger never blocks on close.
+///
+/// Set on every socket toward an application as soon as it is accepted or connected, and
+/// lifted by [`fin_on_close`] only once the proxied connection finished cleanly: the kernel
+/// closes the sockets of a dying process with their linger setting, so an agent crash
+/// resets the application's connections instead of ending them like a complete reply.
 pub fn reset_on_close(tcp: &TcpStream) {
-    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+    if let Err(e) = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(error = %e, "arming a reset on close (SO_LINGER 0) failed");
+    }
+}
+
+/// Undoes [`reset_on_close`]: the default close, FIN after whatever is still queued.
+pub fn fin_on_close(tcp: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(tcp).set_linger(None) {
+        tracing::debug!(error = %e, "clearing SO_LINGER failed");
+    }
 }
 
 async fn dial_with_timeout(

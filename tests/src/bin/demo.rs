@@ -43,7 +43,7 @@ fn main() -> anyhow::Result<()> {
     let checkout = bed.pod("checkout");
     let marker = unique_name("card-number-4111-");
     println!("\n== frontend -> checkout:{APP_PORT} (across nodes), payload {marker:?}");
-    let (reply, raw, summary) = bed.capture_wire(0, || {
+    let (reply, wire) = bed.capture_wire(0, || {
         frontend.request(checkout.addr(APP_PORT), marker.as_bytes())
     })?;
     println!("   reply: {:?}", reply.lines().next().unwrap_or_default());
@@ -66,24 +66,23 @@ fn main() -> anyhow::Result<()> {
     println!("   node2 agent: {}", excerpt(&inb));
 
     println!(
-        "\n== what a capture on the wire between the nodes saw ({} packets):",
-        summary.lines().count()
+        "\n== what a capture on the wire between the nodes saw ({} packets, {} TLS payload bytes on 15008):",
+        wire.summary.lines().count(),
+        wire.hbone_bytes
     );
-    for line in summary.lines().take(6) {
+    for line in wire.summary.lines().take(6) {
         println!("   {line}");
     }
-    let leaked = raw.windows(marker.len()).any(|w| w == marker.as_bytes());
-    let only_hbone = summary.lines().all(|l| l.contains(".15008"));
+    let leaked = wire.contains(marker.as_bytes());
+    let only_hbone = wire.summary.lines().all(|l| l.contains(".15008"));
     println!("   only port 15008 (HBONE): {only_hbone}; plaintext payload on the wire: {leaked}");
 
     let legacy = bed.pod("legacy");
     let plain_marker = unique_name("plain-");
-    let (_, raw, _) = bed.capture_wire(0, || {
+    let (_, wire) = bed.capture_wire(0, || {
         frontend.request(legacy.addr(APP_PORT), plain_marker.as_bytes())
     })?;
-    let seen = raw
-        .windows(plain_marker.len())
-        .any(|w| w == plain_marker.as_bytes());
+    let seen = wire.contains(plain_marker.as_bytes());
     println!(
         "\n== frontend -> legacy (namespace not in the mesh): passthrough, payload visible on the wire: {seen}"
     );
