@@ -769,7 +769,7 @@ const CASES: &[Case] = &[
     // principals
     Case { name: "principals exact match", yaml: allow_source!("p", "{principals: [cluster.local/ns/bar/sa/client]}"), policy: Some("foo/p"), ..ALLOWED },
     Case { name: "principals exact mismatch", yaml: allow_source!("p", "{principals: [cluster.local/ns/bar/sa/other]}"), ..DENIED },
-    Case { name: "principals with spiffe:// prefix", yaml: allow_source!("p", "{principals: [\"spiffe://cluster.local/ns/bar/sa/client\"]}"), policy: Some("foo/p"), ..ALLOWED },
+    Case { name: "principals with spiffe:// prefix never match (Istio)", yaml: allow_source!("p", "{principals: [\"spiffe://cluster.local/ns/bar/sa/client\"]}"), ..DENIED },
     Case { name: "principals prefix wildcard", yaml: allow_source!("p", "{principals: [\"cluster.local/ns/bar/*\"]}"), policy: Some("foo/p"), ..ALLOWED },
     Case { name: "principals prefix wildcard mismatch", yaml: allow_source!("p", "{principals: [\"cluster.local/ns/baz/*\"]}"), ..DENIED },
     Case { name: "principals suffix wildcard", yaml: allow_source!("p", "{principals: [\"*/sa/client\"]}"), policy: Some("foo/p"), ..ALLOWED },
@@ -777,7 +777,7 @@ const CASES: &[Case] = &[
     Case { name: "principals * refuses plaintext", yaml: allow_source!("p", "{principals: [\"*\"]}"), principal: None, ..DENIED },
     Case { name: "notPrincipals, identity not listed", yaml: allow_source!("p", "{notPrincipals: [cluster.local/ns/bar/sa/other]}"), policy: Some("foo/p"), ..ALLOWED },
     Case { name: "notPrincipals, identity listed", yaml: allow_source!("p", "{notPrincipals: [\"cluster.local/ns/bar/*\"]}"), ..DENIED },
-    Case { name: "ALLOW notPrincipals refuses plaintext (fail closed)", yaml: allow_source!("p", "{notPrincipals: [cluster.local/ns/bar/sa/other]}"), principal: None, ..DENIED },
+    Case { name: "ALLOW notPrincipals admits plaintext (Istio)", yaml: allow_source!("p", "{notPrincipals: [cluster.local/ns/bar/sa/other]}"), principal: None, policy: Some("foo/p"), ..ALLOWED },
     Case { name: "DENY notPrincipals denies plaintext", yaml: deny_source!("d", "{notPrincipals: [\"*\"]}"), principal: None, policy: Some("foo/d"), ..DENIED_BY },
     Case { name: "DENY notPrincipals spares listed identity", yaml: deny_source!("d", "{notPrincipals: [\"*/sa/client\"]}"), ..BASE },
     // namespaces
@@ -800,8 +800,23 @@ const CASES: &[Case] = &[
     Case { name: "ipBlocks v4 CIDR vs v4-mapped v6 source", yaml: allow_source!("p", "{ipBlocks: [10.0.0.0/8]}"), src: "::ffff:10.1.2.3", policy: Some("foo/p"), ..ALLOWED },
     Case { name: "notIpBlocks containing source", yaml: allow_source!("p", "{notIpBlocks: [10.1.0.0/16]}"), ..DENIED },
     Case { name: "notIpBlocks not containing source", yaml: allow_source!("p", "{notIpBlocks: [10.2.0.0/16]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "remoteIpBlocks match", yaml: allow_source!("p", "{remoteIpBlocks: [10.1.2.0/24]}"), policy: Some("foo/p"), ..ALLOWED },
+    Case { name: "remoteIpBlocks is HTTP-only: ALLOW rule never matches (Istio)", yaml: allow_source!("p", "{remoteIpBlocks: [10.1.2.0/24]}"), ..DENIED },
     Case { name: "remoteIpBlocks mismatch", yaml: allow_source!("p", "{remoteIpBlocks: [10.1.3.0/24]}"), ..DENIED },
+    Case { name: "DENY remoteIpBlocks is ignored, rule matches without it (Istio)", yaml: deny_source!("d", "{remoteIpBlocks: [192.168.0.0/16]}"), policy: Some("foo/d"), ..DENIED_BY },
+    // serviceAccounts (ns/sa, or sa in the policy's namespace; exact)
+    Case { name: "serviceAccounts ns/sa match", yaml: allow_source!("p", "{serviceAccounts: [bar/client]}"), policy: Some("foo/p"), ..ALLOWED },
+    Case { name: "serviceAccounts bare sa is in the policy's namespace", yaml: allow_source!("p", "{serviceAccounts: [client]}"), ..DENIED },
+    Case { name: "serviceAccounts bare sa matches a client of that namespace", yaml: allow_source!("p", "{serviceAccounts: [client]}"), principal: Some("spiffe://cluster.local/ns/foo/sa/client"), policy: Some("foo/p"), ..ALLOWED },
+    Case { name: "serviceAccounts ignore the trust domain", yaml: allow_source!("p", "{serviceAccounts: [bar/client]}"), principal: Some("spiffe://other.td/ns/bar/sa/client"), policy: Some("foo/p"), ..ALLOWED },
+    Case { name: "serviceAccounts have no wildcards", yaml: allow_source!("p", "{serviceAccounts: [\"bar/*\"]}"), ..DENIED },
+    Case { name: "serviceAccounts refuse plaintext", yaml: allow_source!("p", "{serviceAccounts: [bar/client]}"), principal: None, ..DENIED },
+    Case { name: "notServiceAccounts listed", yaml: allow_source!("p", "{notServiceAccounts: [bar/client]}"), ..DENIED },
+    Case { name: "notServiceAccounts admit plaintext (Istio)", yaml: allow_source!("p", "{notServiceAccounts: [bar/client]}"), principal: None, policy: Some("foo/p"), ..ALLOWED },
+    Case { name: "DENY serviceAccounts", yaml: deny_source!("d", "{serviceAccounts: [bar/client]}"), policy: Some("foo/d"), ..DENIED_BY },
+    // unknown fields: like HTTP attributes (ALLOW never matches, DENY matches without)
+    Case { name: "ALLOW with a typo (principles) admits no one", yaml: allow_source!("p", "{principles: [cluster.local/ns/bar/sa/client]}"), ..DENIED },
+    Case { name: "ALLOW with a typo (principles) keeps plaintext out", yaml: allow_source!("p", "{principles: [cluster.local/ns/bar/sa/client]}"), principal: None, ..DENIED },
+    Case { name: "DENY with an unknown field matches without it", yaml: deny_source!("d", "{namespaces: [bar], futureField: [x]}"), policy: Some("foo/d"), ..DENIED_BY },
     Case { name: "notRemoteIpBlocks containing source", yaml: allow_source!("p", "{notRemoteIpBlocks: [10.1.2.3]}"), ..DENIED },
     Case { name: "ipBlocks admit plaintext under PERMISSIVE", yaml: PERMISSIVE_ALLOW_IP, principal: None, policy: Some("foo/lan"), ..ALLOWED },
     // operation ports
@@ -999,6 +1014,93 @@ fn deny_without_rules_warns() {
 }
 
 #[test]
+fn spiffe_principals_warn_naming_policy_place_and_value() {
+    let yaml = "
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: foo}
+spec:
+  rules:
+  - from:
+    - source: {principals: [cluster.local/ns/a/sa/ok, \"spiffe://cluster.local/ns/bar/sa/client\"]}
+  - from:
+    - source: {namespaces: [bar], notPrincipals: [\"spiffe://cluster.local/ns/bar/sa/x\"]}
+    when:
+    - {key: source.principal, values: [\"spiffe://cluster.local/ns/bar/sa/client\"]}
+";
+    let (set, warnings) = load(yaml);
+    let text = messages(&warnings);
+    assert_eq!(warnings.len(), 3, "{text:?}");
+    assert!(
+        warnings
+            .iter()
+            .all(|w| w.policy == PolicyName::new("foo", "p"))
+    );
+    assert!(
+        text[0].contains("spec.rules[0].from[0].source.principals[1]")
+            && text[0].contains("\"spiffe://cluster.local/ns/bar/sa/client\"")
+            && text[0].contains("never matches")
+            && text[0].contains("\"cluster.local/ns/bar/sa/client\""),
+        "{text:?}"
+    );
+    assert!(
+        text[1].contains("source.notPrincipals[0]") && text[1].contains("excludes no one"),
+        "{text:?}"
+    );
+    assert!(
+        text[2].contains("spec.rules[1].when[0].values[0]"),
+        "{text:?}"
+    );
+    // And it really never matches (rule 1 needs it through `when`).
+    let labels = web_labels();
+    let workload = Workload {
+        namespace: "foo",
+        labels: &labels,
+    };
+    assert!(!set.evaluate(&workload, &conn(Some(CLIENT), 8080)).allowed);
+}
+
+#[test]
+fn allow_rules_admitting_plaintext_through_negation_warn() {
+    let yaml = "
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: foo}
+spec:
+  rules:
+  - from:
+    - source: {notPrincipals: [cluster.local/ns/bar/sa/x]}
+  - from:
+    - source: {principals: [\"*\"], notNamespaces: [kube-system]}
+  - from:
+    - source: {ipBlocks: [10.0.0.0/8]}
+  - when:
+    - {key: source.namespace, notValues: [kube-system]}
+  - from:
+    - source: {notServiceAccounts: [bar/x]}
+    when:
+    - {key: source.principal, values: [\"*\"]}
+";
+    let (_, warnings) = load(yaml);
+    let text = messages(&warnings);
+    // Rules 0 and 3 admit plaintext only because the missing identity is in no
+    // negated list; rule 1 and 4 need an identity, rule 2 never looks at one.
+    assert_eq!(warnings.len(), 2, "{text:?}");
+    assert!(
+        text[0].contains("spec.rules[0] admits plaintext"),
+        "{text:?}"
+    );
+    assert!(
+        text[1].contains("spec.rules[3] admits plaintext"),
+        "{text:?}"
+    );
+    assert!(text[0].contains("STRICT PeerAuthentication"), "{text:?}");
+    // DENY rules do not warn: matching plaintext there denies more.
+    let (_, warnings) = load(&yaml.replace("spec:\n", "spec:\n  action: DENY\n"));
+    assert!(warnings.is_empty(), "{:?}", messages(&warnings));
+}
+
+#[test]
 fn l7_fields_warn_once_per_policy_naming_fields() {
     let yaml = "
 apiVersion: security.istio.io/v1beta1
@@ -1130,6 +1232,16 @@ fn invalid_input_errors_name_the_place() {
             &["foo/p", "spec.rules[0].from[0].source.ipBlocks[1]", "10.0.0.0/33"],
         ),
         (
+            "serviceAccounts with principals",
+            allow_source!("p", "{serviceAccounts: [bar/client], principals: [\"*\"]}").to_owned(),
+            &["foo/p", "spec.rules[0].from[0].source", "serviceAccounts cannot be set together"],
+        ),
+        (
+            "malformed service account",
+            allow_source!("p", "{notServiceAccounts: [a/b/c]}").to_owned(),
+            &["spec.rules[0].from[0].source.notServiceAccounts[0]", "a/b/c"],
+        ),
+        (
             "bad IP in notRemoteIpBlocks",
             allow_source!("p", "{notRemoteIpBlocks: [not-an-ip]}").to_owned(),
             &["spec.rules[0].from[0].source.notRemoteIpBlocks[0]"],
@@ -1199,7 +1311,7 @@ fn invalid_input_errors_name_the_place() {
 }
 
 #[test]
-fn unknown_fields_are_ignored() {
+fn unknown_fields_are_named_and_fail_closed() {
     let yaml = "
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -1213,8 +1325,187 @@ spec:
     futureRuleField: true
 ";
     let (set, warnings) = load(yaml);
-    assert!(warnings.is_empty());
     assert_eq!(set.len(), 1);
+    let text = messages(&warnings).join("\n");
+    // metadata and status are not checked; spec, source and rule fields are.
+    assert_eq!(warnings.len(), 2, "{text}");
+    assert!(
+        text.contains("unknown fields in spec (a typo?): futureField"),
+        "{text}"
+    );
+    assert!(
+        text.contains("spec.rules[0].from[0].source.futureSourceField")
+            && text.contains("spec.rules[0].futureRuleField")
+            && text.contains("ALLOW rules using them never match"),
+        "{text}"
+    );
+    // The rule needs fields ambit does not know: it admits no one.
+    let labels = web_labels();
+    let workload = Workload {
+        namespace: "foo",
+        labels: &labels,
+    };
+    assert!(!set.evaluate(&workload, &conn(Some(CLIENT), 8080)).allowed);
+}
+
+/// ztunnel's `src/rbac.rs` tests, one field at a time: an ALLOW policy
+/// holding only that field, against a plaintext connection, an mTLS one
+/// whose identity is listed, and another identity from another address and
+/// port. ambit must give the same answers, and the opposite ones for the
+/// same rule in a DENY policy (Istio evaluates both alike).
+#[test]
+fn ztunnel_rbac_field_table() {
+    const TLS: &str = "spiffe://td/ns/namespace/sa/account";
+    const ALT: &str = "spiffe://td-alt/ns/ns-alt/sa/sa=alt";
+    // (field, rule body, plaintext, mTLS, other identity)
+    let table: &[(&str, &str, bool, bool, bool)] = &[
+        (
+            "namespaces",
+            "from: [{source: {namespaces: [namespace]}}]",
+            false,
+            true,
+            false,
+        ),
+        (
+            "not_namespaces",
+            "from: [{source: {notNamespaces: [namespace]}}]",
+            true,
+            false,
+            true,
+        ),
+        (
+            "service_accounts",
+            "from: [{source: {serviceAccounts: [namespace/account]}}]",
+            false,
+            true,
+            false,
+        ),
+        (
+            "not_service_accounts",
+            "from: [{source: {notServiceAccounts: [namespace/account]}}]",
+            true,
+            false,
+            true,
+        ),
+        (
+            "principals",
+            "from: [{source: {principals: [td/ns/namespace/sa/account]}}]",
+            false,
+            true,
+            false,
+        ),
+        (
+            "not_principals",
+            "from: [{source: {notPrincipals: [td/ns/namespace/sa/account]}}]",
+            true,
+            false,
+            true,
+        ),
+        (
+            "source_ips",
+            "from: [{source: {ipBlocks: [127.0.0.1/32]}}]",
+            true,
+            true,
+            false,
+        ),
+        (
+            "not_source_ips",
+            "from: [{source: {notIpBlocks: [127.0.0.1/32]}}]",
+            false,
+            false,
+            true,
+        ),
+        (
+            "destination_ips",
+            "when: [{key: destination.ip, values: [127.0.0.2/32]}]",
+            true,
+            true,
+            false,
+        ),
+        (
+            "not_destination_ips",
+            "when: [{key: destination.ip, notValues: [127.0.0.2/32]}]",
+            false,
+            false,
+            true,
+        ),
+        (
+            "cidr_range",
+            "when: [{key: destination.ip, values: [127.0.0.1/24]}]",
+            true,
+            true,
+            true,
+        ),
+        (
+            "destination_ports",
+            "to: [{operation: {ports: [\"8080\"]}}]",
+            true,
+            true,
+            false,
+        ),
+        (
+            "not_destination_ports",
+            "to: [{operation: {notPorts: [\"8080\"]}}]",
+            false,
+            false,
+            true,
+        ),
+    ];
+    let conns = [
+        ("plaintext", None, "127.0.0.1", "127.0.0.2", 8080),
+        ("mTLS", Some(TLS), "127.0.0.1", "127.0.0.2", 8080),
+        ("other identity", Some(ALT), "127.0.0.3", "127.0.0.4", 9090),
+    ];
+    let labels = BTreeMap::new();
+    let workload = Workload {
+        namespace: "namespace",
+        labels: &labels,
+    };
+    let mut failures = Vec::new();
+    for (field, rule, plain, tls, alt) in table {
+        for action in ["ALLOW", "DENY"] {
+            let yaml = format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+                 metadata: {{name: {field}, namespace: namespace}}\n\
+                 spec:\n  action: {action}\n  rules:\n  - {rule}\n"
+            );
+            let (set, _) = load(&yaml);
+            for ((label, principal, src, dst, port), expected) in
+                conns.iter().zip([plain, tls, alt])
+            {
+                let conn = Connection {
+                    source_principal: *principal,
+                    source_ip: ip(src),
+                    destination_ip: ip(dst),
+                    destination_port: *port,
+                };
+                let decision = set.evaluate(&workload, &conn);
+                // ALLOW: allowed iff the rule matched; DENY: denied iff it did.
+                let matched = decision.allowed == (action == "ALLOW");
+                if matched != *expected {
+                    failures.push(format!(
+                        "{action} {field} vs {label}: matched={matched}, ztunnel says {expected}"
+                    ));
+                }
+            }
+        }
+    }
+    // ztunnel's rbac_empty_policy: no rules match nothing, an empty rule matches all.
+    let none = load("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: e, namespace: namespace}\nspec: {}\n").0;
+    let all = load("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: e, namespace: namespace}\nspec: {rules: [{}]}\n").0;
+    let plaintext = Connection {
+        source_principal: None,
+        source_ip: ip("127.0.0.1"),
+        destination_ip: ip("127.0.0.2"),
+        destination_port: 8080,
+    };
+    if none.evaluate(&workload, &plaintext).allowed {
+        failures.push("ALLOW without rules matched".to_owned());
+    }
+    if !all.evaluate(&workload, &plaintext).allowed {
+        failures.push("ALLOW with an empty rule did not match".to_owned());
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[test]
