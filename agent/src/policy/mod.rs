@@ -104,7 +104,10 @@ pub enum DecisionReason {
     AllowedByPolicy,
     /// ALLOW policies apply to the workload but none matched.
     NoAllowPolicyMatched,
-    /// No ALLOW policy applies to the workload (and no DENY matched).
+    /// DENY or AUDIT policies apply to the workload, no DENY matched, and no
+    /// ALLOW policy applies.
+    NoAllowPolicies,
+    /// No AuthorizationPolicy applies to the workload at all.
     NoPolicies,
 }
 
@@ -116,6 +119,7 @@ impl DecisionReason {
             DecisionReason::DeniedByPolicy => "denied_by_policy",
             DecisionReason::AllowedByPolicy => "allowed_by_policy",
             DecisionReason::NoAllowPolicyMatched => "no_allow_policy_matched",
+            DecisionReason::NoAllowPolicies => "no_allow_policies",
             DecisionReason::NoPolicies => "no_policies",
         }
     }
@@ -132,8 +136,13 @@ impl fmt::Display for DecisionReason {
 pub struct Decision {
     pub allowed: bool,
     pub reason: DecisionReason,
-    /// The policy that decided (the PeerAuthentication for `MtlsRequired`).
+    /// The policy that decided (the PeerAuthentication for `MtlsRequired`;
+    /// for `NoAllowPolicyMatched`, the first of the ALLOW policies that
+    /// applied and did not match, e.g. a `spec: {}` allow-nothing policy).
     pub policy: Option<PolicyName>,
+    /// For `NoAllowPolicyMatched`: every ALLOW policy that applied (none
+    /// matched). Empty otherwise.
+    pub unmatched_allow: Vec<PolicyName>,
     /// Index of the matching rule in that policy's `spec.rules`.
     pub rule: Option<usize>,
     /// AUDIT policies that matched; they never change the verdict. Empty
@@ -146,7 +155,14 @@ impl fmt::Display for Decision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let verdict = if self.allowed { "ALLOW" } else { "DENY" };
         write!(f, "{verdict} ({})", self.reason)?;
-        if let Some(p) = &self.policy {
+        if self.unmatched_allow.len() > 1 {
+            let names: Vec<String> = self
+                .unmatched_allow
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            write!(f, " policies=[{}]", names.join(", "))?;
+        } else if let Some(p) = &self.policy {
             write!(f, " policy={p}")?;
         }
         if let Some(r) = self.rule {
@@ -329,6 +345,7 @@ impl PolicySet {
                     allowed: false,
                     reason: DecisionReason::MtlsRequired,
                     policy: pa,
+                    unmatched_allow: Vec::new(),
                     rule: None,
                     audited: Vec::new(),
                 };
@@ -341,7 +358,8 @@ impl PolicySet {
         let mut audited = Vec::new();
         let mut denied: Option<(&CompiledAuthz, usize)> = None;
         let mut allowed: Option<(&CompiledAuthz, usize)> = None;
-        let mut has_allow = false;
+        let mut any_applies = false;
+        let mut unmatched_allow = Vec::new();
         let candidates = self
             .inner
             .authz
@@ -350,6 +368,7 @@ impl PolicySet {
             if !engine::selector_matches(p.selector.as_ref(), workload.labels) {
                 continue;
             }
+            any_applies = true;
             match p.action {
                 Action::Audit => {
                     if p.matching_rule(&facts).is_some() {
@@ -362,28 +381,38 @@ impl PolicySet {
                     }
                 }
                 Action::Allow => {
-                    has_allow = true;
                     if allowed.is_none() {
                         allowed = p.matching_rule(&facts).map(|r| (p, r));
+                        if allowed.is_none() {
+                            unmatched_allow.push(p.name.clone());
+                        }
                     }
                 }
             }
         }
 
-        let (allowed, reason, hit) = if let Some(hit) = denied {
-            (false, DecisionReason::DeniedByPolicy, Some(hit))
-        } else if !has_allow {
-            (true, DecisionReason::NoPolicies, None)
-        } else if let Some(hit) = allowed {
-            (true, DecisionReason::AllowedByPolicy, Some(hit))
+        let hit = |(p, r): (&CompiledAuthz, usize)| (Some(p.name.clone()), Some(r));
+        let (allowed, reason, (policy, rule)) = if let Some(d) = denied {
+            (false, DecisionReason::DeniedByPolicy, hit(d))
+        } else if let Some(a) = allowed {
+            (true, DecisionReason::AllowedByPolicy, hit(a))
+        } else if !unmatched_allow.is_empty() {
+            let first = unmatched_allow.first().cloned();
+            (false, DecisionReason::NoAllowPolicyMatched, (first, None))
+        } else if any_applies {
+            (true, DecisionReason::NoAllowPolicies, (None, None))
         } else {
-            (false, DecisionReason::NoAllowPolicyMatched, None)
+            (true, DecisionReason::NoPolicies, (None, None))
         };
+        if allowed || reason != DecisionReason::NoAllowPolicyMatched {
+            unmatched_allow.clear();
+        }
         Decision {
             allowed,
             reason,
-            policy: hit.map(|(p, _)| p.name.clone()),
-            rule: hit.map(|(_, r)| r),
+            policy,
+            unmatched_allow,
+            rule,
             audited,
         }
     }

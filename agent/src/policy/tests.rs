@@ -60,6 +60,12 @@ const MTLS_REQUIRED: Case = Case {
     ..BASE
 };
 
+/// DENY/AUDIT policies apply, none denies, and no ALLOW policy applies.
+const NOT_DENIED: Case = Case {
+    reason: DecisionReason::NoAllowPolicies,
+    ..BASE
+};
+
 const DENIED_BY: Case = Case {
     allowed: false,
     reason: DecisionReason::DeniedByPolicy,
@@ -762,123 +768,123 @@ const CASES: &[Case] = &[
     Case { name: "PA without namespace does not reach foo", yaml: NO_NAMESPACE_STRICT, principal: None, ..BASE },
     Case { name: "namespace-level tie: first by name wins", yaml: NS_TIE, policy: Some("foo/a-strict"), ..MTLS_REQUIRED },
     // Empty policies and actions
-    Case { name: "ALLOW spec {} denies everything", yaml: ALLOW_NOTHING, ..DENIED },
+    Case { name: "ALLOW spec {} denies everything", yaml: ALLOW_NOTHING, policy: Some("foo/allow-nothing"), ..DENIED },
     Case { name: "ALLOW rule {} allows everything", yaml: ALLOW_EMPTY_RULE, policy: Some("foo/allow-all"), ..ALLOWED },
     Case { name: "ALLOW rule {} admits plaintext too", yaml: ALLOW_EMPTY_RULE, principal: None, policy: Some("foo/allow-all"), ..ALLOWED },
-    Case { name: "DENY without rules denies nothing", yaml: DENY_NO_RULES, ..BASE },
+    Case { name: "DENY without rules denies nothing", yaml: DENY_NO_RULES, ..NOT_DENIED },
     // principals
     Case { name: "principals exact match", yaml: allow_source!("p", "{principals: [cluster.local/ns/bar/sa/client]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "principals exact mismatch", yaml: allow_source!("p", "{principals: [cluster.local/ns/bar/sa/other]}"), ..DENIED },
-    Case { name: "principals with spiffe:// prefix never match (Istio)", yaml: allow_source!("p", "{principals: [\"spiffe://cluster.local/ns/bar/sa/client\"]}"), ..DENIED },
+    Case { name: "principals exact mismatch", yaml: allow_source!("p", "{principals: [cluster.local/ns/bar/sa/other]}"), policy: Some("foo/p"), ..DENIED },
+    Case { name: "principals with spiffe:// prefix never match (Istio)", yaml: allow_source!("p", "{principals: [\"spiffe://cluster.local/ns/bar/sa/client\"]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "principals prefix wildcard", yaml: allow_source!("p", "{principals: [\"cluster.local/ns/bar/*\"]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "principals prefix wildcard mismatch", yaml: allow_source!("p", "{principals: [\"cluster.local/ns/baz/*\"]}"), ..DENIED },
+    Case { name: "principals prefix wildcard mismatch", yaml: allow_source!("p", "{principals: [\"cluster.local/ns/baz/*\"]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "principals suffix wildcard", yaml: allow_source!("p", "{principals: [\"*/sa/client\"]}"), policy: Some("foo/p"), ..ALLOWED },
     Case { name: "principals * admits any identity", yaml: allow_source!("p", "{principals: [\"*\"]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "principals * refuses plaintext", yaml: allow_source!("p", "{principals: [\"*\"]}"), principal: None, ..DENIED },
+    Case { name: "principals * refuses plaintext", yaml: allow_source!("p", "{principals: [\"*\"]}"), principal: None, policy: Some("foo/p"), ..DENIED },
     Case { name: "notPrincipals, identity not listed", yaml: allow_source!("p", "{notPrincipals: [cluster.local/ns/bar/sa/other]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "notPrincipals, identity listed", yaml: allow_source!("p", "{notPrincipals: [\"cluster.local/ns/bar/*\"]}"), ..DENIED },
+    Case { name: "notPrincipals, identity listed", yaml: allow_source!("p", "{notPrincipals: [\"cluster.local/ns/bar/*\"]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "ALLOW notPrincipals admits plaintext (Istio)", yaml: allow_source!("p", "{notPrincipals: [cluster.local/ns/bar/sa/other]}"), principal: None, policy: Some("foo/p"), ..ALLOWED },
     Case { name: "DENY notPrincipals denies plaintext", yaml: deny_source!("d", "{notPrincipals: [\"*\"]}"), principal: None, policy: Some("foo/d"), ..DENIED_BY },
-    Case { name: "DENY notPrincipals spares listed identity", yaml: deny_source!("d", "{notPrincipals: [\"*/sa/client\"]}"), ..BASE },
+    Case { name: "DENY notPrincipals spares listed identity", yaml: deny_source!("d", "{notPrincipals: [\"*/sa/client\"]}"), ..NOT_DENIED },
     // namespaces
     Case { name: "namespaces match", yaml: allow_source!("p", "{namespaces: [bar]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "namespaces mismatch", yaml: allow_source!("p", "{namespaces: [baz]}"), ..DENIED },
+    Case { name: "namespaces mismatch", yaml: allow_source!("p", "{namespaces: [baz]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "namespaces prefix wildcard", yaml: allow_source!("p", "{namespaces: [\"ba*\"]}"), policy: Some("foo/p"), ..ALLOWED },
     Case { name: "namespaces suffix wildcard", yaml: allow_source!("p", "{namespaces: [\"*ar\"]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "namespaces refuse plaintext", yaml: allow_source!("p", "{namespaces: [\"*\"]}"), principal: None, ..DENIED },
-    Case { name: "notNamespaces listed", yaml: allow_source!("p", "{notNamespaces: [bar]}"), ..DENIED },
+    Case { name: "namespaces refuse plaintext", yaml: allow_source!("p", "{namespaces: [\"*\"]}"), principal: None, policy: Some("foo/p"), ..DENIED },
+    Case { name: "notNamespaces listed", yaml: allow_source!("p", "{notNamespaces: [bar]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "notNamespaces not listed", yaml: allow_source!("p", "{notNamespaces: [kube-system]}"), policy: Some("foo/p"), ..ALLOWED },
     Case { name: "DENY notNamespaces denies plaintext", yaml: deny_source!("d", "{notNamespaces: [foo]}"), principal: None, policy: Some("foo/d"), ..DENIED_BY },
     // ipBlocks / remoteIpBlocks
     Case { name: "ipBlocks v4 CIDR match", yaml: allow_source!("p", "{ipBlocks: [10.0.0.0/8]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "ipBlocks v4 CIDR mismatch", yaml: allow_source!("p", "{ipBlocks: [192.168.0.0/16]}"), ..DENIED },
+    Case { name: "ipBlocks v4 CIDR mismatch", yaml: allow_source!("p", "{ipBlocks: [192.168.0.0/16]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "ipBlocks single IP", yaml: allow_source!("p", "{ipBlocks: [10.1.2.3]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "ipBlocks single IP mismatch", yaml: allow_source!("p", "{ipBlocks: [10.1.2.4]}"), ..DENIED },
+    Case { name: "ipBlocks single IP mismatch", yaml: allow_source!("p", "{ipBlocks: [10.1.2.4]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "ipBlocks v6 CIDR match", yaml: allow_source!("p", "{ipBlocks: [\"fd00::/64\"]}"), src: "fd00::5", policy: Some("foo/p"), ..ALLOWED },
     Case { name: "ipBlocks v6 single IP", yaml: allow_source!("p", "{ipBlocks: [\"fd00::5\"]}"), src: "fd00::5", policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "ipBlocks v6 CIDR vs v4 source", yaml: allow_source!("p", "{ipBlocks: [\"fd00::/64\"]}"), ..DENIED },
+    Case { name: "ipBlocks v6 CIDR vs v4 source", yaml: allow_source!("p", "{ipBlocks: [\"fd00::/64\"]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "ipBlocks v4 CIDR vs v4-mapped v6 source", yaml: allow_source!("p", "{ipBlocks: [10.0.0.0/8]}"), src: "::ffff:10.1.2.3", policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "notIpBlocks containing source", yaml: allow_source!("p", "{notIpBlocks: [10.1.0.0/16]}"), ..DENIED },
+    Case { name: "notIpBlocks containing source", yaml: allow_source!("p", "{notIpBlocks: [10.1.0.0/16]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "notIpBlocks not containing source", yaml: allow_source!("p", "{notIpBlocks: [10.2.0.0/16]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "remoteIpBlocks is HTTP-only: ALLOW rule never matches (Istio)", yaml: allow_source!("p", "{remoteIpBlocks: [10.1.2.0/24]}"), ..DENIED },
-    Case { name: "remoteIpBlocks mismatch", yaml: allow_source!("p", "{remoteIpBlocks: [10.1.3.0/24]}"), ..DENIED },
+    Case { name: "remoteIpBlocks is HTTP-only: ALLOW rule never matches (Istio)", yaml: allow_source!("p", "{remoteIpBlocks: [10.1.2.0/24]}"), policy: Some("foo/p"), ..DENIED },
+    Case { name: "remoteIpBlocks mismatch", yaml: allow_source!("p", "{remoteIpBlocks: [10.1.3.0/24]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "DENY remoteIpBlocks is ignored, rule matches without it (Istio)", yaml: deny_source!("d", "{remoteIpBlocks: [192.168.0.0/16]}"), policy: Some("foo/d"), ..DENIED_BY },
     // serviceAccounts (ns/sa, or sa in the policy's namespace; exact)
     Case { name: "serviceAccounts ns/sa match", yaml: allow_source!("p", "{serviceAccounts: [bar/client]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "serviceAccounts bare sa is in the policy's namespace", yaml: allow_source!("p", "{serviceAccounts: [client]}"), ..DENIED },
+    Case { name: "serviceAccounts bare sa is in the policy's namespace", yaml: allow_source!("p", "{serviceAccounts: [client]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "serviceAccounts bare sa matches a client of that namespace", yaml: allow_source!("p", "{serviceAccounts: [client]}"), principal: Some("spiffe://cluster.local/ns/foo/sa/client"), policy: Some("foo/p"), ..ALLOWED },
     Case { name: "serviceAccounts ignore the trust domain", yaml: allow_source!("p", "{serviceAccounts: [bar/client]}"), principal: Some("spiffe://other.td/ns/bar/sa/client"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "serviceAccounts have no wildcards", yaml: allow_source!("p", "{serviceAccounts: [\"bar/*\"]}"), ..DENIED },
-    Case { name: "serviceAccounts refuse plaintext", yaml: allow_source!("p", "{serviceAccounts: [bar/client]}"), principal: None, ..DENIED },
-    Case { name: "notServiceAccounts listed", yaml: allow_source!("p", "{notServiceAccounts: [bar/client]}"), ..DENIED },
+    Case { name: "serviceAccounts have no wildcards", yaml: allow_source!("p", "{serviceAccounts: [\"bar/*\"]}"), policy: Some("foo/p"), ..DENIED },
+    Case { name: "serviceAccounts refuse plaintext", yaml: allow_source!("p", "{serviceAccounts: [bar/client]}"), principal: None, policy: Some("foo/p"), ..DENIED },
+    Case { name: "notServiceAccounts listed", yaml: allow_source!("p", "{notServiceAccounts: [bar/client]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "notServiceAccounts admit plaintext (Istio)", yaml: allow_source!("p", "{notServiceAccounts: [bar/client]}"), principal: None, policy: Some("foo/p"), ..ALLOWED },
     Case { name: "DENY serviceAccounts", yaml: deny_source!("d", "{serviceAccounts: [bar/client]}"), policy: Some("foo/d"), ..DENIED_BY },
     // unknown fields: like HTTP attributes (ALLOW never matches, DENY matches without)
-    Case { name: "ALLOW with a typo (principles) admits no one", yaml: allow_source!("p", "{principles: [cluster.local/ns/bar/sa/client]}"), ..DENIED },
-    Case { name: "ALLOW with a typo (principles) keeps plaintext out", yaml: allow_source!("p", "{principles: [cluster.local/ns/bar/sa/client]}"), principal: None, ..DENIED },
+    Case { name: "ALLOW with a typo (principles) admits no one", yaml: allow_source!("p", "{principles: [cluster.local/ns/bar/sa/client]}"), policy: Some("foo/p"), ..DENIED },
+    Case { name: "ALLOW with a typo (principles) keeps plaintext out", yaml: allow_source!("p", "{principles: [cluster.local/ns/bar/sa/client]}"), principal: None, policy: Some("foo/p"), ..DENIED },
     Case { name: "DENY with an unknown field matches without it", yaml: deny_source!("d", "{namespaces: [bar], futureField: [x]}"), policy: Some("foo/d"), ..DENIED_BY },
-    Case { name: "notRemoteIpBlocks containing source", yaml: allow_source!("p", "{notRemoteIpBlocks: [10.1.2.3]}"), ..DENIED },
+    Case { name: "notRemoteIpBlocks containing source", yaml: allow_source!("p", "{notRemoteIpBlocks: [10.1.2.3]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "ipBlocks admit plaintext under PERMISSIVE", yaml: PERMISSIVE_ALLOW_IP, principal: None, policy: Some("foo/lan"), ..ALLOWED },
     // operation ports
     Case { name: "ports match", yaml: allow_operation!("p", "{ports: [\"8080\"]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "ports mismatch", yaml: allow_operation!("p", "{ports: [\"9090\"]}"), ..DENIED },
+    Case { name: "ports mismatch", yaml: allow_operation!("p", "{ports: [\"9090\"]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "ports written as integers", yaml: allow_operation!("p", "{ports: [8080, 9090]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "notPorts listed", yaml: allow_operation!("p", "{notPorts: [\"8080\"]}"), ..DENIED },
+    Case { name: "notPorts listed", yaml: allow_operation!("p", "{notPorts: [\"8080\"]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "notPorts not listed", yaml: allow_operation!("p", "{notPorts: [\"9090\"]}"), policy: Some("foo/p"), ..ALLOWED },
     // when
     Case { name: "when source.ip values", yaml: allow_when!("p", "{key: source.ip, values: [10.1.0.0/16]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "when source.ip notValues", yaml: allow_when!("p", "{key: source.ip, notValues: [10.1.2.3]}"), ..DENIED },
+    Case { name: "when source.ip notValues", yaml: allow_when!("p", "{key: source.ip, notValues: [10.1.2.3]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "when destination.ip values", yaml: allow_when!("p", "{key: destination.ip, values: [10.9.9.9]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "when destination.ip notValues", yaml: allow_when!("p", "{key: destination.ip, notValues: [10.9.0.0/16]}"), ..DENIED },
+    Case { name: "when destination.ip notValues", yaml: allow_when!("p", "{key: destination.ip, notValues: [10.9.0.0/16]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "when destination.port values", yaml: allow_when!("p", "{key: destination.port, values: [\"8080\"]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "when destination.port notValues", yaml: allow_when!("p", "{key: destination.port, notValues: [\"8080\"]}"), ..DENIED },
+    Case { name: "when destination.port notValues", yaml: allow_when!("p", "{key: destination.port, notValues: [\"8080\"]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "when source.namespace values", yaml: allow_when!("p", "{key: source.namespace, values: [bar]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "when source.namespace notValues", yaml: allow_when!("p", "{key: source.namespace, notValues: [\"b*\"]}"), ..DENIED },
+    Case { name: "when source.namespace notValues", yaml: allow_when!("p", "{key: source.namespace, notValues: [\"b*\"]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "when source.principal values", yaml: allow_when!("p", "{key: source.principal, values: [\"cluster.local/ns/bar/sa/client\"]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "when source.principal notValues", yaml: allow_when!("p", "{key: source.principal, notValues: [\"*\"]}"), ..DENIED },
-    Case { name: "when source.principal refuses plaintext", yaml: allow_when!("p", "{key: source.principal, values: [\"*\"]}"), principal: None, ..DENIED },
+    Case { name: "when source.principal notValues", yaml: allow_when!("p", "{key: source.principal, notValues: [\"*\"]}"), policy: Some("foo/p"), ..DENIED },
+    Case { name: "when source.principal refuses plaintext", yaml: allow_when!("p", "{key: source.principal, values: [\"*\"]}"), principal: None, policy: Some("foo/p"), ..DENIED },
     // Combination logic
-    Case { name: "source fields are ANDed", yaml: ALLOW_PRINCIPAL_PLUS_IP, ..DENIED },
+    Case { name: "source fields are ANDed", yaml: ALLOW_PRINCIPAL_PLUS_IP, policy: Some("foo/p"), ..DENIED },
     Case { name: "from entries are ORed", yaml: ALLOW_TWO_FROMS, policy: Some("foo/p"), ..ALLOWED },
     Case { name: "to entries are ORed", yaml: ALLOW_TWO_TOS, policy: Some("foo/p"), ..ALLOWED },
     Case { name: "rules are ORed", yaml: ALLOW_TWO_RULES, policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "from and to are ANDed", yaml: ALLOW_FROM_AND_TO, ..DENIED },
+    Case { name: "from and to are ANDed", yaml: ALLOW_FROM_AND_TO, policy: Some("foo/p"), ..DENIED },
     Case { name: "from and to are ANDed (both match)", yaml: ALLOW_FROM_AND_TO, port: 9090, policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "from and when are ANDed", yaml: ALLOW_FROM_AND_WHEN, ..DENIED },
+    Case { name: "from and when are ANDed", yaml: ALLOW_FROM_AND_WHEN, policy: Some("foo/p"), ..DENIED },
     // Precedence
     Case { name: "DENY wins over ALLOW", yaml: DENY_AND_ALLOW_SAME, policy: Some("foo/deny-bar"), ..DENIED_BY },
     Case { name: "non-matching DENY, matching ALLOW", yaml: DENY_OTHER_ALLOW_BAR, policy: Some("foo/allow-bar"), ..ALLOWED },
     Case { name: "matching DENY alone", yaml: deny_source!("d", "{namespaces: [bar]}"), policy: Some("foo/d"), ..DENIED_BY },
-    Case { name: "non-matching DENY alone allows", yaml: deny_source!("d", "{namespaces: [other]}"), ..BASE },
-    Case { name: "AUDIT does not change an allow", yaml: AUDIT_ALL, ..BASE },
-    Case { name: "AUDIT does not change a deny", yaml: AUDIT_AND_ALLOW_NOTHING, ..DENIED },
+    Case { name: "non-matching DENY alone allows", yaml: deny_source!("d", "{namespaces: [other]}"), ..NOT_DENIED },
+    Case { name: "AUDIT does not change an allow", yaml: AUDIT_ALL, ..NOT_DENIED },
+    Case { name: "AUDIT does not change a deny", yaml: AUDIT_AND_ALLOW_NOTHING, policy: Some("foo/allow-nothing"), ..DENIED },
     // Scopes
-    Case { name: "root-namespace ALLOW applies mesh-wide", yaml: ROOT_ALLOW_NOTHING, ..DENIED },
+    Case { name: "root-namespace ALLOW applies mesh-wide", yaml: ROOT_ALLOW_NOTHING, policy: Some("istio-system/allow-nothing"), ..DENIED },
     Case { name: "other namespace's ALLOW does not apply", yaml: OTHER_NS_ALLOW_NOTHING, ..BASE },
     Case { name: "selector mismatch does not apply", yaml: SELECTOR_OTHER_APP, ..BASE },
-    Case { name: "selector match applies", yaml: SELECTOR_WEB, ..DENIED },
+    Case { name: "selector match applies", yaml: SELECTOR_WEB, policy: Some("foo/web-only"), ..DENIED },
     Case { name: "selector needs all labels", yaml: SELECTOR_WEB, labels: &[("app", "web")], ..BASE },
     Case { name: "root-namespace selector applies in every namespace", yaml: ROOT_SELECTOR_WEB, policy: Some("istio-system/root-web"), ..DENIED_BY },
     Case { name: "root-namespace selector mismatch", yaml: ROOT_SELECTOR_WEB, labels: &[("app", "db")], ..BASE },
-    Case { name: "AP without namespace lands in default namespace", yaml: DEFAULT_NS_ALLOW_NOTHING, ns: "default", ..DENIED },
+    Case { name: "AP without namespace lands in default namespace", yaml: DEFAULT_NS_ALLOW_NOTHING, ns: "default", policy: Some("default/lockdown"), ..DENIED },
     Case { name: "AP without namespace does not reach foo", yaml: DEFAULT_NS_ALLOW_NOTHING, ..BASE },
     // L7 fields
-    Case { name: "ALLOW with methods never matches", yaml: ALLOW_L7_METHODS, ..DENIED },
+    Case { name: "ALLOW with methods never matches", yaml: ALLOW_L7_METHODS, policy: Some("foo/l7"), ..DENIED },
     Case { name: "ALLOW L7 rule skipped, L4 rule matches", yaml: ALLOW_L7_THEN_L4, policy: Some("foo/mixed"), ..ALLOWED },
     Case { name: "DENY with paths matches on its ports", yaml: DENY_L7_PATHS_AND_PORT, policy: Some("foo/deny-admin"), ..DENIED_BY },
-    Case { name: "DENY with paths, other port", yaml: DENY_L7_PATHS_AND_PORT, port: 9090, ..BASE },
+    Case { name: "DENY with paths, other port", yaml: DENY_L7_PATHS_AND_PORT, port: 9090, ..NOT_DENIED },
     Case { name: "DENY with header condition denies all", yaml: DENY_L7_HEADER, policy: Some("foo/deny-header"), ..DENIED_BY },
     Case { name: "DENY with notRequestPrincipals denies all", yaml: DENY_REQUEST_PRINCIPALS, policy: Some("foo/deny-jwt"), ..DENIED_BY },
-    Case { name: "ALLOW with hosts never matches", yaml: ALLOW_HOSTS, ..DENIED },
-    Case { name: "ALLOW with remote.ip condition never matches", yaml: ALLOW_REMOTE_IP_KEY, ..DENIED },
+    Case { name: "ALLOW with hosts never matches", yaml: ALLOW_HOSTS, policy: Some("foo/hosts"), ..DENIED },
+    Case { name: "ALLOW with remote.ip condition never matches", yaml: ALLOW_REMOTE_IP_KEY, policy: Some("foo/remote-key"), ..DENIED },
     // Refused / ignored policies
     Case { name: "CUSTOM is ignored", yaml: CUSTOM, ..BASE },
-    Case { name: "targetRefs ALLOW keeps the namespace allow-listed", yaml: TARGET_REFS_ALLOW, ..DENIED },
+    Case { name: "targetRefs ALLOW keeps the namespace allow-listed", yaml: TARGET_REFS_ALLOW, policy: Some("foo/waypoint-allow"), ..DENIED },
     Case { name: "targetRef DENY is ignored", yaml: TARGET_REF_DENY, ..BASE },
     // Versions and mixed input
     Case { name: "v1 AuthorizationPolicy", yaml: V1_ALLOW, policy: Some("foo/v1-allow"), ..ALLOWED },
     Case { name: "other kinds skipped", yaml: MIXED_KINDS, policy: Some("foo/bar-only"), ..ALLOWED },
-    Case { name: "other kinds skipped, policy still enforced", yaml: MIXED_KINDS, principal: Some("spiffe://cluster.local/ns/baz/sa/x"), ..DENIED },
+    Case { name: "other kinds skipped, policy still enforced", yaml: MIXED_KINDS, principal: Some("spiffe://cluster.local/ns/baz/sa/x"), policy: Some("foo/bar-only"), ..DENIED },
 ];
 
 // ---- Non-table checks --------------------------------------------------
@@ -1010,6 +1016,56 @@ fn deny_without_rules_warns() {
         warnings[0]
             .to_string()
             .starts_with("AuthorizationPolicy foo/deny-all: ")
+    );
+}
+
+#[test]
+fn reasons_say_which_policies_applied() {
+    let labels = web_labels();
+    let workload = Workload {
+        namespace: "foo",
+        labels: &labels,
+    };
+    let client = conn(Some(CLIENT), 8080);
+    // `spec: {}` denies everything, and the denial names it.
+    let (set, _) = load(ALLOW_NOTHING);
+    let d = set.evaluate(&workload, &client);
+    assert_eq!(
+        d.to_string(),
+        "DENY (no_allow_policy_matched) policy=foo/allow-nothing"
+    );
+    // Several ALLOW policies, none matching: all are named.
+    let two = format!(
+        "{ALLOW_NOTHING}---{}",
+        allow_source!("p", "{principals: [cluster.local/ns/bar/sa/other]}")
+    );
+    let (set, _) = load(&two);
+    let d = set.evaluate(&workload, &client);
+    assert_eq!(d.policy, Some(PolicyName::new("foo", "allow-nothing")));
+    assert_eq!(
+        d.to_string(),
+        "DENY (no_allow_policy_matched) policies=[foo/allow-nothing, foo/p]"
+    );
+    // A DENY policy applies but does not match: not "no policies".
+    let (set, _) = load(DENY_NO_RULES);
+    assert_eq!(
+        set.evaluate(&workload, &client).to_string(),
+        "ALLOW (no_allow_policies)"
+    );
+    // Nothing applies to this workload at all.
+    let other = self::labels(&[("app", "db")]);
+    let (set, _) = load(
+        allow_source!("p", "{principals: [\"*\"]}")
+            .replace("rules:", "selector: {matchLabels: {app: web}}\n  rules:")
+            .as_str(),
+    );
+    let db = Workload {
+        namespace: "foo",
+        labels: &other,
+    };
+    assert_eq!(
+        set.evaluate(&db, &client).to_string(),
+        "ALLOW (no_policies)"
     );
 }
 
