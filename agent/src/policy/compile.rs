@@ -140,7 +140,7 @@ pub(crate) fn build(
     let mut authz = Indexed::default();
     for (policy, (index, spec)) in aps {
         let spec: AuthorizationPolicySpec = parse_spec(spec, index, KIND_AP, &policy)?;
-        let Some(ap) = compile_authz(policy, spec, &mut warnings)? else {
+        let Some(ap) = compile_authz(policy, spec, root_namespace, &mut warnings)? else {
             continue;
         };
         let i = authz.items.len();
@@ -312,6 +312,7 @@ fn parse_ip_block(s: &str) -> Option<IpNet> {
 fn compile_authz(
     name: PolicyName,
     spec: AuthorizationPolicySpec,
+    root_namespace: &str,
     warnings: &mut Warnings,
 ) -> Result<Option<CompiledAuthz>, PolicyError> {
     let action = match spec.action.as_deref() {
@@ -361,14 +362,26 @@ fn compile_authz(
 
     if has_target_refs {
         if action == Action::Allow {
-            // Dropping it could turn an allow-listed namespace into an open
-            // one, so it stays as an ALLOW that matches nothing.
+            // Istio binds targetRef policies to a waypoint or gateway and
+            // never sends them to ztunnel, so pod-to-pod traffic is as if the
+            // policy did not exist. ambit runs no waypoint; rather than open
+            // a namespace whose owner asked for an allow-list, it keeps the
+            // policy as an ALLOW that matches nothing (fail closed).
+            let scope = match (&selector, name.namespace == root_namespace) {
+                (Some(_), _) => format!("the workloads its selector picks in {}", name.namespace),
+                (None, true) => "every workload in the mesh (root namespace)".to_owned(),
+                (None, false) => format!("every workload in namespace {}", name.namespace),
+            };
             warnings.push(
                 KIND_AP,
                 &name,
-                "targetRef/targetRefs cannot be enforced at L4; kept as an ALLOW policy that \
-                 matches nothing, so workloads in its scope admit only traffic other ALLOW \
-                 policies allow",
+                format!(
+                    "targetRef/targetRefs: ambit runs no waypoint or gateway to bind this ALLOW \
+                     policy to, so it keeps it as an ALLOW policy that matches nothing for \
+                     {scope}: they admit only what another ALLOW policy allows. Istio differs: \
+                     it does not send targetRef policies to ztunnel at all, so there this \
+                     policy has no effect on pod-to-pod traffic"
+                ),
             );
             return Ok(Some(CompiledAuthz {
                 name,
@@ -380,7 +393,8 @@ fn compile_authz(
         warnings.push(
             KIND_AP,
             &name,
-            "targetRef/targetRefs cannot be enforced at L4; policy ignored",
+            "targetRef/targetRefs: ambit runs no waypoint or gateway to bind this policy to; \
+             ignored, as Istio's ztunnel ignores it",
         );
         return Ok(None);
     }

@@ -1203,10 +1203,23 @@ fn refused_policies_warn() {
     assert!(messages(&warnings)[0].contains("CUSTOM"));
     let (set, warnings) = load(TARGET_REFS_ALLOW);
     assert_eq!(set.len(), 1);
-    assert!(warnings[0].message.contains("targetRef"));
+    let msg = &warnings[0].message;
+    // Says what ambit does, to which workloads, and how Istio differs.
+    assert!(
+        msg.contains("ALLOW policy that matches nothing for every workload in namespace foo")
+            && msg.contains("Istio differs")
+            && msg.contains("does not send targetRef policies to ztunnel"),
+        "{msg}"
+    );
     let (set, warnings) = load(TARGET_REF_DENY);
     assert!(set.is_empty());
-    assert!(warnings[0].message.contains("ignored"));
+    assert!(
+        warnings[0]
+            .message
+            .contains("ignored, as Istio's ztunnel ignores it"),
+        "{}",
+        warnings[0].message
+    );
 }
 
 #[test]
