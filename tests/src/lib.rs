@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod capture_check;
 pub mod inbound_check;
+pub mod refusal;
 pub mod testbed;
 
 use std::path::{Path, PathBuf};
