@@ -15,7 +15,8 @@ use super::engine::{
     SourceMatch, StrMatch,
 };
 use super::istio::{
-    AuthorizationPolicySpec, Condition, Metadata, PeerAuthenticationSpec, Scalar, Selector, Source,
+    AuthorizationPolicySpec, Condition, Metadata, Operation, PeerAuthenticationSpec, Scalar,
+    Selector, Source,
 };
 use super::{KIND_AP, KIND_PA, PolicyError, PolicyName, PolicyWarning};
 
@@ -420,16 +421,29 @@ fn compile_authz(
         };
         let mut rule = CompiledRule::default();
         ctx.note_unknown(&raw.unknown, &format!("spec.rules[{i}]"));
+        // What Istio's validation refuses is refused here too: in ambit an
+        // empty list or entry would otherwise mean "anything".
+        let refuse = |field: String, message: &str| Err(invalid(KIND_AP, &name, field, message));
+        if raw.from.as_ref().is_some_and(Vec::is_empty) {
+            return refuse(format!("spec.rules[{i}].from"), "must not be empty");
+        }
+        if raw.to.as_ref().is_some_and(Vec::is_empty) {
+            return refuse(format!("spec.rules[{i}].to"), "must not be empty");
+        }
         for (j, from) in raw.from.unwrap_or_default().into_iter().enumerate() {
             ctx.note_unknown(&from.unknown, &format!("spec.rules[{i}].from[{j}]"));
             let path = format!("spec.rules[{i}].from[{j}].source");
-            rule.from
-                .push(ctx.source(from.source.unwrap_or_default(), &path)?);
+            let Some(source) = from.source.filter(|s| !source_is_empty(s)) else {
+                return refuse(path, "must not be empty");
+            };
+            rule.from.push(ctx.source(source, &path)?);
         }
         for (j, to) in raw.to.unwrap_or_default().into_iter().enumerate() {
             ctx.note_unknown(&to.unknown, &format!("spec.rules[{i}].to[{j}]"));
             let path = format!("spec.rules[{i}].to[{j}].operation");
-            let op = to.operation.unwrap_or_default();
+            let Some(op) = to.operation.filter(|o| !operation_is_empty(o)) else {
+                return refuse(path, "must not be empty");
+            };
             ctx.note_unknown(&op.unknown, &path);
             for (field, present) in [
                 ("hosts", &op.hosts),
@@ -452,6 +466,13 @@ fn compile_authz(
         }
         for (j, cond) in raw.when.unwrap_or_default().into_iter().enumerate() {
             let path = format!("spec.rules[{i}].when[{j}]");
+            let none = |v: &Option<Vec<Scalar>>| v.as_ref().is_none_or(Vec::is_empty);
+            if cond.key.is_empty() {
+                return refuse(format!("{path}.key"), "must not be empty");
+            }
+            if none(&cond.values) && none(&cond.not_values) {
+                return refuse(path, "needs values or notValues");
+            }
             ctx.note_unknown(&cond.unknown, &path);
             if let Some(c) = ctx.condition(cond, &path)? {
                 rule.when.push(c);
@@ -533,6 +554,44 @@ fn compile_authz(
         selector,
         rules,
     }))
+}
+
+fn empty(lists: &[&Option<Vec<String>>]) -> bool {
+    lists.iter().all(|v| v.as_ref().is_none_or(Vec::is_empty))
+}
+
+/// No field at all, known or not (Istio: "`from.source` must not be empty").
+fn source_is_empty(s: &Source) -> bool {
+    s.unknown.is_empty()
+        && empty(&[
+            &s.principals,
+            &s.not_principals,
+            &s.request_principals,
+            &s.not_request_principals,
+            &s.namespaces,
+            &s.not_namespaces,
+            &s.ip_blocks,
+            &s.not_ip_blocks,
+            &s.remote_ip_blocks,
+            &s.not_remote_ip_blocks,
+            &s.service_accounts,
+            &s.not_service_accounts,
+        ])
+}
+
+/// No field at all, known or not (Istio: "`to.operation` must not be empty").
+fn operation_is_empty(o: &Operation) -> bool {
+    o.unknown.is_empty()
+        && o.ports.as_ref().is_none_or(Vec::is_empty)
+        && o.not_ports.as_ref().is_none_or(Vec::is_empty)
+        && empty(&[
+            &o.hosts,
+            &o.not_hosts,
+            &o.methods,
+            &o.not_methods,
+            &o.paths,
+            &o.not_paths,
+        ])
 }
 
 /// True when an ALLOW rule can match a connection without identity only

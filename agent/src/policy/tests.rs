@@ -1301,6 +1301,26 @@ fn invalid_input_errors_name_the_place() {
             &["foo/p", "spec.rules[0].from[0].source.ipBlocks[1]", "10.0.0.0/33"],
         ),
         (
+            "empty source (Istio refuses it; it would mean anyone)",
+            allow_source!("p", "{}").to_owned(),
+            &["foo/p", "spec.rules[0].from[0].source", "must not be empty"],
+        ),
+        (
+            "empty operation",
+            allow_operation!("p", "{}").to_owned(),
+            &["spec.rules[0].to[0].operation", "must not be empty"],
+        ),
+        (
+            "empty from list",
+            ALLOW_NOTHING.replace("spec: {}", "spec: {rules: [{from: []}]}"),
+            &["spec.rules[0].from", "must not be empty"],
+        ),
+        (
+            "condition without values",
+            allow_when!("p", "{key: source.ip}").to_owned(),
+            &["spec.rules[0].when[0]", "needs values or notValues"],
+        ),
+        (
             "serviceAccounts with principals",
             allow_source!("p", "{serviceAccounts: [bar/client], principals: [\"*\"]}").to_owned(),
             &["foo/p", "spec.rules[0].from[0].source", "serviceAccounts cannot be set together"],
