@@ -5,7 +5,8 @@
 //! and ask it about each inbound connection to a local (destination)
 //! workload. Semantics follow Istio ambient mode (ztunnel) at L4. Where an
 //! Istio field cannot be enforced at L4 we fail closed and say so through a
-//! [`PolicyWarning`]; the choices are documented on [`PolicySet`].
+//! [`PolicyWarning`]; the differences from Istio are listed on [`PolicySet`]
+//! and in docs/POLICY.md.
 
 mod authorizer;
 mod bench;
@@ -244,30 +245,22 @@ pub(crate) const KIND_AP: &str = "AuthorizationPolicy";
 
 /// Compiled, indexed policies. Cheap to clone (shared immutable data).
 ///
-/// Semantic choices where Istio's behaviour cannot be reproduced at L4 or
-/// is ambiguous, all failing closed:
-/// - L7 fields (methods, paths, hosts, requestPrincipals, their `not`
-///   variants, and `when` keys other than source.ip, source.namespace,
-///   source.principal, destination.ip, destination.port): an ALLOW rule using
-///   them never matches; in DENY and AUDIT rules they are ignored, so the
-///   rule matches more widely. One warning per policy names the fields.
-/// - notPrincipals / notNamespaces (also as `when` notValues) against a
-///   plaintext source: in DENY/AUDIT the missing identity counts as "not in
-///   the list" (Istio's reading; denies more); in ALLOW it does not match, so
-///   plaintext is never admitted on the basis of an identity it lacks.
-/// - `targetRef`/`targetRefs` (waypoint/gateway binding) cannot be resolved
-///   here. Such an ALLOW policy is kept as an ALLOW that matches nothing in
-///   its namespace (or the mesh, in the root namespace): the workloads there
-///   keep "having an ALLOW policy", so ignoring it never widens access. Such
-///   DENY/AUDIT policies are ignored with a warning.
-/// - CUSTOM (external authorization) is refused: warning, policy ignored.
-/// - DENY without rules matches nothing (Istio), with a warning because
-///   users often expect it to deny everything.
+/// Semantics are Istio's as istiod translates them for ztunnel and ztunnel
+/// matches them; docs/POLICY.md lists them field by field, and every place
+/// where ambit differs and why. In short, the differences all fail closed:
+/// - `targetRef`/`targetRefs` ALLOW policies (not sent to ztunnel by
+///   istiod) are kept as ALLOW policies that match nothing in their scope;
+///   DENY/AUDIT ones are ignored, as in Istio.
+/// - A DENY rule whose source/operation holds only HTTP attributes matches
+///   on what is left (Istio's ztunnel skips the empty match: no effect).
+/// - Unknown rule fields are treated like HTTP attributes (ALLOW rule never
+///   matches, DENY/AUDIT rule matches without them), and named in a warning.
+/// - AUDIT policies are evaluated and reported, never changing the verdict.
+/// - A DENY without rules loads (Istio's webhook refuses it) and denies
+///   nothing, with a warning.
 /// - PeerAuthentication ties at one level: the first by (namespace, name)
-///   wins (Istio picks the oldest; we have no timestamps). Ties visible at
-///   load time (several namespace-wide policies, or identical selectors) are
-///   warned about; overlapping but different selectors can only be seen per
-///   workload and are resolved the same way without a warning.
+///   wins (Istio picks the oldest; files have no timestamps), warned when
+///   visible at load.
 /// - A later document with the same kind, namespace and name replaces the
 ///   earlier one (as `kubectl apply` would), with a warning.
 #[derive(Debug, Clone)]
