@@ -218,6 +218,28 @@ fn compile_peer_auth(
     spec: PeerAuthenticationSpec,
     warnings: &mut Warnings,
 ) -> Result<CompiledPeerAuth, PolicyError> {
+    // A typo here (`mdoe: STRICT`) would leave the mode UNSET, i.e. inherited
+    // and possibly PERMISSIVE: name it so that it cannot go unnoticed.
+    let unknown: Vec<String> = spec
+        .unknown
+        .keys()
+        .map(|k| format!("spec.{k}"))
+        .chain(
+            spec.mtls
+                .iter()
+                .flat_map(|m| m.unknown.keys().map(|k| format!("spec.mtls.{k}"))),
+        )
+        .collect();
+    if !unknown.is_empty() {
+        warnings.push(
+            KIND_PA,
+            &name,
+            format!(
+                "unknown fields (a typo?): {}; ignored, the mode is resolved without them",
+                unknown.join(", ")
+            ),
+        );
+    }
     let selector = compile_selector(spec.selector);
     let mode = parse_mode(
         spec.mtls.as_ref().and_then(|m| m.mode.as_deref()),

@@ -55,6 +55,9 @@ pub(crate) struct Selector {
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct MtlsSpec {
     pub(crate) mode: Option<String>,
+    /// Fields this agent does not know, by name (see the module comment).
+    #[serde(flatten)]
+    pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -65,6 +68,9 @@ pub(crate) struct PeerAuthenticationSpec {
     /// Keys are ports; YAML gives them as integers or strings, so they are
     /// parsed by the compiler where a bad key can be reported precisely.
     pub(crate) port_level_mtls: Option<serde_yaml::Mapping>,
+    /// Fields this agent does not know, by name (see the module comment).
+    #[serde(flatten)]
+    pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1223,6 +1223,16 @@ fn refused_policies_warn() {
 }
 
 #[test]
+fn peer_authentication_unknown_fields_are_named() {
+    let yaml = NS_STRICT.replace("mode: STRICT", "mdoe: STRICT");
+    let (set, warnings) = load(&yaml);
+    assert_eq!(set.len(), 1);
+    let text = messages(&warnings);
+    assert_eq!(text.len(), 1, "{text:?}");
+    assert!(text[0].contains("spec.mtls.mdoe"), "{text:?}");
+}
+
+#[test]
 fn peer_authentication_warnings() {
     let (_, warnings) = load(PORT_LEVEL_WITHOUT_SELECTOR);
     assert_eq!(warnings.len(), 1);
