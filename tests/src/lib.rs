@@ -9,6 +9,7 @@ pub mod capture_check;
 pub mod faults;
 pub mod inbound_check;
 pub mod kubebed;
+pub mod refusal;
 pub mod testbed;
 
 use std::path::{Path, PathBuf};

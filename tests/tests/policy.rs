@@ -3,9 +3,13 @@
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::time::Duration;
 
+use ambit_e2e::refusal::{assert_reset, exchange, read_until_end};
 use ambit_e2e::testbed::{APP_PORT, MESH_NS, PLAIN_NS, PodSpec, Testbed};
 
 const LOG_WAIT: Duration = Duration::from_secs(10);
+/// How long a refused request may take to be reset; a refusal is immediate, so reaching this
+/// means the connection was left hanging (and the test fails on the timeout).
+const REFUSAL_WAIT: Duration = Duration::from_secs(5);
 
 fn bed_with(policies: &str) -> anyhow::Result<Testbed> {
     let pods = [
@@ -20,14 +24,6 @@ fn bed_with(policies: &str) -> anyhow::Result<Testbed> {
     bed.write_config()?;
     bed.start_agents()?;
     Ok(bed)
-}
-
-/// A request that the mesh refused shows up to the caller as a reset or an empty reply.
-fn refused(result: anyhow::Result<String>) -> bool {
-    match result {
-        Err(_) => true,
-        Ok(reply) => reply.is_empty(),
-    }
 }
 
 const ALLOW_FRONTEND: &str = "---
@@ -48,12 +44,28 @@ fn identity_allow_lets_one_client_in_and_keeps_another_out() -> anyhow::Result<(
     let backend = bed.pod("backend").addr(APP_PORT);
     let reply = bed.pod("frontend").request(backend, b"let me in")?;
     assert!(reply.ends_with("let me in"), "frontend is allowed: {reply}");
-    let intruder = bed.pod("intruder").request(backend, b"let me in too");
-    assert!(refused(intruder), "intruder is refused");
+    let intruder = exchange(bed.pod("intruder"), backend, b"let me in too", REFUSAL_WAIT)?;
+    assert_reset(&intruder, "intruder is refused");
+    // The tunnel's denial line (it carries `reason=`) is the last one logged for a denial.
     let denial = bed
         .agent(1)
-        .wait_for_log(&["denied", "intruder"], LOG_WAIT)?;
-    assert!(denial.contains("no_allow_policy_matched"), "{denial}");
+        .wait_for_log(&["connection denied", "intruder", "reason="], LOG_WAIT)?;
+    assert!(
+        denial.contains("no_allow_policy_matched")
+            && denial.contains("policy=mesh/backend-from-frontend"),
+        "the denial names its reason and the ALLOW policy that did not match: {denial}"
+    );
+    let denial_lines: Vec<String> = bed
+        .agent(1)
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("denied") && l.contains("intruder"))
+        .collect();
+    assert_eq!(
+        denial_lines.len(),
+        1,
+        "one log line per denial: {denial_lines:#?}"
+    );
     // The receiving agent counts both decisions: the allow under the policy that matched,
     // the denial under its reason.
     let metrics = bed.agent(1).metrics()?;
@@ -96,9 +108,9 @@ spec:
             .request(backend, b"same ns")?
             .ends_with("same ns")
     );
-    assert!(
-        refused(bed.pod("outsider").request(backend, b"other ns")),
-        "namespace `other` is denied"
+    assert_reset(
+        &exchange(bed.pod("outsider"), backend, b"other ns", REFUSAL_WAIT)?,
+        "namespace `other` is denied",
     );
     bed.agent(1)
         .wait_for_log(&["denied", "ns/other/sa/outsider"], LOG_WAIT)?;
@@ -124,11 +136,21 @@ fn policy_update_revokes_a_live_connection() -> anyhow::Result<()> {
     bed.write_config()?;
     bed.agent(1)
         .wait_for_log(&["revoking a live connection", "intruder"], LOG_WAIT)?;
-    let mut rest = Vec::new();
-    let outcome = reader.read_to_end(&mut rest);
+    // Reset, not closed and not merely silent: the read timeout (5 s, set by `connect`)
+    // fails this assertion too.
+    assert_reset(
+        &read_until_end(&mut reader, &live),
+        "the revoked connection is reset",
+    );
+    // The re-check after the policy change is not a new decision: nothing was denied
+    // (the live connection was admitted, under no policy, before the change).
+    let metrics = bed.agent(1).metrics()?;
     assert!(
-        outcome.is_err() || rest.is_empty(),
-        "the revoked connection ends: {outcome:?} {rest:?}"
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("ambit_authorization_decisions_total{")
+                && l.contains("action=\"deny\"")),
+        "revocation re-checks are not counted as decisions: {metrics}"
     );
     let reply = bed.pod("frontend").request(backend, b"still fine")?;
     assert!(
@@ -171,9 +193,9 @@ fn strict_refuses_plaintext_and_permissive_accepts_it_with_the_real_client_addre
     let mut bed = bed_with(&peer_auth("STRICT", None))?;
     let backend = bed.pod("backend").addr(APP_PORT);
     let legacy_ip = bed.pod("legacy").ip;
-    assert!(
-        refused(bed.pod("legacy").request(backend, b"plaintext")),
-        "STRICT: a non-enrolled pod's plaintext is refused"
+    assert_reset(
+        &exchange(bed.pod("legacy"), backend, b"plaintext", REFUSAL_WAIT)?,
+        "STRICT: a non-enrolled pod's plaintext is refused",
     );
     bed.agent(1)
         .wait_for_log(&["plaintext connection denied", "mtls_required"], LOG_WAIT)?;
@@ -211,9 +233,15 @@ fn port_level_permissive_is_an_exception_to_mesh_wide_strict() -> anyhow::Result
     // The exception is per workload and port: the same plaintext to another workload under
     // the mesh-wide STRICT is refused.
     let frontend = bed.pod("frontend").addr(APP_PORT);
-    assert!(refused(
-        bed.pod("legacy").request(frontend, b"no exception here")
-    ));
+    assert_reset(
+        &exchange(
+            bed.pod("legacy"),
+            frontend,
+            b"no exception here",
+            REFUSAL_WAIT,
+        )?,
+        "plaintext to a workload without the exception is refused",
+    );
     Ok(())
 }
 

@@ -150,36 +150,32 @@ impl PolicyAuthorizer {
 }
 
 impl Authorizer for PolicyAuthorizer {
+    /// The verdict alone, neither counted nor logged. The tunnel calls this
+    /// only to re-check live connections after a policy change
+    /// (`Inbound::revoke_denied`): a re-check is not a new decision, so it
+    /// must not add to `ambit_authorization_decisions_total` once per live
+    /// connection, and the tunnel logs each revocation itself.
     fn authorize(&self, conn: &InboundConnection) -> Verdict {
-        self.authorize_explained(conn).0
+        verdict(&self.decide(conn))
     }
 
+    /// The decision on a new connection: counted once. Not logged here: the
+    /// tunnel logs every refusal (with the reason text returned here), so a
+    /// log line here would make two lines per denial.
     fn authorize_explained(&self, conn: &InboundConnection) -> (Verdict, String) {
         let decision = self.decide(conn);
         self.count(&decision);
-        if decision.allowed {
-            return (Verdict::Allow, decision.to_string());
+        (verdict(&decision), decision.to_string())
+    }
+}
+
+fn verdict(decision: &Decision) -> Verdict {
+    if decision.allowed {
+        Verdict::Allow
+    } else {
+        Verdict::Deny {
+            reason: decision.to_string(),
         }
-        let source = conn
-            .source_identity
-            .as_ref()
-            .map_or_else(|| "<plaintext>".to_owned(), ToString::to_string);
-        tracing::info!(
-            source = %source,
-            source_addr = %conn.source_addr,
-            destination = %conn.destination,
-            destination_identity = %conn.workload.identity,
-            workload = %format_args!("{}/{}", conn.workload.namespace, conn.workload.name),
-            decision = %decision,
-            "connection denied by policy"
-        );
-        let text = decision.to_string();
-        (
-            Verdict::Deny {
-                reason: text.clone(),
-            },
-            text,
-        )
     }
 }
 
@@ -277,11 +273,60 @@ spec: {mtls: {mode: PERMISSIVE}}
     }
 
     #[test]
+    fn rechecks_of_live_connections_are_not_counted() {
+        let a = authorizer(ALLOW_WEB);
+        let (verdict, text) = a.authorize_explained(&conn(Some(OTHER)));
+        assert!(matches!(verdict, Verdict::Deny { .. }), "{text}");
+        // A policy change re-checks every live connection through `authorize`.
+        for _ in 0..5 {
+            assert!(matches!(
+                a.authorize(&conn(Some(OTHER))),
+                Verdict::Deny { .. }
+            ));
+            assert_eq!(a.authorize(&conn(Some(WEB))), Verdict::Allow);
+        }
+        let counts = a.decision_counts();
+        assert_eq!(counts.values().sum::<u64>(), 1, "{counts:?}");
+    }
+
+    /// The tunnel logs each refusal; the authorizer must not add a second line.
+    #[test]
+    fn a_denial_is_not_logged_by_the_authorizer() {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("log buffer").extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || writer.clone())
+            .finish();
+        let a = authorizer(ALLOW_WEB);
+        let (verdict, text) = tracing::subscriber::with_default(subscriber, || {
+            a.authorize_explained(&conn(Some(OTHER)))
+        });
+        assert!(matches!(verdict, Verdict::Deny { .. }));
+        // What the tunnel puts in its one log line names the reason and policy.
+        assert_eq!(text, "DENY (no_allow_policy_matched) policy=shop/allow-web");
+        let logged =
+            String::from_utf8(buf.0.lock().expect("log buffer").clone()).expect("utf-8 log");
+        assert!(logged.is_empty(), "{logged}");
+    }
+
+    #[test]
     fn counters_count_decisions() {
         let a = authorizer(&format!("{STRICT}---{ALLOW_WEB}"));
-        a.authorize(&conn(None));
-        a.authorize(&conn(None));
-        a.authorize(&conn(Some(WEB)));
+        a.authorize_explained(&conn(None));
+        a.authorize_explained(&conn(None));
+        a.authorize_explained(&conn(Some(WEB)));
         let counts = a.decision_counts();
         let denied = DecisionKey {
             allowed: false,

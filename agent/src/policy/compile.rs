@@ -11,10 +11,12 @@ use serde_yaml::Value;
 
 use super::engine::{
     Action, CompiledAuthz, CompiledPeerAuth, CompiledRule, ConditionMatch, IdentityMatch, Indexed,
-    IpMatch, ModeSetting, OperationMatch, PortMatch, SourceMatch, StrMatch,
+    IpMatch, ModeSetting, OperationMatch, PortMatch, SPIFFE_SCHEME, ServiceAccountMatch,
+    SourceMatch, StrMatch,
 };
 use super::istio::{
-    AuthorizationPolicySpec, Condition, Metadata, PeerAuthenticationSpec, Scalar, Selector, Source,
+    AuthorizationPolicySpec, Condition, Metadata, Operation, PeerAuthenticationSpec, Scalar,
+    Selector, Source,
 };
 use super::{KIND_AP, KIND_PA, PolicyError, PolicyName, PolicyWarning};
 
@@ -139,7 +141,7 @@ pub(crate) fn build(
     let mut authz = Indexed::default();
     for (policy, (index, spec)) in aps {
         let spec: AuthorizationPolicySpec = parse_spec(spec, index, KIND_AP, &policy)?;
-        let Some(ap) = compile_authz(policy, spec, &mut warnings)? else {
+        let Some(ap) = compile_authz(policy, spec, root_namespace, &mut warnings)? else {
             continue;
         };
         let i = authz.items.len();
@@ -216,6 +218,28 @@ fn compile_peer_auth(
     spec: PeerAuthenticationSpec,
     warnings: &mut Warnings,
 ) -> Result<CompiledPeerAuth, PolicyError> {
+    // A typo here (`mdoe: STRICT`) would leave the mode UNSET, i.e. inherited
+    // and possibly PERMISSIVE: name it so that it cannot go unnoticed.
+    let unknown: Vec<String> = spec
+        .unknown
+        .keys()
+        .map(|k| format!("spec.{k}"))
+        .chain(
+            spec.mtls
+                .iter()
+                .flat_map(|m| m.unknown.keys().map(|k| format!("spec.mtls.{k}"))),
+        )
+        .collect();
+    if !unknown.is_empty() {
+        warnings.push(
+            KIND_PA,
+            &name,
+            format!(
+                "unknown fields (a typo?): {}; ignored, the mode is resolved without them",
+                unknown.join(", ")
+            ),
+        );
+    }
     let selector = compile_selector(spec.selector);
     let mode = parse_mode(
         spec.mtls.as_ref().and_then(|m| m.mode.as_deref()),
@@ -311,6 +335,7 @@ fn parse_ip_block(s: &str) -> Option<IpNet> {
 fn compile_authz(
     name: PolicyName,
     spec: AuthorizationPolicySpec,
+    root_namespace: &str,
     warnings: &mut Warnings,
 ) -> Result<Option<CompiledAuthz>, PolicyError> {
     let action = match spec.action.as_deref() {
@@ -334,6 +359,25 @@ fn compile_authz(
             ));
         }
     };
+    // `provider` belongs to CUSTOM, refused above. Other unknown spec fields
+    // cannot be applied rule by rule; they are named, and the policy is
+    // enforced as written without them.
+    let spec_unknown: Vec<&str> = spec
+        .unknown
+        .keys()
+        .map(String::as_str)
+        .filter(|k| *k != "provider")
+        .collect();
+    if !spec_unknown.is_empty() {
+        warnings.push(
+            KIND_AP,
+            &name,
+            format!(
+                "unknown fields in spec (a typo?): {}; ignored, the policy is enforced without them",
+                spec_unknown.join(", ")
+            ),
+        );
+    }
     let selector = compile_selector(spec.selector);
     let has_target_refs =
         spec.target_ref.is_some() || spec.target_refs.as_ref().is_some_and(|t| !t.is_empty());
@@ -341,14 +385,26 @@ fn compile_authz(
 
     if has_target_refs {
         if action == Action::Allow {
-            // Dropping it could turn an allow-listed namespace into an open
-            // one, so it stays as an ALLOW that matches nothing.
+            // Istio binds targetRef policies to a waypoint or gateway and
+            // never sends them to ztunnel, so pod-to-pod traffic is as if the
+            // policy did not exist. ambit runs no waypoint; rather than open
+            // a namespace whose owner asked for an allow-list, it keeps the
+            // policy as an ALLOW that matches nothing (fail closed).
+            let scope = match (&selector, name.namespace == root_namespace) {
+                (Some(_), _) => format!("the workloads its selector picks in {}", name.namespace),
+                (None, true) => "every workload in the mesh (root namespace)".to_owned(),
+                (None, false) => format!("every workload in namespace {}", name.namespace),
+            };
             warnings.push(
                 KIND_AP,
                 &name,
-                "targetRef/targetRefs cannot be enforced at L4; kept as an ALLOW policy that \
-                 matches nothing, so workloads in its scope admit only traffic other ALLOW \
-                 policies allow",
+                format!(
+                    "targetRef/targetRefs: ambit runs no waypoint or gateway to bind this ALLOW \
+                     policy to, so it keeps it as an ALLOW policy that matches nothing for \
+                     {scope}: they admit only what another ALLOW policy allows. Istio differs: \
+                     it does not send targetRef policies to ztunnel at all, so there this \
+                     policy has no effect on pod-to-pod traffic"
+                ),
             );
             return Ok(Some(CompiledAuthz {
                 name,
@@ -360,7 +416,8 @@ fn compile_authz(
         warnings.push(
             KIND_AP,
             &name,
-            "targetRef/targetRefs cannot be enforced at L4; policy ignored",
+            "targetRef/targetRefs: ambit runs no waypoint or gateway to bind this policy to; \
+             ignored, as Istio's ztunnel ignores it",
         );
         return Ok(None);
     }
@@ -375,21 +432,41 @@ fn compile_authz(
     }
 
     let mut l7 = BTreeSet::new();
+    let mut unknown = BTreeSet::new();
     let mut rules = Vec::with_capacity(raw_rules.len());
     for (i, raw) in raw_rules.into_iter().enumerate() {
         let mut ctx = RuleCtx {
             policy: &name,
             l7: BTreeSet::new(),
+            unknown: BTreeSet::new(),
+            spiffe: Vec::new(),
         };
         let mut rule = CompiledRule::default();
+        ctx.note_unknown(&raw.unknown, &format!("spec.rules[{i}]"));
+        // What Istio's validation refuses is refused here too: in ambit an
+        // empty list or entry would otherwise mean "anything".
+        let refuse = |field: String, message: &str| Err(invalid(KIND_AP, &name, field, message));
+        if raw.from.as_ref().is_some_and(Vec::is_empty) {
+            return refuse(format!("spec.rules[{i}].from"), "must not be empty");
+        }
+        if raw.to.as_ref().is_some_and(Vec::is_empty) {
+            return refuse(format!("spec.rules[{i}].to"), "must not be empty");
+        }
         for (j, from) in raw.from.unwrap_or_default().into_iter().enumerate() {
+            ctx.note_unknown(&from.unknown, &format!("spec.rules[{i}].from[{j}]"));
             let path = format!("spec.rules[{i}].from[{j}].source");
-            rule.from
-                .push(ctx.source(from.source.unwrap_or_default(), &path)?);
+            let Some(source) = from.source.filter(|s| !source_is_empty(s)) else {
+                return refuse(path, "must not be empty");
+            };
+            rule.from.push(ctx.source(source, &path)?);
         }
         for (j, to) in raw.to.unwrap_or_default().into_iter().enumerate() {
+            ctx.note_unknown(&to.unknown, &format!("spec.rules[{i}].to[{j}]"));
             let path = format!("spec.rules[{i}].to[{j}].operation");
-            let op = to.operation.unwrap_or_default();
+            let Some(op) = to.operation.filter(|o| !operation_is_empty(o)) else {
+                return refuse(path, "must not be empty");
+            };
+            ctx.note_unknown(&op.unknown, &path);
             for (field, present) in [
                 ("hosts", &op.hosts),
                 ("notHosts", &op.not_hosts),
@@ -411,33 +488,85 @@ fn compile_authz(
         }
         for (j, cond) in raw.when.unwrap_or_default().into_iter().enumerate() {
             let path = format!("spec.rules[{i}].when[{j}]");
+            let none = |v: &Option<Vec<Scalar>>| v.as_ref().is_none_or(Vec::is_empty);
+            if cond.key.is_empty() {
+                return refuse(format!("{path}.key"), "must not be empty");
+            }
+            if none(&cond.values) && none(&cond.not_values) {
+                return refuse(path, "needs values or notValues");
+            }
+            ctx.note_unknown(&cond.unknown, &path);
             if let Some(c) = ctx.condition(cond, &path)? {
                 rule.when.push(c);
             }
         }
-        // ALLOW: a rule depending on what we cannot see must not grant
-        // access. DENY/AUDIT: the L7 parts were simply not compiled, so the
-        // rule matches on its L4 parts alone (wider, i.e. fail closed).
-        rule.never = action == Action::Allow && !ctx.l7.is_empty();
+        // ALLOW: a rule depending on what we cannot see (or do not know) must
+        // not grant access. DENY/AUDIT: those parts were simply not compiled,
+        // so the rule matches on the rest alone (wider, i.e. fail closed).
+        // Both as istiod translates L7 fields for ztunnel.
+        rule.never = action == Action::Allow && (!ctx.l7.is_empty() || !ctx.unknown.is_empty());
+        for (path, value) in &ctx.spiffe {
+            let effect = if path.contains(".not") || path.contains("notValues") {
+                "so it excludes no one"
+            } else {
+                "so it admits or matches no one"
+            };
+            warnings.push(
+                KIND_AP,
+                &name,
+                format!(
+                    "{path}: principal {value:?} never matches, {effect}: Istio compares \
+                     principals without the spiffe:// prefix (write {:?}); ambit does the same",
+                    value.trim_start_matches(SPIFFE_SCHEME)
+                ),
+            );
+        }
+        if action == Action::Allow && admits_plaintext_by_negation(&rule) {
+            warnings.push(
+                KIND_AP,
+                &name,
+                format!(
+                    "spec.rules[{i}] admits plaintext connections (no identity): a connection \
+                     without an identity is in no notPrincipals/notNamespaces/notServiceAccounts \
+                     list, as in Istio; require mTLS with a STRICT PeerAuthentication to keep \
+                     plaintext out"
+                ),
+            );
+        }
         l7.append(&mut ctx.l7);
+        unknown.append(&mut ctx.unknown);
         rules.push(rule);
     }
 
+    let effect = |what: &str| match action {
+        Action::Allow => "ALLOW rules using them never match (fail closed)".to_owned(),
+        Action::Deny => {
+            format!("they are ignored, so DENY rules using them match without {what} (fail closed)")
+        }
+        Action::Audit => {
+            format!("they are ignored, so AUDIT rules using them match without {what}")
+        }
+    };
     if !l7.is_empty() {
         let fields = l7.into_iter().collect::<Vec<_>>().join(", ");
-        let effect = match action {
-            Action::Allow => "ALLOW rules using them never match (fail closed)",
-            Action::Deny => {
-                "they are ignored, so DENY rules using them match on their L4 parts alone (fail closed)"
-            }
-            Action::Audit => {
-                "they are ignored, so AUDIT rules using them match on their L4 parts alone"
-            }
-        };
         warnings.push(
             KIND_AP,
             &name,
-            format!("fields that cannot be enforced at L4 (L7 or unknown): {fields}; {effect}"),
+            format!(
+                "fields that cannot be enforced at L4 (HTTP attributes): {fields}; {}",
+                effect("them, on their L4 parts alone")
+            ),
+        );
+    }
+    if !unknown.is_empty() {
+        let fields = unknown.into_iter().collect::<Vec<_>>().join(", ");
+        warnings.push(
+            KIND_AP,
+            &name,
+            format!(
+                "unknown fields (not AuthorizationPolicy fields ambit knows; a typo?): {fields}; {}",
+                effect("them")
+            ),
         );
     }
 
@@ -449,64 +578,202 @@ fn compile_authz(
     }))
 }
 
+fn empty(lists: &[&Option<Vec<String>>]) -> bool {
+    lists.iter().all(|v| v.as_ref().is_none_or(Vec::is_empty))
+}
+
+/// No field at all, known or not (Istio: "`from.source` must not be empty").
+fn source_is_empty(s: &Source) -> bool {
+    s.unknown.is_empty()
+        && empty(&[
+            &s.principals,
+            &s.not_principals,
+            &s.request_principals,
+            &s.not_request_principals,
+            &s.namespaces,
+            &s.not_namespaces,
+            &s.ip_blocks,
+            &s.not_ip_blocks,
+            &s.remote_ip_blocks,
+            &s.not_remote_ip_blocks,
+            &s.service_accounts,
+            &s.not_service_accounts,
+        ])
+}
+
+/// No field at all, known or not (Istio: "`to.operation` must not be empty").
+fn operation_is_empty(o: &Operation) -> bool {
+    o.unknown.is_empty()
+        && o.ports.as_ref().is_none_or(Vec::is_empty)
+        && o.not_ports.as_ref().is_none_or(Vec::is_empty)
+        && empty(&[
+            &o.hosts,
+            &o.not_hosts,
+            &o.methods,
+            &o.not_methods,
+            &o.paths,
+            &o.not_paths,
+        ])
+}
+
+/// True when an ALLOW rule can match a connection without identity only
+/// because a negated identity list (notPrincipals, notNamespaces,
+/// notServiceAccounts, `when` notValues on source.principal/namespace) is
+/// satisfied by the missing identity.
+fn admits_plaintext_by_negation(rule: &CompiledRule) -> bool {
+    if rule.never {
+        return false;
+    }
+    let identity_when = |positive: bool| {
+        rule.when.iter().any(|w| match w {
+            ConditionMatch::SourcePrincipal(m) | ConditionMatch::SourceNamespace(m) => {
+                if positive {
+                    !m.values.is_empty()
+                } else {
+                    !m.negated.is_empty()
+                }
+            }
+            _ => false,
+        })
+    };
+    if identity_when(true) {
+        return false;
+    }
+    let negated_when = identity_when(false);
+    if rule.from.is_empty() {
+        return negated_when;
+    }
+    rule.from.iter().any(|s| {
+        let needs_identity = !s.principals.values.is_empty()
+            || !s.namespaces.values.is_empty()
+            || !s.service_accounts.values.is_empty();
+        let negated = !s.principals.negated.is_empty()
+            || !s.namespaces.negated.is_empty()
+            || !s.service_accounts.negated.is_empty();
+        !needs_identity && (negated || negated_when)
+    })
+}
+
 struct RuleCtx<'p> {
     policy: &'p PolicyName,
+    /// HTTP attributes used by the rule, by field name.
     l7: BTreeSet<String>,
+    /// Unknown fields used by the rule, by path.
+    unknown: BTreeSet<String>,
+    /// Principal values written with `spiffe://`: (path, value).
+    spiffe: Vec<(String, String)>,
 }
 
 impl RuleCtx<'_> {
+    fn note_unknown(&mut self, fields: &BTreeMap<String, Value>, path: &str) {
+        for key in fields.keys() {
+            self.unknown.insert(format!("{path}.{key}"));
+        }
+    }
+
+    /// Principal patterns as istiod sends them: verbatim (a `spiffe://`
+    /// value is kept, and never matches; see [`SPIFFE_SCHEME`]).
+    fn principals(&mut self, v: Option<Vec<String>>, path: &str) -> Vec<StrMatch> {
+        let v = v.unwrap_or_default();
+        for (k, p) in v.iter().enumerate() {
+            if p.starts_with(SPIFFE_SCHEME) {
+                self.spiffe.push((format!("{path}[{k}]"), p.clone()));
+            }
+        }
+        v.iter().map(|p| StrMatch::parse(p)).collect()
+    }
+
+    /// `ns/sa`, or `sa` in the policy's namespace (istiod's translation).
+    fn service_accounts(
+        &self,
+        v: Option<Vec<String>>,
+        path: &str,
+    ) -> Result<Vec<(String, String)>, PolicyError> {
+        v.unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(k, entry)| {
+                let (ns, sa) = match entry.split_once('/') {
+                    Some((ns, sa)) => (ns.to_owned(), sa.to_owned()),
+                    None => (self.policy.namespace.clone(), entry.clone()),
+                };
+                if ns.is_empty() || sa.is_empty() || sa.contains('/') {
+                    return Err(invalid(
+                        KIND_AP,
+                        self.policy,
+                        format!("{path}[{k}]"),
+                        format!(
+                            "invalid service account {entry:?} (expected namespace/name or name)"
+                        ),
+                    ));
+                }
+                Ok((ns, sa))
+            })
+            .collect()
+    }
+
     fn source(&mut self, src: Source, path: &str) -> Result<SourceMatch, PolicyError> {
+        self.note_unknown(&src.unknown, path);
         for (field, present) in [
             ("requestPrincipals", &src.request_principals),
             ("notRequestPrincipals", &src.not_request_principals),
+            ("remoteIpBlocks", &src.remote_ip_blocks),
+            ("notRemoteIpBlocks", &src.not_remote_ip_blocks),
         ] {
             if present.as_ref().is_some_and(|v| !v.is_empty()) {
                 self.l7.insert(field.to_owned());
             }
         }
-        let principals = |v: Option<Vec<String>>| -> Vec<StrMatch> {
-            v.unwrap_or_default()
-                .iter()
-                .map(|p| StrMatch::parse_principal(p))
-                .collect()
-        };
+        // Not enforced, but still validated as Istio's webhook does.
+        self.ip_blocks(src.remote_ip_blocks, &format!("{path}.remoteIpBlocks"))?;
+        self.ip_blocks(
+            src.not_remote_ip_blocks,
+            &format!("{path}.notRemoteIpBlocks"),
+        )?;
+        let non_empty = |v: &Option<Vec<String>>| v.as_ref().is_some_and(|v| !v.is_empty());
+        if (non_empty(&src.service_accounts) || non_empty(&src.not_service_accounts))
+            && (non_empty(&src.principals)
+                || non_empty(&src.not_principals)
+                || non_empty(&src.namespaces)
+                || non_empty(&src.not_namespaces))
+        {
+            // Istio's validation refuses this combination.
+            return Err(invalid(
+                KIND_AP,
+                self.policy,
+                path,
+                "serviceAccounts cannot be set together with principals or namespaces",
+            ));
+        }
         let namespaces = |v: Option<Vec<String>>| -> Vec<StrMatch> {
             v.unwrap_or_default()
                 .iter()
                 .map(|p| StrMatch::parse(p))
                 .collect()
         };
-        let mut ips = Vec::new();
-        for (pos, neg, pos_name, neg_name) in [
-            (src.ip_blocks, src.not_ip_blocks, "ipBlocks", "notIpBlocks"),
-            (
-                src.remote_ip_blocks,
-                src.not_remote_ip_blocks,
-                "remoteIpBlocks",
-                "notRemoteIpBlocks",
-            ),
-        ] {
-            let m = IpMatch {
-                values: self.ip_blocks(pos, &format!("{path}.{pos_name}"))?,
-                negated: self.ip_blocks(neg, &format!("{path}.{neg_name}"))?,
-            };
-            if !m.values.is_empty() || !m.negated.is_empty() {
-                ips.push(m);
-            }
-        }
         Ok(SourceMatch {
             principals: IdentityMatch {
-                values: principals(src.principals),
-                negated: principals(src.not_principals),
+                values: self.principals(src.principals, &format!("{path}.principals")),
+                negated: self.principals(src.not_principals, &format!("{path}.notPrincipals")),
             },
             namespaces: IdentityMatch {
                 values: namespaces(src.namespaces),
                 negated: namespaces(src.not_namespaces),
             },
-            ips,
+            service_accounts: ServiceAccountMatch {
+                values: self
+                    .service_accounts(src.service_accounts, &format!("{path}.serviceAccounts"))?,
+                negated: self.service_accounts(
+                    src.not_service_accounts,
+                    &format!("{path}.notServiceAccounts"),
+                )?,
+            },
+            ips: IpMatch {
+                values: self.ip_blocks(src.ip_blocks, &format!("{path}.ipBlocks"))?,
+                negated: self.ip_blocks(src.not_ip_blocks, &format!("{path}.notIpBlocks"))?,
+            },
         })
     }
-
     fn ip_blocks(&self, v: Option<Vec<String>>, path: &str) -> Result<Vec<IpNet>, PolicyError> {
         v.unwrap_or_default()
             .iter()
@@ -571,14 +838,8 @@ impl RuleCtx<'_> {
                 })
             }
             "source.principal" => ConditionMatch::SourcePrincipal(IdentityMatch {
-                values: values
-                    .iter()
-                    .map(|s| StrMatch::parse_principal(s))
-                    .collect(),
-                negated: not_values
-                    .iter()
-                    .map(|s| StrMatch::parse_principal(s))
-                    .collect(),
+                values: self.principals(Some(values), &vp),
+                negated: self.principals(Some(not_values), &np),
             }),
             "source.namespace" => ConditionMatch::SourceNamespace(IdentityMatch {
                 values: values.iter().map(|s| StrMatch::parse(s)).collect(),

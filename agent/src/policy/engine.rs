@@ -91,12 +91,6 @@ impl StrMatch {
         }
     }
 
-    /// Principal patterns are compared without `spiffe://` so that both the
-    /// Istio short form and full SPIFFE IDs work on either side.
-    pub(crate) fn parse_principal(pattern: &str) -> StrMatch {
-        StrMatch::parse(strip_spiffe(pattern))
-    }
-
     fn matches(&self, value: &str) -> bool {
         match self {
             StrMatch::Any => true,
@@ -107,17 +101,21 @@ impl StrMatch {
     }
 }
 
-pub(crate) fn strip_spiffe(s: &str) -> &str {
-    s.strip_prefix("spiffe://").unwrap_or(s)
-}
+pub(crate) const SPIFFE_SCHEME: &str = "spiffe://";
 
-/// The namespace encoded in an Istio SPIFFE identity (`<td>/ns/<ns>/sa/<sa>`).
-pub(crate) fn principal_namespace(principal: &str) -> Option<&str> {
-    let rest = strip_spiffe(principal);
-    let start = rest.find("/ns/")? + "/ns/".len();
-    let tail = &rest[start..];
-    let ns = tail.split('/').next()?;
-    (!ns.is_empty()).then_some(ns)
+/// Namespace and service account of an identity of exactly the Istio form
+/// `<td>/ns/<ns>/sa/<sa>` (ztunnel parses its peer identities that way).
+pub(crate) fn principal_service_account(principal: &str) -> Option<(&str, &str)> {
+    let mut parts = principal.split('/');
+    let (_td, ns_key, ns, sa_key, sa) = (
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+    );
+    (parts.next().is_none() && ns_key == "ns" && sa_key == "sa" && !ns.is_empty() && !sa.is_empty())
+        .then_some((ns, sa))
 }
 
 /// A field that matches on the connection's identity, which a plaintext
@@ -126,6 +124,15 @@ pub(crate) fn principal_namespace(principal: &str) -> Option<&str> {
 pub(crate) struct IdentityMatch {
     pub(crate) values: Vec<StrMatch>,
     pub(crate) negated: Vec<StrMatch>,
+}
+
+/// `serviceAccounts` entries: namespace and service account, both exact
+/// (istiod sends them as such; there are no wildcards and the trust domain
+/// is not compared).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ServiceAccountMatch {
+    pub(crate) values: Vec<(String, String)>,
+    pub(crate) negated: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -144,9 +151,10 @@ pub(crate) struct PortMatch {
 pub(crate) struct SourceMatch {
     pub(crate) principals: IdentityMatch,
     pub(crate) namespaces: IdentityMatch,
-    /// `ipBlocks` and `remoteIpBlocks` both land here: without a proxy in
-    /// front there is no X-Forwarded-For, so the remote IP is the peer IP.
-    pub(crate) ips: Vec<IpMatch>,
+    pub(crate) service_accounts: ServiceAccountMatch,
+    /// `ipBlocks` / `notIpBlocks` (`remoteIpBlocks` is an HTTP attribute in
+    /// Istio's ambient translation and is handled like the other L7 fields).
+    pub(crate) ips: IpMatch,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -167,6 +175,8 @@ pub(crate) enum ConditionMatch {
 pub(crate) struct ConnFacts<'a> {
     pub(crate) principal: Option<&'a str>,
     pub(crate) namespace: Option<&'a str>,
+    /// (namespace, service account) of an Istio identity `<td>/ns/<ns>/sa/<sa>`.
+    pub(crate) service_account: Option<(&'a str, &'a str)>,
     pub(crate) source_ip: IpAddr,
     pub(crate) destination_ip: IpAddr,
     pub(crate) destination_port: u16,
@@ -174,10 +184,17 @@ pub(crate) struct ConnFacts<'a> {
 
 impl<'a> ConnFacts<'a> {
     pub(crate) fn new(conn: &Connection<'a>) -> Self {
-        let principal = conn.source_principal.map(strip_spiffe);
+        // As ztunnel does: policy principals are written without the scheme,
+        // so it is stripped from the peer's identity, and a peer identity
+        // without it matches no principal at all.
+        let principal = conn
+            .source_principal
+            .and_then(|p| p.strip_prefix(SPIFFE_SCHEME));
+        let service_account = principal.and_then(principal_service_account);
         ConnFacts {
             principal,
-            namespace: principal.and_then(principal_namespace),
+            namespace: service_account.map(|(ns, _)| ns),
+            service_account,
             // Dual-stack sockets report IPv4 peers as ::ffff:a.b.c.d; policies
             // are written with plain IPv4 CIDRs.
             source_ip: conn.source_ip.to_canonical(),
@@ -188,28 +205,24 @@ impl<'a> ConnFacts<'a> {
 }
 
 impl IdentityMatch {
-    /// `absent_matches_negated` decides what a negated list does with a missing
-    /// identity: an absent identity is "not in the list" (Istio's reading,
-    /// used for DENY/AUDIT, where matching more denies more), but for ALLOW we
-    /// refuse to grant access on the strength of an identity we never saw.
-    fn matches(&self, value: Option<&str>, absent_matches_negated: bool) -> bool {
-        if !self.values.is_empty() {
-            match value {
-                Some(v) if self.values.iter().any(|m| m.matches(v)) => {}
-                _ => return false,
-            }
-        }
-        if !self.negated.is_empty() {
-            match value {
-                Some(v) => {
-                    if self.negated.iter().any(|m| m.matches(v)) {
-                        return false;
-                    }
-                }
-                None => return absent_matches_negated,
-            }
-        }
-        true
+    /// Istio's reading (ztunnel `rbac.rs`): a missing identity matches no
+    /// value, so it fails a positive list and passes a negated one, in ALLOW
+    /// rules as in DENY rules.
+    fn matches(&self, value: Option<&str>) -> bool {
+        let listed = |list: &[StrMatch]| value.is_some_and(|v| list.iter().any(|m| m.matches(v)));
+        (self.values.is_empty() || listed(&self.values))
+            && (self.negated.is_empty() || !listed(&self.negated))
+    }
+}
+
+impl ServiceAccountMatch {
+    /// Same reading as [`IdentityMatch::matches`].
+    fn matches(&self, value: Option<(&str, &str)>) -> bool {
+        let listed = |list: &[(String, String)]| {
+            value.is_some_and(|(ns, sa)| list.iter().any(|(n, s)| n == ns && s == sa))
+        };
+        (self.values.is_empty() || listed(&self.values))
+            && (self.negated.is_empty() || !listed(&self.negated))
     }
 }
 
@@ -227,48 +240,39 @@ impl PortMatch {
 }
 
 impl SourceMatch {
-    fn matches(&self, c: &ConnFacts<'_>, absent_matches_negated: bool) -> bool {
-        self.principals.matches(c.principal, absent_matches_negated)
-            && self.namespaces.matches(c.namespace, absent_matches_negated)
-            && self.ips.iter().all(|m| m.matches(c.source_ip))
+    fn matches(&self, c: &ConnFacts<'_>) -> bool {
+        self.principals.matches(c.principal)
+            && self.namespaces.matches(c.namespace)
+            && self.service_accounts.matches(c.service_account)
+            && self.ips.matches(c.source_ip)
     }
 }
 
 impl ConditionMatch {
-    fn matches(&self, c: &ConnFacts<'_>, absent_matches_negated: bool) -> bool {
+    fn matches(&self, c: &ConnFacts<'_>) -> bool {
         match self {
             ConditionMatch::SourceIp(m) => m.matches(c.source_ip),
             ConditionMatch::DestinationIp(m) => m.matches(c.destination_ip),
             ConditionMatch::DestinationPort(m) => m.matches(c.destination_port),
-            ConditionMatch::SourcePrincipal(m) => m.matches(c.principal, absent_matches_negated),
-            ConditionMatch::SourceNamespace(m) => m.matches(c.namespace, absent_matches_negated),
+            ConditionMatch::SourcePrincipal(m) => m.matches(c.principal),
+            ConditionMatch::SourceNamespace(m) => m.matches(c.namespace),
         }
     }
 }
 
 impl CompiledRule {
-    fn matches(&self, c: &ConnFacts<'_>, absent_matches_negated: bool) -> bool {
+    fn matches(&self, c: &ConnFacts<'_>) -> bool {
         !self.never
-            && (self.from.is_empty()
-                || self
-                    .from
-                    .iter()
-                    .any(|s| s.matches(c, absent_matches_negated)))
+            && (self.from.is_empty() || self.from.iter().any(|s| s.matches(c)))
             && (self.to.is_empty() || self.to.iter().any(|o| o.ports.matches(c.destination_port)))
-            && self
-                .when
-                .iter()
-                .all(|w| w.matches(c, absent_matches_negated))
+            && self.when.iter().all(|w| w.matches(c))
     }
 }
 
 impl CompiledAuthz {
     /// Index of the first matching rule.
     pub(crate) fn matching_rule(&self, c: &ConnFacts<'_>) -> Option<usize> {
-        let absent_matches_negated = self.action != Action::Allow;
-        self.rules
-            .iter()
-            .position(|r| r.matches(c, absent_matches_negated))
+        self.rules.iter().position(|r| r.matches(c))
     }
 }
 

@@ -266,11 +266,12 @@ fn l7_allow_fixtures_fail_closed_and_warn() {
         for field in fields {
             assert!(warnings[0].message.contains(field), "{file}: {field}");
         }
+        // The ALLOW policy that applied and did not match is named.
         assert_decision(
             &check(&set, "default", "user-service", Some(FRONTEND), 8080),
             false,
             DecisionReason::NoAllowPolicyMatched,
-            None,
+            Some(policy),
         );
         // Other workloads are outside the selector.
         assert!(check(&set, "default", "billing", Some(FRONTEND), 8080).allowed);
@@ -286,10 +287,11 @@ fn zero_trust_fixture_deny_all_denies_nothing() {
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert_eq!(warnings[0].policy.to_string(), "default/deny-all");
     assert!(warnings[0].message.contains("denies nothing"));
+    // A policy applies (the DENY), so the reason is not "no policies".
     assert_decision(
         &check(&set, "default", "user-service", Some(FRONTEND), 8080),
         true,
-        DecisionReason::NoPolicies,
+        DecisionReason::NoAllowPolicies,
         None,
     );
     assert_decision(

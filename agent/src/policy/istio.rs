@@ -1,8 +1,12 @@
 //! Serde mirror of the `security.istio.io` documents we read.
 //!
 //! Only the fields the engine looks at (or must recognise to refuse) are
-//! declared; serde ignores everything else, because Istio keeps adding fields
-//! and an agent that rejects them would break on every upgrade. Enum-like
+//! declared. Fields of an AuthorizationPolicy that are not declared are not
+//! an error (Istio keeps adding fields, and an agent that rejected them would
+//! break on every upgrade) but are collected in `unknown`, so that the
+//! compiler can fail closed on them and name them: a dropped field must never
+//! widen a rule silently (a typo such as `principles` would otherwise turn
+//! `from: [{source: {principles: [...]}}]` into "from anyone"). Enum-like
 //! fields (`mode`, `action`) stay plain strings here so that the compiler can
 //! reject unknown values with an error naming the policy and the field.
 
@@ -51,6 +55,9 @@ pub(crate) struct Selector {
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct MtlsSpec {
     pub(crate) mode: Option<String>,
+    /// Fields this agent does not know, by name (see the module comment).
+    #[serde(flatten)]
+    pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -61,6 +68,9 @@ pub(crate) struct PeerAuthenticationSpec {
     /// Keys are ports; YAML gives them as integers or strings, so they are
     /// parsed by the compiler where a bad key can be reported precisely.
     pub(crate) port_level_mtls: Option<serde_yaml::Mapping>,
+    /// Fields this agent does not know, by name (see the module comment).
+    #[serde(flatten)]
+    pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -72,6 +82,9 @@ pub(crate) struct AuthorizationPolicySpec {
     pub(crate) target_refs: Option<Vec<serde_yaml::Value>>,
     pub(crate) action: Option<String>,
     pub(crate) rules: Option<Vec<Rule>>,
+    /// Fields this agent does not know, by name (see the module comment).
+    #[serde(flatten)]
+    pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -79,11 +92,17 @@ pub(crate) struct Rule {
     pub(crate) from: Option<Vec<From>>,
     pub(crate) to: Option<Vec<To>>,
     pub(crate) when: Option<Vec<Condition>>,
+    /// Fields this agent does not know, by name (see the module comment).
+    #[serde(flatten)]
+    pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct From {
     pub(crate) source: Option<Source>,
+    /// Fields this agent does not know, by name (see the module comment).
+    #[serde(flatten)]
+    pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -99,11 +118,20 @@ pub(crate) struct Source {
     pub(crate) not_ip_blocks: Option<Vec<String>>,
     pub(crate) remote_ip_blocks: Option<Vec<String>>,
     pub(crate) not_remote_ip_blocks: Option<Vec<String>>,
+    /// `ns/sa` or `sa` (the policy's namespace).
+    pub(crate) service_accounts: Option<Vec<String>>,
+    pub(crate) not_service_accounts: Option<Vec<String>>,
+    /// Fields this agent does not know, by name (see the module comment).
+    #[serde(flatten)]
+    pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct To {
     pub(crate) operation: Option<Operation>,
+    /// Fields this agent does not know, by name (see the module comment).
+    #[serde(flatten)]
+    pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -117,6 +145,9 @@ pub(crate) struct Operation {
     pub(crate) not_methods: Option<Vec<String>>,
     pub(crate) paths: Option<Vec<String>>,
     pub(crate) not_paths: Option<Vec<String>>,
+    /// Fields this agent does not know, by name (see the module comment).
+    #[serde(flatten)]
+    pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -125,4 +156,7 @@ pub(crate) struct Condition {
     pub(crate) key: String,
     pub(crate) values: Option<Vec<Scalar>>,
     pub(crate) not_values: Option<Vec<Scalar>>,
+    /// Fields this agent does not know, by name (see the module comment).
+    #[serde(flatten)]
+    pub(crate) unknown: BTreeMap<String, serde_yaml::Value>,
 }

@@ -5,7 +5,8 @@
 //! and ask it about each inbound connection to a local (destination)
 //! workload. Semantics follow Istio ambient mode (ztunnel) at L4. Where an
 //! Istio field cannot be enforced at L4 we fail closed and say so through a
-//! [`PolicyWarning`]; the choices are documented on [`PolicySet`].
+//! [`PolicyWarning`]; the differences from Istio are listed on [`PolicySet`]
+//! and in docs/POLICY.md.
 
 mod authorizer;
 mod bench;
@@ -104,7 +105,10 @@ pub enum DecisionReason {
     AllowedByPolicy,
     /// ALLOW policies apply to the workload but none matched.
     NoAllowPolicyMatched,
-    /// No ALLOW policy applies to the workload (and no DENY matched).
+    /// DENY or AUDIT policies apply to the workload, no DENY matched, and no
+    /// ALLOW policy applies.
+    NoAllowPolicies,
+    /// No AuthorizationPolicy applies to the workload at all.
     NoPolicies,
 }
 
@@ -116,6 +120,7 @@ impl DecisionReason {
             DecisionReason::DeniedByPolicy => "denied_by_policy",
             DecisionReason::AllowedByPolicy => "allowed_by_policy",
             DecisionReason::NoAllowPolicyMatched => "no_allow_policy_matched",
+            DecisionReason::NoAllowPolicies => "no_allow_policies",
             DecisionReason::NoPolicies => "no_policies",
         }
     }
@@ -132,8 +137,13 @@ impl fmt::Display for DecisionReason {
 pub struct Decision {
     pub allowed: bool,
     pub reason: DecisionReason,
-    /// The policy that decided (the PeerAuthentication for `MtlsRequired`).
+    /// The policy that decided (the PeerAuthentication for `MtlsRequired`;
+    /// for `NoAllowPolicyMatched`, the first of the ALLOW policies that
+    /// applied and did not match, e.g. a `spec: {}` allow-nothing policy).
     pub policy: Option<PolicyName>,
+    /// For `NoAllowPolicyMatched`: every ALLOW policy that applied (none
+    /// matched). Empty otherwise.
+    pub unmatched_allow: Vec<PolicyName>,
     /// Index of the matching rule in that policy's `spec.rules`.
     pub rule: Option<usize>,
     /// AUDIT policies that matched; they never change the verdict. Empty
@@ -146,7 +156,14 @@ impl fmt::Display for Decision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let verdict = if self.allowed { "ALLOW" } else { "DENY" };
         write!(f, "{verdict} ({})", self.reason)?;
-        if let Some(p) = &self.policy {
+        if self.unmatched_allow.len() > 1 {
+            let names: Vec<String> = self
+                .unmatched_allow
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            write!(f, " policies=[{}]", names.join(", "))?;
+        } else if let Some(p) = &self.policy {
             write!(f, " policy={p}")?;
         }
         if let Some(r) = self.rule {
@@ -228,30 +245,22 @@ pub(crate) const KIND_AP: &str = "AuthorizationPolicy";
 
 /// Compiled, indexed policies. Cheap to clone (shared immutable data).
 ///
-/// Semantic choices where Istio's behaviour cannot be reproduced at L4 or
-/// is ambiguous, all failing closed:
-/// - L7 fields (methods, paths, hosts, requestPrincipals, their `not`
-///   variants, and `when` keys other than source.ip, source.namespace,
-///   source.principal, destination.ip, destination.port): an ALLOW rule using
-///   them never matches; in DENY and AUDIT rules they are ignored, so the
-///   rule matches more widely. One warning per policy names the fields.
-/// - notPrincipals / notNamespaces (also as `when` notValues) against a
-///   plaintext source: in DENY/AUDIT the missing identity counts as "not in
-///   the list" (Istio's reading; denies more); in ALLOW it does not match, so
-///   plaintext is never admitted on the basis of an identity it lacks.
-/// - `targetRef`/`targetRefs` (waypoint/gateway binding) cannot be resolved
-///   here. Such an ALLOW policy is kept as an ALLOW that matches nothing in
-///   its namespace (or the mesh, in the root namespace): the workloads there
-///   keep "having an ALLOW policy", so ignoring it never widens access. Such
-///   DENY/AUDIT policies are ignored with a warning.
-/// - CUSTOM (external authorization) is refused: warning, policy ignored.
-/// - DENY without rules matches nothing (Istio), with a warning because
-///   users often expect it to deny everything.
+/// Semantics are Istio's as istiod translates them for ztunnel and ztunnel
+/// matches them; docs/POLICY.md lists them field by field, and every place
+/// where ambit differs and why. In short, the differences all fail closed:
+/// - `targetRef`/`targetRefs` ALLOW policies (not sent to ztunnel by
+///   istiod) are kept as ALLOW policies that match nothing in their scope;
+///   DENY/AUDIT ones are ignored, as in Istio.
+/// - A DENY rule whose source/operation holds only HTTP attributes matches
+///   on what is left (Istio's ztunnel skips the empty match: no effect).
+/// - Unknown rule fields are treated like HTTP attributes (ALLOW rule never
+///   matches, DENY/AUDIT rule matches without them), and named in a warning.
+/// - AUDIT policies are evaluated and reported, never changing the verdict.
+/// - A DENY without rules loads (Istio's webhook refuses it) and denies
+///   nothing, with a warning.
 /// - PeerAuthentication ties at one level: the first by (namespace, name)
-///   wins (Istio picks the oldest; we have no timestamps). Ties visible at
-///   load time (several namespace-wide policies, or identical selectors) are
-///   warned about; overlapping but different selectors can only be seen per
-///   workload and are resolved the same way without a warning.
+///   wins (Istio picks the oldest; files have no timestamps), warned when
+///   visible at load.
 /// - A later document with the same kind, namespace and name replaces the
 ///   earlier one (as `kubectl apply` would), with a warning.
 #[derive(Debug, Clone)]
@@ -329,6 +338,7 @@ impl PolicySet {
                     allowed: false,
                     reason: DecisionReason::MtlsRequired,
                     policy: pa,
+                    unmatched_allow: Vec::new(),
                     rule: None,
                     audited: Vec::new(),
                 };
@@ -341,7 +351,8 @@ impl PolicySet {
         let mut audited = Vec::new();
         let mut denied: Option<(&CompiledAuthz, usize)> = None;
         let mut allowed: Option<(&CompiledAuthz, usize)> = None;
-        let mut has_allow = false;
+        let mut any_applies = false;
+        let mut unmatched_allow = Vec::new();
         let candidates = self
             .inner
             .authz
@@ -350,6 +361,7 @@ impl PolicySet {
             if !engine::selector_matches(p.selector.as_ref(), workload.labels) {
                 continue;
             }
+            any_applies = true;
             match p.action {
                 Action::Audit => {
                     if p.matching_rule(&facts).is_some() {
@@ -362,28 +374,38 @@ impl PolicySet {
                     }
                 }
                 Action::Allow => {
-                    has_allow = true;
                     if allowed.is_none() {
                         allowed = p.matching_rule(&facts).map(|r| (p, r));
+                        if allowed.is_none() {
+                            unmatched_allow.push(p.name.clone());
+                        }
                     }
                 }
             }
         }
 
-        let (allowed, reason, hit) = if let Some(hit) = denied {
-            (false, DecisionReason::DeniedByPolicy, Some(hit))
-        } else if !has_allow {
-            (true, DecisionReason::NoPolicies, None)
-        } else if let Some(hit) = allowed {
-            (true, DecisionReason::AllowedByPolicy, Some(hit))
+        let hit = |(p, r): (&CompiledAuthz, usize)| (Some(p.name.clone()), Some(r));
+        let (allowed, reason, (policy, rule)) = if let Some(d) = denied {
+            (false, DecisionReason::DeniedByPolicy, hit(d))
+        } else if let Some(a) = allowed {
+            (true, DecisionReason::AllowedByPolicy, hit(a))
+        } else if !unmatched_allow.is_empty() {
+            let first = unmatched_allow.first().cloned();
+            (false, DecisionReason::NoAllowPolicyMatched, (first, None))
+        } else if any_applies {
+            (true, DecisionReason::NoAllowPolicies, (None, None))
         } else {
-            (false, DecisionReason::NoAllowPolicyMatched, None)
+            (true, DecisionReason::NoPolicies, (None, None))
         };
+        if allowed || reason != DecisionReason::NoAllowPolicyMatched {
+            unmatched_allow.clear();
+        }
         Decision {
             allowed,
             reason,
-            policy: hit.map(|(p, _)| p.name.clone()),
-            rule: hit.map(|(_, r)| r),
+            policy,
+            unmatched_allow,
+            rule,
             audited,
         }
     }

@@ -60,6 +60,12 @@ const MTLS_REQUIRED: Case = Case {
     ..BASE
 };
 
+/// DENY/AUDIT policies apply, none denies, and no ALLOW policy applies.
+const NOT_DENIED: Case = Case {
+    reason: DecisionReason::NoAllowPolicies,
+    ..BASE
+};
+
 const DENIED_BY: Case = Case {
     allowed: false,
     reason: DecisionReason::DeniedByPolicy,
@@ -762,108 +768,123 @@ const CASES: &[Case] = &[
     Case { name: "PA without namespace does not reach foo", yaml: NO_NAMESPACE_STRICT, principal: None, ..BASE },
     Case { name: "namespace-level tie: first by name wins", yaml: NS_TIE, policy: Some("foo/a-strict"), ..MTLS_REQUIRED },
     // Empty policies and actions
-    Case { name: "ALLOW spec {} denies everything", yaml: ALLOW_NOTHING, ..DENIED },
+    Case { name: "ALLOW spec {} denies everything", yaml: ALLOW_NOTHING, policy: Some("foo/allow-nothing"), ..DENIED },
     Case { name: "ALLOW rule {} allows everything", yaml: ALLOW_EMPTY_RULE, policy: Some("foo/allow-all"), ..ALLOWED },
     Case { name: "ALLOW rule {} admits plaintext too", yaml: ALLOW_EMPTY_RULE, principal: None, policy: Some("foo/allow-all"), ..ALLOWED },
-    Case { name: "DENY without rules denies nothing", yaml: DENY_NO_RULES, ..BASE },
+    Case { name: "DENY without rules denies nothing", yaml: DENY_NO_RULES, ..NOT_DENIED },
     // principals
     Case { name: "principals exact match", yaml: allow_source!("p", "{principals: [cluster.local/ns/bar/sa/client]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "principals exact mismatch", yaml: allow_source!("p", "{principals: [cluster.local/ns/bar/sa/other]}"), ..DENIED },
-    Case { name: "principals with spiffe:// prefix", yaml: allow_source!("p", "{principals: [\"spiffe://cluster.local/ns/bar/sa/client\"]}"), policy: Some("foo/p"), ..ALLOWED },
+    Case { name: "principals exact mismatch", yaml: allow_source!("p", "{principals: [cluster.local/ns/bar/sa/other]}"), policy: Some("foo/p"), ..DENIED },
+    Case { name: "principals with spiffe:// prefix never match (Istio)", yaml: allow_source!("p", "{principals: [\"spiffe://cluster.local/ns/bar/sa/client\"]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "principals prefix wildcard", yaml: allow_source!("p", "{principals: [\"cluster.local/ns/bar/*\"]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "principals prefix wildcard mismatch", yaml: allow_source!("p", "{principals: [\"cluster.local/ns/baz/*\"]}"), ..DENIED },
+    Case { name: "principals prefix wildcard mismatch", yaml: allow_source!("p", "{principals: [\"cluster.local/ns/baz/*\"]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "principals suffix wildcard", yaml: allow_source!("p", "{principals: [\"*/sa/client\"]}"), policy: Some("foo/p"), ..ALLOWED },
     Case { name: "principals * admits any identity", yaml: allow_source!("p", "{principals: [\"*\"]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "principals * refuses plaintext", yaml: allow_source!("p", "{principals: [\"*\"]}"), principal: None, ..DENIED },
+    Case { name: "principals * refuses plaintext", yaml: allow_source!("p", "{principals: [\"*\"]}"), principal: None, policy: Some("foo/p"), ..DENIED },
     Case { name: "notPrincipals, identity not listed", yaml: allow_source!("p", "{notPrincipals: [cluster.local/ns/bar/sa/other]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "notPrincipals, identity listed", yaml: allow_source!("p", "{notPrincipals: [\"cluster.local/ns/bar/*\"]}"), ..DENIED },
-    Case { name: "ALLOW notPrincipals refuses plaintext (fail closed)", yaml: allow_source!("p", "{notPrincipals: [cluster.local/ns/bar/sa/other]}"), principal: None, ..DENIED },
+    Case { name: "notPrincipals, identity listed", yaml: allow_source!("p", "{notPrincipals: [\"cluster.local/ns/bar/*\"]}"), policy: Some("foo/p"), ..DENIED },
+    Case { name: "ALLOW notPrincipals admits plaintext (Istio)", yaml: allow_source!("p", "{notPrincipals: [cluster.local/ns/bar/sa/other]}"), principal: None, policy: Some("foo/p"), ..ALLOWED },
     Case { name: "DENY notPrincipals denies plaintext", yaml: deny_source!("d", "{notPrincipals: [\"*\"]}"), principal: None, policy: Some("foo/d"), ..DENIED_BY },
-    Case { name: "DENY notPrincipals spares listed identity", yaml: deny_source!("d", "{notPrincipals: [\"*/sa/client\"]}"), ..BASE },
+    Case { name: "DENY notPrincipals spares listed identity", yaml: deny_source!("d", "{notPrincipals: [\"*/sa/client\"]}"), ..NOT_DENIED },
     // namespaces
     Case { name: "namespaces match", yaml: allow_source!("p", "{namespaces: [bar]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "namespaces mismatch", yaml: allow_source!("p", "{namespaces: [baz]}"), ..DENIED },
+    Case { name: "namespaces mismatch", yaml: allow_source!("p", "{namespaces: [baz]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "namespaces prefix wildcard", yaml: allow_source!("p", "{namespaces: [\"ba*\"]}"), policy: Some("foo/p"), ..ALLOWED },
     Case { name: "namespaces suffix wildcard", yaml: allow_source!("p", "{namespaces: [\"*ar\"]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "namespaces refuse plaintext", yaml: allow_source!("p", "{namespaces: [\"*\"]}"), principal: None, ..DENIED },
-    Case { name: "notNamespaces listed", yaml: allow_source!("p", "{notNamespaces: [bar]}"), ..DENIED },
+    Case { name: "namespaces refuse plaintext", yaml: allow_source!("p", "{namespaces: [\"*\"]}"), principal: None, policy: Some("foo/p"), ..DENIED },
+    Case { name: "notNamespaces listed", yaml: allow_source!("p", "{notNamespaces: [bar]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "notNamespaces not listed", yaml: allow_source!("p", "{notNamespaces: [kube-system]}"), policy: Some("foo/p"), ..ALLOWED },
     Case { name: "DENY notNamespaces denies plaintext", yaml: deny_source!("d", "{notNamespaces: [foo]}"), principal: None, policy: Some("foo/d"), ..DENIED_BY },
     // ipBlocks / remoteIpBlocks
     Case { name: "ipBlocks v4 CIDR match", yaml: allow_source!("p", "{ipBlocks: [10.0.0.0/8]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "ipBlocks v4 CIDR mismatch", yaml: allow_source!("p", "{ipBlocks: [192.168.0.0/16]}"), ..DENIED },
+    Case { name: "ipBlocks v4 CIDR mismatch", yaml: allow_source!("p", "{ipBlocks: [192.168.0.0/16]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "ipBlocks single IP", yaml: allow_source!("p", "{ipBlocks: [10.1.2.3]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "ipBlocks single IP mismatch", yaml: allow_source!("p", "{ipBlocks: [10.1.2.4]}"), ..DENIED },
+    Case { name: "ipBlocks single IP mismatch", yaml: allow_source!("p", "{ipBlocks: [10.1.2.4]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "ipBlocks v6 CIDR match", yaml: allow_source!("p", "{ipBlocks: [\"fd00::/64\"]}"), src: "fd00::5", policy: Some("foo/p"), ..ALLOWED },
     Case { name: "ipBlocks v6 single IP", yaml: allow_source!("p", "{ipBlocks: [\"fd00::5\"]}"), src: "fd00::5", policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "ipBlocks v6 CIDR vs v4 source", yaml: allow_source!("p", "{ipBlocks: [\"fd00::/64\"]}"), ..DENIED },
+    Case { name: "ipBlocks v6 CIDR vs v4 source", yaml: allow_source!("p", "{ipBlocks: [\"fd00::/64\"]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "ipBlocks v4 CIDR vs v4-mapped v6 source", yaml: allow_source!("p", "{ipBlocks: [10.0.0.0/8]}"), src: "::ffff:10.1.2.3", policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "notIpBlocks containing source", yaml: allow_source!("p", "{notIpBlocks: [10.1.0.0/16]}"), ..DENIED },
+    Case { name: "notIpBlocks containing source", yaml: allow_source!("p", "{notIpBlocks: [10.1.0.0/16]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "notIpBlocks not containing source", yaml: allow_source!("p", "{notIpBlocks: [10.2.0.0/16]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "remoteIpBlocks match", yaml: allow_source!("p", "{remoteIpBlocks: [10.1.2.0/24]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "remoteIpBlocks mismatch", yaml: allow_source!("p", "{remoteIpBlocks: [10.1.3.0/24]}"), ..DENIED },
-    Case { name: "notRemoteIpBlocks containing source", yaml: allow_source!("p", "{notRemoteIpBlocks: [10.1.2.3]}"), ..DENIED },
+    Case { name: "remoteIpBlocks is HTTP-only: ALLOW rule never matches (Istio)", yaml: allow_source!("p", "{remoteIpBlocks: [10.1.2.0/24]}"), policy: Some("foo/p"), ..DENIED },
+    Case { name: "remoteIpBlocks mismatch", yaml: allow_source!("p", "{remoteIpBlocks: [10.1.3.0/24]}"), policy: Some("foo/p"), ..DENIED },
+    Case { name: "DENY remoteIpBlocks is ignored, rule matches without it (Istio)", yaml: deny_source!("d", "{remoteIpBlocks: [192.168.0.0/16]}"), policy: Some("foo/d"), ..DENIED_BY },
+    // serviceAccounts (ns/sa, or sa in the policy's namespace; exact)
+    Case { name: "serviceAccounts ns/sa match", yaml: allow_source!("p", "{serviceAccounts: [bar/client]}"), policy: Some("foo/p"), ..ALLOWED },
+    Case { name: "serviceAccounts bare sa is in the policy's namespace", yaml: allow_source!("p", "{serviceAccounts: [client]}"), policy: Some("foo/p"), ..DENIED },
+    Case { name: "serviceAccounts bare sa matches a client of that namespace", yaml: allow_source!("p", "{serviceAccounts: [client]}"), principal: Some("spiffe://cluster.local/ns/foo/sa/client"), policy: Some("foo/p"), ..ALLOWED },
+    Case { name: "serviceAccounts ignore the trust domain", yaml: allow_source!("p", "{serviceAccounts: [bar/client]}"), principal: Some("spiffe://other.td/ns/bar/sa/client"), policy: Some("foo/p"), ..ALLOWED },
+    Case { name: "serviceAccounts have no wildcards", yaml: allow_source!("p", "{serviceAccounts: [\"bar/*\"]}"), policy: Some("foo/p"), ..DENIED },
+    Case { name: "serviceAccounts refuse plaintext", yaml: allow_source!("p", "{serviceAccounts: [bar/client]}"), principal: None, policy: Some("foo/p"), ..DENIED },
+    Case { name: "notServiceAccounts listed", yaml: allow_source!("p", "{notServiceAccounts: [bar/client]}"), policy: Some("foo/p"), ..DENIED },
+    Case { name: "notServiceAccounts admit plaintext (Istio)", yaml: allow_source!("p", "{notServiceAccounts: [bar/client]}"), principal: None, policy: Some("foo/p"), ..ALLOWED },
+    Case { name: "DENY serviceAccounts", yaml: deny_source!("d", "{serviceAccounts: [bar/client]}"), policy: Some("foo/d"), ..DENIED_BY },
+    // unknown fields: like HTTP attributes (ALLOW never matches, DENY matches without)
+    Case { name: "ALLOW with a typo (principles) admits no one", yaml: allow_source!("p", "{principles: [cluster.local/ns/bar/sa/client]}"), policy: Some("foo/p"), ..DENIED },
+    Case { name: "ALLOW with a typo (principles) keeps plaintext out", yaml: allow_source!("p", "{principles: [cluster.local/ns/bar/sa/client]}"), principal: None, policy: Some("foo/p"), ..DENIED },
+    Case { name: "DENY with an unknown field matches without it", yaml: deny_source!("d", "{namespaces: [bar], futureField: [x]}"), policy: Some("foo/d"), ..DENIED_BY },
+    Case { name: "notRemoteIpBlocks containing source", yaml: allow_source!("p", "{notRemoteIpBlocks: [10.1.2.3]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "ipBlocks admit plaintext under PERMISSIVE", yaml: PERMISSIVE_ALLOW_IP, principal: None, policy: Some("foo/lan"), ..ALLOWED },
     // operation ports
     Case { name: "ports match", yaml: allow_operation!("p", "{ports: [\"8080\"]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "ports mismatch", yaml: allow_operation!("p", "{ports: [\"9090\"]}"), ..DENIED },
+    Case { name: "ports mismatch", yaml: allow_operation!("p", "{ports: [\"9090\"]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "ports written as integers", yaml: allow_operation!("p", "{ports: [8080, 9090]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "notPorts listed", yaml: allow_operation!("p", "{notPorts: [\"8080\"]}"), ..DENIED },
+    Case { name: "notPorts listed", yaml: allow_operation!("p", "{notPorts: [\"8080\"]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "notPorts not listed", yaml: allow_operation!("p", "{notPorts: [\"9090\"]}"), policy: Some("foo/p"), ..ALLOWED },
     // when
     Case { name: "when source.ip values", yaml: allow_when!("p", "{key: source.ip, values: [10.1.0.0/16]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "when source.ip notValues", yaml: allow_when!("p", "{key: source.ip, notValues: [10.1.2.3]}"), ..DENIED },
+    Case { name: "when source.ip notValues", yaml: allow_when!("p", "{key: source.ip, notValues: [10.1.2.3]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "when destination.ip values", yaml: allow_when!("p", "{key: destination.ip, values: [10.9.9.9]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "when destination.ip notValues", yaml: allow_when!("p", "{key: destination.ip, notValues: [10.9.0.0/16]}"), ..DENIED },
+    Case { name: "when destination.ip notValues", yaml: allow_when!("p", "{key: destination.ip, notValues: [10.9.0.0/16]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "when destination.port values", yaml: allow_when!("p", "{key: destination.port, values: [\"8080\"]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "when destination.port notValues", yaml: allow_when!("p", "{key: destination.port, notValues: [\"8080\"]}"), ..DENIED },
+    Case { name: "when destination.port notValues", yaml: allow_when!("p", "{key: destination.port, notValues: [\"8080\"]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "when source.namespace values", yaml: allow_when!("p", "{key: source.namespace, values: [bar]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "when source.namespace notValues", yaml: allow_when!("p", "{key: source.namespace, notValues: [\"b*\"]}"), ..DENIED },
+    Case { name: "when source.namespace notValues", yaml: allow_when!("p", "{key: source.namespace, notValues: [\"b*\"]}"), policy: Some("foo/p"), ..DENIED },
     Case { name: "when source.principal values", yaml: allow_when!("p", "{key: source.principal, values: [\"cluster.local/ns/bar/sa/client\"]}"), policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "when source.principal notValues", yaml: allow_when!("p", "{key: source.principal, notValues: [\"*\"]}"), ..DENIED },
-    Case { name: "when source.principal refuses plaintext", yaml: allow_when!("p", "{key: source.principal, values: [\"*\"]}"), principal: None, ..DENIED },
+    Case { name: "when source.principal notValues", yaml: allow_when!("p", "{key: source.principal, notValues: [\"*\"]}"), policy: Some("foo/p"), ..DENIED },
+    Case { name: "when source.principal refuses plaintext", yaml: allow_when!("p", "{key: source.principal, values: [\"*\"]}"), principal: None, policy: Some("foo/p"), ..DENIED },
     // Combination logic
-    Case { name: "source fields are ANDed", yaml: ALLOW_PRINCIPAL_PLUS_IP, ..DENIED },
+    Case { name: "source fields are ANDed", yaml: ALLOW_PRINCIPAL_PLUS_IP, policy: Some("foo/p"), ..DENIED },
     Case { name: "from entries are ORed", yaml: ALLOW_TWO_FROMS, policy: Some("foo/p"), ..ALLOWED },
     Case { name: "to entries are ORed", yaml: ALLOW_TWO_TOS, policy: Some("foo/p"), ..ALLOWED },
     Case { name: "rules are ORed", yaml: ALLOW_TWO_RULES, policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "from and to are ANDed", yaml: ALLOW_FROM_AND_TO, ..DENIED },
+    Case { name: "from and to are ANDed", yaml: ALLOW_FROM_AND_TO, policy: Some("foo/p"), ..DENIED },
     Case { name: "from and to are ANDed (both match)", yaml: ALLOW_FROM_AND_TO, port: 9090, policy: Some("foo/p"), ..ALLOWED },
-    Case { name: "from and when are ANDed", yaml: ALLOW_FROM_AND_WHEN, ..DENIED },
+    Case { name: "from and when are ANDed", yaml: ALLOW_FROM_AND_WHEN, policy: Some("foo/p"), ..DENIED },
     // Precedence
     Case { name: "DENY wins over ALLOW", yaml: DENY_AND_ALLOW_SAME, policy: Some("foo/deny-bar"), ..DENIED_BY },
     Case { name: "non-matching DENY, matching ALLOW", yaml: DENY_OTHER_ALLOW_BAR, policy: Some("foo/allow-bar"), ..ALLOWED },
     Case { name: "matching DENY alone", yaml: deny_source!("d", "{namespaces: [bar]}"), policy: Some("foo/d"), ..DENIED_BY },
-    Case { name: "non-matching DENY alone allows", yaml: deny_source!("d", "{namespaces: [other]}"), ..BASE },
-    Case { name: "AUDIT does not change an allow", yaml: AUDIT_ALL, ..BASE },
-    Case { name: "AUDIT does not change a deny", yaml: AUDIT_AND_ALLOW_NOTHING, ..DENIED },
+    Case { name: "non-matching DENY alone allows", yaml: deny_source!("d", "{namespaces: [other]}"), ..NOT_DENIED },
+    Case { name: "AUDIT does not change an allow", yaml: AUDIT_ALL, ..NOT_DENIED },
+    Case { name: "AUDIT does not change a deny", yaml: AUDIT_AND_ALLOW_NOTHING, policy: Some("foo/allow-nothing"), ..DENIED },
     // Scopes
-    Case { name: "root-namespace ALLOW applies mesh-wide", yaml: ROOT_ALLOW_NOTHING, ..DENIED },
+    Case { name: "root-namespace ALLOW applies mesh-wide", yaml: ROOT_ALLOW_NOTHING, policy: Some("istio-system/allow-nothing"), ..DENIED },
     Case { name: "other namespace's ALLOW does not apply", yaml: OTHER_NS_ALLOW_NOTHING, ..BASE },
     Case { name: "selector mismatch does not apply", yaml: SELECTOR_OTHER_APP, ..BASE },
-    Case { name: "selector match applies", yaml: SELECTOR_WEB, ..DENIED },
+    Case { name: "selector match applies", yaml: SELECTOR_WEB, policy: Some("foo/web-only"), ..DENIED },
     Case { name: "selector needs all labels", yaml: SELECTOR_WEB, labels: &[("app", "web")], ..BASE },
     Case { name: "root-namespace selector applies in every namespace", yaml: ROOT_SELECTOR_WEB, policy: Some("istio-system/root-web"), ..DENIED_BY },
     Case { name: "root-namespace selector mismatch", yaml: ROOT_SELECTOR_WEB, labels: &[("app", "db")], ..BASE },
-    Case { name: "AP without namespace lands in default namespace", yaml: DEFAULT_NS_ALLOW_NOTHING, ns: "default", ..DENIED },
+    Case { name: "AP without namespace lands in default namespace", yaml: DEFAULT_NS_ALLOW_NOTHING, ns: "default", policy: Some("default/lockdown"), ..DENIED },
     Case { name: "AP without namespace does not reach foo", yaml: DEFAULT_NS_ALLOW_NOTHING, ..BASE },
     // L7 fields
-    Case { name: "ALLOW with methods never matches", yaml: ALLOW_L7_METHODS, ..DENIED },
+    Case { name: "ALLOW with methods never matches", yaml: ALLOW_L7_METHODS, policy: Some("foo/l7"), ..DENIED },
     Case { name: "ALLOW L7 rule skipped, L4 rule matches", yaml: ALLOW_L7_THEN_L4, policy: Some("foo/mixed"), ..ALLOWED },
     Case { name: "DENY with paths matches on its ports", yaml: DENY_L7_PATHS_AND_PORT, policy: Some("foo/deny-admin"), ..DENIED_BY },
-    Case { name: "DENY with paths, other port", yaml: DENY_L7_PATHS_AND_PORT, port: 9090, ..BASE },
+    Case { name: "DENY with paths, other port", yaml: DENY_L7_PATHS_AND_PORT, port: 9090, ..NOT_DENIED },
     Case { name: "DENY with header condition denies all", yaml: DENY_L7_HEADER, policy: Some("foo/deny-header"), ..DENIED_BY },
     Case { name: "DENY with notRequestPrincipals denies all", yaml: DENY_REQUEST_PRINCIPALS, policy: Some("foo/deny-jwt"), ..DENIED_BY },
-    Case { name: "ALLOW with hosts never matches", yaml: ALLOW_HOSTS, ..DENIED },
-    Case { name: "ALLOW with remote.ip condition never matches", yaml: ALLOW_REMOTE_IP_KEY, ..DENIED },
+    Case { name: "ALLOW with hosts never matches", yaml: ALLOW_HOSTS, policy: Some("foo/hosts"), ..DENIED },
+    Case { name: "ALLOW with remote.ip condition never matches", yaml: ALLOW_REMOTE_IP_KEY, policy: Some("foo/remote-key"), ..DENIED },
     // Refused / ignored policies
     Case { name: "CUSTOM is ignored", yaml: CUSTOM, ..BASE },
-    Case { name: "targetRefs ALLOW keeps the namespace allow-listed", yaml: TARGET_REFS_ALLOW, ..DENIED },
+    Case { name: "targetRefs ALLOW keeps the namespace allow-listed", yaml: TARGET_REFS_ALLOW, policy: Some("foo/waypoint-allow"), ..DENIED },
     Case { name: "targetRef DENY is ignored", yaml: TARGET_REF_DENY, ..BASE },
     // Versions and mixed input
     Case { name: "v1 AuthorizationPolicy", yaml: V1_ALLOW, policy: Some("foo/v1-allow"), ..ALLOWED },
     Case { name: "other kinds skipped", yaml: MIXED_KINDS, policy: Some("foo/bar-only"), ..ALLOWED },
-    Case { name: "other kinds skipped, policy still enforced", yaml: MIXED_KINDS, principal: Some("spiffe://cluster.local/ns/baz/sa/x"), ..DENIED },
+    Case { name: "other kinds skipped, policy still enforced", yaml: MIXED_KINDS, principal: Some("spiffe://cluster.local/ns/baz/sa/x"), policy: Some("foo/bar-only"), ..DENIED },
 ];
 
 // ---- Non-table checks --------------------------------------------------
@@ -999,6 +1020,143 @@ fn deny_without_rules_warns() {
 }
 
 #[test]
+fn reasons_say_which_policies_applied() {
+    let labels = web_labels();
+    let workload = Workload {
+        namespace: "foo",
+        labels: &labels,
+    };
+    let client = conn(Some(CLIENT), 8080);
+    // `spec: {}` denies everything, and the denial names it.
+    let (set, _) = load(ALLOW_NOTHING);
+    let d = set.evaluate(&workload, &client);
+    assert_eq!(
+        d.to_string(),
+        "DENY (no_allow_policy_matched) policy=foo/allow-nothing"
+    );
+    // Several ALLOW policies, none matching: all are named.
+    let two = format!(
+        "{ALLOW_NOTHING}---{}",
+        allow_source!("p", "{principals: [cluster.local/ns/bar/sa/other]}")
+    );
+    let (set, _) = load(&two);
+    let d = set.evaluate(&workload, &client);
+    assert_eq!(d.policy, Some(PolicyName::new("foo", "allow-nothing")));
+    assert_eq!(
+        d.to_string(),
+        "DENY (no_allow_policy_matched) policies=[foo/allow-nothing, foo/p]"
+    );
+    // A DENY policy applies but does not match: not "no policies".
+    let (set, _) = load(DENY_NO_RULES);
+    assert_eq!(
+        set.evaluate(&workload, &client).to_string(),
+        "ALLOW (no_allow_policies)"
+    );
+    // Nothing applies to this workload at all.
+    let other = self::labels(&[("app", "db")]);
+    let (set, _) = load(
+        allow_source!("p", "{principals: [\"*\"]}")
+            .replace("rules:", "selector: {matchLabels: {app: web}}\n  rules:")
+            .as_str(),
+    );
+    let db = Workload {
+        namespace: "foo",
+        labels: &other,
+    };
+    assert_eq!(
+        set.evaluate(&db, &client).to_string(),
+        "ALLOW (no_policies)"
+    );
+}
+
+#[test]
+fn spiffe_principals_warn_naming_policy_place_and_value() {
+    let yaml = "
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: foo}
+spec:
+  rules:
+  - from:
+    - source: {principals: [cluster.local/ns/a/sa/ok, \"spiffe://cluster.local/ns/bar/sa/client\"]}
+  - from:
+    - source: {namespaces: [bar], notPrincipals: [\"spiffe://cluster.local/ns/bar/sa/x\"]}
+    when:
+    - {key: source.principal, values: [\"spiffe://cluster.local/ns/bar/sa/client\"]}
+";
+    let (set, warnings) = load(yaml);
+    let text = messages(&warnings);
+    assert_eq!(warnings.len(), 3, "{text:?}");
+    assert!(
+        warnings
+            .iter()
+            .all(|w| w.policy == PolicyName::new("foo", "p"))
+    );
+    assert!(
+        text[0].contains("spec.rules[0].from[0].source.principals[1]")
+            && text[0].contains("\"spiffe://cluster.local/ns/bar/sa/client\"")
+            && text[0].contains("never matches")
+            && text[0].contains("\"cluster.local/ns/bar/sa/client\""),
+        "{text:?}"
+    );
+    assert!(
+        text[1].contains("source.notPrincipals[0]") && text[1].contains("excludes no one"),
+        "{text:?}"
+    );
+    assert!(
+        text[2].contains("spec.rules[1].when[0].values[0]"),
+        "{text:?}"
+    );
+    // And it really never matches (rule 1 needs it through `when`).
+    let labels = web_labels();
+    let workload = Workload {
+        namespace: "foo",
+        labels: &labels,
+    };
+    assert!(!set.evaluate(&workload, &conn(Some(CLIENT), 8080)).allowed);
+}
+
+#[test]
+fn allow_rules_admitting_plaintext_through_negation_warn() {
+    let yaml = "
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: foo}
+spec:
+  rules:
+  - from:
+    - source: {notPrincipals: [cluster.local/ns/bar/sa/x]}
+  - from:
+    - source: {principals: [\"*\"], notNamespaces: [kube-system]}
+  - from:
+    - source: {ipBlocks: [10.0.0.0/8]}
+  - when:
+    - {key: source.namespace, notValues: [kube-system]}
+  - from:
+    - source: {notServiceAccounts: [bar/x]}
+    when:
+    - {key: source.principal, values: [\"*\"]}
+";
+    let (_, warnings) = load(yaml);
+    let text = messages(&warnings);
+    // Rules 0 and 3 admit plaintext only because the missing identity is in no
+    // negated list; rule 1 and 4 need an identity, rule 2 never looks at one.
+    assert_eq!(warnings.len(), 2, "{text:?}");
+    assert!(
+        text[0].contains("spec.rules[0] admits plaintext"),
+        "{text:?}"
+    );
+    assert!(
+        text[1].contains("spec.rules[3] admits plaintext"),
+        "{text:?}"
+    );
+    assert!(text[0].contains("STRICT PeerAuthentication"), "{text:?}");
+    // DENY rules do not warn: matching plaintext there denies more.
+    let (_, warnings) = load(&yaml.replace("spec:\n", "spec:\n  action: DENY\n"));
+    assert!(warnings.is_empty(), "{:?}", messages(&warnings));
+}
+
+#[test]
 fn l7_fields_warn_once_per_policy_naming_fields() {
     let yaml = "
 apiVersion: security.istio.io/v1beta1
@@ -1045,10 +1203,33 @@ fn refused_policies_warn() {
     assert!(messages(&warnings)[0].contains("CUSTOM"));
     let (set, warnings) = load(TARGET_REFS_ALLOW);
     assert_eq!(set.len(), 1);
-    assert!(warnings[0].message.contains("targetRef"));
+    let msg = &warnings[0].message;
+    // Says what ambit does, to which workloads, and how Istio differs.
+    assert!(
+        msg.contains("ALLOW policy that matches nothing for every workload in namespace foo")
+            && msg.contains("Istio differs")
+            && msg.contains("does not send targetRef policies to ztunnel"),
+        "{msg}"
+    );
     let (set, warnings) = load(TARGET_REF_DENY);
     assert!(set.is_empty());
-    assert!(warnings[0].message.contains("ignored"));
+    assert!(
+        warnings[0]
+            .message
+            .contains("ignored, as Istio's ztunnel ignores it"),
+        "{}",
+        warnings[0].message
+    );
+}
+
+#[test]
+fn peer_authentication_unknown_fields_are_named() {
+    let yaml = NS_STRICT.replace("mode: STRICT", "mdoe: STRICT");
+    let (set, warnings) = load(&yaml);
+    assert_eq!(set.len(), 1);
+    let text = messages(&warnings);
+    assert_eq!(text.len(), 1, "{text:?}");
+    assert!(text[0].contains("spec.mtls.mdoe"), "{text:?}");
 }
 
 #[test]
@@ -1130,6 +1311,36 @@ fn invalid_input_errors_name_the_place() {
             &["foo/p", "spec.rules[0].from[0].source.ipBlocks[1]", "10.0.0.0/33"],
         ),
         (
+            "empty source (Istio refuses it; it would mean anyone)",
+            allow_source!("p", "{}").to_owned(),
+            &["foo/p", "spec.rules[0].from[0].source", "must not be empty"],
+        ),
+        (
+            "empty operation",
+            allow_operation!("p", "{}").to_owned(),
+            &["spec.rules[0].to[0].operation", "must not be empty"],
+        ),
+        (
+            "empty from list",
+            ALLOW_NOTHING.replace("spec: {}", "spec: {rules: [{from: []}]}"),
+            &["spec.rules[0].from", "must not be empty"],
+        ),
+        (
+            "condition without values",
+            allow_when!("p", "{key: source.ip}").to_owned(),
+            &["spec.rules[0].when[0]", "needs values or notValues"],
+        ),
+        (
+            "serviceAccounts with principals",
+            allow_source!("p", "{serviceAccounts: [bar/client], principals: [\"*\"]}").to_owned(),
+            &["foo/p", "spec.rules[0].from[0].source", "serviceAccounts cannot be set together"],
+        ),
+        (
+            "malformed service account",
+            allow_source!("p", "{notServiceAccounts: [a/b/c]}").to_owned(),
+            &["spec.rules[0].from[0].source.notServiceAccounts[0]", "a/b/c"],
+        ),
+        (
             "bad IP in notRemoteIpBlocks",
             allow_source!("p", "{notRemoteIpBlocks: [not-an-ip]}").to_owned(),
             &["spec.rules[0].from[0].source.notRemoteIpBlocks[0]"],
@@ -1199,7 +1410,7 @@ fn invalid_input_errors_name_the_place() {
 }
 
 #[test]
-fn unknown_fields_are_ignored() {
+fn unknown_fields_are_named_and_fail_closed() {
     let yaml = "
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -1213,8 +1424,187 @@ spec:
     futureRuleField: true
 ";
     let (set, warnings) = load(yaml);
-    assert!(warnings.is_empty());
     assert_eq!(set.len(), 1);
+    let text = messages(&warnings).join("\n");
+    // metadata and status are not checked; spec, source and rule fields are.
+    assert_eq!(warnings.len(), 2, "{text}");
+    assert!(
+        text.contains("unknown fields in spec (a typo?): futureField"),
+        "{text}"
+    );
+    assert!(
+        text.contains("spec.rules[0].from[0].source.futureSourceField")
+            && text.contains("spec.rules[0].futureRuleField")
+            && text.contains("ALLOW rules using them never match"),
+        "{text}"
+    );
+    // The rule needs fields ambit does not know: it admits no one.
+    let labels = web_labels();
+    let workload = Workload {
+        namespace: "foo",
+        labels: &labels,
+    };
+    assert!(!set.evaluate(&workload, &conn(Some(CLIENT), 8080)).allowed);
+}
+
+/// ztunnel's `src/rbac.rs` tests, one field at a time: an ALLOW policy
+/// holding only that field, against a plaintext connection, an mTLS one
+/// whose identity is listed, and another identity from another address and
+/// port. ambit must give the same answers, and the opposite ones for the
+/// same rule in a DENY policy (Istio evaluates both alike).
+#[test]
+fn ztunnel_rbac_field_table() {
+    const TLS: &str = "spiffe://td/ns/namespace/sa/account";
+    const ALT: &str = "spiffe://td-alt/ns/ns-alt/sa/sa=alt";
+    // (field, rule body, plaintext, mTLS, other identity)
+    let table: &[(&str, &str, bool, bool, bool)] = &[
+        (
+            "namespaces",
+            "from: [{source: {namespaces: [namespace]}}]",
+            false,
+            true,
+            false,
+        ),
+        (
+            "not_namespaces",
+            "from: [{source: {notNamespaces: [namespace]}}]",
+            true,
+            false,
+            true,
+        ),
+        (
+            "service_accounts",
+            "from: [{source: {serviceAccounts: [namespace/account]}}]",
+            false,
+            true,
+            false,
+        ),
+        (
+            "not_service_accounts",
+            "from: [{source: {notServiceAccounts: [namespace/account]}}]",
+            true,
+            false,
+            true,
+        ),
+        (
+            "principals",
+            "from: [{source: {principals: [td/ns/namespace/sa/account]}}]",
+            false,
+            true,
+            false,
+        ),
+        (
+            "not_principals",
+            "from: [{source: {notPrincipals: [td/ns/namespace/sa/account]}}]",
+            true,
+            false,
+            true,
+        ),
+        (
+            "source_ips",
+            "from: [{source: {ipBlocks: [127.0.0.1/32]}}]",
+            true,
+            true,
+            false,
+        ),
+        (
+            "not_source_ips",
+            "from: [{source: {notIpBlocks: [127.0.0.1/32]}}]",
+            false,
+            false,
+            true,
+        ),
+        (
+            "destination_ips",
+            "when: [{key: destination.ip, values: [127.0.0.2/32]}]",
+            true,
+            true,
+            false,
+        ),
+        (
+            "not_destination_ips",
+            "when: [{key: destination.ip, notValues: [127.0.0.2/32]}]",
+            false,
+            false,
+            true,
+        ),
+        (
+            "cidr_range",
+            "when: [{key: destination.ip, values: [127.0.0.1/24]}]",
+            true,
+            true,
+            true,
+        ),
+        (
+            "destination_ports",
+            "to: [{operation: {ports: [\"8080\"]}}]",
+            true,
+            true,
+            false,
+        ),
+        (
+            "not_destination_ports",
+            "to: [{operation: {notPorts: [\"8080\"]}}]",
+            false,
+            false,
+            true,
+        ),
+    ];
+    let conns = [
+        ("plaintext", None, "127.0.0.1", "127.0.0.2", 8080),
+        ("mTLS", Some(TLS), "127.0.0.1", "127.0.0.2", 8080),
+        ("other identity", Some(ALT), "127.0.0.3", "127.0.0.4", 9090),
+    ];
+    let labels = BTreeMap::new();
+    let workload = Workload {
+        namespace: "namespace",
+        labels: &labels,
+    };
+    let mut failures = Vec::new();
+    for (field, rule, plain, tls, alt) in table {
+        for action in ["ALLOW", "DENY"] {
+            let yaml = format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+                 metadata: {{name: {field}, namespace: namespace}}\n\
+                 spec:\n  action: {action}\n  rules:\n  - {rule}\n"
+            );
+            let (set, _) = load(&yaml);
+            for ((label, principal, src, dst, port), expected) in
+                conns.iter().zip([plain, tls, alt])
+            {
+                let conn = Connection {
+                    source_principal: *principal,
+                    source_ip: ip(src),
+                    destination_ip: ip(dst),
+                    destination_port: *port,
+                };
+                let decision = set.evaluate(&workload, &conn);
+                // ALLOW: allowed iff the rule matched; DENY: denied iff it did.
+                let matched = decision.allowed == (action == "ALLOW");
+                if matched != *expected {
+                    failures.push(format!(
+                        "{action} {field} vs {label}: matched={matched}, ztunnel says {expected}"
+                    ));
+                }
+            }
+        }
+    }
+    // ztunnel's rbac_empty_policy: no rules match nothing, an empty rule matches all.
+    let none = load("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: e, namespace: namespace}\nspec: {}\n").0;
+    let all = load("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: e, namespace: namespace}\nspec: {rules: [{}]}\n").0;
+    let plaintext = Connection {
+        source_principal: None,
+        source_ip: ip("127.0.0.1"),
+        destination_ip: ip("127.0.0.2"),
+        destination_port: 8080,
+    };
+    if none.evaluate(&workload, &plaintext).allowed {
+        failures.push("ALLOW without rules matched".to_owned());
+    }
+    if !all.evaluate(&workload, &plaintext).allowed {
+        failures.push("ALLOW with an empty rule did not match".to_owned());
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[test]
