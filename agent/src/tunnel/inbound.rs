@@ -365,17 +365,7 @@ impl Inbound {
             let (request, respond) = match stream {
                 Ok(stream) => stream,
                 Err(e) => {
-                    // h2 already sent its GOAWAY; a peer that closed or reset the connection
-                    // is not a refusal.
-                    if !(e.is_io() || e.is_remote()) {
-                        self.refuse(
-                            RefusalReason::ProtocolError,
-                            peer,
-                            Some(&source_identity),
-                            None,
-                            &e,
-                        );
-                    }
+                    self.refuse_h2_error(&e, peer, &source_identity);
                     return Err(e.into());
                 }
             };
@@ -393,6 +383,14 @@ impl Inbound {
             });
         }
         Ok(())
+    }
+
+    /// Counts a connection-level HTTP/2 error this side raised (h2 has sent the GOAWAY); a
+    /// peer that closed, reset or GOAWAYed the connection itself is not a refusal.
+    fn refuse_h2_error(&self, e: &h2::Error, peer: SocketAddr, source: &SpiffeId) {
+        if !(e.is_io() || e.is_remote()) {
+            self.refuse(RefusalReason::ProtocolError, peer, Some(source), None, e);
+        }
     }
 
     /// TLS as `workload`, the client's verified identity, then the HTTP/2 handshake; the
@@ -443,8 +441,14 @@ impl Inbound {
                     .saturating_mul(HEADER_HARD_LIMIT_FACTOR),
             )
             .handshake::<_, Bytes>(tls_stream)
-            .await?;
-        Ok((connection, source_identity))
+            .await;
+        match connection {
+            Ok(connection) => Ok((connection, source_identity)),
+            Err(e) => {
+                self.refuse_h2_error(&e, peer, &source_identity);
+                Err(e.into())
+            }
+        }
     }
 
     async fn handle_stream(
