@@ -441,7 +441,17 @@ mod metrics_tests {
         record.set_response_flags("UF");
         drop(record);
         m.handshake_failure(&HandshakeFailure::NoClientCertificate);
+        m.refusal(RefusalReason::NotLocalPod);
         let text = encode(&registry);
+        assert!(
+            text.contains("ambit_hbone_refusals_total{reason=\"not_local_pod\"} 1"),
+            "{text}"
+        );
+        // Every reason is exported from the start, so alerts see a baseline.
+        assert!(
+            text.contains("ambit_hbone_refusals_total{reason=\"idle_timeout\"} 0"),
+            "{text}"
+        );
         assert!(
             text.contains("connection_security_policy=\"none\""),
             "{text}"

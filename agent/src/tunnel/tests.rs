@@ -742,6 +742,36 @@ async fn oversized_headers_get_431_logged_and_counted_and_the_connection_lives_o
 }
 
 #[tokio::test]
+async fn headers_beyond_the_hard_limit_still_leave_a_trace() {
+    let env = Env::default().await;
+    let (send, conn) = session(&env).await;
+    let huge = Request::builder()
+        .method(Method::CONNECT)
+        .uri(env.echo_addr.to_string())
+        .header("x-pad", "a".repeat(1024 * 1024))
+        .body(())
+        .expect("request");
+    let mut send = send.ready().await.expect("ready");
+    let outcome = match send.send_request(huge, false) {
+        Ok((response, _tx)) => response.await.map(|r| r.status()),
+        Err(e) => Err(e),
+    };
+    // Too big for h2 to even hold: it tears the connection down with GOAWAY, and the
+    // refusal is logged and counted as a protocol error (the log line carries h2's detail).
+    let err = outcome.expect_err("refused");
+    assert!(
+        err.is_go_away() && err.is_remote(),
+        "GOAWAY from the server: {err:?}"
+    );
+    let _ = tokio::time::timeout(CLOSE_BOUND, conn).await;
+    let metrics = env.metrics.clone();
+    wait_for("the refusal to be counted", move || {
+        metrics.refusals(RefusalReason::ProtocolError) == 1
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_peer_that_does_not_speak_http2_is_refused_as_a_protocol_error() {
     let env = Env::default().await;
     let cert = env.client_certs.get(&id("client")).await.expect("cert");
