@@ -304,14 +304,18 @@ impl Inbound {
         // A second descriptor for the socket, so that a handshake abandoned at the deadline
         // (its future owns the stream) can still be made to end in a reset.
         let socket = tcp.as_fd().try_clone_to_owned()?;
+        // Boxed: the handshakes' state is large and only lives during setup; inline it would
+        // size every connection's task for it while the connection idles.
         let established = tokio::time::timeout(
             self.config.tls_handshake_timeout,
-            self.establish(tcp, &workload, peer),
+            Box::pin(self.establish(tcp, &workload, peer)),
         )
         .await;
         let (mut connection, source_identity) = match established {
             Ok(result) => result?,
             Err(_) => {
+                // The abandoned handshake closed its descriptor; this one is the last, so
+                // with a zero linger its close is the reset.
                 let _ = socket2::SockRef::from(&socket).set_linger(Some(std::time::Duration::ZERO));
                 self.refuse(
                     RefusalReason::HandshakeTimeout,
