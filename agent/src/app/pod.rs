@@ -180,7 +180,8 @@ impl PodRuntime {
                 true,
             )
             .with_metrics(shared.metrics.clone())
-            .with_drain(shared.drain.clone()),
+            .with_drain(shared.drain.clone())
+            .for_pod(workload.ips.clone()),
         );
         let outbound = Arc::new(
             Outbound::new(shared.certs.clone(), sockets.clone(), shared.tunnel.clone())
@@ -339,18 +340,33 @@ async fn handle_outbound(ctx: Arc<OutboundCtx>, client: TcpStream, peer: SocketA
                 record.set_response_flags("UF");
             }
             let stats = record.stats();
-            info!(
-                source = %me.identity, source_workload = %format_args!("{}/{}", me.namespace, me.name),
-                destination = %workload.identity,
-                destination_workload = %format_args!("{}/{}", workload.namespace, workload.name),
-                original_destination = %orig, %target,
+            crate::tunnel::AccessLog {
+                kind: crate::tunnel::AccessKind::Outbound,
+                source: Some(&me.identity),
+                source_workload: Some(crate::tunnel::WorkloadName {
+                    namespace: &me.namespace,
+                    name: &me.name,
+                }),
+                source_addr: request.source_addr,
+                destination: Some(&workload.identity),
+                destination_workload: Some(crate::tunnel::WorkloadName {
+                    namespace: &workload.namespace,
+                    name: &workload.name,
+                }),
+                original_destination: orig,
+                target,
+                security: "mutual_tls",
                 // Enforced by the destination's agent; its access log has the decision.
-                authz = "remote",
-                security = "mutual_tls", sent = stats.sent(), received = stats.received(),
-                duration_ms = started.elapsed().as_millis() as u64,
-                result = %result.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()),
-                "outbound connection closed"
-            );
+                authz: "remote",
+                // The copy's TCP side is the client: what it sent is the request.
+                bytes_from_client: stats.sent(),
+                bytes_to_client: stats.received(),
+                duration: started.elapsed(),
+                result: &result
+                    .as_ref()
+                    .map_or_else(|e| e.to_string(), |()| "ok".into()),
+            }
+            .emit();
         }
         Route::Direct { target } => {
             let result = passthrough(&ctx.sockets, client, target).await;

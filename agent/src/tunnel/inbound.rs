@@ -1,9 +1,16 @@
 //! Inbound: terminates HBONE on :15008 (mTLS with the destination workload's certificate,
 //! HTTP/2 CONNECT streams), asks the authorizer, and connects each stream to the local
 //! workload. Also the plaintext path (:15006) for connections that arrive without HBONE.
+//!
+//! Each pod's listeners live in that pod's netns and serve that pod only
+//! ([`Inbound::for_pod`]). Every refusal (400, 431, 503, a handshake that does not finish,
+//! an idle connection closed, a protocol error) is logged once with the peer's identity
+//! and counted in `ambit_hbone_refusals_total{reason}`.
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd as _;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -14,8 +21,11 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use super::access_log::{ABSENT, AccessKind, AccessLog, WorkloadName};
 use super::copy::{CopyStats, copy_bidirectional};
-use super::metrics::{ConnectionLabels, ConnectionRecord, Metrics, Reporter, WorkloadMeta};
+use super::metrics::{
+    ConnectionLabels, ConnectionRecord, Metrics, RefusalReason, Reporter, WorkloadMeta,
+};
 use super::outbound::handshake_failure;
 use super::tls::{peer_identity, server_config};
 use super::{Dialer, TunnelConfig, TunnelCounters, TunnelError, dial_with_timeout};
@@ -96,6 +106,9 @@ pub struct Inbound {
     metrics: Option<Arc<Metrics>>,
     /// Turns true when the agent drains: HBONE connections get a GOAWAY.
     drain: Option<watch::Receiver<bool>>,
+    /// The addresses of the one pod this Inbound serves; `None` serves every local workload
+    /// (tests on loopback).
+    own_ips: Option<Vec<IpAddr>>,
 }
 
 /// Connections in flight, so a policy change can close the ones it no longer allows.
@@ -156,7 +169,47 @@ impl Inbound {
             live: LiveConnections::default(),
             metrics: None,
             drain: None,
+            own_ips: None,
         }
+    }
+
+    /// Serves only the pod with these addresses: its listeners live in its netns, so a
+    /// connection or CONNECT for any other address (even another local pod) is refused
+    /// with 400 rather than dialled from the wrong netns.
+    pub fn for_pod(mut self, ips: Vec<IpAddr>) -> Self {
+        self.own_ips = Some(ips);
+        self
+    }
+
+    /// The workload this Inbound serves at `ip`, if any.
+    fn own_workload(&self, ip: IpAddr) -> Option<LocalWorkload> {
+        if let Some(own) = &self.own_ips
+            && !own.contains(&ip)
+        {
+            return None;
+        }
+        self.workloads.by_ip(ip)
+    }
+
+    /// Logs a refusal once, with who asked, and counts it.
+    fn refuse(
+        &self,
+        reason: RefusalReason,
+        peer: SocketAddr,
+        source: Option<&SpiffeId>,
+        target: Option<SocketAddr>,
+        detail: &dyn std::fmt::Display,
+    ) {
+        if let Some(m) = &self.metrics {
+            m.refusal(reason);
+        }
+        warn!(
+            %reason, %peer,
+            source = %source.map_or_else(|| ABSENT.to_owned(), ToString::to_string),
+            target = %target.map_or_else(|| ABSENT.to_owned(), |t| t.to_string()),
+            %detail,
+            "inbound refused"
+        );
     }
 
     /// Records connections and handshake failures in the agent's metrics.
@@ -237,10 +290,121 @@ impl Inbound {
     pub async fn handle_hbone(self: &Arc<Self>, tcp: TcpStream) -> Result<(), TunnelError> {
         let local = tcp.local_addr()?;
         let peer = tcp.peer_addr()?;
-        let Some(workload) = self.workloads.by_ip(local.ip()) else {
-            warn!(%local, "HBONE connection to an address with no local workload");
+        let Some(workload) = self.own_workload(local.ip()) else {
+            super::reset_on_close(&tcp);
+            self.refuse(
+                RefusalReason::NotLocalPod,
+                peer,
+                None,
+                Some(local),
+                &"HBONE connection to an address this pod does not own",
+            );
             return Ok(());
         };
+        // A second descriptor for the socket, so that a handshake abandoned at the deadline
+        // (its future owns the stream) can still be made to end in a reset.
+        let socket = tcp.as_fd().try_clone_to_owned()?;
+        // Boxed: the handshakes' state is large and only lives during setup; inline it would
+        // size every connection's task for it while the connection idles.
+        let established = tokio::time::timeout(
+            self.config.tls_handshake_timeout,
+            Box::pin(self.establish(tcp, &workload, peer)),
+        )
+        .await;
+        let (mut connection, source_identity) = match established {
+            Ok(result) => result?,
+            Err(_) => {
+                // The abandoned handshake closed its descriptor; this one is the last, so
+                // with a zero linger its close is the reset.
+                let _ = socket2::SockRef::from(&socket).set_linger(Some(std::time::Duration::ZERO));
+                self.refuse(
+                    RefusalReason::HandshakeTimeout,
+                    peer,
+                    None,
+                    Some(local),
+                    &format_args!(
+                        "TLS and HTTP/2 handshakes not finished within {:?}",
+                        self.config.tls_handshake_timeout
+                    ),
+                );
+                return Ok(());
+            }
+        };
+        drop(socket);
+        let streams = Arc::new(StreamCount::default());
+        let idle = tokio::time::sleep(self.config.hbone_idle_timeout);
+        tokio::pin!(idle);
+        let drain = drain_signal(self.drain.clone());
+        tokio::pin!(drain);
+        let mut closing = false;
+        loop {
+            let stream = tokio::select! {
+                stream = connection.accept() => stream,
+                () = &mut drain, if !closing => {
+                    // GOAWAY: the peer opens no new streams here; those in flight finish.
+                    connection.graceful_shutdown();
+                    closing = true;
+                    continue;
+                }
+                () = streams.idle.notified() => {
+                    // The last stream ended: the idle period starts now.
+                    idle.as_mut().reset(tokio::time::Instant::now() + self.config.hbone_idle_timeout);
+                    continue;
+                }
+                () = &mut idle, if !closing && streams.active() == 0 => {
+                    self.refuse(
+                        RefusalReason::IdleTimeout,
+                        peer,
+                        Some(&source_identity),
+                        None,
+                        &format_args!("no stream for {:?}", self.config.hbone_idle_timeout),
+                    );
+                    // No stream to finish: GOAWAY and close at once.
+                    connection.abrupt_shutdown(h2::Reason::NO_ERROR);
+                    closing = true;
+                    continue;
+                }
+            };
+            let Some(stream) = stream else { break };
+            let (request, respond) = match stream {
+                Ok(stream) => stream,
+                Err(e) => {
+                    self.refuse_h2_error(&e, peer, &source_identity);
+                    return Err(e.into());
+                }
+            };
+            let this = self.clone();
+            let source_identity = source_identity.clone();
+            let active = StreamGuard::new(streams.clone());
+            tokio::spawn(async move {
+                if let Err(e) = this
+                    .handle_stream(request, respond, source_identity, peer)
+                    .await
+                {
+                    debug!(%peer, error = %e, "HBONE stream ended with an error");
+                }
+                drop(active);
+            });
+        }
+        Ok(())
+    }
+
+    /// Counts a connection-level HTTP/2 error this side raised (h2 has sent the GOAWAY); a
+    /// peer that closed, reset or GOAWAYed the connection itself is not a refusal.
+    fn refuse_h2_error(&self, e: &h2::Error, peer: SocketAddr, source: &SpiffeId) {
+        if !(e.is_io() || e.is_remote()) {
+            self.refuse(RefusalReason::ProtocolError, peer, Some(source), None, e);
+        }
+    }
+
+    /// TLS as `workload`, the client's verified identity, then the HTTP/2 handshake; the
+    /// caller bounds it all with the handshake deadline.
+    async fn establish(
+        &self,
+        tcp: TcpStream,
+        workload: &LocalWorkload,
+        peer: SocketAddr,
+    ) -> Result<(h2::server::Connection<HboneTls, Bytes>, SpiffeId), TunnelError> {
         let cert = self.certs.get(&workload.identity).await?;
         let bundle = self.certs.trust_bundle();
         let tls =
@@ -268,40 +432,27 @@ impl Inbound {
                 reason: super::HandshakeFailure::NoSpiffeId,
             });
         };
-        let mut connection = h2::server::Builder::new()
+        let connection = h2::server::Builder::new()
             .initial_window_size(self.config.stream_window)
             .initial_connection_window_size(self.config.connection_window)
             .max_frame_size(self.config.max_frame_size)
             .max_concurrent_streams(self.config.server_max_streams)
+            // h2's own bound (it answers 431 itself, unseen by us, above it); the configured
+            // limit is enforced per stream below it, where the refusal can be logged.
+            .max_header_list_size(
+                self.config
+                    .max_header_list_size
+                    .saturating_mul(HEADER_HARD_LIMIT_FACTOR),
+            )
             .handshake::<_, Bytes>(tls_stream)
-            .await?;
-        let drain = drain_signal(self.drain.clone());
-        tokio::pin!(drain);
-        let mut draining = false;
-        loop {
-            let stream = tokio::select! {
-                stream = connection.accept() => stream,
-                () = &mut drain, if !draining => {
-                    // GOAWAY: the peer opens no new streams here; those in flight finish.
-                    connection.graceful_shutdown();
-                    draining = true;
-                    continue;
-                }
-            };
-            let Some(stream) = stream else { break };
-            let (request, respond) = stream?;
-            let this = self.clone();
-            let source_identity = source_identity.clone();
-            tokio::spawn(async move {
-                if let Err(e) = this
-                    .handle_stream(request, respond, source_identity, peer)
-                    .await
-                {
-                    debug!(%peer, error = %e, "HBONE stream ended with an error");
-                }
-            });
+            .await;
+        match connection {
+            Ok(connection) => Ok((connection, source_identity)),
+            Err(e) => {
+                self.refuse_h2_error(&e, peer, &source_identity);
+                Err(e.into())
+            }
         }
-        Ok(())
     }
 
     async fn handle_stream(
@@ -311,7 +462,28 @@ impl Inbound {
         source_identity: SpiffeId,
         peer: SocketAddr,
     ) -> Result<(), TunnelError> {
+        let size = header_list_size(&request);
+        if size > self.config.max_header_list_size as usize {
+            self.refuse(
+                RefusalReason::HeaderTooLarge,
+                peer,
+                Some(&source_identity),
+                None,
+                &format_args!(
+                    "request headers of {size} bytes, limit {}",
+                    self.config.max_header_list_size
+                ),
+            );
+            return reply(&mut respond, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        }
         if request.method() != Method::CONNECT {
+            self.refuse(
+                RefusalReason::BadMethod,
+                peer,
+                Some(&source_identity),
+                None,
+                &format_args!("method {}", request.method()),
+            );
             return reply(&mut respond, StatusCode::BAD_REQUEST);
         }
         let Some(target) = request
@@ -319,10 +491,23 @@ impl Inbound {
             .authority()
             .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
         else {
+            self.refuse(
+                RefusalReason::BadAuthority,
+                peer,
+                Some(&source_identity),
+                None,
+                &format_args!("authority {:?} is not ip:port", request.uri().to_string()),
+            );
             return reply(&mut respond, StatusCode::BAD_REQUEST);
         };
-        let Some(workload) = self.workloads.by_ip(target.ip()) else {
-            debug!(%target, "CONNECT to an address that is not a local workload");
+        let Some(workload) = self.own_workload(target.ip()) else {
+            self.refuse(
+                RefusalReason::NotLocalPod,
+                peer,
+                Some(&source_identity),
+                Some(target),
+                &"CONNECT to an address this pod does not own",
+            );
             return reply(&mut respond, StatusCode::BAD_REQUEST);
         };
         // Agents dial from inside the source pod, so the TCP peer IP is the client's real,
@@ -339,12 +524,8 @@ impl Inbound {
             workload,
         });
         let (verdict, authz) = self.authorizer.authorize_explained(&conn);
-        if let Verdict::Deny { reason } = verdict {
-            info!(
-                source = ?conn.source_identity.as_ref().map(ToString::to_string),
-                destination = %conn.workload.identity, %target, %reason,
-                "connection denied"
-            );
+        if let Verdict::Deny { .. } = verdict {
+            self.log_denied(&conn, &authz);
             return reply(&mut respond, StatusCode::UNAUTHORIZED);
         }
         // Port 0: the steered socket already holds the client's exact address toward the
@@ -362,7 +543,13 @@ impl Inbound {
         {
             Ok(s) => s,
             Err(e) => {
-                debug!(%target, error = %e, "workload did not answer");
+                self.refuse(
+                    RefusalReason::UpstreamFailed,
+                    peer,
+                    conn.source_identity.as_ref(),
+                    Some(target),
+                    &e,
+                );
                 return reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
             }
         };
@@ -386,24 +573,77 @@ impl Inbound {
                 Err(TunnelError::Revoked)
             }
         };
-        let source_workload = self
-            .workloads
-            .describe(source_addr.ip())
-            .map_or_else(|| super::metrics::UNKNOWN.to_owned(), |m| m.workload);
-        info!(
-            source = %conn.source_identity.as_ref().map_or_else(String::new, ToString::to_string),
-            %source_workload, %source_addr,
-            destination = %conn.workload.identity,
-            destination_workload = %format_args!("{}/{}", conn.workload.namespace, conn.workload.name),
-            %target, security = "mutual_tls", %authz,
-            // From the workload's side: bytes it sent back, bytes it received.
-            sent = stats.sent(), received = stats.received(),
-            duration_ms = started.elapsed().as_millis() as u64,
-            result = %result.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()),
-            "inbound connection closed"
+        self.access_log(
+            AccessKind::Inbound,
+            &conn,
+            &authz,
+            &stats,
+            started,
+            &result
+                .as_ref()
+                .map_or_else(|e| e.to_string(), |()| "ok".into()),
         );
         drop(record);
         result
+    }
+
+    /// The access-log line of a finished inbound connection (the copy's TCP side is the
+    /// workload: what it sent went to the client).
+    fn access_log(
+        &self,
+        kind: AccessKind,
+        conn: &InboundConnection,
+        authz: &str,
+        stats: &CopyStats,
+        started: std::time::Instant,
+        result: &str,
+    ) {
+        let source_meta = self.workloads.describe(conn.source_addr.ip());
+        let (bytes_from_client, bytes_to_client) = match kind {
+            AccessKind::InboundPlaintext => (stats.sent(), stats.received()),
+            _ => (stats.received(), stats.sent()),
+        };
+        AccessLog {
+            kind,
+            source: conn.source_identity.as_ref(),
+            source_workload: source_meta.as_ref().map(|m| WorkloadName {
+                namespace: &m.namespace,
+                name: &m.workload,
+            }),
+            source_addr: conn.source_addr,
+            destination: Some(&conn.workload.identity),
+            destination_workload: Some(WorkloadName {
+                namespace: &conn.workload.namespace,
+                name: &conn.workload.name,
+            }),
+            original_destination: conn.destination,
+            target: conn.destination,
+            security: if conn.source_identity.is_some() {
+                "mutual_tls"
+            } else {
+                "none"
+            },
+            authz,
+            bytes_from_client,
+            bytes_to_client,
+            duration: started.elapsed(),
+            result,
+        }
+        .emit();
+    }
+
+    /// The one line a policy denial leaves on this side (401 on HBONE, a reset on 15006).
+    fn log_denied(&self, conn: &InboundConnection, authz: &str) {
+        info!(
+            source = %conn.source_identity.as_ref().map_or_else(|| ABSENT.to_owned(), ToString::to_string),
+            source_addr = %conn.source_addr,
+            destination = %conn.workload.identity,
+            destination_workload = %format_args!("{}/{}", conn.workload.namespace, conn.workload.name),
+            target = %conn.destination,
+            security = if conn.source_identity.is_some() { "mutual_tls" } else { "none" },
+            %authz,
+            "inbound connection denied"
+        );
     }
 
     /// The plaintext path (:15006): no identity. `destination` is the address the client
@@ -414,7 +654,15 @@ impl Inbound {
         destination: SocketAddr,
     ) -> Result<(), TunnelError> {
         let source_addr = client.peer_addr()?;
-        let Some(workload) = self.workloads.by_ip(destination.ip()) else {
+        let Some(workload) = self.own_workload(destination.ip()) else {
+            super::reset_on_close(&client);
+            self.refuse(
+                RefusalReason::NotLocalPod,
+                source_addr,
+                None,
+                Some(destination),
+                &"plaintext connection to an address this pod does not own",
+            );
             return Ok(());
         };
         let conn = Arc::new(InboundConnection {
@@ -424,8 +672,8 @@ impl Inbound {
             workload,
         });
         let (verdict, authz) = self.authorizer.authorize_explained(&conn);
-        if let Verdict::Deny { reason } = verdict {
-            info!(%source_addr, destination = %conn.workload.identity, %reason, "plaintext connection denied");
+        if let Verdict::Deny { .. } = verdict {
+            self.log_denied(&conn, &authz);
             // Reset rather than close: the client must not mistake a denial for an empty reply.
             super::reset_on_close(&client);
             return Ok(());
@@ -435,13 +683,29 @@ impl Inbound {
         let source = self
             .preserve_source
             .then_some(SocketAddr::new(source_addr.ip(), 0));
-        let mut upstream = dial_with_timeout(
+        let mut upstream = match dial_with_timeout(
             self.dialer.as_ref(),
             destination,
             source,
             self.config.connect_timeout,
         )
-        .await?;
+        .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                // The client's connect already succeeded against the agent: a reset is the
+                // closest it can see to "refused".
+                super::reset_on_close(&client);
+                self.refuse(
+                    RefusalReason::UpstreamFailed,
+                    source_addr,
+                    None,
+                    Some(destination),
+                    &e,
+                );
+                return Err(e);
+            }
+        };
         let (_record, stats) = self.open_record(&conn, source_addr, destination, true);
         let started = std::time::Instant::now();
         // The client is the TCP side here: what it sends is the request.
@@ -455,12 +719,15 @@ impl Inbound {
                 Err(std::io::Error::other("revoked: a policy change denies this connection"))
             }
         };
-        info!(
-            %source_addr, destination = %conn.workload.identity, target = %destination,
-            security = "none", %authz, sent = stats.sent(), received = stats.received(),
-            duration_ms = started.elapsed().as_millis() as u64,
-            result = %result.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()),
-            "inbound plaintext connection closed"
+        self.access_log(
+            AccessKind::InboundPlaintext,
+            &conn,
+            &authz,
+            &stats,
+            started,
+            &result
+                .as_ref()
+                .map_or_else(|e| e.to_string(), |()| "ok".into()),
         );
         result?;
         Ok(())
@@ -492,6 +759,80 @@ impl Inbound {
     pub fn live_connections(&self) -> usize {
         self.live.map.lock().map_or(0, |m| m.len())
     }
+}
+
+/// The TLS stream an HBONE server connection runs on.
+type HboneTls = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// h2's hard header-list bound is this multiple of the configured limit: between the two,
+/// the stream reaches us and its 431 is logged and counted.
+const HEADER_HARD_LIMIT_FACTOR: u32 = 4;
+
+/// Streams open on one HBONE connection; `idle` fires when the count drops to zero.
+#[derive(Default)]
+struct StreamCount {
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+impl StreamCount {
+    fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+}
+
+/// One open stream, counted until its task ends however it ends.
+struct StreamGuard(Arc<StreamCount>);
+
+impl StreamGuard {
+    fn new(count: Arc<StreamCount>) -> Self {
+        count.active.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // notify_one keeps a permit if the connection loop is busy, so none is lost.
+            self.0.idle.notify_one();
+        }
+    }
+}
+
+/// RFC 7540 §6.5.2 size of a request's header list, pseudo-headers included: what
+/// SETTINGS_MAX_HEADER_LIST_SIZE limits.
+fn header_list_size<B>(request: &Request<B>) -> usize {
+    const PER_FIELD: usize = 32;
+    let pseudo = [
+        (":method".len(), request.method().as_str().len()),
+        (
+            ":authority".len(),
+            request.uri().authority().map_or(0, |a| a.as_str().len()),
+        ),
+        (
+            ":path".len(),
+            request
+                .uri()
+                .path_and_query()
+                .map_or(0, |p| p.as_str().len()),
+        ),
+        (
+            ":scheme".len(),
+            request.uri().scheme_str().map_or(0, str::len),
+        ),
+    ];
+    let pseudo: usize = pseudo
+        .iter()
+        .filter(|(_, v)| *v > 0)
+        .map(|(n, v)| n + v + PER_FIELD)
+        .sum();
+    let fields: usize = request
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + PER_FIELD)
+        .sum();
+    pseudo + fields
 }
 
 /// Resolves when `drain` turns true; never when there is none or its sender is gone.

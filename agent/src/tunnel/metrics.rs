@@ -114,6 +114,67 @@ pub struct HandshakeLabels {
     pub reason: &'static str,
 }
 
+/// Why the inbound side refused an HBONE connection or stream (or a plaintext connection)
+/// before or instead of carrying it. Closed set: each name is a stable metric label and
+/// the `reason` of the refusal's log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RefusalReason {
+    /// A stream that is not CONNECT (400).
+    BadMethod,
+    /// A CONNECT whose `:authority` is not an `ip:port` (400).
+    BadAuthority,
+    /// A connection or CONNECT for an address that is not this listener's pod (400, or a
+    /// reset before TLS).
+    NotLocalPod,
+    /// The workload did not accept the upstream connection (503, or a reset on 15006).
+    UpstreamFailed,
+    /// Request headers over `TunnelConfig::max_header_list_size` (431).
+    HeaderTooLarge,
+    /// No finished TLS + HTTP/2 handshake within `TunnelConfig::tls_handshake_timeout`.
+    HandshakeTimeout,
+    /// An HBONE connection carried no stream for `TunnelConfig::hbone_idle_timeout`.
+    IdleTimeout,
+    /// The peer broke the HTTP/2 protocol and the connection was torn down (GOAWAY).
+    ProtocolError,
+}
+
+impl RefusalReason {
+    pub const ALL: [Self; 8] = [
+        Self::BadMethod,
+        Self::BadAuthority,
+        Self::NotLocalPod,
+        Self::UpstreamFailed,
+        Self::HeaderTooLarge,
+        Self::HandshakeTimeout,
+        Self::IdleTimeout,
+        Self::ProtocolError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadMethod => "bad_method",
+            Self::BadAuthority => "bad_authority",
+            Self::NotLocalPod => "not_local_pod",
+            Self::UpstreamFailed => "upstream_failed",
+            Self::HeaderTooLarge => "header_too_large",
+            Self::HandshakeTimeout => "handshake_timeout",
+            Self::IdleTimeout => "idle_timeout",
+            Self::ProtocolError => "protocol_error",
+        }
+    }
+}
+
+impl std::fmt::Display for RefusalReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub reason: &'static str,
+}
+
 /// Shared by every pod of the agent.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -122,6 +183,7 @@ pub struct Metrics {
     sent: Family<ConnectionLabels, Counter>,
     received: Family<ConnectionLabels, Counter>,
     handshake_failures: Family<HandshakeLabels, Counter>,
+    refusals: Family<RefusalLabels, Counter>,
     /// Connections recorded and not yet dropped; the drain waits for this to reach zero.
     active: Arc<AtomicUsize>,
     /// One shared copy of each label set: an idle connection holds a pointer to it rather
@@ -178,7 +240,34 @@ impl Metrics {
             "Failed mTLS handshakes on HBONE connections, by reason",
             m.handshake_failures.clone(),
         );
+        for reason in RefusalReason::ALL {
+            drop(m.refusals.get_or_create(&RefusalLabels {
+                reason: reason.as_str(),
+            }));
+        }
+        registry.register(
+            "ambit_hbone_refusals",
+            "Inbound connections and streams refused before or instead of being carried, by reason",
+            m.refusals.clone(),
+        );
         m
+    }
+
+    pub fn refusal(&self, reason: RefusalReason) {
+        self.refusals
+            .get_or_create(&RefusalLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    /// Refusals counted so far for `reason`.
+    pub fn refusals(&self, reason: RefusalReason) -> u64 {
+        self.refusals
+            .get_or_create(&RefusalLabels {
+                reason: reason.as_str(),
+            })
+            .get()
     }
 
     pub fn handshake_failure(&self, reason: &HandshakeFailure) {
@@ -352,7 +441,17 @@ mod metrics_tests {
         record.set_response_flags("UF");
         drop(record);
         m.handshake_failure(&HandshakeFailure::NoClientCertificate);
+        m.refusal(RefusalReason::NotLocalPod);
         let text = encode(&registry);
+        assert!(
+            text.contains("ambit_hbone_refusals_total{reason=\"not_local_pod\"} 1"),
+            "{text}"
+        );
+        // Every reason is exported from the start, so alerts see a baseline.
+        assert!(
+            text.contains("ambit_hbone_refusals_total{reason=\"idle_timeout\"} 0"),
+            "{text}"
+        );
         assert!(
             text.contains("connection_security_policy=\"none\""),
             "{text}"

@@ -6,6 +6,7 @@
 //! docs/HBONE.md.
 
 mod accept;
+mod access_log;
 mod copy;
 mod inbound;
 mod metrics;
@@ -22,11 +23,14 @@ use futures::future::BoxFuture;
 use tokio::net::{TcpSocket, TcpStream};
 
 pub use accept::{AcceptBackoff, accept_loop};
+pub use access_log::{ABSENT, AccessKind, AccessLog, WorkloadName};
 pub use copy::{CopyStats, copy_tcp};
 pub use inbound::{
     AllowAll, Authorizer, Inbound, InboundConnection, LocalWorkload, LocalWorkloads, Verdict,
 };
-pub use metrics::{ConnectionLabels, ConnectionRecord, Metrics, Reporter, UNKNOWN, WorkloadMeta};
+pub use metrics::{
+    ConnectionLabels, ConnectionRecord, Metrics, RefusalReason, Reporter, UNKNOWN, WorkloadMeta,
+};
 pub use outbound::{Outbound, OutboundRequest};
 pub use tls::{HandshakeFailure, client_config};
 
@@ -53,6 +57,16 @@ pub struct TunnelConfig {
     pub max_frame_size: u32,
     /// TCP connect timeout, both for HBONE connections and for the inbound upstream.
     pub connect_timeout: Duration,
+    /// Inbound: the TLS and HTTP/2 handshakes of a new HBONE connection must finish within
+    /// this, or the connection is reset (a peer that never sends a ClientHello is dropped).
+    pub tls_handshake_timeout: Duration,
+    /// Inbound: an HBONE connection with no open stream for this long is closed (GOAWAY).
+    /// Longer than the clients' `pool_idle_timeout`, so a client normally releases an idle
+    /// connection itself before the server does and never races it with a new stream.
+    pub hbone_idle_timeout: Duration,
+    /// Inbound: largest request header list (RFC 7540 size: names + values + 32 per field)
+    /// accepted on a CONNECT; larger ones get 431.
+    pub max_header_list_size: u32,
 }
 
 impl Default for TunnelConfig {
@@ -66,6 +80,13 @@ impl Default for TunnelConfig {
             connection_window: 16 * 1024 * 1024,
             max_frame_size: 1024 * 1024,
             connect_timeout: Duration::from_secs(10),
+            // ztunnel sets no explicit deadline on its TLS accept; 10 s matches the connect
+            // timeout and is ample for a handshake between nodes.
+            tls_handshake_timeout: Duration::from_secs(10),
+            // Twice the pool's 5 minutes (ztunnel's and ours).
+            hbone_idle_timeout: Duration::from_secs(600),
+            // ztunnel's value (src/proxy/h2/server.rs): CONNECT headers are small and bounded.
+            max_header_list_size: 64 * 1024,
         }
     }
 }

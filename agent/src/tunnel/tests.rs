@@ -19,6 +19,8 @@ use crate::identity::{
 };
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// Another pod on the same node (loopback answers on all of 127/8).
+const OTHER_POD: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 
 fn id(sa: &str) -> SpiffeId {
     SpiffeId::new("cluster.local", "default", sa).expect("valid id")
@@ -86,6 +88,7 @@ impl Authorizer for RecordingAuthorizer {
 struct Env {
     ca: Arc<LocalCa>,
     inbound: Arc<Inbound>,
+    metrics: Arc<Metrics>,
     authorizer: Arc<RecordingAuthorizer>,
     hbone_addr: SocketAddr,
     echo_addr: SocketAddr,
@@ -103,30 +106,63 @@ impl Env {
         deny: Vec<SpiffeId>,
         deny_plaintext: bool,
     ) -> Self {
+        Self::build(config, cert_ttl, deny, deny_plaintext, None).await
+    }
+
+    /// The listener of the pod at 127.0.0.1 only, as the agent runs it.
+    async fn for_pod(config: TunnelConfig) -> Self {
+        Self::build(
+            config,
+            Duration::from_secs(3600),
+            vec![],
+            false,
+            Some(vec![LOCALHOST]),
+        )
+        .await
+    }
+
+    /// Two local workloads: `server` at 127.0.0.1 and `other` at 127.0.0.2. With `for_pod`
+    /// the Inbound serves those addresses only; without, every local workload.
+    async fn build(
+        config: TunnelConfig,
+        cert_ttl: Duration,
+        deny: Vec<SpiffeId>,
+        deny_plaintext: bool,
+        for_pod: Option<Vec<IpAddr>>,
+    ) -> Self {
         let ca = Arc::new(LocalCa::generate().expect("CA"));
         let server_certs = CertManager::new(ca.clone(), cert_ttl);
         let client_certs = CertManager::new(ca.clone(), cert_ttl);
-        let workloads = Arc::new(Workloads(HashMap::from([(
-            LOCALHOST,
-            LocalWorkload {
-                name: "server".into(),
-                namespace: "default".into(),
-                identity: id("server"),
-            },
-        )])));
+        let workload = |name: &str| LocalWorkload {
+            name: name.into(),
+            namespace: "default".into(),
+            identity: id(name),
+        };
+        let workloads = Arc::new(Workloads(HashMap::from([
+            (LOCALHOST, workload("server")),
+            (OTHER_POD, workload("other")),
+        ])));
         let authorizer = Arc::new(RecordingAuthorizer {
             deny,
             deny_plaintext,
             ..Default::default()
         });
-        let inbound = Arc::new(Inbound::new(
+        let metrics = Arc::new(Metrics::new(
+            &mut prometheus_client::registry::Registry::default(),
+        ));
+        let mut inbound = Inbound::new(
             server_certs,
             workloads,
             authorizer.clone(),
             Arc::new(DirectDialer),
             config,
             false,
-        ));
+        )
+        .with_metrics(metrics.clone());
+        if let Some(ips) = for_pod {
+            inbound = inbound.for_pod(ips);
+        }
+        let inbound = Arc::new(inbound);
         let listener = TcpListener::bind((LOCALHOST, 0)).await.expect("bind hbone");
         let hbone_addr = listener.local_addr().expect("addr");
         tokio::spawn(inbound.clone().serve(listener));
@@ -134,6 +170,7 @@ impl Env {
         Self {
             ca,
             inbound,
+            metrics,
             authorizer,
             hbone_addr,
             echo_addr,
@@ -182,7 +219,11 @@ impl Env {
 
 /// Echoes every byte back and half-closes after the client does.
 async fn spawn_echo() -> SocketAddr {
-    let listener = TcpListener::bind((LOCALHOST, 0)).await.expect("bind echo");
+    spawn_echo_on(LOCALHOST).await
+}
+
+async fn spawn_echo_on(ip: IpAddr) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).await.expect("bind echo");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
@@ -457,6 +498,11 @@ async fn inbound_answers_400_401_503_as_hbone_peers_expect() {
         StatusCode::BAD_REQUEST,
         "authority must be a local workload's address"
     );
+    assert_eq!(
+        status_of(send.clone(), connect("echo.default:80".into())).await,
+        StatusCode::BAD_REQUEST,
+        "authority must be ip:port"
+    );
     let closed = TcpListener::bind((LOCALHOST, 0)).await.expect("bind");
     let closed_addr = closed.local_addr().expect("addr");
     drop(closed);
@@ -479,6 +525,274 @@ async fn inbound_answers_400_401_503_as_hbone_peers_expect() {
         StatusCode::OK,
         "an allowed identity still gets through"
     );
+    for (reason, count) in [
+        (RefusalReason::BadMethod, 1),
+        (RefusalReason::NotLocalPod, 1),
+        (RefusalReason::BadAuthority, 1),
+        (RefusalReason::UpstreamFailed, 1),
+        (RefusalReason::HeaderTooLarge, 0),
+    ] {
+        assert_eq!(env.metrics.refusals(reason), count, "{reason}");
+    }
+}
+
+fn connect_to(target: SocketAddr) -> Request<()> {
+    Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .body(())
+        .expect("request")
+}
+
+/// An HBONE session as `client`, with the task driving the connection: it finishes when the
+/// server closes the connection.
+async fn session(
+    env: &Env,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let cert = env.client_certs.get(&id("client")).await.expect("cert");
+    let config = tls::client_config(&cert, &env.ca.trust_bundle(), &id("server")).expect("config");
+    let tcp = TcpStream::connect(env.hbone_addr).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::IpAddress(env.hbone_addr.ip().into()), tcp)
+        .await
+        .expect("TLS");
+    let (send, conn) = h2::client::handshake(tls).await.expect("HTTP/2");
+    (send, tokio::spawn(conn))
+}
+
+/// Generous: only a hung connection takes this long.
+const CLOSE_BOUND: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn connect_to_another_pod_on_the_node_is_refused_by_this_pods_listener() {
+    let env = Env::for_pod(TunnelConfig::default()).await;
+    // Pod B answers: before the fix, A's listener dialled it (from A's netns in the agent).
+    let other = spawn_echo_on(OTHER_POD).await;
+    let (send, _conn) = session(&env).await;
+    assert_eq!(
+        status_of(send.clone(), connect_to(other)).await,
+        StatusCode::BAD_REQUEST,
+        "a pod's listener serves that pod only"
+    );
+    assert_eq!(env.metrics.refusals(RefusalReason::NotLocalPod), 1);
+    assert!(
+        env.authorizer.seen.lock().expect("lock").is_empty(),
+        "refused before authorization"
+    );
+    assert_eq!(
+        status_of(send, connect_to(env.echo_addr)).await,
+        StatusCode::OK,
+        "its own pod still gets through"
+    );
+
+    // The plaintext path of pod A, for a connection to pod B: reset and counted.
+    let mut client = plaintext_client_to(&env, other).await;
+    let mut buf = [0u8; 1];
+    let err = client
+        .read(&mut buf)
+        .await
+        .expect_err("refused with a reset");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    assert_eq!(env.metrics.refusals(RefusalReason::NotLocalPod), 2);
+}
+
+#[tokio::test]
+async fn without_a_pod_the_inbound_serves_every_local_workload() {
+    let env = Env::default().await;
+    let other = spawn_echo_on(OTHER_POD).await;
+    let (send, _conn) = session(&env).await;
+    assert_eq!(status_of(send, connect_to(other)).await, StatusCode::OK);
+    assert_eq!(env.metrics.refusals(RefusalReason::NotLocalPod), 0);
+}
+
+#[tokio::test]
+async fn hbone_connection_to_an_address_the_pod_does_not_own_is_reset() {
+    let env = Env::for_pod(TunnelConfig::default()).await;
+    // The same Inbound, listening on pod B's address.
+    let listener = TcpListener::bind((OTHER_POD, 0)).await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(env.inbound.clone().serve(listener));
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    let mut buf = [0u8; 1];
+    let err = tcp.read(&mut buf).await.expect_err("reset");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    assert_eq!(env.metrics.refusals(RefusalReason::NotLocalPod), 1);
+}
+
+#[tokio::test]
+async fn a_connection_that_never_sends_a_client_hello_is_reset_at_the_deadline() {
+    let env = Env::start(
+        TunnelConfig {
+            tls_handshake_timeout: Duration::from_millis(200),
+            ..TunnelConfig::default()
+        },
+        Duration::from_secs(3600),
+        vec![],
+    )
+    .await;
+    let mut silent = TcpStream::connect(env.hbone_addr).await.expect("connect");
+    let mut buf = [0u8; 1];
+    let outcome = tokio::time::timeout(CLOSE_BOUND, silent.read(&mut buf))
+        .await
+        .expect("the server ends the connection");
+    assert_eq!(
+        outcome.expect_err("a reset, not a clean close").kind(),
+        std::io::ErrorKind::ConnectionReset
+    );
+    assert_eq!(env.metrics.refusals(RefusalReason::HandshakeTimeout), 1);
+
+    // TLS done but no HTTP/2 preface: the same deadline.
+    let cert = env.client_certs.get(&id("client")).await.expect("cert");
+    let config = tls::client_config(&cert, &env.ca.trust_bundle(), &id("server")).expect("config");
+    let tcp = TcpStream::connect(env.hbone_addr).await.expect("connect");
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::IpAddress(env.hbone_addr.ip().into()), tcp)
+        .await
+        .expect("TLS");
+    // The server's SETTINGS may arrive first; what ends the stream must be the reset.
+    let mut settings = Vec::new();
+    let outcome = tokio::time::timeout(CLOSE_BOUND, tls.read_to_end(&mut settings))
+        .await
+        .expect("the server ends the connection");
+    assert_eq!(
+        outcome.expect_err("a reset, not a clean close").kind(),
+        std::io::ErrorKind::ConnectionReset
+    );
+    assert_eq!(env.metrics.refusals(RefusalReason::HandshakeTimeout), 2);
+}
+
+#[tokio::test]
+async fn a_connection_without_streams_is_closed_when_idle_and_one_with_a_stream_is_not() {
+    let idle = Duration::from_millis(200);
+    let env = Env::start(
+        TunnelConfig {
+            hbone_idle_timeout: idle,
+            ..TunnelConfig::default()
+        },
+        Duration::from_secs(3600),
+        vec![],
+    )
+    .await;
+
+    // Never opens a stream: closed.
+    let (_send, conn) = session(&env).await;
+    tokio::time::timeout(CLOSE_BOUND, conn)
+        .await
+        .expect("the idle connection is closed")
+        .expect("join")
+        .expect("closed with GOAWAY(NO_ERROR), not an error");
+    assert_eq!(env.metrics.refusals(RefusalReason::IdleTimeout), 1);
+
+    // Holds a stream across several idle periods: kept, and closed once the stream ends.
+    let (send, conn) = session(&env).await;
+    let mut send = send.ready().await.expect("ready");
+    let (response, mut tx) = send
+        .send_request(connect_to(env.echo_addr), false)
+        .expect("send");
+    let response = response.await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut rx = response.into_body();
+    tokio::time::sleep(idle * 3).await;
+    tx.send_data(Bytes::from_static(b"still here"), true)
+        .expect("the connection is still open");
+    let mut echoed = Vec::new();
+    while let Some(chunk) = rx.data().await {
+        let chunk = chunk.expect("data");
+        let _ = rx.flow_control().release_capacity(chunk.len());
+        echoed.extend_from_slice(&chunk);
+    }
+    assert_eq!(echoed, b"still here");
+    assert_eq!(env.metrics.refusals(RefusalReason::IdleTimeout), 1);
+    // The client keeps its handle (an h2 client with none left closes by itself).
+    drop((tx, rx));
+    tokio::time::timeout(CLOSE_BOUND, conn)
+        .await
+        .expect("closed once idle")
+        .expect("join")
+        .expect("clean GOAWAY");
+    assert_eq!(env.metrics.refusals(RefusalReason::IdleTimeout), 2);
+    drop(send);
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431_logged_and_counted_and_the_connection_lives_on() {
+    let env = Env::default().await;
+    let (send, _conn) = session(&env).await;
+    // Twice the 64 KiB default: accepted before the limit existed.
+    let big = Request::builder()
+        .method(Method::CONNECT)
+        .uri(env.echo_addr.to_string())
+        .header("x-pad", "a".repeat(128 * 1024))
+        .body(())
+        .expect("request");
+    assert_eq!(
+        status_of(send.clone(), big).await,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    assert_eq!(env.metrics.refusals(RefusalReason::HeaderTooLarge), 1);
+    assert!(env.authorizer.seen.lock().expect("lock").is_empty());
+    assert_eq!(
+        status_of(send, connect_to(env.echo_addr)).await,
+        StatusCode::OK,
+        "the connection is still good"
+    );
+}
+
+#[tokio::test]
+async fn headers_beyond_the_hard_limit_still_leave_a_trace() {
+    let env = Env::default().await;
+    let (send, conn) = session(&env).await;
+    let huge = Request::builder()
+        .method(Method::CONNECT)
+        .uri(env.echo_addr.to_string())
+        .header("x-pad", "a".repeat(1024 * 1024))
+        .body(())
+        .expect("request");
+    let mut send = send.ready().await.expect("ready");
+    let outcome = match send.send_request(huge, false) {
+        Ok((response, _tx)) => response.await.map(|r| r.status()),
+        Err(e) => Err(e),
+    };
+    // Too big for h2 to even hold: it tears the connection down with GOAWAY, and the
+    // refusal is logged and counted as a protocol error (the log line carries h2's detail).
+    let err = outcome.expect_err("refused");
+    assert!(
+        err.is_go_away() && err.is_remote(),
+        "GOAWAY from the server: {err:?}"
+    );
+    let _ = tokio::time::timeout(CLOSE_BOUND, conn).await;
+    let metrics = env.metrics.clone();
+    wait_for("the refusal to be counted", move || {
+        metrics.refusals(RefusalReason::ProtocolError) == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_peer_that_does_not_speak_http2_is_refused_as_a_protocol_error() {
+    let env = Env::default().await;
+    let cert = env.client_certs.get(&id("client")).await.expect("cert");
+    let config = tls::client_config(&cert, &env.ca.trust_bundle(), &id("server")).expect("config");
+    let tcp = TcpStream::connect(env.hbone_addr).await.expect("connect");
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::IpAddress(env.hbone_addr.ip().into()), tcp)
+        .await
+        .expect("TLS");
+    tls.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(CLOSE_BOUND, tls.read_to_end(&mut rest))
+        .await
+        .expect("the server ends the connection");
+    let metrics = env.metrics.clone();
+    wait_for("the refusal to be counted", move || {
+        metrics.refusals(RefusalReason::ProtocolError) == 1
+    })
+    .await;
 }
 
 struct Start;
@@ -646,13 +960,17 @@ async fn two_hundred_streams_share_two_connections_until_idle() {
 
 /// A plaintext client handed to the 15006 path, as sk_lookup would.
 async fn plaintext_client(env: &Env) -> TcpStream {
+    plaintext_client_to(env, env.echo_addr).await
+}
+
+/// A plaintext client whose (sk_lookup) destination is `destination`.
+async fn plaintext_client_to(env: &Env, destination: SocketAddr) -> TcpStream {
     let listener = TcpListener::bind((LOCALHOST, 0)).await.expect("bind");
     let client = TcpStream::connect(listener.local_addr().expect("addr"))
         .await
         .expect("connect");
     let (accepted, _) = listener.accept().await.expect("accept");
     let inbound = env.inbound.clone();
-    let destination = env.echo_addr;
     tokio::spawn(async move { inbound.handle_plaintext(accepted, destination).await });
     client
 }

@@ -1,0 +1,224 @@
+//! The access log: one line per proxied connection when it closes, in the same format for
+//! both directions (docs/HBONE.md "Access log"). Outbound lines are written by the app (which
+//! knows the route), inbound ones by `inbound.rs`; both go through [`AccessLog::emit`].
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::identity::SpiffeId;
+
+/// Written for a value the reporter does not have (no identity on plaintext, an unknown
+/// workload).
+pub const ABSENT: &str = "-";
+
+/// Which line this is; also the log message, which tools match on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessKind {
+    /// Reported by the client's agent.
+    Outbound,
+    /// Reported by the server's agent, the connection came over HBONE.
+    Inbound,
+    /// Reported by the server's agent, the connection came in plaintext (:15006).
+    InboundPlaintext,
+}
+
+impl AccessKind {
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::Outbound => "outbound connection closed",
+            Self::Inbound => "inbound connection closed",
+            Self::InboundPlaintext => "inbound plaintext connection closed",
+        }
+    }
+}
+
+/// A workload as the log names it: `namespace/name`.
+#[derive(Clone, Copy, Debug)]
+pub struct WorkloadName<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+}
+
+/// Everything one access-log line says. Bytes are counted from the client's point of view
+/// in both directions, so the two agents' lines for one connection agree.
+#[derive(Clone, Debug)]
+pub struct AccessLog<'a> {
+    pub kind: AccessKind,
+    /// Verified identity of the client; `None` for plaintext.
+    pub source: Option<&'a SpiffeId>,
+    pub source_workload: Option<WorkloadName<'a>>,
+    pub source_addr: SocketAddr,
+    /// Identity of the server workload.
+    pub destination: Option<&'a SpiffeId>,
+    pub destination_workload: Option<WorkloadName<'a>>,
+    /// What the client dialled (a service VIP outbound; the CONNECT authority inbound).
+    pub original_destination: SocketAddr,
+    /// The workload address actually connected to.
+    pub target: SocketAddr,
+    /// `mutual_tls` or `none`.
+    pub security: &'static str,
+    /// The authorization decision; outbound says `remote` (the destination's agent decides).
+    pub authz: &'a str,
+    /// Bytes the client sent (the request direction).
+    pub bytes_from_client: u64,
+    /// Bytes the client received (the response direction).
+    pub bytes_to_client: u64,
+    pub duration: Duration,
+    /// `ok` or the error that ended the connection.
+    pub result: &'a str,
+}
+
+impl AccessLog<'_> {
+    /// The line's fields, in order, as `(name, value)`; both [`Self::emit`] and the text
+    /// form use this, so the two directions cannot drift apart.
+    pub fn fields(&self) -> [(&'static str, String); 13] {
+        let id = |id: Option<&SpiffeId>| id.map_or_else(|| ABSENT.to_owned(), ToString::to_string);
+        let workload = |w: Option<WorkloadName<'_>>| {
+            w.map_or_else(
+                || ABSENT.to_owned(),
+                |w| format!("{}/{}", w.namespace, w.name),
+            )
+        };
+        [
+            ("source", id(self.source)),
+            ("source_workload", workload(self.source_workload)),
+            ("source_addr", self.source_addr.to_string()),
+            ("destination", id(self.destination)),
+            ("destination_workload", workload(self.destination_workload)),
+            (
+                "original_destination",
+                self.original_destination.to_string(),
+            ),
+            ("target", self.target.to_string()),
+            ("security", self.security.to_owned()),
+            ("authz", self.authz.to_owned()),
+            ("bytes_from_client", self.bytes_from_client.to_string()),
+            ("bytes_to_client", self.bytes_to_client.to_string()),
+            ("duration_ms", self.duration.as_millis().to_string()),
+            ("result", self.result.to_owned()),
+        ]
+    }
+
+    /// Writes the line (INFO), structured, so the JSON log format keeps the fields. tracing
+    /// needs the names as literals: they repeat [`Self::fields`], in the same order.
+    pub fn emit(&self) {
+        let [
+            (_, source),
+            (_, source_workload),
+            (_, source_addr),
+            (_, destination),
+            (_, destination_workload),
+            (_, original_destination),
+            (_, target),
+            (_, security),
+            (_, authz),
+            (_, bytes_from_client),
+            (_, bytes_to_client),
+            (_, duration_ms),
+            (_, result),
+        ] = self.fields();
+        macro_rules! line {
+            ($msg:expr) => {
+                tracing::info!(
+                    %source, %source_workload, %source_addr, %destination,
+                    %destination_workload, %original_destination, %target, %security, %authz,
+                    %bytes_from_client, %bytes_to_client, %duration_ms, %result, $msg
+                )
+            };
+        }
+        // tracing wants a literal message; one arm per kind keeps it one.
+        match self.kind {
+            AccessKind::Outbound => line!("outbound connection closed"),
+            AccessKind::Inbound => line!("inbound connection closed"),
+            AccessKind::InboundPlaintext => line!("inbound plaintext connection closed"),
+        }
+    }
+}
+
+/// The text form, as the default log format prints it: `message key=value ...`.
+impl fmt::Display for AccessLog<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.kind.message())?;
+        for (name, value) in self.fields() {
+            write!(f, " {name}={value}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", "shop", sa).expect("valid id")
+    }
+
+    fn line<'a>(
+        kind: AccessKind,
+        source: Option<&'a SpiffeId>,
+        server: &'a SpiffeId,
+    ) -> AccessLog<'a> {
+        AccessLog {
+            kind,
+            source,
+            source_workload: Some(WorkloadName {
+                namespace: "shop",
+                name: "client",
+            }),
+            source_addr: "10.0.0.1:40000".parse().expect("addr"),
+            destination: Some(server),
+            destination_workload: Some(WorkloadName {
+                namespace: "shop",
+                name: "server",
+            }),
+            original_destination: "10.96.0.10:80".parse().expect("addr"),
+            target: "10.0.0.2:8080".parse().expect("addr"),
+            security: "mutual_tls",
+            authz: "remote",
+            bytes_from_client: 1000,
+            bytes_to_client: 7,
+            duration: Duration::from_millis(12),
+            result: "ok",
+        }
+    }
+
+    #[test]
+    fn both_directions_share_one_format_with_plain_values() {
+        let client = id("client");
+        let server = id("server");
+        let outbound = line(AccessKind::Outbound, Some(&client), &server).to_string();
+        let inbound = line(AccessKind::Inbound, Some(&client), &server).to_string();
+        let expected_fields = "source=spiffe://cluster.local/ns/shop/sa/client \
+            source_workload=shop/client source_addr=10.0.0.1:40000 \
+            destination=spiffe://cluster.local/ns/shop/sa/server \
+            destination_workload=shop/server original_destination=10.96.0.10:80 \
+            target=10.0.0.2:8080 security=mutual_tls authz=remote bytes_from_client=1000 \
+            bytes_to_client=7 duration_ms=12 result=ok";
+        assert_eq!(
+            outbound,
+            format!("outbound connection closed {expected_fields}")
+        );
+        assert_eq!(
+            inbound,
+            format!("inbound connection closed {expected_fields}")
+        );
+        // Nothing prints as a Rust debug value.
+        assert!(!inbound.contains("Some("), "{inbound}");
+    }
+
+    #[test]
+    fn absent_values_are_a_dash() {
+        let server = id("server");
+        let mut entry = line(AccessKind::InboundPlaintext, None, &server);
+        entry.source_workload = None;
+        entry.security = "none";
+        let text = entry.to_string();
+        assert!(
+            text.starts_with("inbound plaintext connection closed source=- source_workload=- "),
+            "{text}"
+        );
+        assert!(text.contains(" security=none "), "{text}");
+    }
+}
