@@ -182,17 +182,17 @@ fn both_agents_count_the_connection_with_their_reporter_and_live_bytes() -> anyh
     let log = a1.wait_for_log(
         &[
             "inbound connection closed",
-            "source_workload=client",
+            "source_workload=mesh/client",
             "authz=ALLOW",
         ],
         WAIT,
     )?;
-    assert!(log.contains("received=1000"), "{log}");
+    assert!(log.contains("bytes_from_client=1000"), "{log}");
     a0.wait_for_log(
         &[
             "outbound connection closed",
             "destination_workload=mesh/server-b",
-            "sent=1000",
+            "bytes_from_client=1000",
             "duration_ms=",
         ],
         WAIT,

@@ -20,7 +20,8 @@ use super::{Shared, StateWorkloads};
 use crate::config::{Route, WorkloadEntry};
 use crate::netns::NetNs;
 use crate::tunnel::{
-    ConnectionLabels, Dialer as _, Inbound, Outbound, OutboundRequest, Reporter, TunnelError,
+    AcceptBackoff, ConnectionLabels, CopyStats, Dialer as _, Inbound, Outbound, OutboundRequest,
+    Reporter, TunnelError, accept_loop,
 };
 
 /// What identifies a running pod; a change to any part restarts it.
@@ -273,19 +274,22 @@ struct OutboundCtx {
 }
 
 async fn serve_outbound(ctx: Arc<OutboundCtx>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((client, peer)) => {
-                // A proxy forwards whatever it has at once; Nagle would only add latency.
-                let _ = client.set_nodelay(true);
-                tokio::spawn(handle_outbound(ctx.clone(), client, peer));
-            }
-            Err(e) => {
-                warn!(error = %e, "outbound accept failed");
-                return;
-            }
-        }
-    }
+    // Ends only when the pod's tasks are aborted.
+    accept_loop(
+        &listener,
+        "outbound :15001",
+        AcceptBackoff::default(),
+        ctx.shared.metrics.accept_errors(),
+        std::future::pending(),
+        |client, peer| {
+            // A proxy forwards whatever it has at once; Nagle would only add latency.
+            let _ = client.set_nodelay(true);
+            // Until the connection finishes cleanly its close is a reset, even if the agent dies.
+            crate::tunnel::reset_on_close(&client);
+            tokio::spawn(handle_outbound(ctx.clone(), client, peer));
+        },
+    )
+    .await;
 }
 
 async fn handle_outbound(ctx: Arc<OutboundCtx>, client: TcpStream, peer: SocketAddr) {
@@ -387,8 +391,8 @@ async fn passthrough(
     target: SocketAddr,
 ) -> std::io::Result<()> {
     let mut upstream = sockets.dial(target, None).await?;
-    tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
-    Ok(())
+    // Lifts the client's reset-on-close only if both directions end cleanly.
+    crate::tunnel::copy_tcp(&mut client, &mut upstream, &CopyStats::default()).await
 }
 
 async fn serve_hbone(inbound: Arc<Inbound>, listener: TcpListener) {
@@ -398,25 +402,27 @@ async fn serve_hbone(inbound: Arc<Inbound>, listener: TcpListener) {
 }
 
 async fn serve_plaintext(inbound: Arc<Inbound>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((client, peer)) => {
-                let _ = client.set_nodelay(true);
-                let inbound = inbound.clone();
-                tokio::spawn(async move {
-                    // Under sk_lookup the accepted socket's local address is what the client dialled.
-                    let Ok(destination) = client.local_addr() else {
-                        return;
-                    };
-                    if let Err(e) = inbound.handle_plaintext(client, destination).await {
-                        debug!(%peer, error = %e, "plaintext connection ended with an error");
-                    }
-                });
-            }
-            Err(e) => {
-                warn!(error = %e, "plaintext accept failed");
-                return;
-            }
-        }
-    }
+    // Ends only when the pod's tasks are aborted.
+    accept_loop(
+        &listener,
+        "plaintext :15006",
+        AcceptBackoff::default(),
+        inbound.accept_errors(),
+        std::future::pending(),
+        |client, peer| {
+            let _ = client.set_nodelay(true);
+            crate::tunnel::reset_on_close(&client);
+            let inbound = inbound.clone();
+            tokio::spawn(async move {
+                // Under sk_lookup the accepted socket's local address is what the client dialled.
+                let Ok(destination) = client.local_addr() else {
+                    return;
+                };
+                if let Err(e) = inbound.handle_plaintext(client, destination).await {
+                    debug!(%peer, error = %e, "plaintext connection ended with an error");
+                }
+            });
+        },
+    )
+    .await;
 }

@@ -218,6 +218,14 @@ impl Inbound {
         self
     }
 
+    /// Where accept loops count their errors (a throwaway counter without metrics).
+    pub fn accept_errors(&self) -> prometheus_client::metrics::counter::Counter {
+        self.metrics
+            .as_ref()
+            .map(|m| m.accept_errors())
+            .unwrap_or_default()
+    }
+
     /// Sends GOAWAY on every HBONE connection once `drain` turns true.
     pub fn with_drain(mut self, drain: watch::Receiver<bool>) -> Self {
         self.drain = Some(drain);
@@ -270,19 +278,27 @@ impl Inbound {
         &self.counters
     }
 
-    /// Accepts HBONE connections until the listener fails.
+    /// Accepts HBONE connections until the task is aborted; accept errors are retried.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
-        loop {
-            let (tcp, peer) = listener.accept().await?;
-            // HTTP/2 writes small frames (WINDOW_UPDATE, headers): never hold them back.
-            let _ = tcp.set_nodelay(true);
-            let this = self.clone();
-            tokio::spawn(async move {
-                if let Err(e) = this.handle_hbone(tcp).await {
-                    debug!(%peer, error = %e, "HBONE connection ended with an error");
-                }
-            });
-        }
+        super::accept_loop(
+            &listener,
+            "HBONE :15008",
+            super::AcceptBackoff::default(),
+            self.accept_errors(),
+            std::future::pending(),
+            |tcp, peer| {
+                // HTTP/2 writes small frames (WINDOW_UPDATE, headers): never hold them back.
+                let _ = tcp.set_nodelay(true);
+                let this = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = this.handle_hbone(tcp).await {
+                        debug!(%peer, error = %e, "HBONE connection ended with an error");
+                    }
+                });
+            },
+        )
+        .await;
+        Ok(())
     }
 
     /// One HBONE connection: TLS as the workload that owns the local address, then every
@@ -541,7 +557,11 @@ impl Inbound {
         )
         .await
         {
-            Ok(s) => s,
+            Ok(s) => {
+                // A reset, not a FIN, unless the copy below finishes cleanly.
+                super::reset_on_close(&s);
+                s
+            }
             Err(e) => {
                 self.refuse(
                     RefusalReason::UpstreamFailed,
@@ -706,6 +726,7 @@ impl Inbound {
                 return Err(e);
             }
         };
+        super::reset_on_close(&upstream);
         let (_record, stats) = self.open_record(&conn, source_addr, destination, true);
         let started = std::time::Instant::now();
         // The client is the TCP side here: what it sends is the request.

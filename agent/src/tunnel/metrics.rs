@@ -184,6 +184,8 @@ pub struct Metrics {
     received: Family<ConnectionLabels, Counter>,
     handshake_failures: Family<HandshakeLabels, Counter>,
     refusals: Family<RefusalLabels, Counter>,
+    /// Failed accepts on the agent's listeners (EMFILE and the like); accepting goes on.
+    accept_errors: Counter,
     /// Connections recorded and not yet dropped; the drain waits for this to reach zero.
     active: Arc<AtomicUsize>,
     /// One shared copy of each label set: an idle connection holds a pointer to it rather
@@ -250,7 +252,17 @@ impl Metrics {
             "Inbound connections and streams refused before or instead of being carried, by reason",
             m.refusals.clone(),
         );
+        registry.register(
+            "ambit_accept_errors",
+            "Failed accepts on the agent's listeners (accepting continues after a back-off)",
+            m.accept_errors.clone(),
+        );
         m
+    }
+
+    /// The counter every accept loop adds its errors to.
+    pub fn accept_errors(&self) -> Counter {
+        self.accept_errors.clone()
     }
 
     pub fn refusal(&self, reason: RefusalReason) {
