@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -258,7 +259,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         shared.count(resource, verb);
     }
 
-    if shared.unavailable.load(std::sync::atomic::Ordering::SeqCst) {
+    if shared.unavailable.load(Ordering::SeqCst) {
         return status_response(
             503,
             "ServiceUnavailable",
@@ -513,6 +514,15 @@ async fn run_watch(
         }
         event_line("BOOKMARK", &object)
     };
+    // Counts this stream as open until the task ends, however it ends.
+    struct OpenWatch<'a>(&'a Shared);
+    impl Drop for OpenWatch<'_> {
+        fn drop(&mut self) {
+            self.0.open_watches.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    shared.open_watches.fetch_add(1, Ordering::SeqCst);
+    let _open = OpenWatch(&shared);
     let mut changed = shared.changed.subscribe();
     let mut end = shared.end_epoch.subscribe();
     end.borrow_and_update();
@@ -606,10 +616,13 @@ async fn run_watch(
         }
         cursor = now;
         tokio::select! {
-            _ = changed.changed() => {}
+            // Ending wins over new changes, so a test that ended the watches knows no
+            // later change went out on them.
+            biased;
             _ = end.changed() => return,
             _ = &mut deadline => return,
             _ = tx.closed() => return,
+            _ = changed.changed() => {}
         }
     }
 }

@@ -16,7 +16,7 @@ mod store;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -227,6 +227,8 @@ struct Shared {
     /// Bumped by `end_watches`: every open watch stream ends.
     end_epoch: tokio::sync::watch::Sender<u64>,
     unavailable: AtomicBool,
+    /// Watch streams being served right now.
+    open_watches: AtomicUsize,
     istio_versions: Mutex<Vec<String>>,
     tokens: Mutex<HashMap<String, TokenIdentity>>,
     requests: Mutex<HashMap<(String, Verb), u64>>,
@@ -288,6 +290,7 @@ impl ApiServer {
             changed: tokio::sync::watch::Sender::new(0),
             end_epoch: tokio::sync::watch::Sender::new(0),
             unavailable: AtomicBool::new(false),
+            open_watches: AtomicUsize::new(0),
             istio_versions: Mutex::new(vec!["v1".into(), "v1beta1".into()]),
             tokens: Mutex::new(HashMap::new()),
             requests: Mutex::new(HashMap::new()),
@@ -509,6 +512,12 @@ impl ApiServer {
             .unwrap_or(0)
     }
 
+    /// How many watch streams the server is serving now (all kinds). Lets a test wait
+    /// until [`Self::end_watches`] has taken effect, or until a client is watching.
+    pub fn open_watches(&self) -> usize {
+        self.shared.open_watches.load(Ordering::SeqCst)
+    }
+
     /// Every PATCH received, in order.
     pub fn patches(&self) -> Vec<PatchRecord> {
         lock(&self.shared.patches).clone()
@@ -524,8 +533,9 @@ impl Drop for ApiServer {
 fn typed_kind<K: k8s_openapi::Resource>() -> Result<Kind, Error> {
     Kind::of::<K>().ok_or_else(|| {
         Error::Invalid(format!(
-            "the fake API server does not store {}",
-            K::API_VERSION
+            "the fake API server does not store {} {}",
+            K::API_VERSION,
+            K::KIND
         ))
     })
 }
