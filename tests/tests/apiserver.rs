@@ -11,8 +11,8 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::ResourceExt;
 use kube::api::{
-    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
-    WatchEvent, WatchParams,
+    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, PartialObjectMeta, Patch,
+    PatchParams, PostParams, WatchEvent, WatchParams,
 };
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::WatchStreamExt;
@@ -647,4 +647,102 @@ async fn requests_without_the_kubeconfig_token_are_unauthorized() {
         }
         other => panic!("expected 401, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn discovery_lists_the_istio_group_only_while_installed() {
+    let server = ApiServer::start();
+    let client = client(&server).await;
+    let discovery = kube::discovery::Discovery::new(client.clone())
+        .run()
+        .await
+        .unwrap();
+    let istio = discovery
+        .get("security.istio.io")
+        .expect("the Istio group is discovered");
+    assert_eq!(istio.preferred_version_or_latest(), "v1");
+    let (resource, caps) = istio
+        .recommended_kind("AuthorizationPolicy")
+        .expect("AuthorizationPolicy discovered");
+    assert_eq!(resource.plural, "authorizationpolicies");
+    assert_eq!(caps.scope, kube::discovery::Scope::Namespaced);
+    assert!(discovery.has_group("discovery.k8s.io"));
+
+    server.set_istio_crds(&["v1beta1"]);
+    let group = kube::discovery::group(&client, "security.istio.io")
+        .await
+        .unwrap();
+    assert_eq!(group.versions().collect::<Vec<_>>(), ["v1beta1"]);
+
+    server.set_istio_crds(&[]);
+    let discovery = kube::discovery::Discovery::new(client).run().await.unwrap();
+    assert!(!discovery.has_group("security.istio.io"));
+    assert!(discovery.has_group("discovery.k8s.io"));
+}
+
+#[tokio::test]
+async fn metadata_watcher_gets_partial_object_metadata() {
+    let server = ApiServer::start();
+    seed(&server, &[]);
+    let client = client(&server).await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let listed = namespaces
+        .list_metadata(&ListParams::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.items[0].types.as_ref().map(|t| t.kind.as_str()),
+        Some("PartialObjectMetadata")
+    );
+    // kube 5's way to watch metadata only: an Api of PartialObjectMeta.
+    let metadata: Api<PartialObjectMeta<Namespace>> = Api::all(client);
+    let mut stream = watcher::watcher(metadata, watcher::Config::default()).boxed();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(match next(&mut stream).await.unwrap() {
+            Event::Init => "Init".to_string(),
+            Event::InitApply(ns) => format!("InitApply {}", ns.labels()["ambit.dev/mesh"]),
+            Event::InitDone => "InitDone".into(),
+            Event::Apply(ns) | Event::Delete(ns) => format!("unexpected {}", ns.name_any()),
+        });
+    }
+    assert_eq!(seen, ["Init", "InitApply enabled", "InitDone"]);
+    server
+        .patch_labels(Kind::Namespace, "", "app", &[("ambit.dev/mesh", None)])
+        .unwrap();
+    match next(&mut stream).await.unwrap() {
+        Event::Apply(ns) => {
+            assert_eq!(ns.name_any(), "app");
+            assert!(ns.labels().get("ambit.dev/mesh").is_none());
+            assert_eq!(
+                ns.types.map(|t| t.kind),
+                Some("PartialObjectMetadata".into())
+            );
+        }
+        other => panic!("expected the relabelled namespace, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_watch_ends_after_its_timeout_seconds() {
+    let server = ApiServer::start();
+    seed(&server, &[]);
+    let namespaces: Api<Namespace> = Api::all(client(&server).await);
+    let from = server.resource_version().to_string();
+    let started = std::time::Instant::now();
+    let mut stream = namespaces
+        .watch(&WatchParams::default().timeout(1), &from)
+        .await
+        .unwrap()
+        .boxed();
+    let end = tokio::time::timeout(EVENT_TIMEOUT, stream.next()).await;
+    assert!(
+        matches!(end, Ok(None)),
+        "expected the stream to end, got {end:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    until("the server to close the watch", || {
+        server.open_watches() == 0
+    })
+    .await;
 }
