@@ -178,6 +178,14 @@ async fn field_and_label_selectors_filter_list_and_watch() {
         ["Apply d"],
         "a pod of n2 leaked through"
     );
+    let watch = server
+        .request_log()
+        .into_iter()
+        .find(|r| r.resource == "pods" && r.verb == Some(Verb::Watch))
+        .expect("the watch request is logged");
+    assert_eq!(watch.path, "/api/v1/pods");
+    assert_eq!(watch.query["fieldSelector"], "spec.nodeName=n1");
+    assert_eq!(watch.query["allowWatchBookmarks"], "true");
 
     let by_name = pods
         .list(&ListParams::default().fields("metadata.name=b"))

@@ -19,7 +19,7 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewStatus, UserI
 use serde_json::{Value, json};
 
 use super::store::{ChangeType, Error, Filter, merge_patch};
-use super::{ADMIN_TOKEN, API_AUDIENCE, Kind, PatchRecord, Shared, Verb, lock};
+use super::{ADMIN_TOKEN, API_AUDIENCE, Kind, PatchRecord, RequestRecord, Shared, Verb, lock};
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -262,9 +262,13 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         Route::Resource { kind, .. } => kind.info().plural,
         Route::Unknown => "unknown",
     };
-    if let Some(verb) = verb {
-        shared.count(resource, verb);
-    }
+    shared.count(RequestRecord {
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
+        query: query.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        resource: resource.to_string(),
+        verb,
+    });
 
     if shared.unavailable.load(Ordering::SeqCst) {
         return status_response(

@@ -203,6 +203,19 @@ impl TokenIdentity {
     }
 }
 
+/// One request as the server received it (before authentication and availability).
+#[derive(Clone, Debug)]
+pub struct RequestRecord {
+    pub method: String,
+    pub path: String,
+    /// The decoded query parameters (labelSelector, fieldSelector, resourceVersion, ...).
+    pub query: BTreeMap<String, String>,
+    /// The plural resource ("pods"), "tokenreviews", "discovery", "version" or "unknown".
+    pub resource: String,
+    /// None for a method the path does not support.
+    pub verb: Option<Verb>,
+}
+
 /// One PATCH request as the server received it.
 #[derive(Clone, Debug)]
 pub struct PatchRecord {
@@ -232,6 +245,7 @@ struct Shared {
     istio_versions: Mutex<Vec<String>>,
     tokens: Mutex<HashMap<String, TokenIdentity>>,
     requests: Mutex<HashMap<(String, Verb), u64>>,
+    request_log: Mutex<Vec<RequestRecord>>,
     patches: Mutex<Vec<PatchRecord>>,
 }
 
@@ -254,10 +268,13 @@ impl Shared {
         }
     }
 
-    fn count(&self, resource: &str, verb: Verb) {
-        *lock(&self.requests)
-            .entry((resource.to_string(), verb))
-            .or_default() += 1;
+    fn count(&self, record: RequestRecord) {
+        if let Some(verb) = record.verb {
+            *lock(&self.requests)
+                .entry((record.resource.clone(), verb))
+                .or_default() += 1;
+        }
+        lock(&self.request_log).push(record);
     }
 }
 
@@ -294,6 +311,7 @@ impl ApiServer {
             istio_versions: Mutex::new(vec!["v1".into(), "v1beta1".into()]),
             tokens: Mutex::new(HashMap::new()),
             requests: Mutex::new(HashMap::new()),
+            request_log: Mutex::new(Vec::new()),
             patches: Mutex::new(Vec::new()),
         });
         let mut server = ApiServer {
@@ -516,6 +534,12 @@ impl ApiServer {
     /// until [`Self::end_watches`] has taken effect, or until a client is watching.
     pub fn open_watches(&self) -> usize {
         self.shared.open_watches.load(Ordering::SeqCst)
+    }
+
+    /// Every request received, in order: lets a test check what a client asked for
+    /// (e.g. that the agent's pod watch carries `fieldSelector=spec.nodeName=<node>`).
+    pub fn request_log(&self) -> Vec<RequestRecord> {
+        lock(&self.shared.request_log).clone()
     }
 
     /// Every PATCH received, in order.
