@@ -390,7 +390,8 @@ impl ApiServer {
         Ok(stored)
     }
 
-    /// Replaces an object (see [`store::Store::update`] for the resourceVersion check).
+    /// Replaces an object. A non-empty metadata.resourceVersion must equal the stored one
+    /// (409 Conflict otherwise); a replacement that changes nothing bumps nothing.
     pub fn update_json(&self, kind: Kind, obj: Value) -> Result<Value, Error> {
         let stored = lock(&self.shared.store).update(kind, obj)?;
         self.shared.notify();
