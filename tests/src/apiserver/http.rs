@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,7 +19,7 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewStatus, UserI
 use serde_json::{Value, json};
 
 use super::store::{ChangeType, Error, Filter, merge_patch};
-use super::{ADMIN_TOKEN, API_AUDIENCE, Kind, PatchRecord, Shared, Verb, lock};
+use super::{ADMIN_TOKEN, API_AUDIENCE, Kind, PatchRecord, RequestRecord, Shared, Verb, lock};
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -97,6 +98,9 @@ pub(super) fn run(
 
 enum Route {
     Version,
+    /// /api, /apis, /apis/<group>, /api/v1, /apis/<group>/<version>: plain (not aggregated)
+    /// discovery, which kube's `Discovery` uses.
+    Discovery(Vec<String>),
     TokenReviews,
     Resource {
         kind: Kind,
@@ -112,6 +116,9 @@ fn parse_route(path: &str) -> Route {
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let (group, version, rest) = match segments.as_slice() {
         ["version"] => return Route::Version,
+        ["api"] | ["apis"] | ["apis", _] | ["api", _] | ["apis", _, _] => {
+            return Route::Discovery(segments.iter().map(|s| s.to_string()).collect());
+        }
         ["api", version, rest @ ..] => ("", *version, rest),
         ["apis", group, version, rest @ ..] => (*group, *version, rest),
         _ => return Route::Unknown,
@@ -250,15 +257,20 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     };
     let resource = match &route {
         Route::Version => "version",
+        Route::Discovery(_) => "discovery",
         Route::TokenReviews => "tokenreviews",
         Route::Resource { kind, .. } => kind.info().plural,
         Route::Unknown => "unknown",
     };
-    if let Some(verb) = verb {
-        shared.count(resource, verb);
-    }
+    shared.count(RequestRecord {
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
+        query: query.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        resource: resource.to_string(),
+        verb,
+    });
 
-    if shared.unavailable.load(std::sync::atomic::Ordering::SeqCst) {
+    if shared.unavailable.load(Ordering::SeqCst) {
         return status_response(
             503,
             "ServiceUnavailable",
@@ -287,6 +299,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
 
     match route {
         Route::Unknown => not_found(),
+        Route::Discovery(segments) => discovery(&shared, &segments),
         Route::Version => json_response(
             StatusCode::OK,
             &json!({"major": "1", "minor": "35", "gitVersion": "v1.35.0", "platform": "linux/amd64"}),
@@ -310,6 +323,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                 version,
                 namespace,
                 name: name.unwrap_or_default(),
+                metadata_only: req
+                    .headers()
+                    .get(header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.contains("as=PartialObjectMetadata")),
             };
             match (verb, subresource.as_deref()) {
                 (Verb::List, _) => list(&shared, &target, &query),
@@ -333,10 +351,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                 (Verb::Get, None | Some("status")) => {
                     let ns = target.namespace.as_deref().unwrap_or("");
                     match lock(&shared.store).get(kind, ns, &target.name) {
-                        Some(obj) => json_response(
-                            StatusCode::OK,
-                            &as_version(obj.clone(), kind, &target.version),
-                        ),
+                        Some(obj) => json_response(StatusCode::OK, &target.shape(obj.clone())),
                         None => error_response(&Error::NotFound {
                             kind: kind.info().plural,
                             name: target.name,
@@ -370,6 +385,21 @@ struct Target {
     version: String,
     namespace: Option<String>,
     name: String,
+    /// The client asked for PartialObjectMetadata (kube's `metadata_watcher`,
+    /// `list_metadata`): objects are served as metadata only, as a real server does.
+    metadata_only: bool,
+}
+
+impl Target {
+    /// An object the way this request sees it: in the requested version, or as
+    /// PartialObjectMetadata.
+    fn shape(&self, obj: Value) -> Value {
+        if self.metadata_only {
+            json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": obj["metadata"]})
+        } else {
+            as_version(obj, self.kind, &self.version)
+        }
+    }
 }
 
 fn list(shared: &Shared, target: &Target, query: &HashMap<String, String>) -> Response<Body> {
@@ -400,7 +430,7 @@ fn list(shared: &Shared, target: &Target, query: &HashMap<String, String>) -> Re
             let items = store
                 .list(target.kind, &filter)
                 .into_iter()
-                .map(|o| as_version(o, target.kind, &target.version))
+                .map(|o| target.shape(o))
                 .collect();
             (current, items)
         }
@@ -414,11 +444,22 @@ fn list(shared: &Shared, target: &Target, query: &HashMap<String, String>) -> Re
     }
     drop(store);
     let info = target.kind.info();
+    let (api_version, list_kind) = if target.metadata_only {
+        (
+            "meta.k8s.io/v1".to_string(),
+            "PartialObjectMetadataList".to_string(),
+        )
+    } else {
+        (
+            info.api_version(&target.version),
+            format!("{}List", info.kind),
+        )
+    };
     json_response(
         StatusCode::OK,
         &json!({
-            "apiVersion": info.api_version(&target.version),
-            "kind": format!("{}List", info.kind),
+            "apiVersion": api_version,
+            "kind": list_kind,
             "metadata": metadata,
             "items": items,
         }),
@@ -513,6 +554,15 @@ async fn run_watch(
         }
         event_line("BOOKMARK", &object)
     };
+    // Counts this stream as open until the task ends, however it ends.
+    struct OpenWatch<'a>(&'a Shared);
+    impl Drop for OpenWatch<'_> {
+        fn drop(&mut self) {
+            self.0.open_watches.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    shared.open_watches.fetch_add(1, Ordering::SeqCst);
+    let _open = OpenWatch(&shared);
     let mut changed = shared.changed.subscribe();
     let mut end = shared.end_epoch.subscribe();
     end.borrow_and_update();
@@ -532,10 +582,7 @@ async fn run_watch(
             };
             for item in items {
                 if tx
-                    .send(event_line(
-                        "ADDED",
-                        &as_version(item, target.kind, &target.version),
-                    ))
+                    .send(event_line("ADDED", &target.shape(item)))
                     .await
                     .is_err()
                 {
@@ -593,7 +640,7 @@ async fn run_watch(
                 (ChangeType::Modified, true, false) => "DELETED",
                 _ => continue,
             };
-            let object = as_version(change.object, target.kind, &target.version);
+            let object = target.shape(change.object);
             if tx.send(event_line(event, &object)).await.is_err() {
                 return;
             }
@@ -606,10 +653,13 @@ async fn run_watch(
         }
         cursor = now;
         tokio::select! {
-            _ = changed.changed() => {}
+            // Ending wins over new changes, so a test that ended the watches knows no
+            // later change went out on them.
+            biased;
             _ = end.changed() => return,
             _ = &mut deadline => return,
             _ = tx.closed() => return,
+            _ = changed.changed() => {}
         }
     }
 }
@@ -826,4 +876,110 @@ fn token_review(shared: &Shared, body: &[u8]) -> Response<Body> {
         Ok(value) => json_response(StatusCode::CREATED, &value),
         Err(e) => error_response(&Error::Json(e)),
     }
+}
+
+/// The groups and versions served now (the Istio CRDs only while installed), preferred
+/// version first.
+fn served_groups(shared: &Shared) -> Vec<(&'static str, Vec<String>)> {
+    let mut groups: Vec<(&'static str, Vec<String>)> =
+        vec![("authentication.k8s.io", vec!["v1".into()])];
+    for kind in Kind::ALL {
+        let versions = shared.served_versions(kind);
+        if versions.is_empty() {
+            continue;
+        }
+        match groups.iter_mut().find(|(g, _)| *g == kind.info().group) {
+            Some((_, known)) => {
+                for v in versions {
+                    if !known.contains(&v) {
+                        known.push(v);
+                    }
+                }
+            }
+            None => groups.push((kind.info().group, versions)),
+        }
+    }
+    groups
+}
+
+fn group_json(group: &str, versions: &[String]) -> Value {
+    let versions: Vec<Value> = versions
+        .iter()
+        .map(|v| json!({"groupVersion": format!("{group}/{v}"), "version": v}))
+        .collect();
+    json!({"name": group, "versions": versions, "preferredVersion": versions[0]})
+}
+
+fn discovery(shared: &Shared, segments: &[String]) -> Response<Body> {
+    let groups = served_groups(shared);
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let (group, version) = match segments.as_slice() {
+        ["api"] => {
+            return json_response(
+                StatusCode::OK,
+                &json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}),
+            );
+        }
+        ["apis"] => {
+            let list: Vec<Value> = groups
+                .iter()
+                .filter(|(g, _)| !g.is_empty())
+                .map(|(g, vs)| group_json(g, vs))
+                .collect();
+            return json_response(
+                StatusCode::OK,
+                &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": list}),
+            );
+        }
+        ["apis", group] => {
+            return match groups.iter().find(|(g, _)| g == group) {
+                Some((g, vs)) if !g.is_empty() => {
+                    let mut body = group_json(g, vs);
+                    body["kind"] = json!("APIGroup");
+                    body["apiVersion"] = json!("v1");
+                    json_response(StatusCode::OK, &body)
+                }
+                _ => not_found(),
+            };
+        }
+        ["api", version] => ("", *version),
+        ["apis", group, version] => (*group, *version),
+        _ => return not_found(),
+    };
+    if !groups
+        .iter()
+        .any(|(g, vs)| *g == group && vs.iter().any(|v| v == version))
+    {
+        return not_found();
+    }
+    let mut resources = Vec::new();
+    if group == "authentication.k8s.io" {
+        resources.push(
+            json!({"name": "tokenreviews", "singularName": "tokenreview",
+            "namespaced": false, "kind": "TokenReview", "verbs": ["create"]}),
+        );
+    }
+    let verbs = [
+        "create", "delete", "get", "list", "patch", "update", "watch",
+    ];
+    for kind in Kind::ALL.into_iter().filter(|k| k.info().group == group) {
+        let info = kind.info();
+        resources.push(
+            json!({"name": info.plural, "singularName": info.kind.to_lowercase(),
+            "namespaced": info.namespaced, "kind": info.kind, "verbs": verbs}),
+        );
+        resources.push(
+            json!({"name": format!("{}/status", info.plural), "singularName": "",
+            "namespaced": info.namespaced, "kind": info.kind, "verbs": ["get", "patch", "update"]}),
+        );
+    }
+    let group_version = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    json_response(
+        StatusCode::OK,
+        &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources}),
+    )
 }

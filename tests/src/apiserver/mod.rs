@@ -16,7 +16,7 @@ mod store;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -203,6 +203,19 @@ impl TokenIdentity {
     }
 }
 
+/// One request as the server received it (before authentication and availability).
+#[derive(Clone, Debug)]
+pub struct RequestRecord {
+    pub method: String,
+    pub path: String,
+    /// The decoded query parameters (labelSelector, fieldSelector, resourceVersion, ...).
+    pub query: BTreeMap<String, String>,
+    /// The plural resource ("pods"), "tokenreviews", "discovery", "version" or "unknown".
+    pub resource: String,
+    /// None for a method the path does not support.
+    pub verb: Option<Verb>,
+}
+
 /// One PATCH request as the server received it.
 #[derive(Clone, Debug)]
 pub struct PatchRecord {
@@ -227,9 +240,12 @@ struct Shared {
     /// Bumped by `end_watches`: every open watch stream ends.
     end_epoch: tokio::sync::watch::Sender<u64>,
     unavailable: AtomicBool,
+    /// Watch streams being served right now.
+    open_watches: AtomicUsize,
     istio_versions: Mutex<Vec<String>>,
     tokens: Mutex<HashMap<String, TokenIdentity>>,
     requests: Mutex<HashMap<(String, Verb), u64>>,
+    request_log: Mutex<Vec<RequestRecord>>,
     patches: Mutex<Vec<PatchRecord>>,
 }
 
@@ -252,10 +268,13 @@ impl Shared {
         }
     }
 
-    fn count(&self, resource: &str, verb: Verb) {
-        *lock(&self.requests)
-            .entry((resource.to_string(), verb))
-            .or_default() += 1;
+    fn count(&self, record: RequestRecord) {
+        if let Some(verb) = record.verb {
+            *lock(&self.requests)
+                .entry((record.resource.clone(), verb))
+                .or_default() += 1;
+        }
+        lock(&self.request_log).push(record);
     }
 }
 
@@ -288,9 +307,11 @@ impl ApiServer {
             changed: tokio::sync::watch::Sender::new(0),
             end_epoch: tokio::sync::watch::Sender::new(0),
             unavailable: AtomicBool::new(false),
+            open_watches: AtomicUsize::new(0),
             istio_versions: Mutex::new(vec!["v1".into(), "v1beta1".into()]),
             tokens: Mutex::new(HashMap::new()),
             requests: Mutex::new(HashMap::new()),
+            request_log: Mutex::new(Vec::new()),
             patches: Mutex::new(Vec::new()),
         });
         let mut server = ApiServer {
@@ -369,7 +390,8 @@ impl ApiServer {
         Ok(stored)
     }
 
-    /// Replaces an object (see [`store::Store::update`] for the resourceVersion check).
+    /// Replaces an object. A non-empty metadata.resourceVersion must equal the stored one
+    /// (409 Conflict otherwise); a replacement that changes nothing bumps nothing.
     pub fn update_json(&self, kind: Kind, obj: Value) -> Result<Value, Error> {
         let stored = lock(&self.shared.store).update(kind, obj)?;
         self.shared.notify();
@@ -509,6 +531,18 @@ impl ApiServer {
             .unwrap_or(0)
     }
 
+    /// How many watch streams the server is serving now (all kinds). Lets a test wait
+    /// until [`Self::end_watches`] has taken effect, or until a client is watching.
+    pub fn open_watches(&self) -> usize {
+        self.shared.open_watches.load(Ordering::SeqCst)
+    }
+
+    /// Every request received, in order: lets a test check what a client asked for
+    /// (e.g. that the agent's pod watch carries `fieldSelector=spec.nodeName=<node>`).
+    pub fn request_log(&self) -> Vec<RequestRecord> {
+        lock(&self.shared.request_log).clone()
+    }
+
     /// Every PATCH received, in order.
     pub fn patches(&self) -> Vec<PatchRecord> {
         lock(&self.shared.patches).clone()
@@ -524,8 +558,9 @@ impl Drop for ApiServer {
 fn typed_kind<K: k8s_openapi::Resource>() -> Result<Kind, Error> {
     Kind::of::<K>().ok_or_else(|| {
         Error::Invalid(format!(
-            "the fake API server does not store {}",
-            K::API_VERSION
+            "the fake API server does not store {} {}",
+            K::API_VERSION,
+            K::KIND
         ))
     })
 }
