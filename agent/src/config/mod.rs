@@ -97,8 +97,8 @@ pub struct LocalConfig {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationConfig {
-    /// Close live connections that a policy change no longer allows (Istio leaves them
-    /// open; ambit revokes by default).
+    /// Close live connections that a policy change no longer allows (as ztunnel does; on
+    /// by default).
     #[serde(default = "yes")]
     pub revoke_on_policy_change: bool,
 }

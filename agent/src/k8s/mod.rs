@@ -47,7 +47,7 @@ pub enum KubeError {
 
 /// A client from `--kubeconfig`, or the in-cluster configuration / `KUBECONFIG`.
 pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, KubeError> {
-    let config = match kubeconfig {
+    let mut config = match kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path).map_err(|source| {
                 KubeError::Kubeconfig {
@@ -64,6 +64,10 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client
         }
         None => kube::Config::infer().await?,
     };
+    // kube-rs would retry 503s inside one call for minutes; the watchers have their own
+    // back-off and log each failure streak, and the status writer retries on the next
+    // change, so a call fails fast instead.
+    config.default_retry = false;
     Ok(kube::Client::try_from(config)?)
 }
 
