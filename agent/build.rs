@@ -61,10 +61,7 @@ fn on_path(binary: &str) -> bool {
 fn compile_protos(manifest_dir: &Path) -> anyhow::Result<()> {
     let proto_dir = manifest_dir.join("proto");
     let file = "istio/v1/auth/ca.proto";
-    println!(
-        "cargo:rerun-if-changed={}",
-        proto_dir.join(file).display()
-    );
+    println!("cargo:rerun-if-changed={}", proto_dir.join(file).display());
     let descriptors =
         protox::compile([file], [&proto_dir]).context("parsing the CA service .proto")?;
     tonic_prost_build::configure()

@@ -307,8 +307,7 @@ pub trait PodIndex: Send + Sync {
     fn synced(&self) -> bool;
     fn pod(&self, namespace: &str, name: &str) -> Option<PodFacts>;
     /// Whether a pod with this namespace and service account runs on `node`.
-    fn service_account_on_node(&self, node: &str, namespace: &str, service_account: &str)
-    -> bool;
+    fn service_account_on_node(&self, node: &str, namespace: &str, service_account: &str) -> bool;
 }
 
 /// An in-memory [`PodIndex`] with the two lookups the CA makes indexed (by name, and by node
@@ -428,12 +427,7 @@ impl PodIndex for PodStore {
             .cloned()
     }
 
-    fn service_account_on_node(
-        &self,
-        node: &str,
-        namespace: &str,
-        service_account: &str,
-    ) -> bool {
+    fn service_account_on_node(&self, node: &str, namespace: &str, service_account: &str) -> bool {
         self.read().by_node.get(node).is_some_and(|accounts| {
             accounts.contains_key(&(namespace.to_owned(), service_account.to_owned()))
         })
@@ -546,14 +540,12 @@ fn authorize_node_agent(
             "the CA has not finished listing pods yet",
         ));
     }
-    let pod = pods
-        .pod(&caller_sa.namespace, pod_name)
-        .ok_or_else(|| {
-            Refusal::new(
-                RefusalReason::CallerPodNotFound,
-                format!("pod {}/{pod_name} not found", caller_sa.namespace),
-            )
-        })?;
+    let pod = pods.pod(&caller_sa.namespace, pod_name).ok_or_else(|| {
+        Refusal::new(
+            RefusalReason::CallerPodNotFound,
+            format!("pod {}/{pod_name} not found", caller_sa.namespace),
+        )
+    })?;
     if pod.uid != *pod_uid || pod.service_account != caller_sa.name {
         return Err(Refusal::new(
             RefusalReason::CallerPodUidMismatch,
@@ -923,13 +915,28 @@ mod tests {
                 RefusalReason::InvalidIdentity,
             ),
         ]);
-        let mut too_long = case("validity over the cap", &agent_on_a(), Some(&web), csr_for(&web));
+        let mut too_long = case(
+            "validity over the cap",
+            &agent_on_a(),
+            Some(&web),
+            csr_for(&web),
+        );
         too_long.validity = 24 * 3600 + 1;
         too_long.want = Err(RefusalReason::ValidityTooLong);
-        let mut negative = case("negative validity", &agent_on_a(), Some(&web), csr_for(&web));
+        let mut negative = case(
+            "negative validity",
+            &agent_on_a(),
+            Some(&web),
+            csr_for(&web),
+        );
         negative.validity = -1;
         negative.want = Err(RefusalReason::ValidityInvalid);
-        let mut at_cap = case("validity at the cap", &agent_on_a(), Some(&web), csr_for(&web));
+        let mut at_cap = case(
+            "validity at the cap",
+            &agent_on_a(),
+            Some(&web),
+            csr_for(&web),
+        );
         at_cap.validity = 24 * 3600;
         cases.extend([too_long, negative, at_cap]);
 
@@ -1038,34 +1045,58 @@ mod tests {
     fn token_review_outcomes() {
         let sa_user = "system:serviceaccount:ambit-system:ambit";
         let ok = review_outcome(
-            Some(&status(true, None, &["ambit-ca"], sa_user, Some(("ambit-a", "uid-a")))),
+            Some(&status(
+                true,
+                None,
+                &["ambit-ca"],
+                sa_user,
+                Some(("ambit-a", "uid-a")),
+            )),
             "ambit-ca",
         )
         .unwrap();
         assert_eq!(ok, agent_on_a());
 
-        let no_pod =
-            review_outcome(Some(&status(true, None, &["ambit-ca"], sa_user, None)), "ambit-ca")
-                .unwrap();
+        let no_pod = review_outcome(
+            Some(&status(true, None, &["ambit-ca"], sa_user, None)),
+            "ambit-ca",
+        )
+        .unwrap();
         assert_eq!(no_pod.pod_name, None);
         assert_eq!(no_pod.pod_uid, None);
 
         let table: [(&str, TokenReviewStatus, RefusalReason); 6] = [
             (
                 "invalid",
-                status(false, Some("[invalid bearer token, square/go-jose: error in cryptographic primitive]"), &[], "", None),
+                status(
+                    false,
+                    Some(
+                        "[invalid bearer token, square/go-jose: error in cryptographic primitive]",
+                    ),
+                    &[],
+                    "",
+                    None,
+                ),
                 RefusalReason::TokenInvalid,
             ),
             (
                 "expired",
-                status(false, Some("[invalid bearer token, service account token has expired]"), &[], "", None),
+                status(
+                    false,
+                    Some("[invalid bearer token, service account token has expired]"),
+                    &[],
+                    "",
+                    None,
+                ),
                 RefusalReason::TokenExpired,
             ),
             (
                 "wrong audience (API server's text)",
                 status(
                     false,
-                    Some(r#"[invalid bearer token, token audiences ["https://kubernetes.default.svc"] is invalid for the target audiences ["ambit-ca"]]"#),
+                    Some(
+                        r#"[invalid bearer token, token audiences ["https://kubernetes.default.svc"] is invalid for the target audiences ["ambit-ca"]]"#,
+                    ),
                     &[],
                     "",
                     None,
@@ -1101,9 +1132,11 @@ mod tests {
     #[test]
     fn reason_names_are_unique_snake_case() {
         let mut names: Vec<&str> = RefusalReason::ALL.iter().map(|r| r.as_str()).collect();
-        assert!(names.iter().all(|n| n
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c == '_')));
+        assert!(
+            names
+                .iter()
+                .all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        );
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), RefusalReason::ALL.len());

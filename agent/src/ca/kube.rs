@@ -10,8 +10,8 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{ObjectMeta, PostParams};
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 
 use super::CaError;
@@ -87,7 +87,9 @@ pub fn pod_facts(pod: &Pod) -> Option<PodFacts> {
             .and_then(|s| s.service_account_name.clone())
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "default".to_owned()),
-        node: spec.and_then(|s| s.node_name.clone()).filter(|n| !n.is_empty()),
+        node: spec
+            .and_then(|s| s.node_name.clone())
+            .filter(|n| !n.is_empty()),
     })
 }
 
@@ -227,7 +229,10 @@ mod tests {
         let facts = pod_facts(&pod("Pending", None, None)).unwrap();
         assert_eq!(facts.service_account, "default");
         assert_eq!(facts.node, None);
-        assert_eq!(pod_facts(&pod("Succeeded", Some("web"), Some("node-a"))), None);
+        assert_eq!(
+            pod_facts(&pod("Succeeded", Some("web"), Some("node-a"))),
+            None
+        );
         assert_eq!(pod_facts(&pod("Failed", Some("web"), Some("node-a"))), None);
     }
 }

@@ -193,8 +193,7 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, CaError> {
 }
 
 async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(term) => term,
         Err(e) => {
             tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on Ctrl-C only");

@@ -180,10 +180,7 @@ pub(crate) mod memory {
     pub type NamedSecrets = BTreeMap<String, SecretData>;
 
     impl SecretStore for MemorySecrets {
-        fn get<'a>(
-            &'a self,
-            name: &'a str,
-        ) -> BoxFuture<'a, Result<Option<SecretData>, CaError>> {
+        fn get<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<SecretData>, CaError>> {
             async move {
                 let found = self.secrets.lock().unwrap().get(name).cloned();
                 if found.is_none()

@@ -112,13 +112,14 @@ impl CaService {
             validity_seconds: body.validity_duration,
         };
         let inner = &self.inner;
-        let granted = authorize(&inner.policy, &caller, inner.pods.as_ref(), &wanted).map_err(
-            |refusal| Failure::Denied {
-                refusal,
-                caller: Some(caller.clone()),
-                requested: impersonated.map(str::to_owned),
-            },
-        )?;
+        let granted =
+            authorize(&inner.policy, &caller, inner.pods.as_ref(), &wanted).map_err(|refusal| {
+                Failure::Denied {
+                    refusal,
+                    caller: Some(caller.clone()),
+                    requested: impersonated.map(str::to_owned),
+                }
+            })?;
 
         let now = SystemTime::now();
         let chain = inner
@@ -321,8 +322,8 @@ fn issue_serving(
 ) -> Result<(Arc<CertifiedKey>, SystemTime), CaError> {
     let (chain, key) = ca.issue_serving_certificate(dns_names, ttl)?;
     let provider = rustls::crypto::aws_lc_rs::default_provider();
-    let certified = CertifiedKey::from_der(chain, key, &provider)
-        .map_err(|e| CaError::Tls(e.to_string()))?;
+    let certified =
+        CertifiedKey::from_der(chain, key, &provider).map_err(|e| CaError::Tls(e.to_string()))?;
     Ok((Arc::new(certified), SystemTime::now() + ttl / 2))
 }
 

@@ -221,7 +221,10 @@ impl LocalCa {
         let (_, parsed) = x509_parser::parse_x509_certificate(&ca_cert)
             .map_err(|e| IdentityError::ParseCertificate(e.to_string()))?;
         if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
-            return Err(ca_state(key_source, "key does not match the CA certificate"));
+            return Err(ca_state(
+                key_source,
+                "key does not match the CA certificate",
+            ));
         }
 
         let mut chain_tail = Vec::new();

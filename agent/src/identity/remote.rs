@@ -311,7 +311,11 @@ fn verify_chain(cert: &WorkloadCertificate, bundle: &TrustBundle) -> Result<()> 
         .unwrap_or_default()
         + Duration::from_secs(1);
     verifier
-        .verify_client_cert(&cert.chain[0], &cert.chain[1..], UnixTime::since_unix_epoch(at))
+        .verify_client_cert(
+            &cert.chain[0],
+            &cert.chain[1..],
+            UnixTime::since_unix_epoch(at),
+        )
         .map_err(|e| {
             IdentityError::Ca(format!(
                 "the CA's certificate does not chain to its roots: {e}"
