@@ -114,10 +114,19 @@ impl CaService {
         let inner = &self.inner;
         let granted =
             authorize(&inner.policy, &caller, inner.pods.as_ref(), &wanted).map_err(|refusal| {
+                // Without ImpersonatedIdentity the caller asked for its own identity.
+                let requested = impersonated.filter(|s| !s.is_empty()).map_or_else(
+                    || {
+                        let sa = &caller.service_account;
+                        let td = &inner.policy.trust_domain;
+                        format!("spiffe://{td}/ns/{}/sa/{}", sa.namespace, sa.name)
+                    },
+                    str::to_owned,
+                );
                 Failure::Denied {
                     refusal,
                     caller: Some(caller.clone()),
-                    requested: impersonated.map(str::to_owned),
+                    requested: Some(requested),
                 }
             })?;
 
@@ -273,7 +282,7 @@ impl ServingCert {
         })
     }
 
-    fn current(&self) -> Arc<CertifiedKey> {
+    pub(crate) fn current(&self) -> Arc<CertifiedKey> {
         let (key, renew_at) = self
             .current
             .read()
@@ -282,13 +291,18 @@ impl ServingCert {
         if SystemTime::now() < renew_at {
             return key;
         }
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Handshakes that queued behind the one renewing take its result.
+        if SystemTime::now() < current.1 {
+            return current.0.clone();
+        }
         match issue_serving(&self.ca, &self.dns_names, self.ttl) {
             Ok(fresh) => {
                 let key = fresh.0.clone();
-                *self
-                    .current
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+                *current = fresh;
                 tracing::info!("renewed the CA's serving certificate");
                 key
             }

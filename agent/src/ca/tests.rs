@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use prometheus_client::registry::Registry;
+use rustls_pki_types::pem::PemObject;
 use tokio::sync::oneshot;
 
 use super::authz::{
@@ -85,8 +86,12 @@ impl Fixture {
     /// A CA with the agent of node-a (token "agent-a"), `shop/web` on node-a and `shop/db`
     /// on node-b.
     async fn start() -> Self {
+        Self::start_with(LocalCa::generate().unwrap()).await
+    }
+
+    async fn start_with(ca: LocalCa) -> Self {
         crate::identity::install_crypto_provider();
-        let ca = Arc::new(LocalCa::generate().unwrap());
+        let ca = Arc::new(ca);
         let pods = Arc::new(PodStore::new());
         pods.replace_all([
             pod("ambit-system", "ambit-a", "uid-a", "ambit", "node-a"),
@@ -329,6 +334,80 @@ async fn client_configuration_errors_are_named() {
         RemoteCa::new(config),
         Err(IdentityError::Pem { .. })
     ));
+}
+
+#[tokio::test]
+async fn root_rotation_overlap_then_removal_follows_the_ca() {
+    let old = Fixture::start().await;
+    let web = id("shop", "web");
+    let old_cert = old
+        .client()
+        .issue(&web, Duration::from_secs(3600))
+        .await
+        .unwrap();
+
+    // Overlap: a new root, the old one still sent along (last element holds both).
+    let (_, new_cert_pem, new_key_pem) = LocalCa::generate_root_pem().unwrap();
+    let new_root =
+        rustls_pki_types::CertificateDer::from_pem_slice(new_cert_pem.as_bytes()).unwrap();
+    let load = || {
+        LocalCa::from_certs_and_key(
+            vec![new_root.clone()],
+            new_key_pem.as_bytes(),
+            std::path::Path::new("new.crt"),
+            std::path::Path::new("new.key"),
+        )
+        .unwrap()
+    };
+    let overlap = Fixture::start_with(load().with_extra_roots(old.ca.trust_bundle().roots)).await;
+    let client = overlap.client();
+    let new_cert = client.issue(&web, Duration::from_secs(3600)).await.unwrap();
+    let bundle = client.trust_bundle();
+    assert_eq!(bundle.roots.len(), 2);
+    // Peers still on the old root and peers already on the new one both verify.
+    for cert in [&old_cert, &new_cert] {
+        verify_client(&bundle, cert);
+    }
+
+    // Removal: the CA stops sending the old root; the next issuance drops it.
+    let after = Fixture::start_with(load()).await;
+    let mut config = after.config();
+    config.trust_file = overlap.dir.join("trust.pem");
+    let client = RemoteCa::new(config).unwrap();
+    client.issue(&web, Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(client.trust_bundle().roots, vec![new_root.clone()]);
+}
+
+fn verify_client(
+    bundle: &crate::identity::TrustBundle,
+    cert: &crate::identity::WorkloadCertificate,
+) {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(bundle.root_store().unwrap()),
+        provider,
+    )
+    .build()
+    .unwrap();
+    verifier
+        .verify_client_cert(
+            &cert.chain[0],
+            &cert.chain[1..],
+            rustls_pki_types::UnixTime::now(),
+        )
+        .unwrap();
+}
+
+#[test]
+fn serving_certificate_is_reissued_past_half_life() {
+    crate::identity::install_crypto_provider();
+    let ca = Arc::new(LocalCa::generate().unwrap());
+    let names = vec![SERVER_NAME.to_owned()];
+    let fresh = ServingCert::new(ca.clone(), names.clone(), Duration::from_secs(3600)).unwrap();
+    assert!(Arc::ptr_eq(&fresh.current(), &fresh.current()));
+    // A zero lifetime is past half life at once: every handshake gets a new one.
+    let stale = ServingCert::new(ca, names, Duration::ZERO).unwrap();
+    assert!(!Arc::ptr_eq(&stale.current(), &stale.current()));
 }
 
 /// What a fake istiod saw, and the chain it answers with.
