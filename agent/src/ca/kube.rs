@@ -188,9 +188,173 @@ impl SecretStore for KubeSecrets {
 
 #[cfg(test)]
 mod tests {
+    use std::convert::Infallible;
+    use std::sync::Mutex;
+
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
     use k8s_openapi::api::core::v1::{PodSpec, PodStatus};
+    use serde_json::{Value, json};
 
     use super::*;
+    use crate::ca::secret::{CA_CERT_KEY, CA_KEY_KEY, CaSource, load_or_bootstrap};
+    use crate::identity::{CertificateAuthority, LocalCa};
+
+    /// One request as the fake API server saw it.
+    #[derive(Debug, Clone)]
+    struct Seen {
+        method: String,
+        path: String,
+        body: Value,
+    }
+
+    type Responder = dyn Fn(&Seen) -> (u16, Value) + Send + Sync;
+
+    /// A kube Client whose "API server" is `respond`, recording every request.
+    fn client(respond: Arc<Responder>) -> (Client, Arc<Mutex<Vec<Seen>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+            let respond = respond.clone();
+            let log = log.clone();
+            async move {
+                let method = request.method().to_string();
+                let path = request.uri().path().to_owned();
+                let bytes = request.into_body().collect().await.unwrap().to_bytes();
+                let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let seen = Seen { method, path, body };
+                let (status, answer) = respond(&seen);
+                log.lock().unwrap().push(seen);
+                let response = http::Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(answer.to_string())))
+                    .unwrap();
+                Ok::<_, Infallible>(response)
+            }
+        });
+        (Client::new(service, "default"), seen)
+    }
+
+    fn status(code: u16, reason: &str) -> Value {
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": format!("{reason} (fake)"), "reason": reason, "code": code})
+    }
+
+    #[tokio::test]
+    async fn token_review_asks_for_the_audience_and_reads_the_pod() {
+        let (client, seen) = client(Arc::new(|seen: &Seen| {
+            let token = seen.body["spec"]["token"].as_str().unwrap_or("");
+            if token != "good-token" {
+                return (500, status(500, "InternalError"));
+            }
+            (
+                201,
+                json!({
+                    "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                    "spec": {},
+                    "status": {
+                        "authenticated": true,
+                        "audiences": ["ambit-ca"],
+                        "user": {
+                            "username": "system:serviceaccount:ambit-system:ambit",
+                            "extra": {
+                                "authentication.kubernetes.io/pod-name": ["ambit-a"],
+                                "authentication.kubernetes.io/pod-uid": ["uid-a"]
+                            }
+                        }
+                    }
+                }),
+            )
+        }));
+        let reviewer = KubeTokenReviewer::new(client, "ambit-ca");
+        let caller = reviewer.review("good-token").await.unwrap();
+        assert_eq!(caller.service_account.to_string(), "ambit-system/ambit");
+        assert_eq!(caller.pod_name.as_deref(), Some("ambit-a"));
+        assert_eq!(caller.pod_uid.as_deref(), Some("uid-a"));
+        {
+            let seen = seen.lock().unwrap();
+            assert_eq!(seen[0].method, "POST");
+            assert_eq!(seen[0].path, "/apis/authentication.k8s.io/v1/tokenreviews");
+            assert_eq!(seen[0].body["spec"]["audiences"], json!(["ambit-ca"]));
+        }
+
+        // The API server failing is not the caller's fault, and the token stays out of
+        // the error.
+        let refusal = reviewer.review("secret-token-value").await.unwrap_err();
+        assert_eq!(refusal.reason, RefusalReason::TokenReviewFailed);
+        assert!(
+            !refusal.detail.contains("secret-token-value"),
+            "{}",
+            refusal.detail
+        );
+    }
+
+    /// The race as the API server plays it: both replicas saw no Secret, the other one's
+    /// create landed first, ours gets 409 and must use the stored root.
+    #[tokio::test]
+    async fn losing_the_create_race_reads_the_winners_secret() {
+        let (winner, cert_pem, key_pem) = LocalCa::generate_root_pem().unwrap();
+        let created = Arc::new(Mutex::new(false));
+        let stored = json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "ambit-ca", "namespace": "ambit-system"},
+            "data": {
+                CA_CERT_KEY: base64(cert_pem.as_bytes()),
+                CA_KEY_KEY: base64(key_pem.as_bytes()),
+            }
+        });
+        let respond = {
+            let created = created.clone();
+            move |seen: &Seen| match (seen.method.as_str(), seen.path.as_str()) {
+                ("GET", "/api/v1/namespaces/ambit-system/secrets/ambit-ca")
+                    if *created.lock().unwrap() =>
+                {
+                    (200, stored.clone())
+                }
+                ("GET", _) => (404, status(404, "NotFound")),
+                ("POST", "/api/v1/namespaces/ambit-system/secrets") => {
+                    // The winner's create lands between our read and our create.
+                    *created.lock().unwrap() = true;
+                    (409, status(409, "AlreadyExists"))
+                }
+                _ => (400, status(400, "BadRequest")),
+            }
+        };
+        let (client, seen) = client(Arc::new(respond));
+        let secrets = KubeSecrets::new(client, "ambit-system");
+        let (ca, source) = load_or_bootstrap(&secrets, "cacerts", "ambit-ca")
+            .await
+            .unwrap();
+        assert_eq!(source, CaSource::Existing);
+        assert_eq!(ca.trust_bundle(), winner.trust_bundle());
+        let seen = seen.lock().unwrap();
+        let calls: Vec<(&str, &str)> = seen
+            .iter()
+            .map(|s| (s.method.as_str(), s.path.as_str()))
+            .collect();
+        assert_eq!(
+            calls,
+            [
+                ("GET", "/api/v1/namespaces/ambit-system/secrets/cacerts"),
+                ("GET", "/api/v1/namespaces/ambit-system/secrets/ambit-ca"),
+                ("POST", "/api/v1/namespaces/ambit-system/secrets"),
+                ("GET", "/api/v1/namespaces/ambit-system/secrets/ambit-ca"),
+            ]
+        );
+        // What we tried to store: our own root and key, under the agreed keys.
+        let body = &seen[2].body;
+        assert_eq!(body["metadata"]["name"], "ambit-ca");
+        assert!(body["data"][CA_CERT_KEY].is_string() && body["data"][CA_KEY_KEY].is_string());
+    }
+
+    fn base64(bytes: &[u8]) -> String {
+        serde_json::to_value(ByteString(bytes.to_vec()))
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
 
     fn pod(phase: &str, sa: Option<&str>, node: Option<&str>) -> Pod {
         Pod {
