@@ -90,6 +90,10 @@ impl Fixture {
     }
 
     async fn start_with(ca: LocalCa) -> Self {
+        Self::start_on(ca, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    async fn start_on(ca: LocalCa, addr: std::net::SocketAddr) -> Self {
         crate::identity::install_crypto_provider();
         let ca = Arc::new(ca);
         let pods = Arc::new(PodStore::new());
@@ -127,7 +131,7 @@ impl Fixture {
             .unwrap(),
         );
         let tls = server_tls_config(serving).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel();
         tokio::spawn(serve(listener, tls, service, async {
@@ -334,6 +338,51 @@ async fn client_configuration_errors_are_named() {
         RemoteCa::new(config),
         Err(IdentityError::Pem { .. })
     ));
+}
+
+/// The CA is down when the agent starts, then comes up: the same client recovers on its
+/// next request, without a restart.
+#[tokio::test]
+async fn client_recovers_when_the_ca_comes_up() {
+    let ca = LocalCa::generate().unwrap();
+    // A port nobody listens on (yet).
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let roots: String = ca
+        .trust_bundle()
+        .roots
+        .iter()
+        .map(|r| pem("CERTIFICATE", r))
+        .collect();
+    let dir = std::env::temp_dir().join(format!(
+        "ambit-ca-down-{}-{:x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("trust.pem"), roots).unwrap();
+    fs::write(dir.join("token"), "agent-a").unwrap();
+    let mut config = RemoteCaConfig::new(
+        format!("https://{addr}"),
+        dir.join("token"),
+        dir.join("trust.pem"),
+    );
+    config.tls_server_name = Some(SERVER_NAME.into());
+    let remote = RemoteCa::new(config).unwrap();
+    let web = id("shop", "web");
+    let err = remote
+        .issue(&web, Duration::from_secs(3600))
+        .await
+        .unwrap_err();
+    assert_eq!(refusal(err), (tonic::Code::Unavailable, None));
+
+    let fx = Fixture::start_on(ca, addr).await;
+    let cert = remote.issue(&web, Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(cert.identity, web);
+    assert_eq!(fx.metrics.count(Outcome::Issued), 1);
+    fs::remove_dir_all(dir).unwrap();
 }
 
 #[tokio::test]
