@@ -98,7 +98,7 @@ pub fn pod_facts(pod: &Pod) -> Option<PodFacts> {
 pub fn spawn_pod_watch(client: Client, store: Arc<PodStore>) {
     let api: Api<Pod> = Api::all(client);
     tokio::spawn(async move {
-        let mut events = watcher(api).default_backoff().boxed();
+        let mut events = pod_events(api).default_backoff().boxed();
         let mut relist: Vec<PodFacts> = Vec::new();
         while let Some(event) = events.next().await {
             match event {
@@ -119,7 +119,7 @@ pub fn spawn_pod_watch(client: Client, store: Arc<PodStore>) {
     });
 }
 
-fn watcher(api: Api<Pod>) -> impl futures::Stream<Item = Result<Event<Pod>, watcher::Error>> {
+fn pod_events(api: Api<Pod>) -> impl futures::Stream<Item = Result<Event<Pod>, watcher::Error>> {
     watcher::watcher(api, watcher::Config::default())
 }
 
