@@ -1,6 +1,6 @@
 //! Builds the eBPF programs in `ebpf/` with aya-build and leaves the object in OUT_DIR for
 //! `include_bytes_aligned!`. bpf-linker comes from the project's tools directory, installed
-//! by `cargo xtask setup`.
+//! by `cargo xtask setup`. Also generates the gRPC code of the CA service from `proto/`.
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +8,7 @@ use anyhow::{Context as _, bail};
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
+    compile_protos(&manifest_dir)?;
     let workspace = manifest_dir
         .parent()
         .context("agent crate has no parent directory")?;
@@ -52,4 +53,22 @@ fn on_path(binary: &str) -> bool {
     std::env::var_os("PATH")
         .map(|path| std::env::split_paths(&path).any(|dir| Path::new(&dir).join(binary).exists()))
         .unwrap_or(false)
+}
+
+/// Istio's certificate service (`proto/istio/v1/auth/ca.proto`), client and server.
+/// protox parses the .proto in-process (well-known types included), so a fresh machine
+/// needs no protoc; tonic-prost-build turns the descriptors into Rust in OUT_DIR.
+fn compile_protos(manifest_dir: &Path) -> anyhow::Result<()> {
+    let proto_dir = manifest_dir.join("proto");
+    let file = "istio/v1/auth/ca.proto";
+    println!("cargo:rerun-if-changed={}", proto_dir.join(file).display());
+    let descriptors =
+        protox::compile([file], [&proto_dir]).context("parsing the CA service .proto")?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .build_transport(true)
+        .compile_fds(descriptors)
+        .context("generating the CA service code")?;
+    Ok(())
 }

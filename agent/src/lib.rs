@@ -3,6 +3,7 @@
 #![deny(unsafe_code)]
 
 pub mod app;
+pub mod ca;
 pub mod capture;
 pub mod cni;
 pub mod config;

@@ -53,6 +53,9 @@ enum Command {
         #[arg(long, default_value = ambit_agent::capture::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
+    /// Run the certificate authority (Istio's certificate service with node authorization,
+    /// gRPC over TLS on :15012) as its own Deployment.
+    Ca(ambit_agent::ca::CaArgs),
     /// Inspect Istio policies offline.
     Policy {
         #[command(subcommand)]
@@ -265,6 +268,10 @@ fn main() -> anyhow::Result<()> {
         }
         // Handled above, before any fallible work.
         Command::Policy { .. } => Ok(()),
+        Command::Ca(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(ambit_agent::ca::run(args)),
     }
 }
 

@@ -198,18 +198,33 @@ impl LocalCa {
         let certs = CertificateDer::pem_slice_iter(&cert_pem)
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| pem_error(&cert_path.display().to_string(), e))?;
+        Self::from_certs_and_key(certs, &key_pem, cert_path, key_path)
+    }
+
+    /// Builds a CA from its certificate (first), its issuers up to and including the
+    /// root(s), and its PEM key. `cert_source` and `key_source` name where they came from
+    /// (a file, a Secret) in errors.
+    pub fn from_certs_and_key(
+        certs: Vec<CertificateDer<'static>>,
+        key_pem: &[u8],
+        cert_source: &Path,
+        key_source: &Path,
+    ) -> Result<Self> {
         let Some(ca_cert) = certs.first().cloned() else {
-            return Err(ca_state(cert_path, "no certificate found"));
+            return Err(ca_state(cert_source, "no certificate found"));
         };
-        let key_str = std::str::from_utf8(&key_pem)
-            .map_err(|_| ca_state(key_path, "key file is not valid UTF-8 PEM"))?;
+        let key_str = std::str::from_utf8(key_pem)
+            .map_err(|_| ca_state(key_source, "key is not valid UTF-8 PEM"))?;
         let key = KeyPair::from_pem(key_str)?;
 
         // A mismatched pair would issue leaves nobody can verify; fail now.
         let (_, parsed) = x509_parser::parse_x509_certificate(&ca_cert)
             .map_err(|e| IdentityError::ParseCertificate(e.to_string()))?;
         if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
-            return Err(ca_state(key_path, "key does not match the CA certificate"));
+            return Err(ca_state(
+                key_source,
+                "key does not match the CA certificate",
+            ));
         }
 
         let mut chain_tail = Vec::new();
@@ -223,7 +238,7 @@ impl LocalCa {
         }
         if roots.is_empty() {
             return Err(ca_state(
-                cert_path,
+                cert_source,
                 "no self-signed root found; append the root after the CA certificate",
             ));
         }
@@ -232,6 +247,13 @@ impl LocalCa {
             chain_tail,
             bundle: TrustBundle::new(roots),
         })
+    }
+
+    /// A fresh self-signed root, with its certificate and key as PEM (certificate, key) for
+    /// whoever stores it (the `ambit ca` Secret).
+    pub fn generate_root_pem() -> Result<(Self, String, String)> {
+        let (ca, key_pem, cert_pem) = Self::generate_with_pem()?;
+        Ok((ca, cert_pem, key_pem))
     }
 
     /// Loads the CA from `state_dir`, creating a self-signed root there on
@@ -346,6 +368,39 @@ impl LocalCa {
         chain.push(leaf.into());
         chain.extend(self.chain_tail.iter().cloned());
         Ok(chain)
+    }
+}
+
+impl LocalCa {
+    /// A TLS server certificate for `dns_names`, signed by this CA, with a fresh key:
+    /// the `ambit ca` service presents it so agents can verify it against the mesh root.
+    /// Returns the chain (leaf first, no root) and the key.
+    pub fn issue_serving_certificate(
+        &self,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+        if dns_names.is_empty() {
+            return Err(IdentityError::Ca(
+                "a serving certificate needs at least one DNS name".into(),
+            ));
+        }
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let now = SystemTime::now();
+        let mut params = CertificateParams::new(dns_names.to_vec())?;
+        params.distinguished_name = DistinguishedName::new();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = (now - CLOCK_SKEW_BACKDATE).into();
+        params.not_after = (now + ttl).into();
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let leaf = params.signed_by(&key, &self.issuer)?;
+        let mut chain = Vec::with_capacity(1 + self.chain_tail.len());
+        chain.push(leaf.into());
+        chain.extend(self.chain_tail.iter().cloned());
+        Ok((chain, PrivateKeyDer::Pkcs8(key.serialize_der().into())))
     }
 }
 

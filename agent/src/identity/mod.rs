@@ -11,6 +11,7 @@ mod ca;
 mod cert;
 mod manager;
 pub mod metrics;
+mod remote;
 mod spiffe;
 
 use std::path::PathBuf;
@@ -21,6 +22,7 @@ pub use ca::{
 };
 pub use cert::{WorkloadCertificate, identity_from_cert};
 pub use manager::{CertManager, CertManagerStats, CertSummary, Clock, SystemClock};
+pub use remote::{RemoteCa, RemoteCaConfig};
 pub use spiffe::{DEFAULT_TRUST_DOMAIN, SpiffeId, SpiffeIdProblem};
 
 /// Everything that can go wrong in this module.
@@ -59,6 +61,14 @@ pub enum IdentityError {
     InvalidValidity(String),
     #[error("certificate authority failed: {0}")]
     Ca(String),
+    /// The remote CA answered with a gRPC error. `reason` is `ambit ca`'s stable refusal
+    /// name (e.g. `identity_not_on_node`); other CAs (istiod) send none.
+    #[error("the CA refused the request ({code:?}): {message}")]
+    CaRefused {
+        code: tonic::Code,
+        reason: Option<String>,
+        message: String,
+    },
     /// One failed issuance reported to every caller that waited on it
     /// (single flight), so the original error is shared rather than cloned.
     #[error(transparent)]
