@@ -121,6 +121,23 @@ struct RunArgs {
     /// CA private key (PEM); with --ca-cert.
     #[arg(long, env = "AMBIT_CA_KEY", requires = "ca_cert")]
     ca_key: Option<PathBuf>,
+    /// A CA service to ask for workload certificates (`ambit ca`, or istiod):
+    /// `https://host:15012`. Without it the agent signs with a CA key of its own (local
+    /// mode). docs/CERTIFICATES.md.
+    #[arg(long, env = "AMBIT_CA_ADDRESS", conflicts_with_all = ["ca_cert", "ca_key"], requires_all = ["ca_token_file", "ca_trust_file"])]
+    ca_address: Option<String>,
+    /// Projected service-account token sent to the CA (re-read for every request).
+    #[arg(long, env = "AMBIT_CA_TOKEN_FILE")]
+    ca_token_file: Option<PathBuf>,
+    /// PEM roots the CA's serving certificate must chain to.
+    #[arg(long, env = "AMBIT_CA_TRUST_FILE")]
+    ca_trust_file: Option<PathBuf>,
+    /// Extra PEM roots for the mesh trust bundle (e.g. during a root migration).
+    #[arg(long, env = "AMBIT_CA_EXTRA_BUNDLE_FILE")]
+    ca_extra_bundle_file: Option<PathBuf>,
+    /// Cluster ID sent to the CA as the `clusterid` header (istiod needs it).
+    #[arg(long, env = "AMBIT_CLUSTER_ID")]
+    cluster_id: Option<String>,
     /// Lifetime of workload certificates, in seconds.
     #[arg(long, default_value_t = 24 * 3600)]
     cert_ttl_secs: u64,
@@ -220,9 +237,20 @@ fn main() -> anyhow::Result<()> {
                     },
                 ),
             };
+            let remote_ca = match (args.ca_address, args.ca_token_file, args.ca_trust_file) {
+                (Some(address), Some(token), Some(trust)) => {
+                    let mut config =
+                        ambit_agent::identity::RemoteCaConfig::new(address, token, trust);
+                    config.extra_bundle_file = args.ca_extra_bundle_file;
+                    config.cluster_id = args.cluster_id;
+                    Some(config)
+                }
+                _ => None,
+            };
             let options = ambit_agent::app::AgentOptions {
                 node,
                 source,
+                remote_ca,
                 pin_dir: args.pin_dir,
                 state_dir: args.state_dir,
                 ca_cert: args.ca_cert,

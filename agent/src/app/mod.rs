@@ -39,6 +39,8 @@ pub struct AgentOptions {
     pub source: SourceOptions,
     pub pin_dir: PathBuf,
     pub state_dir: PathBuf,
+    /// A CA service to ask for certificates; when set, `ca_cert`/`ca_key` are unused.
+    pub remote_ca: Option<crate::identity::RemoteCaConfig>,
     /// CA certificate and key (PEM); when absent a root is created once in `state_dir`.
     pub ca_cert: Option<PathBuf>,
     pub ca_key: Option<PathBuf>,
@@ -233,12 +235,17 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     };
     info!(node = %options.node, source = source_info.kind, origin = %source_info.origin, "starting");
 
-    let ca = match (&options.ca_cert, &options.ca_key) {
-        (Some(cert), Some(key)) => LocalCa::load(cert, key)?,
-        (None, None) => LocalCa::load_or_create(&options.state_dir)?,
-        _ => anyhow::bail!("--ca-cert and --ca-key go together"),
-    };
-    let certs = CertManager::new(Arc::new(ca), options.cert_ttl);
+    let ca: Arc<dyn crate::identity::CertificateAuthority> =
+        match (&options.remote_ca, &options.ca_cert, &options.ca_key) {
+            (Some(remote), _, _) => {
+                info!(address = %remote.address, "certificates from a CA service");
+                Arc::new(crate::identity::RemoteCa::new(remote.clone())?)
+            }
+            (None, Some(cert), Some(key)) => Arc::new(LocalCa::load(cert, key)?),
+            (None, None, None) => Arc::new(LocalCa::load_or_create(&options.state_dir)?),
+            _ => anyhow::bail!("--ca-cert and --ca-key go together"),
+        };
+    let certs = CertManager::new(ca, options.cert_ttl);
     let excluded_ports = match &kube {
         Some((_, k)) => k.settings.excluded_ports.clone(),
         None => state.excluded_ports.clone(),
