@@ -91,7 +91,21 @@ pub fn exchange(
     payload: &[u8],
     read_timeout: Duration,
 ) -> anyhow::Result<Ending> {
-    let stream = pod.connect(to)?;
+    let stream = match pod.connect(to) {
+        Ok(stream) => stream,
+        // A refusal fast enough (same node) lands before connect() has looked at the
+        // socket: the handshake completed and the reset came right after it.
+        Err(e)
+            if e.downcast_ref::<io::Error>()
+                .is_some_and(|e| e.kind() == ErrorKind::ConnectionReset) =>
+        {
+            return Ok(Ending::Reset {
+                during: "connect",
+                received: Vec::new(),
+            });
+        }
+        Err(e) => return Err(e),
+    };
     stream.set_read_timeout(Some(read_timeout))?;
     let mut writer = &stream;
     if let Err(e) = writer.write_all(payload) {

@@ -239,6 +239,15 @@ impl Drop for Agent {
     }
 }
 
+/// Where agents find a CA service: its address, the roots its serving certificate chains
+/// to, and a directory holding one token file per node (`<node>.token`).
+#[derive(Clone, Debug)]
+pub struct RemoteCa {
+    pub address: String,
+    pub trust_file: PathBuf,
+    pub token_dir: PathBuf,
+}
+
 pub struct Service {
     pub name: &'static str,
     pub vip: Ipv4Addr,
@@ -262,6 +271,9 @@ pub struct Testbed {
     /// Kubernetes mode: the fake API server and the pods' sandboxes; agents started from
     /// now on run with `--kubernetes` against it.
     pub kube: Option<crate::kubebed::KubeBed>,
+    /// Agents started from now on ask this CA service (`ambit ca`) for certificates
+    /// instead of signing with the testbed's CA key.
+    pub remote_ca: Option<RemoteCa>,
     ca_cert: PathBuf,
     ca_key: PathBuf,
     // Declared last so it is dropped after the nodes and pods it connects.
@@ -378,6 +390,7 @@ impl Testbed {
             mesh_enabled: true,
             agent_args: Vec::new(),
             kube: None,
+            remote_ca: None,
             _fabric: fabric,
         };
         bed.write_config()?;
@@ -483,10 +496,25 @@ impl Testbed {
             .arg(node.pins.path())
             .arg("--state-dir")
             .arg(&state_dir)
-            .arg("--ca-cert")
-            .arg(&self.ca_cert)
-            .arg("--ca-key")
-            .arg(&self.ca_key)
+            .args(match &self.remote_ca {
+                Some(ca) => vec![
+                    "--ca-address".into(),
+                    ca.address.clone(),
+                    "--ca-trust-file".into(),
+                    ca.trust_file.display().to_string(),
+                    "--ca-token-file".into(),
+                    ca.token_dir
+                        .join(format!("{}.token", node.name))
+                        .display()
+                        .to_string(),
+                ],
+                None => vec![
+                    "--ca-cert".into(),
+                    self.ca_cert.display().to_string(),
+                    "--ca-key".into(),
+                    self.ca_key.display().to_string(),
+                ],
+            })
             .args(["--reload-interval-ms", "100"])
             .args(["--admin-addr", "127.0.0.1:0"])
             .args(["--metrics-addr", "127.0.0.1:0"])

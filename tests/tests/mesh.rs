@@ -247,7 +247,7 @@ fn pod_dropped_from_the_mesh_while_its_agent_was_down_is_released_on_restart() -
     );
     bed.start_agent(1)?;
     bed.agent(1)
-        .wait_for_log(&["releasing a pod no longer in the config"], LOG_WAIT)?;
+        .wait_for_log(&["releasing a pod no longer in the mesh"], LOG_WAIT)?;
     let reply = bed.pod("plain-client").request(b_addr, b"plain again")?;
     assert!(
         reply.ends_with("plain again"),

@@ -378,10 +378,10 @@ fn json_logs_and_the_log_level_changes_at_runtime() -> anyhow::Result<()> {
     let v: serde_json::Value = serde_json::from_str(&line)?;
     let f = &v["fields"];
     assert_eq!(f["source"], bed.pod("client").identity(), "{line}");
-    assert_eq!(f["source_workload"], "client", "{line}");
+    assert_eq!(f["source_workload"], "mesh/client", "{line}");
     assert_eq!(f["destination_workload"], "mesh/server-a", "{line}");
     assert_eq!(f["security"], "mutual_tls", "{line}");
-    assert_eq!(f["received"], 11, "{line}");
+    assert_eq!(f["bytes_from_client"], 11, "{line}");
     assert!(
         f["authz"].as_str().unwrap_or_default().starts_with("ALLOW"),
         "{line}"

@@ -46,10 +46,10 @@ fn identity_allow_lets_one_client_in_and_keeps_another_out() -> anyhow::Result<(
     assert!(reply.ends_with("let me in"), "frontend is allowed: {reply}");
     let intruder = exchange(bed.pod("intruder"), backend, b"let me in too", REFUSAL_WAIT)?;
     assert_reset(&intruder, "intruder is refused");
-    // The tunnel's denial line (it carries `reason=`) is the last one logged for a denial.
+    // The tunnel's denial line, the one logged for a denial.
     let denial = bed
         .agent(1)
-        .wait_for_log(&["connection denied", "intruder", "reason="], LOG_WAIT)?;
+        .wait_for_log(&["connection denied", "intruder", "authz=DENY"], LOG_WAIT)?;
     assert!(
         denial.contains("no_allow_policy_matched")
             && denial.contains("policy=mesh/backend-from-frontend"),
@@ -197,8 +197,10 @@ fn strict_refuses_plaintext_and_permissive_accepts_it_with_the_real_client_addre
         &exchange(bed.pod("legacy"), backend, b"plaintext", REFUSAL_WAIT)?,
         "STRICT: a non-enrolled pod's plaintext is refused",
     );
-    bed.agent(1)
-        .wait_for_log(&["plaintext connection denied", "mtls_required"], LOG_WAIT)?;
+    bed.agent(1).wait_for_log(
+        &["connection denied", "security=\"none\"", "mtls_required"],
+        LOG_WAIT,
+    )?;
     let mtls = bed.pod("frontend").request(backend, b"over mTLS")?;
     assert!(
         mtls.ends_with("over mTLS"),

@@ -46,6 +46,8 @@ pub(super) struct Agent {
     pub(super) waiters: Vec<super::cni::Waiter>,
     /// Pods whose enrollment failed part-way, kept closed by netns cookie.
     held_closed: HashMap<String, u64>,
+    /// States applied so far.
+    applied: u64,
 }
 
 pub(super) fn pod_name(w: &WorkloadEntry) -> String {
@@ -66,6 +68,7 @@ impl Agent {
             namespaces_written: None,
             waiters: Vec::new(),
             held_closed: HashMap::new(),
+            applied: 0,
         }
     }
 
@@ -110,7 +113,11 @@ impl Agent {
             }
         }
         self.write_namespaces_file();
-        info!(enrolled = self.pods.len(), "configuration applied");
+        // The first state is announced as "ready" by the caller.
+        if self.applied > 0 {
+            info!(enrolled = self.pods.len(), "configuration applied");
+        }
+        self.applied += 1;
     }
 
     /// Tries again the pods that could not be enrolled.

@@ -113,17 +113,21 @@ impl AccessLog<'_> {
             (_, target),
             (_, security),
             (_, authz),
-            (_, bytes_from_client),
-            (_, bytes_to_client),
-            (_, duration_ms),
+            _,
+            _,
+            _,
             (_, result),
         ] = self.fields();
+        // Numbers stay numbers in the JSON format.
+        let bytes_from_client = self.bytes_from_client;
+        let bytes_to_client = self.bytes_to_client;
+        let duration_ms = u64::try_from(self.duration.as_millis()).unwrap_or(u64::MAX);
         macro_rules! line {
             ($msg:expr) => {
                 tracing::info!(
                     %source, %source_workload, %source_addr, %destination,
                     %destination_workload, %original_destination, %target, %security, %authz,
-                    %bytes_from_client, %bytes_to_client, %duration_ms, %result, $msg
+                    bytes_from_client, bytes_to_client, duration_ms, %result, $msg
                 )
             };
         }

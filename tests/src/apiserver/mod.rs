@@ -45,6 +45,7 @@ pub enum Kind {
     EndpointSlice,
     PeerAuthentication,
     AuthorizationPolicy,
+    Secret,
 }
 
 /// Where a kind lives in the API.
@@ -71,7 +72,7 @@ impl ResourceInfo {
 pub const ISTIO_SECURITY_GROUP: &str = "security.istio.io";
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Pod,
@@ -79,6 +80,7 @@ impl Kind {
         Kind::EndpointSlice,
         Kind::PeerAuthentication,
         Kind::AuthorizationPolicy,
+        Kind::Secret,
     ];
 
     pub fn info(self) -> &'static ResourceInfo {
@@ -95,6 +97,7 @@ impl Kind {
         static NODE: ResourceInfo = core("nodes", "Node", false);
         static POD: ResourceInfo = core("pods", "Pod", true);
         static SERVICE: ResourceInfo = core("services", "Service", true);
+        static SECRET: ResourceInfo = core("secrets", "Secret", true);
         static ENDPOINT_SLICE: ResourceInfo = ResourceInfo {
             group: "discovery.k8s.io",
             versions: &["v1"],
@@ -124,6 +127,7 @@ impl Kind {
             Kind::EndpointSlice => &ENDPOINT_SLICE,
             Kind::PeerAuthentication => &PEER_AUTHENTICATION,
             Kind::AuthorizationPolicy => &AUTHORIZATION_POLICY,
+            Kind::Secret => &SECRET,
         }
     }
 
