@@ -26,7 +26,6 @@ fn free_port() -> anyhow::Result<u16> {
 struct CaProcess {
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,
-    port: u16,
     metrics: SocketAddr,
 }
 
@@ -79,7 +78,6 @@ impl CaProcess {
         let ca = Self {
             child,
             logs,
-            port,
             metrics,
         };
         ca.wait_for_log("CA serving")?;
