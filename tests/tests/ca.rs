@@ -163,14 +163,26 @@ fn ca_root(bed: &Testbed) -> anyhow::Result<Vec<u8>> {
     }
 }
 
-#[test]
-fn agents_get_certificates_from_the_ca_which_checks_the_asking_node() -> anyhow::Result<()> {
+/// The two-node testbed in Kubernetes mode with a running `ambit ca`; agents started
+/// with `agent_args` take their certificates from it.
+struct CaBed {
+    bed: Testbed,
+    ca: Option<CaProcess>,
+    kubeconfig: PathBuf,
+    token_dir: PathBuf,
+    trust_file: PathBuf,
+    port: u16,
+    metrics: SocketAddr,
+}
+
+fn ca_bed(agent_args: &[&str]) -> anyhow::Result<CaBed> {
     let pods = [
         PodSpec::new("client", MESH_NS, 0),
         PodSpec::new("server", MESH_NS, 1),
     ];
     let mut bed = Testbed::build(2, &pods, Vec::new())?;
     bed.enable_kubernetes()?;
+    bed.agent_args = agent_args.iter().map(|a| (*a).to_owned()).collect();
     let token_dir = register_node_agents(&bed)?;
     let kubeconfig = bed
         .kube
@@ -180,15 +192,15 @@ fn agents_get_certificates_from_the_ca_which_checks_the_asking_node() -> anyhow:
         .clone();
     let port = free_port()?;
     let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
-    let mut ca = CaProcess::start(&kubeconfig, port, metrics)?;
-    assert!(
+    let ca = CaProcess::start(&kubeconfig, port, metrics)?;
+    assert_eq!(
         bed.kube
             .as_ref()
             .context("kubernetes mode")?
             .api
             .list_json(Kind::Secret)
-            .len()
-            == 1,
+            .len(),
+        1,
         "the CA bootstrapped its root into one Secret"
     );
     let trust_file = bed.dir.join("ca-root.pem");
@@ -199,6 +211,29 @@ fn agents_get_certificates_from_the_ca_which_checks_the_asking_node() -> anyhow:
         token_dir: token_dir.clone(),
     });
     bed.start_agents()?;
+    Ok(CaBed {
+        bed,
+        ca: Some(ca),
+        kubeconfig,
+        token_dir,
+        trust_file,
+        port,
+        metrics,
+    })
+}
+
+#[test]
+fn agents_get_certificates_from_the_ca_which_checks_the_asking_node() -> anyhow::Result<()> {
+    let CaBed {
+        bed,
+        ca,
+        kubeconfig,
+        token_dir,
+        trust_file,
+        port,
+        metrics,
+    } = ca_bed(&[])?;
+    let mut ca = ca.context("CA running")?;
 
     // Both pods got their certificates from the CA: mTLS across nodes works.
     let server = bed.pod("server").addr(APP_PORT);
@@ -272,5 +307,49 @@ fn agents_get_certificates_from_the_ca_which_checks_the_asking_node() -> anyhow:
     let reply = bed.pod("client").request(server, b"CA is back")?;
     assert!(reply.ends_with("CA is back"), "{reply}");
     drop(ca);
+    Ok(())
+}
+
+#[test]
+fn short_lived_certificates_renew_under_traffic_without_a_failed_connection() -> anyhow::Result<()>
+{
+    // 30 s certificates renewed at half-life; every connection does a full handshake, so
+    // each one checks the certificates in force at that moment.
+    let CaBed { bed, ca, .. } = ca_bed(&["--cert-ttl-secs", "30", "--no-pool"])?;
+    let ca = ca.context("CA running")?;
+    let server = bed.pod("server").addr(APP_PORT);
+    let until = Instant::now() + Duration::from_secs(40);
+    let mut connections = 0;
+    while Instant::now() < until {
+        let payload = format!("renewal {connections}");
+        let reply = bed.pod("client").request(server, payload.as_bytes())?;
+        assert!(
+            reply.ends_with(&payload),
+            "connection {connections}: {reply}"
+        );
+        connections += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let renewals = |agent: usize| -> anyhow::Result<f64> {
+        let text = bed.agent(agent).metrics()?;
+        Ok(text
+            .lines()
+            .find(|l| l.starts_with("ambit_certificate_renewals_total"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0))
+    };
+    assert!(
+        renewals(0)? >= 2.0,
+        "the client's certificate renewed at least twice"
+    );
+    assert!(
+        renewals(1)? >= 2.0,
+        "the server's certificate renewed at least twice"
+    );
+    eprintln!(
+        "{connections} connections, all through renewals; CA log lines: {}",
+        ca.logs().len()
+    );
     Ok(())
 }
