@@ -5,6 +5,7 @@
 
 pub mod apiserver;
 pub mod bench;
+pub mod ca;
 pub mod capture_check;
 pub mod faults;
 pub mod inbound_check;

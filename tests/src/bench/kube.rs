@@ -68,6 +68,11 @@ pub struct KubeReport {
     pub label_max_ms: Option<f64>,
     /// Agent CPU (percent of one core) while pods churn elsewhere.
     pub churn_cpu_percent: Option<f64>,
+    /// `ambit ca` with the largest cluster indexed: its RSS, and how long one certificate
+    /// takes as a node agent sees it (key generation, CSR, TokenReview, signing), median.
+    pub ca_pods: usize,
+    pub ca_rss_mib: Option<f64>,
+    pub ca_issue_p50_ms: Option<f64>,
 }
 
 impl KubeReport {
@@ -86,14 +91,21 @@ impl KubeReport {
              | namespace label → {n} pods enrolled, p50 | {} |\n\
              | namespace label → {n} pods enrolled, p99 | {} |\n\
              | namespace label → {n} pods enrolled, max | {} |\n\
-             | agent CPU while {c} pods/s churn elsewhere | {} |\n",
+             | agent CPU while {c} pods/s churn elsewhere | {} |\n\
+             | `ambit ca` RSS with {p} pods indexed | {} |\n\
+             | one certificate from `ambit ca` as an agent sees it, p50 | {} |\n",
             ms(self.label_p50_ms),
             ms(self.label_p99_ms),
             ms(self.label_max_ms),
             self.churn_cpu_percent
                 .map_or_else(|| "–".to_owned(), |v| format!("{v:.1} % of a core")),
+            self.ca_rss_mib
+                .map_or_else(|| "–".to_owned(), |v| format!("{v:.1} MiB")),
+            self.ca_issue_p50_ms
+                .map_or_else(|| "–".to_owned(), |v| format!("{v:.1} ms")),
             n = self.settings.label_pods,
             c = self.settings.churn_per_sec,
+            p = self.ca_pods,
         ));
         s
     }
@@ -110,6 +122,9 @@ impl KubeReport {
         if self.churn_cpu_percent.is_none() {
             missing.push("churn CPU");
         }
+        if self.ca_rss_mib.is_none() || self.ca_issue_p50_ms.is_none() {
+            missing.push("CA figures");
+        }
         missing
     }
 }
@@ -121,7 +136,12 @@ pub fn run(settings: &KubeSettings) -> anyhow::Result<KubeReport> {
     }
     let (p50, p99, max) = label_to_enrolled(settings.label_pods)?;
     let churn = churn_cpu(settings)?;
+    let ca_pods = settings.cluster_pods.iter().copied().max().unwrap_or(0);
+    let (ca_rss, ca_issue) = ca_figures(ca_pods)?;
     Ok(KubeReport {
+        ca_pods,
+        ca_rss_mib: Some(ca_rss),
+        ca_issue_p50_ms: Some(ca_issue),
         settings: settings.clone(),
         scale,
         label_p50_ms: Some(p50),
@@ -320,6 +340,65 @@ fn churn_cpu(settings: &KubeSettings) -> anyhow::Result<f64> {
         elapsed.as_secs_f64()
     );
     Ok(percent)
+}
+
+/// `ambit ca` against a cluster of `pods` pods: RSS once its pod index is synced, and the
+/// median time of 20 certificates requested with a node agent's token.
+fn ca_figures(pods: usize) -> anyhow::Result<(f64, f64)> {
+    use ambit_agent::identity::CertificateAuthority as _;
+    let mut bed = Testbed::build(1, &[], Vec::new())?;
+    bed.enable_kubernetes()?;
+    let kube = bed.kube.as_ref().context("kubernetes mode")?;
+    populate(&kube.api, pods, 100)?;
+    let node = bed.nodes[0].name.clone();
+    kube.api.create(
+        &apiserver::pod("ns0", "ca-bench")
+            .uid(&crate::kubebed::new_uid())
+            .node(&node)
+            .ip("10.250.0.1")
+            .service_account("bench")
+            .build(),
+    )?;
+    let token_dir = crate::ca::register_node_agents(&bed)?;
+    let port = crate::ca::free_port()?;
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], crate::ca::free_port()?));
+    let ca = crate::ca::CaProcess::start(&kube.kubeconfig, port, metrics)?;
+    let trust = bed.dir.join("ca-root.pem");
+    std::fs::write(&trust, crate::ca::ca_root(&bed)?)?;
+    ambit_agent::identity::install_crypto_provider();
+    let runtime = tokio::runtime::Runtime::new()?;
+    let remote = {
+        let _context = runtime.enter();
+        ambit_agent::identity::RemoteCa::new(ambit_agent::identity::RemoteCaConfig::new(
+            format!("https://localhost:{port}"),
+            token_dir.join(format!("{node}.token")),
+            &trust,
+        ))?
+    };
+    let identity: ambit_agent::identity::SpiffeId =
+        "spiffe://cluster.local/ns/ns0/sa/bench".parse()?;
+    // The CA answers once its pod index has synced; the first success marks that.
+    let deadline = Instant::now() + WAIT;
+    while runtime
+        .block_on(remote.issue(&identity, Duration::from_secs(3600)))
+        .is_err()
+    {
+        anyhow::ensure!(Instant::now() < deadline, "the CA never issued");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rss = procfs::rss_bytes(ca.pid())? as f64 / MIB;
+    let mut times = Vec::new();
+    for _ in 0..20 {
+        let started = Instant::now();
+        runtime.block_on(remote.issue(&identity, Duration::from_secs(3600)))?;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    let p50 = times[times.len() / 2];
+    eprintln!(
+        "kube bench: ambit ca with {pods} pods: RSS {rss:.1} MiB, certificate p50 {p50:.1} ms"
+    );
+    Ok((rss, p50))
 }
 
 /// Writes `target/bench/kubernetes.json`.

@@ -1,0 +1,173 @@
+//! `ambit ca` as a process for end-to-end tests and benchmarks: started against the
+//! fake API server, with node agents registered there (pods and projected tokens).
+
+use std::io::{BufRead as _, BufReader};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+use crate::apiserver::{self, TokenIdentity};
+use crate::testbed::{Testbed, agent_binary};
+use crate::unique_name;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
+}
+
+/// A running `ambit ca`, killed on drop.
+pub struct CaProcess {
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+    metrics: SocketAddr,
+}
+
+impl CaProcess {
+    pub fn start(
+        kubeconfig: &std::path::Path,
+        port: u16,
+        metrics: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let mut child = Command::new(agent_binary()?)
+            .args(["ca", "--listen-addr"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--metrics-addr")
+            .arg(metrics.to_string())
+            .args([
+                "--dns-names",
+                "localhost",
+                "--trust-domain",
+                "cluster.local",
+            ])
+            .env("KUBECONFIG", kubeconfig)
+            .env("AMBIT_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting ambit ca")?;
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        for pipe in [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if std::env::var_os("AMBIT_TESTBED_ECHO").is_some() {
+                        eprintln!("[ca] {line}");
+                    }
+                    if let Ok(mut l) = logs.lock() {
+                        l.push(line);
+                    }
+                }
+            });
+        }
+        let ca = Self {
+            child,
+            logs,
+            metrics,
+        };
+        ca.wait_for_log("CA serving")?;
+        Ok(ca)
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn wait_for_log(&self, part: &str) -> anyhow::Result<String> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(line) = self.logs().into_iter().find(|l| l.contains(part)) {
+                return Ok(line);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "CA never logged {part:?}:\n{}",
+                self.logs().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The process id (for RSS).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        Ok(ambit_agent::observability::client::get(
+            self.metrics,
+            "/metrics",
+        )?)
+    }
+}
+
+impl Drop for CaProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Registers one node agent pod per node (service account `ambit-system/ambit`) and its
+/// projected token; returns the directory of token files.
+pub fn register_node_agents(bed: &Testbed) -> anyhow::Result<PathBuf> {
+    let api = &bed.kube.as_ref().context("kubernetes mode")?.api;
+    api.create(&apiserver::namespace("ambit-system", &[]))?;
+    let dir = bed.dir.join("tokens");
+    std::fs::create_dir_all(&dir)?;
+    for node in &bed.nodes {
+        let pod = format!("ambit-{}", node.name);
+        let uid = crate::kubebed::new_uid();
+        api.create(
+            &apiserver::pod("ambit-system", &pod)
+                .uid(&uid)
+                .node(&node.name)
+                .ip(&node.wire_ip.to_string())
+                .host_network(true)
+                .service_account("ambit")
+                .build(),
+        )?;
+        let token = unique_name("token-");
+        api.register_token(
+            &token,
+            TokenIdentity::service_account("ambit-system", "ambit", &pod, &uid, &["ambit-ca"]),
+        );
+        std::fs::write(dir.join(format!("{}.token", node.name)), token)?;
+    }
+    Ok(dir)
+}
+
+/// The CA's root, from the Secret it created at first start.
+pub fn ca_root(bed: &Testbed) -> anyhow::Result<Vec<u8>> {
+    let api = &bed.kube.as_ref().context("kubernetes mode")?.api;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(secret) =
+            api.get::<k8s_openapi::api::core::v1::Secret>("ambit-system", "ambit-ca")?
+            && let Some(root) = secret.data.and_then(|d| d.get("ca.crt").cloned())
+        {
+            return Ok(root.0);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the CA created no Secret");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
