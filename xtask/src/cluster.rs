@@ -528,9 +528,10 @@ impl Kube {
     }
 }
 
-/// curl's exit code for "Recv failure: Connection reset by peer": what a refused meshed
-/// connection looks like to the client (the agent resets, never closes cleanly).
-const CURL_RESET: i32 = 56;
+/// curl's exit codes for a connection reset ("Failed sending data" 55, "Recv failure:
+/// Connection reset by peer" 56): what a refused meshed connection looks like to the client
+/// (the agent resets, never closes cleanly; a clean close would be 52, "Empty reply").
+const CURL_RESET: [i32; 2] = [55, 56];
 
 struct Ctx<'a> {
     kube: &'a Kube,
@@ -617,7 +618,7 @@ impl Ctx<'_> {
         let (after, err) = refused?;
         let restored = self.until_ok(self.client, "after-deny")?;
         Ok(format!(
-            "refused {after:.1?} after the policy (curl exit {CURL_RESET}: {err}); allowed again {restored:.1?} after deleting it"
+            "reset {after:.1?} after the policy ({err}); allowed again {restored:.1?} after deleting it"
         ))
     }
 
@@ -646,7 +647,7 @@ impl Ctx<'_> {
             .context("no mesh attempt")?
             .context("the meshed client must still pass under STRICT")?;
         Ok(format!(
-            "plaintext refused {after:.1?} after STRICT (curl exit {CURL_RESET}: {err}); the meshed client still passed"
+            "plaintext reset {after:.1?} after STRICT ({err}); the meshed client still passed"
         ))
     }
 
@@ -705,6 +706,7 @@ impl Ctx<'_> {
         let marker = format!("AMBIT-MARKER-restart-{}", std::process::id());
         let mut window_refused = 0u32;
         let mut window_passed = 0u32;
+        let mut window_exits = BTreeMap::<i32, u32>::new();
         let mut resumed_after = None;
         let wire = self.capture_during(&marker, || {
             self.kube.run(&[
@@ -736,6 +738,7 @@ impl Ctx<'_> {
                         window_passed += 1;
                     } else {
                         window_refused += 1;
+                        *window_exits.entry(outcome.0).or_default() += 1;
                     }
                 }
                 std::thread::sleep(Duration::from_millis(200));
@@ -759,7 +762,7 @@ impl Ctx<'_> {
             );
         }
         Ok(format!(
-            "{window_refused} request(s) refused while no agent ran, none passed; traffic resumed {resumed:.1?} after the delete; wire: {}",
+            "{window_refused} request(s) failed while no agent ran (curl exit codes {window_exits:?}), none passed; traffic resumed {resumed:.1?} after the delete; wire: {}",
             wire.describe()
         ))
     }
@@ -770,8 +773,11 @@ impl Ctx<'_> {
         let mut last = (0, String::new(), String::new());
         while started.elapsed() < Duration::from_secs(60) {
             last = self.kube.curl(from, &self.echo_url(tag))?;
-            if last.0 == CURL_RESET {
-                return Ok((started.elapsed(), last.2));
+            if CURL_RESET.contains(&last.0) {
+                return Ok((
+                    started.elapsed(),
+                    format!("curl exit {}: {}", last.0, last.2),
+                ));
             }
             std::thread::sleep(Duration::from_millis(500));
         }
