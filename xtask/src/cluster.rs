@@ -925,6 +925,11 @@ impl Capture {
                 break;
             }
         }
+        // Keep draining stderr too: a closed pipe could end `docker exec` before stdout is
+        // complete.
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+        });
         // Keep reading stdout in the background so tcpdump never blocks on a full pipe.
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
