@@ -11,10 +11,15 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests, demo and bench use: `ip` (iproute2), a packet capture
 /// (tcpdump), a bulk-throughput tool (iperf3).
 const DEBIAN_PACKAGES: &[&str] = &["iproute2", "tcpdump", "iperf3"];
+/// The manifest validator (PyPI), pinned to the Kubernetes version k8s-openapi is built for
+/// (`v1_35`): it bundles that version's API schemas, so validation runs offline.
+pub const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.35.0";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Need {
-    /// Toolchain parts only: enough to build and run unprivileged checks.
+    /// The Rust toolchains and bpf-linker, nothing else: what building the image needs.
+    Toolchain,
+    /// Toolchain parts and the manifest validator: enough to build and run unprivileged checks.
     Build,
     /// Also the Debian packages of the privileged tests (needs root).
     All,
@@ -25,6 +30,9 @@ pub fn run(need: Need) -> anyhow::Result<()> {
     ensure_rust_components()?;
     ensure_nightly()?;
     ensure_bpf_linker()?;
+    if need != Need::Toolchain {
+        ensure_manifest_validator()?;
+    }
     if need == Need::All {
         ensure_debian_packages()?;
     }
@@ -215,6 +223,81 @@ fn ensure_debian_packages() -> anyhow::Result<()> {
         bail!("apt-get install {missing:?} failed ({status})");
     }
     Ok(())
+}
+
+/// `kubernetes-validate` into `.tools/python` (`pip --target`: no virtualenv, nothing
+/// installed system-wide, and Debian's externally-managed Python is not touched). The
+/// deploy tests run it as `PYTHONPATH=.tools/python python3 -m kubernetes_validate`.
+fn ensure_manifest_validator() -> anyhow::Result<()> {
+    let target = python_tools_dir()?;
+    let (name, version) = KUBERNETES_VALIDATE
+        .split_once("==")
+        .context("KUBERNETES_VALIDATE is NAME==VERSION")?;
+    let marker = target.join(format!("{}-{version}.dist-info", name.replace('-', "_")));
+    if marker.is_dir() {
+        return Ok(());
+    }
+    if Command::new("python3")
+        .args(["-m", "pip", "--version"])
+        .output()
+        .map_or(true, |o| !o.status.success())
+    {
+        if !is_root() {
+            bail!(
+                "python3 with pip is missing (needed to validate the manifests in deploy/) and \
+                 installing it needs root"
+            );
+        }
+        run_cmd("apt-get", &["update", "-q"])?;
+        let status = Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "python3",
+                "python3-pip",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("running apt-get")?;
+        if !status.success() {
+            bail!("apt-get install python3 python3-pip failed ({status})");
+        }
+    }
+    // A half-finished earlier install must not mix with this one.
+    if target.exists() {
+        std::fs::remove_dir_all(&target)
+            .with_context(|| format!("removing {}", target.display()))?;
+    }
+    eprintln!(
+        "xtask: installing {KUBERNETES_VALIDATE} into {}",
+        target.display()
+    );
+    let status = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-warn-script-location",
+            "--root-user-action=ignore",
+            "--target",
+        ])
+        .arg(&target)
+        .arg(KUBERNETES_VALIDATE)
+        .status()
+        .context("running python3 -m pip")?;
+    if !status.success() {
+        bail!("pip install {KUBERNETES_VALIDATE} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Where setup puts the Python tools (the manifest validator).
+pub fn python_tools_dir() -> anyhow::Result<PathBuf> {
+    Ok(tools_dir()?.join("python"))
 }
 
 fn dpkg_installed(pkg: &str) -> bool {
