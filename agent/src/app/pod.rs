@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 use super::sockets::PodSockets;
 use super::view::meta_of;
 use super::{Shared, StateWorkloads};
+use crate::capture::OrigDstTable;
 use crate::config::{Route, WorkloadEntry};
 use crate::netns::NetNs;
 use crate::tunnel::{
@@ -59,6 +60,7 @@ pub(crate) struct StartError {
 }
 
 struct Listeners {
+    orig_dst: OrigDstTable,
     outbound: TcpListener,
     plaintext: std::net::TcpListener,
     hbone: std::net::TcpListener,
@@ -148,8 +150,10 @@ impl PodRuntime {
                 .attach_inbound(&netns, netns_cookie, &hbone_listener, &plaintext_listener)
                 .context("inbound steering")?;
             capture.enroll(netns_cookie)?;
+            let orig_dst = capture.orig_dst_table()?;
             drop(capture);
             anyhow::Ok(Listeners {
+                orig_dst,
                 outbound: outbound_listener,
                 plaintext: plaintext_listener,
                 hbone: hbone_listener,
@@ -167,6 +171,7 @@ impl PodRuntime {
         listeners: Listeners,
     ) -> anyhow::Result<Self> {
         let Listeners {
+            orig_dst: listeners_orig_dst,
             outbound: outbound_listener,
             plaintext: plaintext_listener,
             hbone: hbone_listener,
@@ -194,6 +199,7 @@ impl PodRuntime {
             netns_cookie,
             outbound,
             sockets,
+            orig_dst: listeners_orig_dst,
             picks: AtomicUsize::new(0),
         });
         let tasks = vec![
@@ -269,6 +275,7 @@ struct OutboundCtx {
     netns_cookie: u64,
     outbound: Arc<Outbound>,
     sockets: Arc<PodSockets>,
+    orig_dst: OrigDstTable,
     /// Spreads service connections over endpoints.
     picks: AtomicUsize,
 }
@@ -293,13 +300,8 @@ async fn serve_outbound(ctx: Arc<OutboundCtx>, listener: TcpListener) {
 }
 
 async fn handle_outbound(ctx: Arc<OutboundCtx>, client: TcpStream, peer: SocketAddr) {
-    let orig = ctx
-        .shared
-        .capture
-        .lock()
-        .ok()
-        .and_then(|mut c| c.take_orig_dst(ctx.netns_cookie, peer.port()));
-    let Some(orig) = orig else {
+    // The pod's own handle on the map: no lock shared with the control plane.
+    let Some(orig) = ctx.orig_dst.take(ctx.netns_cookie, peer.port()) else {
         warn!(%peer, "captured connection without an original destination; closing");
         return;
     };

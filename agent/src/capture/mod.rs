@@ -161,6 +161,31 @@ impl Default for CaptureConfig {
     }
 }
 
+/// The original-destination map as one pod's outbound side reads it ([`Capture::orig_dst_table`]).
+pub struct OrigDstTable {
+    /// aya's delete needs `&mut`; the lock is held for one lookup and one delete and is
+    /// shared only by the connections of one pod.
+    map: std::sync::Mutex<HashMap<MapData, FlowKey, OrigDst>>,
+}
+
+impl OrigDstTable {
+    /// Takes the original destination of the connection from `netns_cookie`'s source
+    /// port `client_port`.
+    pub fn take(&self, netns_cookie: u64, client_port: u16) -> Option<SocketAddr> {
+        let key = FlowKey {
+            netns_cookie,
+            port: u32::from(client_port),
+            reserved: 0,
+        };
+        let mut map = self.map.lock().ok()?;
+        let orig = map.get(&key, 0).ok()?;
+        // Best effort: the map is LRU, so a failed delete only costs a slot until eviction.
+        let _ = map.remove(&key);
+        drop(map);
+        orig_dst_to_socket_addr(&orig)
+    }
+}
+
 /// Attached capture programs and handles on their maps.
 pub struct Capture {
     pin_dir: PathBuf,
@@ -337,6 +362,20 @@ impl Capture {
         // Best effort: the map is LRU, so a failed delete only costs a slot until eviction.
         let _ = self.orig_dst.remove(&key);
         orig_dst_to_socket_addr(&orig)
+    }
+
+    /// A handle of its own on the original-destination map, for the data path: looking up
+    /// a captured connection then never waits on enrollment or a metrics scrape, which
+    /// hold the `Capture`.
+    pub fn orig_dst_table(&self) -> Result<OrigDstTable> {
+        let name = maps::ORIG_DST;
+        let err = |source| CaptureError::Map { name, source };
+        let data = MapData::from_pin(self.pin_dir.join("maps").join(name)).map_err(err)?;
+        let map = HashMap::try_from(aya::maps::Map::from_map_data(data).map_err(err)?)
+            .map_err(err)?;
+        Ok(OrigDstTable {
+            map: std::sync::Mutex::new(map),
+        })
     }
 
     /// Detaches everything and removes the pins: plain networking for every pod.
