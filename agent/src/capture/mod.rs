@@ -371,8 +371,8 @@ impl Capture {
         let name = maps::ORIG_DST;
         let err = |source| CaptureError::Map { name, source };
         let data = MapData::from_pin(self.pin_dir.join("maps").join(name)).map_err(err)?;
-        let map = HashMap::try_from(aya::maps::Map::from_map_data(data).map_err(err)?)
-            .map_err(err)?;
+        let map =
+            HashMap::try_from(aya::maps::Map::from_map_data(data).map_err(err)?).map_err(err)?;
         Ok(OrigDstTable {
             map: std::sync::Mutex::new(map),
         })
