@@ -1,6 +1,7 @@
-//! `cargo xtask …`: the project's two commands (`demo`, `test`), the benchmark, and the
-//! setup they all run first so that a fresh machine needs no manual step.
+//! `cargo xtask …`: the project's two commands (`demo`, `test`), the benchmark, fuzzing, and
+//! the setup they all run first so that a fresh machine needs no manual step.
 
+mod fuzz;
 mod setup;
 
 use std::process::Command;
@@ -19,7 +20,8 @@ struct Cli {
 enum Task {
     /// Install what the build and tests need (nightly rust-src, bpf-linker, Debian packages).
     Setup,
-    /// Run every test: unit tests, clippy, fmt, and the privileged end-to-end suite.
+    /// Run every test: unit tests, clippy, fmt, a short run of each fuzz target, and the
+    /// privileged end-to-end suite.
     Test {
         /// Allow running without root: the privileged end-to-end suite is skipped.
         #[arg(long)]
@@ -32,6 +34,17 @@ enum Task {
         /// A short run that only checks the benchmark still works.
         #[arg(long)]
         quick: bool,
+    },
+    /// Run the cargo-fuzz targets in agent/fuzz one after the other (nightly); fails on a
+    /// crash and names the saved input.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (repeatable): config_parse, policy_compile, spiffe_id,
+        /// hbone_connect, cgroup_path.
+        #[arg(long = "target")]
+        targets: Vec<String>,
     },
     /// Two nodes in network namespaces, one agent each: an mTLS call across nodes, what the
     /// wire sees, and a clean teardown.
@@ -47,6 +60,10 @@ fn main() -> anyhow::Result<()> {
         Task::Test { unprivileged } => test(unprivileged),
         Task::Demo => demo(),
         Task::Bench { quick } => bench(quick),
+        Task::Fuzz { seconds, targets } => {
+            setup::run(setup::Need::Build)?;
+            fuzz::run(&root, seconds, &targets, fuzz::Output::Full)
+        }
     }
 }
 
@@ -88,6 +105,14 @@ fn test(unprivileged: bool) -> anyhow::Result<()> {
         ],
         &mut totals,
     )?;
+    // Each fuzz target briefly: catches a target that no longer builds and the shallow
+    // crashes; `cargo xtask fuzz` is the real run.
+    fuzz::run(
+        &setup::workspace_root()?,
+        TEST_FUZZ_SECONDS,
+        &[],
+        fuzz::Output::Summary,
+    )?;
     if privileged {
         // The end-to-end suite runs the real agent and CNI plugin binaries.
         cargo_cmd(&["build", "-p", "ambit-agent", "--bins"])?;
@@ -103,6 +128,9 @@ fn test(unprivileged: bool) -> anyhow::Result<()> {
     println!("tests: {} passed, {} failed", totals.passed, totals.failed);
     Ok(())
 }
+
+/// How long `cargo xtask test` runs each fuzz target.
+const TEST_FUZZ_SECONDS: u64 = 2;
 
 #[derive(Default)]
 struct TestTotals {
