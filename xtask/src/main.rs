@@ -1,7 +1,8 @@
-//! `cargo xtask …`: the project's two commands (`demo`, `test`), the benchmark, and the
-//! setup they all run first so that a fresh machine needs no manual step.
+//! `cargo xtask …`: the project's two commands (`demo`, `test`), the benchmark, fuzzing, and
+//! the setup they all run first so that a fresh machine needs no manual step.
 
 mod cluster;
+mod fuzz;
 mod setup;
 
 use std::process::Command;
@@ -38,6 +39,20 @@ enum Task {
         /// A short run that only checks the benchmark still works.
         #[arg(long)]
         quick: bool,
+    },
+    /// Run the cargo-fuzz targets in agent/fuzz one after the other (nightly); fails on a
+    /// crash and names the saved input.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (repeatable): config_parse, policy_compile, spiffe_id,
+        /// hbone_connect, cgroup_path.
+        #[arg(long = "target")]
+        targets: Vec<String>,
+        /// One summary line per target instead of libFuzzer's whole output.
+        #[arg(long)]
+        quiet: bool,
     },
     /// Two nodes in network namespaces, one agent each: an mTLS call across nodes, what the
     /// wire sees, and a clean teardown.
@@ -86,6 +101,19 @@ fn main() -> anyhow::Result<()> {
             keep,
             node_image,
         }),
+        Task::Fuzz {
+            seconds,
+            targets,
+            quiet,
+        } => {
+            setup::run(setup::Need::Build)?;
+            let output = if quiet {
+                fuzz::Output::Summary
+            } else {
+                fuzz::Output::Full
+            };
+            fuzz::run(&root, seconds, &targets, output)
+        }
     }
 }
 

@@ -478,44 +478,20 @@ impl Inbound {
         source_identity: SpiffeId,
         peer: SocketAddr,
     ) -> Result<(), TunnelError> {
-        let size = header_list_size(&request);
-        if size > self.config.max_header_list_size as usize {
-            self.refuse(
-                RefusalReason::HeaderTooLarge,
-                peer,
-                Some(&source_identity),
-                None,
-                &format_args!(
-                    "request headers of {size} bytes, limit {}",
-                    self.config.max_header_list_size
-                ),
-            );
-            return reply(&mut respond, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
-        }
-        if request.method() != Method::CONNECT {
-            self.refuse(
-                RefusalReason::BadMethod,
-                peer,
-                Some(&source_identity),
-                None,
-                &format_args!("method {}", request.method()),
-            );
-            return reply(&mut respond, StatusCode::BAD_REQUEST);
-        }
-        let Some(target) = request
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        else {
-            self.refuse(
-                RefusalReason::BadAuthority,
-                peer,
-                Some(&source_identity),
-                None,
-                &format_args!("authority {:?} is not ip:port", request.uri().to_string()),
-            );
-            return reply(&mut respond, StatusCode::BAD_REQUEST);
-        };
+        let ConnectRequest { target, forwarded } =
+            match check_connect_request(&request, self.config.max_header_list_size) {
+                Ok(checked) => checked,
+                Err(refusal) => {
+                    self.refuse(
+                        refusal.reason,
+                        peer,
+                        Some(&source_identity),
+                        None,
+                        &refusal.detail,
+                    );
+                    return reply(&mut respond, refusal.status);
+                }
+            };
         let Some(workload) = self.own_workload(target.ip()) else {
             self.refuse(
                 RefusalReason::NotLocalPod,
@@ -529,9 +505,7 @@ impl Inbound {
         // Agents dial from inside the source pod, so the TCP peer IP is the client's real,
         // routable address; `Forwarded` adds the client's port. A `Forwarded` IP that
         // disagrees with the network is not believed (policy on source IPs depends on it).
-        let source_addr = forwarded_source(&request)
-            .filter(|f| f.ip() == peer.ip())
-            .unwrap_or(peer);
+        let source_addr = forwarded.filter(|f| f.ip() == peer.ip()).unwrap_or(peer);
         // Shared with the live-connection set rather than copied into it.
         let conn = Arc::new(InboundConnection {
             source_identity: Some(source_identity),
@@ -780,6 +754,63 @@ impl Inbound {
     pub fn live_connections(&self) -> usize {
         self.live.map.lock().map_or(0, |m| m.len())
     }
+}
+
+/// What a well-formed HBONE CONNECT request asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectRequest {
+    /// The `:authority`: the workload address to connect to.
+    pub target: SocketAddr,
+    /// The client's address from a `Forwarded: for=` header, not yet checked against the
+    /// network peer.
+    pub forwarded: Option<SocketAddr>,
+}
+
+/// Why a CONNECT request is refused before any workload lookup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectRefusal {
+    pub reason: RefusalReason,
+    pub status: StatusCode,
+    pub detail: String,
+}
+
+/// The checks an inbound HBONE stream's request head must pass, in order: header-list size
+/// (431), method CONNECT (400), `:authority` an `ip:port` (400). Pure, so it can be fuzzed
+/// without a connection.
+pub fn check_connect_request<B>(
+    request: &Request<B>,
+    max_header_list_size: u32,
+) -> Result<ConnectRequest, ConnectRefusal> {
+    let size = header_list_size(request);
+    if size > max_header_list_size as usize {
+        return Err(ConnectRefusal {
+            reason: RefusalReason::HeaderTooLarge,
+            status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            detail: format!("request headers of {size} bytes, limit {max_header_list_size}"),
+        });
+    }
+    if request.method() != Method::CONNECT {
+        return Err(ConnectRefusal {
+            reason: RefusalReason::BadMethod,
+            status: StatusCode::BAD_REQUEST,
+            detail: format!("method {}", request.method()),
+        });
+    }
+    let Some(target) = request
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    else {
+        return Err(ConnectRefusal {
+            reason: RefusalReason::BadAuthority,
+            status: StatusCode::BAD_REQUEST,
+            detail: format!("authority {:?} is not ip:port", request.uri().to_string()),
+        });
+    };
+    Ok(ConnectRequest {
+        target,
+        forwarded: forwarded_source(request),
+    })
 }
 
 /// The TLS stream an HBONE server connection runs on.

@@ -26,7 +26,8 @@ pub use accept::{AcceptBackoff, accept_loop};
 pub use access_log::{ABSENT, AccessKind, AccessLog, WorkloadName};
 pub use copy::{CopyStats, copy_tcp};
 pub use inbound::{
-    AllowAll, Authorizer, Inbound, InboundConnection, LocalWorkload, LocalWorkloads, Verdict,
+    AllowAll, Authorizer, ConnectRefusal, ConnectRequest, Inbound, InboundConnection,
+    LocalWorkload, LocalWorkloads, Verdict, check_connect_request,
 };
 pub use metrics::{
     ConnectionLabels, ConnectionRecord, Metrics, RefusalReason, Reporter, UNKNOWN, WorkloadMeta,

@@ -1166,3 +1166,51 @@ fn tls_configs_are_reused_until_the_certificate_or_bundle_changes() {
         "a changed trust bundle gets a new config"
     );
 }
+
+/// The request-head check the inbound path (and its fuzz target) runs, branch by branch.
+#[test]
+fn connect_request_check_decides_each_refusal() {
+    let connect = |authority: &str| {
+        Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority)
+            .body(())
+            .expect("request")
+    };
+    let mut ok = connect("10.0.0.2:8080");
+    ok.headers_mut().insert(
+        "forwarded",
+        "for=\"10.0.0.1:40000\"".parse().expect("header value"),
+    );
+    assert_eq!(
+        check_connect_request(&ok, 1024),
+        Ok(ConnectRequest {
+            target: "10.0.0.2:8080".parse().expect("addr"),
+            forwarded: Some("10.0.0.1:40000".parse().expect("addr")),
+        })
+    );
+    let refusal = |request: &Request<()>, limit| {
+        let r = check_connect_request(request, limit).expect_err("refused");
+        (r.reason, r.status)
+    };
+    assert_eq!(
+        refusal(&ok, 64),
+        (
+            RefusalReason::HeaderTooLarge,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        )
+    );
+    let get = Request::builder()
+        .method(Method::GET)
+        .uri("https://10.0.0.2:8080/")
+        .body(())
+        .expect("request");
+    assert_eq!(
+        refusal(&get, 1024),
+        (RefusalReason::BadMethod, StatusCode::BAD_REQUEST)
+    );
+    assert_eq!(
+        refusal(&connect("checkout.shop:8080"), 1024),
+        (RefusalReason::BadAuthority, StatusCode::BAD_REQUEST)
+    );
+}
