@@ -1,7 +1,6 @@
 //! `ambit ca` as a process for end-to-end tests and benchmarks: started against the
 //! fake API server, with node agents registered there (pods and projected tokens).
 
-use std::io::{BufRead as _, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -53,32 +52,7 @@ impl CaProcess {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting ambit ca")?;
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        for pipe in [
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let logs = logs.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    if std::env::var_os("AMBIT_TESTBED_ECHO").is_some() {
-                        eprintln!("[ca] {line}");
-                    }
-                    if let Ok(mut l) = logs.lock() {
-                        l.push(line);
-                    }
-                }
-            });
-        }
+        let logs = crate::testbed::collect_output(&mut child, "ca");
         let ca = Self {
             child,
             logs,

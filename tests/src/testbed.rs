@@ -526,33 +526,7 @@ impl Testbed {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting the agent")?;
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        for pipe in [
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let logs = logs.clone();
-            let node_name = node.name.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    if std::env::var_os("AMBIT_TESTBED_ECHO").is_some() {
-                        eprintln!("[{node_name}] {line}");
-                    }
-                    if let Ok(mut l) = logs.lock() {
-                        l.push(line);
-                    }
-                }
-            });
-        }
+        let logs = collect_output(&mut child, &node.name);
         let unbound = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
         let mut agent = Agent {
             child,
@@ -728,6 +702,37 @@ impl Drop for Testbed {
         self.kube.take();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Collects a child's stdout and stderr lines (echoed with `[label]` when
+/// AMBIT_TESTBED_ECHO is set), for log assertions.
+pub fn collect_output(child: &mut Child, label: &str) -> Arc<Mutex<Vec<String>>> {
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let pipes = [
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+    ];
+    for pipe in pipes.into_iter().flatten() {
+        let logs = logs.clone();
+        let label = label.to_owned();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if std::env::var_os("AMBIT_TESTBED_ECHO").is_some() {
+                    eprintln!("[{label}] {line}");
+                }
+                if let Ok(mut l) = logs.lock() {
+                    l.push(line);
+                }
+            }
+        });
+    }
+    logs
 }
 
 /// Writes `/proc/sys/<key>` inside `ns` (e.g. `net/ipv4/tcp_tw_reuse`).

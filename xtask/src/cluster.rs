@@ -81,7 +81,8 @@ pub fn image(tag: Option<&str>) -> anyhow::Result<String> {
     require(&[DOCKER])?;
     let version = env!("CARGO_PKG_VERSION");
     let tag = tag.map_or_else(|| format!("{RELEASE_IMAGE}:{version}"), str::to_owned);
-    let revision = capture("git", &["rev-parse", "HEAD"]).unwrap_or_else(|_| "unknown".into());
+    let revision =
+        setup::output("git", &["rev-parse", "HEAD"]).unwrap_or_else(|_| "unknown".into());
     run(Command::new("docker")
         .args(["build", "-f", "deploy/Dockerfile"])
         .args(["--build-arg", &format!("VERSION={version}")])
@@ -179,7 +180,7 @@ pub fn kind(options: KindOptions) -> anyhow::Result<()> {
         context: format!("kind-{}", options.name),
     };
 
-    let nodes = capture("kind", &["get", "nodes", "--name", &options.name])?;
+    let nodes = setup::output("kind", &["get", "nodes", "--name", &options.name])?;
     let mut workers: Vec<String> = nodes
         .lines()
         .map(str::trim)
@@ -1089,18 +1090,6 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
         bail!("{shown} failed ({status})");
     }
     Ok(())
-}
-
-fn capture(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {program}"))?;
-    if !out.status.success() {
-        bail!("{program} {} failed ({})", args.join(" "), out.status);
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {

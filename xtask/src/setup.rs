@@ -335,7 +335,7 @@ pub fn ebpf_clippy() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(program)
         .args(args)
         .stderr(Stdio::inherit())
