@@ -144,6 +144,16 @@ struct RunArgs {
     /// How often the config file is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 500)]
     reload_interval_ms: u64,
+    /// Inbound HBONE: a peer that has not finished its TLS handshake and HTTP/2 preface
+    /// within this many milliseconds is reset.
+    #[arg(long, default_value_t = 10_000)]
+    tls_handshake_timeout_ms: u64,
+    /// Inbound HBONE: a connection without open streams for this many seconds gets GOAWAY.
+    #[arg(long, default_value_t = 600)]
+    hbone_idle_timeout_secs: u64,
+    /// Inbound HBONE: the largest CONNECT header block accepted (bytes); larger gets 431.
+    #[arg(long, default_value_t = 64 * 1024)]
+    max_header_list_size: u32,
     /// Close pooled HBONE connections idle for this many seconds.
     #[arg(long, default_value_t = 300)]
     pool_idle_secs: u64,
@@ -259,6 +269,9 @@ fn main() -> anyhow::Result<()> {
                 tunnel: ambit_agent::tunnel::TunnelConfig {
                     pool_idle_timeout: Duration::from_secs(args.pool_idle_secs),
                     pooling: !args.no_pool,
+                    tls_handshake_timeout: Duration::from_millis(args.tls_handshake_timeout_ms),
+                    hbone_idle_timeout: Duration::from_secs(args.hbone_idle_timeout_secs),
+                    max_header_list_size: args.max_header_list_size,
                     ..Default::default()
                 },
                 admin_addr: args.admin_addr,

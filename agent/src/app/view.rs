@@ -174,6 +174,11 @@ impl AgentView for View {
                 "readinessAddr": o.readiness_addr,
                 "drainDeadlineSecs": o.drain_deadline.as_secs_f64(),
                 "poolIdleSecs": o.tunnel.pool_idle_timeout.as_secs(),
+                "pooling": o.tunnel.pooling,
+                "tlsHandshakeTimeoutMs": o.tunnel.tls_handshake_timeout.as_millis() as u64,
+                "hboneIdleTimeoutSecs": o.tunnel.hbone_idle_timeout.as_secs(),
+                "maxHeaderListSize": o.tunnel.max_header_list_size,
+                "remoteCa": o.remote_ca.as_ref().map(|c| c.address.clone()),
                 "excludedPorts": state.excluded_ports,
             },
         })
