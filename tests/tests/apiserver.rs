@@ -754,3 +754,77 @@ async fn a_watch_ends_after_its_timeout_seconds() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn config_maps_create_once_and_replace_only_at_the_current_resource_version() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let server = ApiServer::start();
+    let client = client(&server).await;
+    let api: Api<ConfigMap> = Api::namespaced(client, "ambit-system");
+    let map = |root: &str, rv: Option<String>| ConfigMap {
+        metadata: kube::api::ObjectMeta {
+            name: Some("ambit-root".into()),
+            resource_version: rv,
+            ..Default::default()
+        },
+        data: Some([("root.pem".to_owned(), root.to_owned())].into()),
+        ..Default::default()
+    };
+    let created = api
+        .create(&PostParams::default(), &map("OLD", None))
+        .await
+        .expect("create");
+    let first_rv = created.resource_version().expect("resourceVersion");
+
+    // A second create is 409 AlreadyExists, the object unchanged.
+    match api
+        .create(&PostParams::default(), &map("OTHER", None))
+        .await
+    {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(
+                (status.code, status.reason.as_str()),
+                (409, "AlreadyExists")
+            );
+        }
+        other => panic!("expected 409 AlreadyExists, got {other:?}"),
+    }
+
+    // Replace at the current resourceVersion works and bumps it.
+    let replaced = api
+        .replace(
+            "ambit-root",
+            &PostParams::default(),
+            &map("NEW", Some(first_rv.clone())),
+        )
+        .await
+        .expect("replace");
+    assert_ne!(replaced.resource_version(), Some(first_rv.clone()));
+
+    // Replace at the old one is a 409 Conflict and changes nothing.
+    match api
+        .replace(
+            "ambit-root",
+            &PostParams::default(),
+            &map("STALE", Some(first_rv)),
+        )
+        .await
+    {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!((status.code, status.reason.as_str()), (409, "Conflict"));
+        }
+        other => panic!("expected 409 Conflict, got {other:?}"),
+    }
+    let stored = api.get("ambit-root").await.expect("get");
+    assert_eq!(
+        stored
+            .data
+            .expect("data")
+            .get("root.pem")
+            .map(String::as_str),
+        Some("NEW")
+    );
+    assert_eq!(server.request_count("configmaps", Verb::Create), 2);
+    assert_eq!(server.request_count("configmaps", Verb::Update), 2);
+    assert_eq!(server.list_json(Kind::ConfigMap).len(), 1);
+}

@@ -1,5 +1,5 @@
 //! The CA's view of Kubernetes through kube-rs: TokenReviews, the Pod watch that fills the
-//! [`PodStore`], and the Secrets holding the CA key.
+//! [`PodStore`], the Secrets holding the CA key and the ConfigMap publishing the root.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +8,7 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{ObjectMeta, PostParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -16,6 +16,7 @@ use kube::{Api, Client};
 
 use super::CaError;
 use super::authz::{PodFacts, PodStore, Refusal, RefusalReason, ReviewedCaller, review_outcome};
+use super::publish::{ConfigMapData, ConfigMapStore, StoredConfigMap, Write};
 use super::secret::{Created, SecretData, SecretStore};
 use super::server::TokenReviewer;
 
@@ -180,6 +181,85 @@ impl SecretStore for KubeSecrets {
                 Ok(_) => Ok(Created::Created),
                 Err(kube::Error::Api(status)) if status.code == 409 => Ok(Created::AlreadyExists),
                 Err(e) => Err(CaError::Secret(format!("creating Secret {name}: {e}"))),
+            }
+        }
+        .boxed()
+    }
+}
+
+/// The ConfigMaps of one namespace.
+pub struct KubeConfigMaps {
+    api: Api<ConfigMap>,
+}
+
+impl KubeConfigMaps {
+    pub fn new(client: Client, namespace: &str) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+        }
+    }
+}
+
+fn config_map(name: &str, data: ConfigMapData, resource_version: Option<&str>) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            resource_version: resource_version.map(str::to_owned),
+            labels: Some([("app.kubernetes.io/name".to_owned(), "ambit-ca".to_owned())].into()),
+            ..ObjectMeta::default()
+        },
+        data: Some(data),
+        ..ConfigMap::default()
+    }
+}
+
+impl ConfigMapStore for KubeConfigMaps {
+    fn get<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<StoredConfigMap>, CaError>> {
+        async move {
+            let found = self
+                .api
+                .get_opt(name)
+                .await
+                .map_err(|e| CaError::Publish(format!("reading ConfigMap {name}: {e}")))?;
+            Ok(found.map(|map| StoredConfigMap {
+                resource_version: map.metadata.resource_version.unwrap_or_default(),
+                data: map.data.unwrap_or_default(),
+            }))
+        }
+        .boxed()
+    }
+
+    fn create<'a>(
+        &'a self,
+        name: &'a str,
+        data: ConfigMapData,
+    ) -> BoxFuture<'a, Result<Write, CaError>> {
+        async move {
+            match self
+                .api
+                .create(&PostParams::default(), &config_map(name, data, None))
+                .await
+            {
+                Ok(_) => Ok(Write::Done),
+                Err(kube::Error::Api(status)) if status.code == 409 => Ok(Write::Conflict),
+                Err(e) => Err(CaError::Publish(format!("creating ConfigMap {name}: {e}"))),
+            }
+        }
+        .boxed()
+    }
+
+    fn replace<'a>(
+        &'a self,
+        name: &'a str,
+        data: ConfigMapData,
+        resource_version: &'a str,
+    ) -> BoxFuture<'a, Result<Write, CaError>> {
+        async move {
+            let map = config_map(name, data, Some(resource_version));
+            match self.api.replace(name, &PostParams::default(), &map).await {
+                Ok(_) => Ok(Write::Done),
+                Err(kube::Error::Api(status)) if status.code == 409 => Ok(Write::Conflict),
+                Err(e) => Err(CaError::Publish(format!("updating ConfigMap {name}: {e}"))),
             }
         }
         .boxed()

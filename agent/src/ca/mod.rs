@@ -5,6 +5,7 @@
 //! - [`authz`]: who may have which certificate (pure functions, table-tested);
 //! - [`server`]: the gRPC service, its TLS and the serving certificate;
 //! - [`kube`]: TokenReview, the Pod index's watch and the Secrets, over kube-rs;
+//! - [`publish`]: the roots handed out, published in the ConfigMap the agents mount;
 //! - [`metrics`]: `ambit_ca_requests_total{result,reason}`, the issuance latency histogram.
 //!
 //! The agent's side (the client) is `identity::RemoteCa`.
@@ -12,6 +13,7 @@
 pub mod authz;
 pub mod kube;
 pub mod metrics;
+pub mod publish;
 pub mod secret;
 pub mod server;
 
@@ -51,6 +53,8 @@ pub enum CaError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("publishing the root: {0}")]
+    Publish(String),
     #[error("Kubernetes client: {0}")]
     Kube(String),
     #[error("gRPC server: {0}")]
@@ -78,6 +82,11 @@ pub struct CaArgs {
     /// `ca-key.pem`, `cert-chain.pem`, `root-cert.pem`); used instead when it exists.
     #[arg(long, default_value = "cacerts")]
     pub cacerts_secret: String,
+    /// ConfigMap (in --namespace) the CA publishes the roots it hands out to, key
+    /// `root.pem`: the agents' --ca-trust-file. Written at start (race-safe between
+    /// replicas); empty: do not publish.
+    #[arg(long, default_value = "ambit-root")]
+    pub root_configmap: String,
     /// Trust domain of the identities this CA signs.
     #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -148,6 +157,14 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
         "CA key loaded"
     );
     let signer = Arc::new(signer);
+    if !args.root_configmap.is_empty() {
+        let maps = kube::KubeConfigMaps::new(client.clone(), &args.namespace);
+        tokio::spawn(publish_until_done(
+            maps,
+            args.root_configmap.clone(),
+            roots_pem(&signer),
+        ));
+    }
 
     let pods = Arc::new(PodStore::new());
     kube::spawn_pod_watch(client.clone(), pods.clone());
@@ -184,6 +201,37 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
     server::serve(listener, tls, service, shutdown_signal()).await?;
     tracing::info!("CA stopped");
     Ok(())
+}
+
+/// Every root of the CA's bundle as PEM, concatenated: what it hands out as the last
+/// element of each chain and publishes for the agents (old and new during a rotation).
+pub fn roots_pem(signer: &crate::identity::LocalCa) -> String {
+    use crate::identity::CertificateAuthority as _;
+    signer
+        .trust_bundle()
+        .roots
+        .iter()
+        .map(|root| pem("CERTIFICATE", root))
+        .collect()
+}
+
+/// Publishes the roots, retrying with back-off while the API server refuses (the agents
+/// wait for the ConfigMap; the CA serves meanwhile).
+async fn publish_until_done(maps: kube::KubeConfigMaps, name: String, roots_pem: String) {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match publish::publish_roots(&maps, &name, &roots_pem).await {
+            Ok(outcome) => {
+                tracing::info!(configmap = %name, outcome = outcome.as_str(), "published the root");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(configmap = %name, error = %e, retry_in = ?delay, "publishing the root failed");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, CaError> {

@@ -67,13 +67,7 @@ impl CaService {
         policy: AuthzPolicy,
         metrics: CaMetrics,
     ) -> Self {
-        use crate::identity::CertificateAuthority as _;
-        let roots_pem = signer
-            .trust_bundle()
-            .roots
-            .iter()
-            .map(|root| pem("CERTIFICATE", root))
-            .collect();
+        let roots_pem = super::roots_pem(&signer);
         Self {
             inner: Arc::new(Inner {
                 signer,

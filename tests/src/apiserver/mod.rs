@@ -46,6 +46,7 @@ pub enum Kind {
     PeerAuthentication,
     AuthorizationPolicy,
     Secret,
+    ConfigMap,
 }
 
 /// Where a kind lives in the API.
@@ -72,7 +73,7 @@ impl ResourceInfo {
 pub const ISTIO_SECURITY_GROUP: &str = "security.istio.io";
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Pod,
@@ -81,6 +82,7 @@ impl Kind {
         Kind::PeerAuthentication,
         Kind::AuthorizationPolicy,
         Kind::Secret,
+        Kind::ConfigMap,
     ];
 
     pub fn info(self) -> &'static ResourceInfo {
@@ -98,6 +100,7 @@ impl Kind {
         static POD: ResourceInfo = core("pods", "Pod", true);
         static SERVICE: ResourceInfo = core("services", "Service", true);
         static SECRET: ResourceInfo = core("secrets", "Secret", true);
+        static CONFIG_MAP: ResourceInfo = core("configmaps", "ConfigMap", true);
         static ENDPOINT_SLICE: ResourceInfo = ResourceInfo {
             group: "discovery.k8s.io",
             versions: &["v1"],
@@ -128,6 +131,7 @@ impl Kind {
             Kind::PeerAuthentication => &PEER_AUTHENTICATION,
             Kind::AuthorizationPolicy => &AUTHORIZATION_POLICY,
             Kind::Secret => &SECRET,
+            Kind::ConfigMap => &CONFIG_MAP,
         }
     }
 
