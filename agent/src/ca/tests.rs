@@ -26,7 +26,7 @@ use super::server::{CaService, ServingCert, TokenReviewer, serve, server_tls_con
 use super::*;
 use crate::identity::{
     CLOCK_SKEW_BACKDATE, CertManager, CertificateAuthority, IdentityError, LocalCa, RemoteCa,
-    RemoteCaConfig, SpiffeId, generate_csr, identity_from_cert,
+    RemoteCaConfig, SpiffeId, TrustReload, generate_csr, identity_from_cert,
 };
 
 const TD: &str = "cluster.local";
@@ -316,6 +316,138 @@ async fn a_ca_serving_a_certificate_from_another_root_is_not_trusted() {
     assert_eq!(code, tonic::Code::Unavailable);
     assert_eq!(reason, None);
     assert_eq!(*fx.reviewer.reviews.lock().unwrap(), 0);
+}
+
+/// A ConfigMap volume as the kubelet lays it out: `root.pem -> ..data/root.pem`,
+/// `..data -> ..<generation>`; an update writes a new generation directory and renames a
+/// new `..data` symlink over the old one (one atomic swap).
+struct ConfigMapVolume {
+    dir: PathBuf,
+    generation: u32,
+}
+
+impl ConfigMapVolume {
+    fn new(dir: PathBuf, content: &str) -> Self {
+        fs::create_dir_all(&dir).unwrap();
+        let mut volume = Self { dir, generation: 0 };
+        volume.update(content);
+        std::os::unix::fs::symlink("..data/root.pem", volume.file()).unwrap();
+        volume
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.join("root.pem")
+    }
+
+    fn update(&mut self, content: &str) {
+        self.generation += 1;
+        let generation = format!(
+            "..2026_12_01_06_00_{:02}.{}",
+            self.generation, self.generation
+        );
+        fs::create_dir(self.dir.join(&generation)).unwrap();
+        fs::write(self.dir.join(&generation).join("root.pem"), content).unwrap();
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&generation, &tmp).unwrap();
+        fs::rename(&tmp, self.dir.join("..data")).unwrap();
+    }
+}
+
+fn roots_of(ca: &LocalCa) -> String {
+    ca.trust_bundle()
+        .roots
+        .iter()
+        .map(|r| pem("CERTIFICATE", r))
+        .collect()
+}
+
+const MALFORMED_PEM: &str =
+    "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n";
+
+#[tokio::test]
+async fn trust_file_swapped_by_the_kubelet_is_reloaded_and_a_malformed_one_keeps_the_old() {
+    let fx = Fixture::start().await;
+    let other = roots_of(&LocalCa::generate().unwrap());
+    let mut volume = ConfigMapVolume::new(fx.dir.join("ambit-root"), &roots_of(&fx.ca));
+    let mut config = fx.config();
+    config.trust_file = volume.file();
+    config.trust_reload_interval = Duration::ZERO; // reloaded by hand here
+    let remote = RemoteCa::new(config).unwrap();
+    let web = id("shop", "web");
+    assert_eq!(remote.reload_trust().await, TrustReload::Unchanged);
+
+    // Malformed before any connection was made: rejected, named, and the next connection
+    // still uses the root in force.
+    volume.update(MALFORMED_PEM);
+    let TrustReload::Rejected(error) = remote.reload_trust().await else {
+        panic!("a malformed trust file was not rejected");
+    };
+    assert!(
+        error.contains("root.pem") && error.contains("unusable"),
+        "{error}"
+    );
+    // Same bad bytes again: nothing new (logged once).
+    assert_eq!(remote.reload_trust().await, TrustReload::Unchanged);
+    remote.issue(&web, Duration::from_secs(3600)).await.unwrap();
+
+    // Another root: taken, and new connections verify against it (this CA fails them).
+    volume.update(&other);
+    assert_eq!(
+        remote.reload_trust().await,
+        TrustReload::Reloaded { roots: 1 }
+    );
+    let (code, _) = refusal(
+        remote
+            .issue(&web, Duration::from_secs(3600))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, tonic::Code::Unavailable);
+
+    // Both roots (a rotation's overlap): the CA is trusted again.
+    volume.update(&format!("{other}{}", roots_of(&fx.ca)));
+    assert_eq!(
+        remote.reload_trust().await,
+        TrustReload::Reloaded { roots: 2 }
+    );
+    remote.issue(&web, Duration::from_secs(3600)).await.unwrap();
+
+    // The whole volume gone: unreadable, the trust in force stays.
+    fs::remove_file(volume.file()).unwrap();
+    assert!(matches!(
+        remote.reload_trust().await,
+        TrustReload::Rejected(e) if e.contains("reading the CA trust file")
+    ));
+    remote
+        .issue(&id("shop", "web"), Duration::from_secs(60))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_trust_file_is_polled_without_a_restart() {
+    let fx = Fixture::start().await;
+    let other = roots_of(&LocalCa::generate().unwrap());
+    let mut volume = ConfigMapVolume::new(fx.dir.join("ambit-root"), &other);
+    let mut config = fx.config();
+    config.trust_file = volume.file();
+    config.trust_reload_interval = Duration::from_millis(50);
+    let remote = RemoteCa::new(config).unwrap();
+    let web = id("shop", "web");
+    assert!(remote.issue(&web, Duration::from_secs(3600)).await.is_err());
+    volume.update(&roots_of(&fx.ca));
+    // The poll picks the new root up by itself; generous deadline for a loaded machine.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match remote.issue(&web, Duration::from_secs(3600)).await {
+            Ok(cert) => {
+                assert_eq!(cert.identity, web);
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "never reloaded: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]

@@ -22,7 +22,7 @@ pub use ca::{
 };
 pub use cert::{WorkloadCertificate, identity_from_cert};
 pub use manager::{CertManager, CertManagerStats, CertSummary, Clock, SystemClock};
-pub use remote::{RemoteCa, RemoteCaConfig};
+pub use remote::{RemoteCa, RemoteCaConfig, TrustReload};
 pub use spiffe::{DEFAULT_TRUST_DOMAIN, SpiffeId, SpiffeIdProblem};
 
 /// Everything that can go wrong in this module.

@@ -11,11 +11,15 @@
 //! One request per identity at a time is the [`CertManager`](super::CertManager)'s job
 //! (single flight per identity); this client does no caching of its own. The gRPC channel
 //! reconnects by itself, so a CA that comes back needs no agent restart.
+//!
+//! The trust file (the ConfigMap `ambit-root`, which the kubelet updates by swapping the
+//! `..data` symlink) is polled for changes: new roots replace the channel, so a root
+//! rotation needs no agent restart either; a malformed file keeps the trust in force.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::{Duration, UNIX_EPOCH};
 
 use futures::FutureExt;
@@ -60,6 +64,19 @@ pub struct RemoteCaConfig {
     pub connect_timeout: Duration,
     /// Deadline for one request (connect included).
     pub request_timeout: Duration,
+    /// How often the trust file is read for changes; zero: never (read once).
+    pub trust_reload_interval: Duration,
+}
+
+/// What one look at the trust file found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TrustReload {
+    /// Same bytes as last time (or as the last rejected content).
+    Unchanged,
+    /// New roots, now used for every new connection to the CA.
+    Reloaded { roots: usize },
+    /// Unusable; the trust in force is kept. The error names the file and the fault.
+    Rejected(String),
 }
 
 impl RemoteCaConfig {
@@ -78,13 +95,14 @@ impl RemoteCaConfig {
             tls_server_name: None,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(15),
+            trust_reload_interval: Duration::from_secs(5),
         }
     }
 }
 
 /// A remote CA behind the [`CertificateAuthority`] trait.
 pub struct RemoteCa {
-    client: IstioCertificateServiceClient<Channel>,
+    channel: Arc<CaChannel>,
     token_file: PathBuf,
     cluster_id: Option<tonic::metadata::AsciiMetadataValue>,
     extra_roots: Vec<CertificateDer<'static>>,
@@ -93,9 +111,111 @@ pub struct RemoteCa {
     roots: RwLock<Arc<Vec<CertificateDer<'static>>>>,
 }
 
+/// The gRPC client and what rebuilding it for new trust takes. Shared with the task that
+/// polls the trust file (through a `Weak`, so the task ends with the `RemoteCa`).
+struct CaChannel {
+    settings: ChannelSettings,
+    trust_file: PathBuf,
+    /// Swapped whole when the trust changes; held only to clone or swap.
+    client: RwLock<IstioCertificateServiceClient<Channel>>,
+    /// The trust file's bytes last looked at (accepted or not) and the last read error, so
+    /// each fault is logged once. Only the reload touches it.
+    seen: Mutex<(Vec<u8>, Option<String>)>,
+}
+
+/// How to connect, apart from the trust.
+struct ChannelSettings {
+    uri: http::Uri,
+    tls_server_name: Option<String>,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+}
+
+impl ChannelSettings {
+    fn client(&self, trust_pem: &[u8]) -> Result<IstioCertificateServiceClient<Channel>> {
+        let ca_error = |what: String| IdentityError::Ca(what);
+        // Parsed here so a bad file is named now, not as a TLS failure later.
+        TrustBundle::from_pem(trust_pem)?.root_store()?;
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(trust_pem));
+        if let Some(name) = &self.tls_server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        let endpoint = Endpoint::from(self.uri.clone())
+            .tls_config(tls)
+            .map_err(|e| ca_error(format!("CA TLS configuration: {e}")))?
+            .connect_timeout(self.connect_timeout)
+            .timeout(self.request_timeout)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        Ok(IstioCertificateServiceClient::new(endpoint.connect_lazy()))
+    }
+}
+
+impl CaChannel {
+    fn current(&self) -> IstioCertificateServiceClient<Channel> {
+        self.client
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    async fn reload(&self) -> TrustReload {
+        let path = self.trust_file.display().to_string();
+        let bytes = match tokio::fs::read(&self.trust_file).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                let error = format!("reading the CA trust file {path}: {e}");
+                let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+                if seen.1.as_deref() != Some(error.as_str()) {
+                    tracing::warn!(%error, "keeping the CA trust in force");
+                    seen.1 = Some(error.clone());
+                }
+                return TrustReload::Rejected(error);
+            }
+        };
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+            seen.1 = None;
+            if seen.0 == bytes {
+                return TrustReload::Unchanged;
+            }
+            seen.0.clone_from(&bytes);
+        }
+        // Parsing a few roots and building a lazy channel: cheap, no I/O.
+        match self.settings.client(&bytes) {
+            Ok(client) => {
+                *self.client.write().unwrap_or_else(PoisonError::into_inner) = client;
+                let roots = TrustBundle::from_pem(&bytes).map_or(0, |b| b.roots.len());
+                tracing::info!(file = %path, roots, "the CA trust file changed; new connections to the CA use it");
+                TrustReload::Reloaded { roots }
+            }
+            Err(e) => {
+                let error = format!("the CA trust file {path} is unusable: {e}");
+                tracing::warn!(%error, "keeping the CA trust in force");
+                TrustReload::Rejected(error)
+            }
+        }
+    }
+
+    /// Polls the trust file until the `RemoteCa` is dropped.
+    async fn poll(weak: Weak<CaChannel>, interval: Duration) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await; // the first tick is immediate; the file was just read
+        loop {
+            ticks.tick().await;
+            let Some(channel) = weak.upgrade() else {
+                return;
+            };
+            channel.reload().await;
+        }
+    }
+}
+
 impl RemoteCa {
     /// Checks the configuration and reads the trust files; connects lazily, on the first
-    /// request, so an unreachable CA does not stop the agent from starting.
+    /// request, so an unreachable CA does not stop the agent from starting. Inside a tokio
+    /// runtime, starts polling the trust file every `trust_reload_interval`.
     pub fn new(config: RemoteCaConfig) -> Result<Self> {
         let ca_error = |what: String| IdentityError::Ca(what);
         let uri: http::Uri = config
@@ -109,19 +229,28 @@ impl RemoteCa {
             )));
         }
         let trust_pem = read(&config.trust_file)?;
-        // Parsed here too so a bad file is named now, not as a TLS failure later.
-        TrustBundle::from_pem(&trust_pem)?;
-        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&trust_pem));
-        if let Some(name) = &config.tls_server_name {
-            tls = tls.domain_name(name.clone());
+        let settings = ChannelSettings {
+            uri,
+            tls_server_name: config.tls_server_name.clone(),
+            connect_timeout: config.connect_timeout,
+            request_timeout: config.request_timeout,
+        };
+        let client = settings.client(&trust_pem)?;
+        let channel = CaChannel {
+            settings,
+            trust_file: config.trust_file.clone(),
+            client: RwLock::new(client),
+            seen: Mutex::new((trust_pem, None)),
+        };
+        let channel = Arc::new(channel);
+        if !config.trust_reload_interval.is_zero()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(CaChannel::poll(
+                Arc::downgrade(&channel),
+                config.trust_reload_interval,
+            ));
         }
-        let endpoint = Endpoint::from(uri)
-            .tls_config(tls)
-            .map_err(|e| ca_error(format!("CA TLS configuration: {e}")))?
-            .connect_timeout(config.connect_timeout)
-            .timeout(config.request_timeout)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10));
         let extra_roots = match &config.extra_bundle_file {
             Some(path) => TrustBundle::from_pem(&read(path)?)?.roots,
             None => Vec::new(),
@@ -135,12 +264,19 @@ impl RemoteCa {
             })
             .transpose()?;
         Ok(Self {
-            client: IstioCertificateServiceClient::new(endpoint.connect_lazy()),
+            channel,
             token_file: config.token_file,
             cluster_id,
             extra_roots,
             roots: RwLock::new(Arc::new(Vec::new())),
         })
+    }
+
+    /// Reads the trust file now (the poll does this every `trust_reload_interval`): new
+    /// roots are used for new connections to the CA; a malformed or unreadable file keeps
+    /// the trust in force and is logged once.
+    pub async fn reload_trust(&self) -> TrustReload {
+        self.channel.reload().await
     }
 
     async fn request(&self, id: &SpiffeId, ttl: Duration) -> Result<WorkloadCertificate> {
@@ -173,8 +309,8 @@ impl RemoteCa {
                 .insert("clusterid", cluster_id.clone());
         }
         let response = self
-            .client
-            .clone()
+            .channel
+            .current()
             .create_certificate(request)
             .await
             .map_err(refused)?
