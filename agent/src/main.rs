@@ -103,6 +103,15 @@ struct RunArgs {
     /// when the agent cannot be reached.
     #[arg(long, env = "AMBIT_NAMESPACES_FILE")]
     namespaces_file: Option<PathBuf>,
+    /// Kubernetes mode: the node's CNI config directory (as mounted in the agent). When set,
+    /// the agent chains ambit-cni again whenever the network plugin rewrites its config
+    /// without it; needs --cni-socket, --namespaces-file and --cni-bin-dir.
+    #[arg(long, env = "AMBIT_CNI_CONF_DIR", requires_all = ["cni_socket", "namespaces_file", "cni_bin_dir"])]
+    cni_conf_dir: Option<PathBuf>,
+    /// Kubernetes mode: the node's CNI bin directory (as mounted in the agent); the chain is
+    /// repaired only while ambit-cni is installed there.
+    #[arg(long, env = "AMBIT_CNI_BIN_DIR", requires = "cni_conf_dir")]
+    cni_bin_dir: Option<PathBuf>,
     /// Kubernetes mode: the mesh's SPIFFE trust domain.
     #[arg(long, default_value = ambit_agent::identity::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
@@ -242,6 +251,25 @@ fn main() -> anyhow::Result<()> {
                             ..Default::default()
                         },
                         proc_root: args.proc_root,
+                        cni_chain: match (
+                            &args.cni_conf_dir,
+                            &args.cni_bin_dir,
+                            &args.cni_socket,
+                            &args.namespaces_file,
+                        ) {
+                            (Some(conf_dir), Some(bin_dir), Some(socket), Some(namespaces)) => {
+                                Some(ambit_agent::cni::watch::ChainWatch {
+                                    chain: ambit_agent::cni::install::ChainOptions {
+                                        conf_dir: conf_dir.clone(),
+                                        agent_socket: socket.clone(),
+                                        namespaces_file: namespaces.clone(),
+                                    },
+                                    bin_dir: bin_dir.clone(),
+                                    interval: ambit_agent::cni::watch::DEFAULT_INTERVAL,
+                                })
+                            }
+                            _ => None,
+                        },
                         cni_socket: args.cni_socket,
                         namespaces_file: args.namespaces_file,
                     },

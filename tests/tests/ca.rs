@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ambit_e2e::apiserver::Kind;
+use ambit_e2e::apiserver::{ApiServer, Kind, Verb};
 use ambit_e2e::ca::{CaProcess, ca_root, free_port, register_node_agents};
 use ambit_e2e::testbed::{APP_PORT, MESH_NS, PodSpec, RemoteCa, Testbed};
 use anyhow::Context as _;
@@ -21,11 +21,64 @@ struct CaBed {
     kubeconfig: PathBuf,
     token_dir: PathBuf,
     trust_file: PathBuf,
+    /// The agents' --ca-trust-file, laid out and updated as the kubelet does a ConfigMap.
+    trust_volume: ConfigMapVolume,
     port: u16,
     metrics: SocketAddr,
 }
 
-fn ca_bed(agent_args: &[&str], extra_trust_pem: &str) -> anyhow::Result<CaBed> {
+/// A ConfigMap volume as the kubelet lays it out: `root.pem -> ..data/root.pem`,
+/// `..data -> ..<generation>`; an update writes a new generation and renames a new `..data`
+/// symlink over the old one.
+struct ConfigMapVolume {
+    dir: PathBuf,
+    generation: u32,
+}
+
+impl ConfigMapVolume {
+    fn new(dir: PathBuf, content: &str) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        let mut volume = Self { dir, generation: 0 };
+        volume.update(content)?;
+        std::os::unix::fs::symlink("..data/root.pem", volume.file())?;
+        Ok(volume)
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.join("root.pem")
+    }
+
+    fn update(&mut self, content: &str) -> anyhow::Result<()> {
+        self.generation += 1;
+        let generation = format!(
+            "..2026_12_01_00_00_{:02}.{}",
+            self.generation, self.generation
+        );
+        std::fs::create_dir(self.dir.join(&generation))?;
+        std::fs::write(self.dir.join(&generation).join("root.pem"), content)?;
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&generation, &tmp)?;
+        std::fs::rename(&tmp, self.dir.join("..data"))?;
+        Ok(())
+    }
+
+    /// Copies what the CA published into the volume, as the kubelet's sync would.
+    fn sync_from(&mut self, api: &ApiServer) -> anyhow::Result<String> {
+        let pem = published_pem(api)?;
+        self.update(&pem)?;
+        Ok(pem)
+    }
+}
+
+fn published_pem(api: &ApiServer) -> anyhow::Result<String> {
+    api.get::<k8s_openapi::api::core::v1::ConfigMap>("ambit-system", "ambit-root")?
+        .context("ConfigMap ambit-root")?
+        .data
+        .and_then(|d| d.get("root.pem").cloned())
+        .context("key root.pem")
+}
+
+fn ca_bed(agent_args: &[&str]) -> anyhow::Result<CaBed> {
     let pods = [
         PodSpec::new("client", MESH_NS, 0),
         PodSpec::new("server", MESH_NS, 1),
@@ -43,20 +96,20 @@ fn ca_bed(agent_args: &[&str], extra_trust_pem: &str) -> anyhow::Result<CaBed> {
     let port = free_port()?;
     let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
     let ca = CaProcess::start(&kubeconfig, port, metrics)?;
+    let api = &bed.kube.as_ref().context("kubernetes mode")?.api;
     assert_eq!(
-        bed.kube
-            .as_ref()
-            .context("kubernetes mode")?
-            .api
-            .list_json(Kind::Secret)
-            .len(),
+        api.list_json(Kind::Secret).len(),
         1,
         "the CA bootstrapped its root into one Secret"
     );
-    let trust_file = bed.dir.join("ca-root.pem");
-    let mut trust = ca_root(&bed)?;
-    trust.extend_from_slice(extra_trust_pem.as_bytes());
-    std::fs::write(&trust_file, trust)?;
+    // No manual step: the agents trust what the CA published.
+    ca.wait_for_log("published the root")?;
+    assert_eq!(
+        der_roots(&published_pem(api)?)?,
+        der_roots(&String::from_utf8(ca_root(&bed)?)?)?
+    );
+    let trust_volume = ConfigMapVolume::new(bed.dir.join("ambit-root"), &published_pem(api)?)?;
+    let trust_file = trust_volume.file();
     bed.remote_ca = Some(RemoteCa {
         address: format!("https://localhost:{port}"),
         trust_file: trust_file.clone(),
@@ -69,6 +122,7 @@ fn ca_bed(agent_args: &[&str], extra_trust_pem: &str) -> anyhow::Result<CaBed> {
         kubeconfig,
         token_dir,
         trust_file,
+        trust_volume,
         port,
         metrics,
     })
@@ -84,7 +138,8 @@ fn agents_get_certificates_from_the_ca_which_checks_the_asking_node() -> anyhow:
         trust_file,
         port,
         metrics,
-    } = ca_bed(&[], "")?;
+        ..
+    } = ca_bed(&[])?;
     let mut ca = ca.context("CA running")?;
 
     // Both pods got their certificates from the CA: mTLS across nodes works.
@@ -167,7 +222,7 @@ fn short_lived_certificates_renew_under_traffic_without_a_failed_connection() ->
 {
     // 30 s certificates renewed at half-life; every connection does a full handshake, so
     // each one checks the certificates in force at that moment.
-    let CaBed { bed, ca, .. } = ca_bed(&["--cert-ttl-secs", "30", "--no-pool"], "")?;
+    let CaBed { bed, ca, .. } = ca_bed(&["--cert-ttl-secs", "30", "--no-pool"])?;
     let ca = ca.context("CA running")?;
     let server = bed.pod("server").addr(APP_PORT);
     // One transfer that lives through every renewal, next to the new connections.
@@ -222,13 +277,12 @@ fn short_lived_certificates_renew_under_traffic_without_a_failed_connection() ->
 /// The `cacerts` Secret (Istio's layout) the CA prefers over its own: sign with
 /// `cert_pem`/`key_pem`, hand out `roots_pem` as the trust bundle.
 fn set_cacerts(
-    bed: &Testbed,
+    api: &ApiServer,
     cert_pem: &str,
     key_pem: &str,
     roots_pem: &str,
 ) -> anyhow::Result<()> {
     use k8s_openapi::ByteString;
-    let api = &bed.kube.as_ref().context("kubernetes mode")?.api;
     let data = [
         ("ca-cert.pem", cert_pem),
         ("ca-key.pem", key_pem),
@@ -259,17 +313,18 @@ fn set_cacerts(
 
 #[test]
 fn root_rotation_with_overlap_fails_no_connection() -> anyhow::Result<()> {
-    // The new root B exists before the agents start, and the agents' trust in the CA's
-    // serving certificate covers both roots (as an operator distributes it first).
+    // The agents' trust in the CA's serving certificate follows the ConfigMap the CA
+    // publishes, mirrored into their volume as the kubelet does: no restart, no manual step.
     let (_, new_root, new_key) = ambit_agent::identity::LocalCa::generate_root_pem()?;
     let CaBed {
         bed,
         ca,
         kubeconfig,
+        mut trust_volume,
         port,
         metrics,
         ..
-    } = ca_bed(&["--cert-ttl-secs", "16", "--no-pool"], &new_root)?;
+    } = ca_bed(&["--cert-ttl-secs", "16", "--no-pool"])?;
     let mut ca = ca.context("CA running")?;
     let api = &bed.kube.as_ref().context("kubernetes mode")?.api;
     let own = api
@@ -298,19 +353,38 @@ fn root_rotation_with_overlap_fails_no_connection() -> anyhow::Result<()> {
     traffic(2)?;
     // Overlap, step 1: still signing with the old root, both roots handed out; one
     // certificate lifetime so every agent's bundle holds both.
-    set_cacerts(&bed, &old_root, &old_key, &format!("{old_root}{new_root}"))?;
+    set_cacerts(api, &old_root, &old_key, &format!("{old_root}{new_root}"))?;
     drop(ca);
     ca = CaProcess::start(&kubeconfig, port, metrics)?;
+    ca.wait_for_log("published the root")?;
+    let published = trust_volume.sync_from(api)?;
+    assert_eq!(
+        der_roots(&published)?,
+        der_roots(&format!("{old_root}{new_root}"))?
+    );
+    for agent in 0..2 {
+        bed.agent(agent)
+            .wait_for_log(&["the CA trust file changed", "roots=2"], WAIT)?;
+    }
     traffic(18)?;
     // Step 2: signing with the new root, both still trusted.
-    set_cacerts(&bed, &new_root, &new_key, &format!("{new_root}{old_root}"))?;
+    set_cacerts(api, &new_root, &new_key, &format!("{new_root}{old_root}"))?;
     drop(ca);
     ca = CaProcess::start(&kubeconfig, port, metrics)?;
     traffic(18)?;
     // Step 3: the old root removed once no certificate from it is left.
-    set_cacerts(&bed, &new_root, &new_key, &new_root)?;
+    set_cacerts(api, &new_root, &new_key, &new_root)?;
     drop(ca);
     ca = CaProcess::start(&kubeconfig, port, metrics)?;
+    ca.wait_for_log("published the root")?;
+    assert_eq!(
+        der_roots(&trust_volume.sync_from(api)?)?,
+        der_roots(&new_root)?
+    );
+    for agent in 0..2 {
+        bed.agent(agent)
+            .wait_for_log(&["the CA trust file changed", "roots=1"], WAIT)?;
+    }
     traffic(18)?;
     // The last CA took its key from the rotated Secret, and both agents renewed through
     // every step (16 s certificates, renewed at half-life: 6 renewals or more each).
@@ -330,4 +404,100 @@ fn root_rotation_with_overlap_fails_no_connection() -> anyhow::Result<()> {
     eprintln!("{sent} connections through the whole rotation, none failed");
     drop(ca);
     Ok(())
+}
+
+/// The roots in ConfigMap `ambit-root` (key `root.pem`), as DER.
+fn published_roots(api: &ApiServer) -> anyhow::Result<Vec<Vec<u8>>> {
+    der_roots(&published_pem(api)?)
+}
+
+fn der_roots(pem: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+    Ok(
+        ambit_agent::identity::TrustBundle::from_pem(pem.as_bytes())?
+            .roots
+            .into_iter()
+            .map(|r| r.to_vec())
+            .collect(),
+    )
+}
+
+/// Starts `ambit ca` and waits until it has published its root; returns the outcome word.
+fn start_publishing_ca(kubeconfig: &std::path::Path) -> anyhow::Result<(CaProcess, &'static str)> {
+    let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+    let ca = CaProcess::start(kubeconfig, free_port()?, metrics)?;
+    let line = ca.wait_for_log("published the root")?;
+    let outcome = ["created", "updated", "unchanged"]
+        .into_iter()
+        .find(|o| line.contains(o))
+        .with_context(|| format!("no outcome in {line:?}"))?;
+    Ok((ca, outcome))
+}
+
+/// No root needed: two `ambit ca` processes against the fake API server.
+#[test]
+fn the_ca_publishes_its_root_and_replicas_do_not_fight() -> anyhow::Result<()> {
+    let api = ApiServer::start();
+    let dir = std::env::temp_dir().join(ambit_e2e::unique_name("ca-publish-"));
+    std::fs::create_dir_all(&dir)?;
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let result = (|| -> anyhow::Result<()> {
+        // Two replicas starting together: one root, one ConfigMap, written once.
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| start_publishing_ca(&kubeconfig));
+            let b = s.spawn(|| start_publishing_ca(&kubeconfig));
+            (a.join(), b.join())
+        });
+        let (mut a, a_outcome) = a.map_err(|_| anyhow::anyhow!("replica a panicked"))??;
+        let (mut b, b_outcome) = b.map_err(|_| anyhow::anyhow!("replica b panicked"))??;
+        let mut outcomes = [a_outcome, b_outcome];
+        outcomes.sort_unstable();
+        assert_eq!(outcomes, ["created", "unchanged"]);
+        assert_eq!(api.request_count("configmaps", Verb::Update), 0);
+        let own = api
+            .get::<k8s_openapi::api::core::v1::Secret>("ambit-system", "ambit-ca")?
+            .and_then(|s| s.data)
+            .context("the CA's Secret")?;
+        let old_pem = String::from_utf8(own.get("ca.crt").context("ca.crt")?.0.clone())?;
+        let old_key = String::from_utf8(own.get("ca.key").context("ca.key")?.0.clone())?;
+        assert_eq!(published_roots(&api)?, der_roots(&old_pem)?);
+
+        // Rotation step 1: both roots handed out. The replica restarted first publishes
+        // them; the other one, restarted after it, finds them there and writes nothing.
+        let (_, new_pem, new_key) = ambit_agent::identity::LocalCa::generate_root_pem()?;
+        set_cacerts(&api, &old_pem, &old_key, &format!("{old_pem}{new_pem}"))?;
+        drop(a);
+        let (restarted, outcome) = start_publishing_ca(&kubeconfig)?;
+        a = restarted;
+        assert_eq!(outcome, "updated");
+        assert_eq!(
+            published_roots(&api)?,
+            der_roots(&format!("{old_pem}{new_pem}"))?
+        );
+        drop(b);
+        let (restarted, outcome) = start_publishing_ca(&kubeconfig)?;
+        b = restarted;
+        assert_eq!(outcome, "unchanged");
+        assert_eq!(api.request_count("configmaps", Verb::Update), 1);
+
+        // Step 3: only the new root (step 2 hands out the same pair).
+        set_cacerts(&api, &new_pem, &new_key, &new_pem)?;
+        drop(b);
+        let (b, outcome) = start_publishing_ca(&kubeconfig)?;
+        assert_eq!(outcome, "updated");
+        assert_eq!(published_roots(&api)?, der_roots(&new_pem)?);
+        // The replica still running with the old pair does not write it back.
+        a.wait_for_log("CA serving")?;
+        assert_eq!(api.request_count("configmaps", Verb::Update), 2);
+        assert!(
+            !a.logs()
+                .iter()
+                .chain(b.logs().iter())
+                .any(|l| l.contains("publishing the root failed")),
+            "no failed publication"
+        );
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }

@@ -462,6 +462,34 @@ fn agent_daemonset_runs_kubernetes_mode_with_the_documented_mounts() {
     let install = flags(&install);
     assert_eq!(install["socket"], f["cni-socket"]);
     assert_eq!(install["namespaces-file"], f["namespaces-file"]);
+    // The chain watch sees the same node directories as the installer: the config dir
+    // writable (it re-chains), the bin dir read-only (it only checks the binary is there).
+    let init_mounts: BTreeMap<String, String> = init["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["mountPath"].as_str().unwrap().to_owned(),
+                m["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for (flag, read_only) in [("conf-dir", false), ("bin-dir", true)] {
+        let agent_flag = format!("cni-{flag}");
+        assert_eq!(f[&agent_flag], install[flag], "{agent_flag}");
+        let (host, ro, _) = host_path_at(&f[&agent_flag]);
+        assert_eq!(ro, read_only, "{agent_flag} read-only");
+        assert_eq!(
+            host,
+            host_paths.get(&init_mounts[&install[flag]]).cloned(),
+            "{agent_flag}: the same node directory as the installer's"
+        );
+    }
+    assert_eq!(
+        host_path_at(&f["cni-conf-dir"]).0.as_deref(),
+        Some("/etc/cni/net.d")
+    );
 
     // The CA: the projected token's audience is the CA's, the trust file comes from the
     // ambit-root ConfigMap, the address names the CA's Service.
@@ -494,7 +522,16 @@ fn agent_daemonset_runs_kubernetes_mode_with_the_documented_mounts() {
         .iter()
         .find(|v| v["name"] == root_volume.as_str())
         .unwrap();
+    // Published by the CA (its --root-configmap), key root.pem; not optional, so the agent
+    // never starts without trust (the kubelet retries until the CA has published it).
     assert_eq!(root["configMap"]["name"], "ambit-root");
+    assert_eq!(ca_args["root-configmap"], "ambit-root");
+    assert!(root["configMap"]["optional"].as_bool() != Some(true));
+    assert_eq!(root["configMap"]["items"][0]["key"], "root.pem");
+    assert_eq!(
+        Path::new(&f["ca-trust-file"]).file_name().unwrap(),
+        root["configMap"]["items"][0]["path"].as_str().unwrap()
+    );
     let ca_host = f["ca-address"]
         .strip_prefix("https://")
         .and_then(|a| a.rsplit_once(':'))
@@ -576,6 +613,24 @@ fn rule_set(rules: &Value) -> BTreeSet<(String, String, String)> {
     out
 }
 
+/// Namespaced rules with the objects they are limited to: (apiGroup, resource, verb,
+/// resourceNames joined by commas, "" for all).
+fn named_rule_set(rules: &Value) -> BTreeSet<(String, String, String, String)> {
+    let mut out = BTreeSet::new();
+    for rule in rules.as_sequence().expect("rules") {
+        let names = strings(&rule["resourceNames"]).join(",");
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                for verb in strings(&rule["verbs"]) {
+                    assert_ne!(verb, "*");
+                    out.insert((group.clone(), resource.clone(), verb, names.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
 fn triples(items: &[(&str, &str, &str)]) -> BTreeSet<(String, String, String)> {
     items
         .iter()
@@ -626,7 +681,7 @@ fn rbac_is_exactly_what_the_docs_say() {
     // The CA: docs/CERTIFICATES.md "RBAC the CA needs".
     let certs = std::fs::read_to_string(workspace().join("docs/CERTIFICATES.md")).unwrap();
     assert!(certs.contains(
-        "`create` on `tokenreviews` (authentication.k8s.io), `list`/`watch` on\n`pods` cluster-wide, `get`/`create` on `secrets` in its namespace."
+        "`create` on `tokenreviews` (authentication.k8s.io), `list`/`watch` on\n`pods` cluster-wide; in its namespace `get` on the Secrets `ambit-ca` and `cacerts`,\n`create` on `secrets`, `get`/`update` on the ConfigMap `ambit-root` and `create` on\n`configmaps`."
     ));
     let docs = documents("ca/rbac.yaml");
     assert_eq!(
@@ -639,9 +694,36 @@ fn rbac_is_exactly_what_the_docs_say() {
     );
     let role = find(&docs, "Role", "ambit-ca");
     assert_eq!(role["metadata"]["namespace"], "ambit-system");
+    // Limited to the objects it uses wherever RBAC can limit (not create: a create request
+    // names no object in its URL).
+    let named = |g: &str, r: &str, v: &str, n: &str| {
+        (g.to_owned(), r.to_owned(), v.to_owned(), n.to_owned())
+    };
     assert_eq!(
-        rule_set(&role["rules"]),
-        triples(&[("", "secrets", "get"), ("", "secrets", "create")])
+        named_rule_set(&role["rules"]),
+        BTreeSet::from([
+            named("", "secrets", "get", "ambit-ca,cacerts"),
+            named("", "secrets", "create", ""),
+            named("", "configmaps", "get", "ambit-root"),
+            named("", "configmaps", "update", "ambit-root"),
+            named("", "configmaps", "create", ""),
+        ])
+    );
+    // ... and the names are the ones the CA is started with.
+    let ca_args = flags(&strings(
+        &container(
+            &documents("ca/deployment.yaml")[0]["spec"]["template"]["spec"],
+            "containers",
+            "ca",
+        )["args"],
+    ));
+    assert_eq!(
+        [
+            &ca_args["secret-name"],
+            &ca_args["cacerts-secret"],
+            &ca_args["root-configmap"]
+        ],
+        ["ambit-ca", "cacerts", "ambit-root"]
     );
     for kind in ["ClusterRoleBinding", "RoleBinding"] {
         let b = find(&docs, kind, "ambit-ca");

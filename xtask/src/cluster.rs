@@ -226,26 +226,8 @@ pub fn kind(options: KindOptions) -> anyhow::Result<()> {
         "deploy/ambit-ca",
         "--timeout=300s",
     ])?;
-    // The documented manual step: publish the CA's root for the agents.
-    let root = kube.capture(&[
-        "-n",
-        "ambit-system",
-        "get",
-        "secret",
-        "ambit-ca",
-        "-o",
-        "go-template={{index .data \"ca.crt\" | base64decode}}",
-    ])?;
-    let root_file = work.join("root.pem");
-    std::fs::write(&root_file, &root)?;
-    kube.run(&[
-        "-n",
-        "ambit-system",
-        "create",
-        "configmap",
-        "ambit-root",
-        &format!("--from-file=root.pem={}", root_file.display()),
-    ])?;
+    // No manual step: the CA publishes its root (ConfigMap ambit-root), the agents wait
+    // for it in ContainerCreating and start once it is there.
     kube.run(&[
         "-n",
         "ambit-system",
@@ -254,6 +236,19 @@ pub fn kind(options: KindOptions) -> anyhow::Result<()> {
         "ds/ambit",
         "--timeout=300s",
     ])?;
+
+    // What the agents trust: the roots the CA published (also what the CA probe trusts).
+    let root = kube.capture(&[
+        "-n",
+        "ambit-system",
+        "get",
+        "configmap",
+        "ambit-root",
+        "-o",
+        "go-template={{index .data \"root.pem\"}}",
+    ])?;
+    let root_file = work.join("root.pem");
+    std::fs::write(&root_file, &root)?;
 
     kube.apply(&workloads(worker1, worker2))?;
     for ns in [MESH_NS, PLAIN_NS] {
@@ -294,6 +289,10 @@ pub fn kind(options: KindOptions) -> anyhow::Result<()> {
     };
 
     let mut report = Report::default();
+    report.check(
+        "the CA published its root for the agents (no manual step)",
+        root_published(&kube, &root),
+    );
     report.check(
         "traffic between the workers is TLS on 15008 only",
         ctx.mtls_only_on_the_wire("tls-only"),
@@ -986,6 +985,33 @@ fn truncate(text: &str, max: usize) -> &str {
         Some((i, _)) => &text[..i],
         None => text,
     }
+}
+
+/// ConfigMap `ambit-root` holds exactly the root of the CA's Secret `ambit-ca`.
+fn root_published(kube: &Kube, published: &str) -> anyhow::Result<String> {
+    let secret = kube.capture(&[
+        "-n",
+        "ambit-system",
+        "get",
+        "secret",
+        "ambit-ca",
+        "-o",
+        "go-template={{index .data \"ca.crt\" | base64decode}}",
+    ])?;
+    // Same certificate whatever the PEM line wrapping.
+    let bare = |pem: &str| pem.split_whitespace().collect::<String>();
+    if published.trim().is_empty() || bare(published) != bare(&secret) {
+        bail!(
+            "ConfigMap ambit-root ({} bytes) differs from Secret ambit-ca's ca.crt ({} bytes)",
+            published.trim().len(),
+            secret.trim().len()
+        );
+    }
+    let first_line = published.lines().nth(1).unwrap_or_default();
+    Ok(format!(
+        "ambit-root root.pem = ambit-ca ca.crt ({} bytes, {first_line:.24}…)",
+        published.trim().len()
+    ))
 }
 
 /// With a token bound to worker 1's agent pod (as its projected one), the CA must refuse the

@@ -80,6 +80,9 @@ pub struct KubernetesOptions {
     pub cni_socket: Option<PathBuf>,
     /// File listing the opted-in namespaces, for the CNI plugin when the agent is away.
     pub namespaces_file: Option<PathBuf>,
+    /// Keep ambit-cni chained in the node's CNI config; `None`: the init container's chain
+    /// is left as it is.
+    pub cni_chain: Option<crate::cni::watch::ChainWatch>,
 }
 
 /// Which source the state in force came from and when it last changed.
@@ -272,6 +275,12 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     let tunnel_metrics = Arc::new(crate::tunnel::Metrics::new(&mut registry));
     let (drain_tx, mut drain_rx) = watch::channel(false);
+    if let Some(chain) = kube.as_ref().and_then(|(_, k)| k.cni_chain.clone()) {
+        let metrics = crate::cni::watch::ChainMetrics::new(&mut registry);
+        info!(conf_dir = %chain.chain.conf_dir.display(), "keeping ambit-cni chained");
+        // Ends when the agent drains, so an uninstall after shutdown is never undone.
+        tokio::spawn(chain.run(metrics, drain_rx.clone()));
+    }
 
     let current_state: Arc<RwLock<Arc<MeshState>>> = Arc::new(RwLock::new(state.clone()));
     let authorizer = Arc::new(PolicyAuthorizer::from_source(Arc::new(StatePolicies(

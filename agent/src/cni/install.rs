@@ -61,9 +61,39 @@ pub struct Installed {
     pub converted_from: Option<PathBuf>,
 }
 
-/// Copies the binary into place, then chains the plugin into the primary network config.
-/// Idempotent: an existing entry of ours is updated (its other keys kept) and moved last.
-pub fn install(options: &InstallOptions) -> Result<Installed, InstallError> {
+/// Where the plugin's entry goes and what it says: [`install`]'s options without the binary.
+#[derive(Clone, Debug)]
+pub struct ChainOptions {
+    pub conf_dir: PathBuf,
+    pub agent_socket: PathBuf,
+    pub namespaces_file: PathBuf,
+}
+
+impl InstallOptions {
+    pub fn chain_options(&self) -> ChainOptions {
+        ChainOptions {
+            conf_dir: self.conf_dir.clone(),
+            agent_socket: self.agent_socket.clone(),
+            namespaces_file: self.namespaces_file.clone(),
+        }
+    }
+}
+
+/// The primary config with the plugin chained, computed but not written yet.
+#[derive(Debug)]
+pub struct ChainPlan {
+    /// The file the runtime uses now.
+    pub primary: PathBuf,
+    /// The file to write (the primary, or a `.conflist` beside a single-plugin one).
+    pub config: PathBuf,
+    list: Value,
+    /// False when the primary already holds exactly this (nothing to write).
+    pub changes: bool,
+    pub converted_from: Option<PathBuf>,
+}
+
+/// Works out the chained config without touching the node.
+pub fn plan_chain(options: &ChainOptions) -> Result<ChainPlan, InstallError> {
     let primary = primary_config(&options.conf_dir)?;
     let original = read_json(&primary)?;
 
@@ -115,35 +145,74 @@ pub fn install(options: &InstallOptions) -> Result<Installed, InstallError> {
             ),
         });
     }
-    // The binary goes first: a config naming a plugin the runtime cannot find fails pods.
-    let binary = options.bin_dir.join(PLUGIN_TYPE);
-    copy_binary(&options.source_exe, &binary)?;
-    if is_list && list == original {
-        return Ok(Installed {
-            binary,
-            config,
-            config_changed: false,
-            converted_from: None,
-        });
-    }
-    write_json(&config, &list)?;
-    if let Some(old) = &converted_from {
+    Ok(ChainPlan {
+        changes: !(is_list && list == original),
+        primary,
+        config,
+        list,
+        converted_from,
+    })
+}
+
+/// Writes a plan that [`ChainPlan::changes`] something (the binary must be in place).
+pub fn write_chain(plan: &ChainPlan) -> Result<(), InstallError> {
+    write_json(&plan.config, &plan.list)?;
+    if let Some(old) = &plan.converted_from {
         fs::remove_file(old).map_err(|source| InstallError::Write {
             path: old.clone(),
             source,
         })?;
     }
+    Ok(())
+}
+
+/// Copies the binary into place, then chains the plugin into the primary network config.
+/// Idempotent: an existing entry of ours is updated (its other keys kept) and moved last.
+pub fn install(options: &InstallOptions) -> Result<Installed, InstallError> {
+    let plan = plan_chain(&options.chain_options())?;
+    // The binary goes first: a config naming a plugin the runtime cannot find fails pods.
+    let binary = options.bin_dir.join(PLUGIN_TYPE);
+    copy_binary(&options.source_exe, &binary)?;
+    if !plan.changes {
+        return Ok(Installed {
+            binary,
+            config: plan.config,
+            config_changed: false,
+            converted_from: None,
+        });
+    }
+    write_chain(&plan)?;
     Ok(Installed {
         binary,
-        config,
+        config: plan.config,
         config_changed: true,
-        converted_from,
+        converted_from: plan.converted_from,
     })
 }
 
-/// Removes the plugin from every network config in `conf_dir` (leaving valid conflists),
-/// then its binary. Returns the configs it rewrote. Running it twice is harmless.
+/// Removes the plugin's binary, then its entry from every network config in `conf_dir`
+/// (leaving valid conflists). Returns the configs it rewrote. Running it twice is harmless.
+///
+/// The binary goes first: the agent's chain watch ([`super::watch`]) never chains the
+/// plugin while the binary is missing and takes back an entry it wrote if the binary
+/// vanished meanwhile, so an agent still running cannot re-add the entry after this.
 pub fn uninstall(bin_dir: &Path, conf_dir: &Path) -> Result<Vec<PathBuf>, InstallError> {
+    let binary = bin_dir.join(PLUGIN_TYPE);
+    match fs::remove_file(&binary) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(InstallError::Write {
+                path: binary,
+                source,
+            });
+        }
+    }
+    unchain(conf_dir)
+}
+
+/// Takes the plugin's entry out of every network config in `conf_dir`.
+pub fn unchain(conf_dir: &Path) -> Result<Vec<PathBuf>, InstallError> {
     let mut rewritten = Vec::new();
     for path in config_files(conf_dir)? {
         let mut list = read_json(&path)?;
@@ -165,17 +234,6 @@ pub fn uninstall(bin_dir: &Path, conf_dir: &Path) -> Result<Vec<PathBuf>, Instal
             write_json(&path, &list)?;
         }
         rewritten.push(path);
-    }
-    let binary = bin_dir.join(PLUGIN_TYPE);
-    match fs::remove_file(&binary) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(InstallError::Write {
-                path: binary,
-                source,
-            });
-        }
     }
     Ok(rewritten)
 }
@@ -282,7 +340,7 @@ fn plugins_mut<'a>(path: &Path, list: &'a mut Value) -> Result<&'a mut Vec<Value
         })
 }
 
-fn is_ours(plugin: &Value) -> bool {
+pub(crate) fn is_ours(plugin: &Value) -> bool {
     plugin.get("type").and_then(Value::as_str) == Some(PLUGIN_TYPE)
 }
 

@@ -10,10 +10,12 @@
 //! - this module: wire types, the agent's server ([`serve`]), the plugin's client
 //!   ([`request`]), the namespaces file;
 //! - [`plugin`]: the CNI command logic (ADD/DEL/CHECK/VERSION);
-//! - [`install`]: copying the binary and chaining it into the node's network config.
+//! - [`install`]: copying the binary and chaining it into the node's network config;
+//! - [`watch`]: the agent chaining it again when the network plugin rewrites its config.
 
 pub mod install;
 pub mod plugin;
+pub mod watch;
 
 use std::collections::BTreeSet;
 use std::fs;
