@@ -258,7 +258,7 @@ fn main() -> anyhow::Result<()> {
                             &args.namespaces_file,
                         ) {
                             (Some(conf_dir), Some(bin_dir), Some(socket), Some(namespaces)) => {
-                                Some(ambit_agent::cni::watch::ChainWatch {
+                                Some(Box::new(ambit_agent::cni::watch::ChainWatch {
                                     chain: ambit_agent::cni::install::ChainOptions {
                                         conf_dir: conf_dir.clone(),
                                         agent_socket: socket.clone(),
@@ -266,7 +266,7 @@ fn main() -> anyhow::Result<()> {
                                     },
                                     bin_dir: bin_dir.clone(),
                                     interval: ambit_agent::cni::watch::DEFAULT_INTERVAL,
-                                })
+                                }))
                             }
                             _ => None,
                         },

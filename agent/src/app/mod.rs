@@ -82,7 +82,7 @@ pub struct KubernetesOptions {
     pub namespaces_file: Option<PathBuf>,
     /// Keep ambit-cni chained in the node's CNI config; `None`: the init container's chain
     /// is left as it is.
-    pub cni_chain: Option<crate::cni::watch::ChainWatch>,
+    pub cni_chain: Option<Box<crate::cni::watch::ChainWatch>>,
 }
 
 /// Which source the state in force came from and when it last changed.
@@ -279,7 +279,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         let metrics = crate::cni::watch::ChainMetrics::new(&mut registry);
         info!(conf_dir = %chain.chain.conf_dir.display(), "keeping ambit-cni chained");
         // Ends when the agent drains, so an uninstall after shutdown is never undone.
-        tokio::spawn(chain.run(metrics, drain_rx.clone()));
+        tokio::spawn((*chain).run(metrics, drain_rx.clone()));
     }
 
     let current_state: Arc<RwLock<Arc<MeshState>>> = Arc::new(RwLock::new(state.clone()));

@@ -286,7 +286,8 @@ mod tests {
                         .resource_version
                         .clone();
                     let other = ConfigMapData::from([(ROOT_KEY.into(), "OTHER".into())]);
-                    let _ = self.inner.replace(name, other, &rv);
+                    // The memory store writes when called; its future only carries the result.
+                    drop(self.inner.replace(name, other, &rv));
                 }
                 self.inner.replace(name, data, resource_version)
             }
