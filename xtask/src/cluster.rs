@@ -318,6 +318,10 @@ pub fn kind(options: KindOptions) -> anyhow::Result<()> {
         ctx.label_toggle(),
     );
     report.check(
+        "a conflist rewritten without ambit-cni is chained again by the agent",
+        cni_rechained(&kube, worker1),
+    );
+    report.check(
         "a deleted agent's node stays fail closed until the new agent is ready",
         ctx.agent_restart_fails_closed(&agent1),
     );
@@ -1102,6 +1106,75 @@ fn ca_refuses_other_node(
     let _ = forward.kill();
     let _ = forward.wait();
     outcome
+}
+
+/// As a network plugin restarting would (kindnet rewrites its conflist on start), the
+/// node's conflist loses the ambit-cni entry; the agent must chain it again within its poll
+/// interval (5 s), log it and count it. The entry is removed with `ambit-cni uninstall`
+/// run in the agent's container against an empty scratch bin dir, so the node's binary
+/// stays (that is what the agent checks before chaining).
+fn cni_rechained(kube: &Kube, node: &str) -> anyhow::Result<String> {
+    const CONF_DIR: &str = "/etc/cni/net.d";
+    let chained = || -> anyhow::Result<bool> {
+        Ok(docker_output(node, &format!("cat {CONF_DIR}/*.conflist"))?.contains("\"ambit-cni\""))
+    };
+    if !chained()? {
+        bail!("ambit-cni is not in {node}'s conflist to begin with");
+    }
+    let agent = kube.agent_on(node)?;
+    kube.run(&[
+        "-n",
+        "ambit-system",
+        "exec",
+        &agent,
+        "-c",
+        "agent",
+        "--",
+        "/usr/local/bin/ambit-cni",
+        "uninstall",
+        "--bin-dir=/var/lib/ambit",
+        "--conf-dir=/host/etc/cni/net.d",
+    ])?;
+    if chained()? {
+        bail!("removing the entry did not take (nothing tested)");
+    }
+    let started = Instant::now();
+    while !chained()? {
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("ambit-cni was not chained again within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let took = started.elapsed();
+    let logs = kube.capture(&["-n", "ambit-system", "logs", &agent, "-c", "agent"])?;
+    let logged = logs
+        .lines()
+        .filter(|l| l.contains("chained it again"))
+        .count();
+    if logged == 0 {
+        bail!("re-chained, but {agent} did not log it");
+    }
+    if docker_output(node, "test -x /opt/cni/bin/ambit-cni && echo present")?.trim() != "present" {
+        bail!("the plugin binary is gone from {node}");
+    }
+    Ok(format!(
+        "entry back after {took:.1?}; {agent} logged {logged} re-chain(s); binary still in /opt/cni/bin"
+    ))
+}
+
+fn docker_output(node: &str, script: &str) -> anyhow::Result<String> {
+    let out = Command::new("docker")
+        .args(["exec", node, "sh", "-c", script])
+        .output()
+        .context("running docker exec")?;
+    if !out.status.success() {
+        bail!(
+            "docker exec {node} {script:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn docker_exec(node: &str, script: &str) -> anyhow::Result<()> {
