@@ -434,7 +434,13 @@ async fn the_trust_file_is_polled_without_a_restart() {
     config.trust_reload_interval = Duration::from_millis(50);
     let remote = RemoteCa::new(config).unwrap();
     let web = id("shop", "web");
-    assert!(remote.issue(&web, Duration::from_secs(3600)).await.is_err());
+    let (code, _) = refusal(
+        remote
+            .issue(&web, Duration::from_secs(3600))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, tonic::Code::Unavailable, "the CA is not trusted yet");
     volume.update(&roots_of(&fx.ca));
     // The poll picks the new root up by itself; generous deadline for a loaded machine.
     let deadline = Instant::now() + Duration::from_secs(20);
