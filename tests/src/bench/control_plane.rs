@@ -18,7 +18,7 @@ use anyhow::{Context as _, bail};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use super::load;
+use super::{load, procfs};
 use crate::testbed::{APP_PORT, MESH_NS, PodSpec, Testbed, sysctl};
 
 const HOLD_PORT: u16 = 9090;
@@ -94,6 +94,9 @@ pub struct Phase {
     pub enrollment_changes: u64,
     /// Completed scrapes (`/metrics` and `/config_dump` each count one).
     pub scrapes: u64,
+    /// CPU of the client's agent over the phase, percent of one core: tells CPU contention
+    /// (the machine has few cores) from waiting.
+    pub agent_cpu_percent: f64,
 }
 
 /// One figure in the three phases, with the loaded phases against the quiet one.
@@ -164,6 +167,12 @@ impl ControlPlaneReport {
             ));
         }
         let of = |a: Activity| self.phases.iter().find(|p| p.activity == a);
+        s.push_str(&format!(
+            "| client's agent CPU (% of a core) | {} | {} | {} | | |\n",
+            f(of(Activity::Quiet).map(|p| p.agent_cpu_percent)),
+            f(of(Activity::EnrollingPods).map(|p| p.agent_cpu_percent)),
+            f(of(Activity::Scraping).map(|p| p.agent_cpu_percent)),
+        ));
         s.push_str(&format!(
             "\n{} s per phase; {} connections held open; enrolling phase: {} churn pods, {} \
              enrollments and unenrollments; scraping phase: {} scrapes of /metrics and \
@@ -266,6 +275,8 @@ pub fn run(settings: &ControlPlaneSettings) -> anyhow::Result<ControlPlaneReport
         let churn_before =
             count(&["pod enrolled", "mesh/churn-"]) + count(&["pod unenrolled", "mesh/churn-"]);
         let scrapes = AtomicU64::new(0);
+        let cpu_before = procfs::cpu_time(agent.pid())?;
+        let phase_started = Instant::now();
         let (connect, round_trips) = std::thread::scope(|s| -> anyhow::Result<_> {
             let background: Vec<std::thread::ScopedJoinHandle<'_, anyhow::Result<()>>> =
                 match activity {
@@ -291,16 +302,33 @@ pub fn run(settings: &ControlPlaneSettings) -> anyhow::Result<ControlPlaneReport
             }
             measured
         })?;
+        let agent_cpu_percent = 100.0 * (procfs::cpu_time(agent.pid())? - cpu_before).as_secs_f64()
+            / phase_started.elapsed().as_secs_f64();
         if activity == Activity::EnrollingPods {
             // Back to the starting point before the next phase: every churn pod that was
-            // enrolled is unenrolled again (after the last write has been applied).
-            std::thread::sleep(CHURN_PAUSE * 2);
-            let enrolled = count(&["pod enrolled", "mesh/churn-"]);
-            agent.wait_for_logs(
-                &["pod unenrolled", "mesh/churn-"],
-                usize::try_from(enrolled)?,
-                WAIT,
-            )?;
+            // enrolled is unenrolled again, and nothing has changed for a second (enrolling
+            // a pod takes a while, so the last writes may still be in flight).
+            let deadline = Instant::now() + WAIT;
+            let mut last = (u64::MAX, u64::MAX);
+            let mut steady_since = Instant::now();
+            loop {
+                let now = (
+                    count(&["pod enrolled", "mesh/churn-"]),
+                    count(&["pod unenrolled", "mesh/churn-"]),
+                );
+                if now != last {
+                    last = now;
+                    steady_since = Instant::now();
+                } else if now.0 == now.1 && steady_since.elapsed() >= Duration::from_secs(1) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "churn pods still changing after {WAIT:?}: {now:?} (enrolled, unenrolled)"
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
         let churn_after =
             count(&["pod enrolled", "mesh/churn-"]) + count(&["pod unenrolled", "mesh/churn-"]);
@@ -313,6 +341,7 @@ pub fn run(settings: &ControlPlaneSettings) -> anyhow::Result<ControlPlaneReport
             round_trip_p99_us: Some(round_trips.p99_us),
             enrollment_changes: churn_after - churn_before,
             scrapes: scrapes.load(Ordering::Relaxed),
+            agent_cpu_percent,
         });
     }
     drop(held);
