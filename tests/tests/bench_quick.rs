@@ -19,3 +19,15 @@ fn quick_kubernetes_bench_produces_every_figure() -> anyhow::Result<()> {
     assert!(missing.is_empty(), "figures not produced: {missing:?}");
     Ok(())
 }
+
+#[test]
+fn quick_control_plane_bench_produces_every_figure() -> anyhow::Result<()> {
+    let settings = ambit_e2e::bench::control_plane::ControlPlaneSettings::quick();
+    let report = ambit_e2e::bench::control_plane::run(&settings)?;
+    eprintln!("{}", report.markdown());
+    let missing = report.missing();
+    assert!(missing.is_empty(), "figures not produced: {missing:?}");
+    assert_eq!(report.rows.len(), 4, "p50 and p99 of both latencies");
+    assert_eq!(report.phases.len(), 3, "quiet, enrolling pods, scraping");
+    Ok(())
+}

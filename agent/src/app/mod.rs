@@ -6,6 +6,7 @@
 //! [`Agent::apply`] is the one update: it swaps the state (routing, workloads and the
 //! policies the authorizer reads, all in one `Arc`), then makes the enrolled pods match.
 
+mod cli;
 mod cni;
 mod enroll;
 mod pod;
@@ -30,55 +31,81 @@ use crate::observability::{Admin, Listeners, LogControl};
 use crate::policy::{PolicyAuthorizer, PolicySet, PolicySource};
 use crate::tunnel::{LocalWorkload, LocalWorkloads, TunnelConfig, WorkloadMeta};
 
+pub use cli::RunArgs;
 pub use pod::PodKey;
 
-/// Everything `ambit run` needs; flags map onto these one to one.
-#[derive(Clone, Debug)]
+/// Everything `ambit run` needs; flags map onto these one to one ([`RunArgs`]). Serialized
+/// whole as the config dump's `config` and the start-up log's effective options, so a new
+/// field shows up there by itself; nothing in here may hold a secret (paths to them only).
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct AgentOptions {
     pub node: String,
     pub source: SourceOptions,
+    #[serde(serialize_with = "crate::observability::readable::path")]
     pub pin_dir: PathBuf,
+    #[serde(serialize_with = "crate::observability::readable::path")]
     pub state_dir: PathBuf,
     /// A CA service to ask for certificates; when set, `ca_cert`/`ca_key` are unused.
     pub remote_ca: Option<crate::identity::RemoteCaConfig>,
     /// CA certificate and key (PEM); when absent a root is created once in `state_dir`.
+    #[serde(serialize_with = "crate::observability::readable::option_path")]
     pub ca_cert: Option<PathBuf>,
+    /// The key's path only; the key is read by the CA, never kept here.
+    #[serde(serialize_with = "crate::observability::readable::option_path")]
     pub ca_key: Option<PathBuf>,
+    #[serde(serialize_with = "crate::observability::readable::duration")]
     pub cert_ttl: Duration,
     pub tunnel: TunnelConfig,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
     /// How long a drain waits for open connections before closing them.
+    #[serde(serialize_with = "crate::observability::readable::duration")]
     pub drain_deadline: Duration,
     /// The live log filter, for `/logging`; `None` when logging is set up elsewhere.
+    #[serde(skip)] // a handle on the log filter, not a setting (`/logging` shows it)
     pub log: Option<LogControl>,
     /// Most verbose level of the eBPF programs' own log messages.
+    #[serde(serialize_with = "crate::observability::readable::display")]
     pub ebpf_log_level: tracing::Level,
 }
 
 /// Where the mesh state comes from.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub enum SourceOptions {
     /// A local-mode file, watched (docs/LOCAL-MODE.md).
+    #[serde(rename_all = "camelCase")]
     File {
+        /// Named `config` in the dump, after its flag.
+        #[serde(
+            rename = "config",
+            serialize_with = "crate::observability::readable::path"
+        )]
         path: PathBuf,
+        #[serde(serialize_with = "crate::observability::readable::duration")]
         reload_interval: Duration,
     },
     /// The Kubernetes API (docs/KUBERNETES.md).
     Kubernetes(KubernetesOptions),
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct KubernetesOptions {
     /// `None`: in-cluster configuration, or `KUBECONFIG`.
+    #[serde(serialize_with = "crate::observability::readable::option_path")]
     pub kubeconfig: Option<PathBuf>,
     pub settings: MeshSettings,
     /// The host's /proc (`/host/proc` in the DaemonSet), scanned for pods' netns.
+    #[serde(serialize_with = "crate::observability::readable::path")]
     pub proc_root: PathBuf,
     /// Unix socket the `ambit-cni` plugin asks; `None`: no CNI plugin.
+    #[serde(serialize_with = "crate::observability::readable::option_path")]
     pub cni_socket: Option<PathBuf>,
     /// File listing the opted-in namespaces, for the CNI plugin when the agent is away.
+    #[serde(serialize_with = "crate::observability::readable::option_path")]
     pub namespaces_file: Option<PathBuf>,
     /// Keep ambit-cni chained in the node's CNI config; `None`: the init container's chain
     /// is left as it is.
@@ -194,6 +221,11 @@ fn now_unix() -> u64 {
 
 pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
     crate::identity::install_crypto_provider();
+    // Once, on one line: what this agent runs with, flags and defaults alike.
+    match serde_json::to_string(&options) {
+        Ok(json) => info!(options = %json, "effective options"),
+        Err(e) => warn!(error = %e, "cannot serialize the effective options"),
+    }
     let (tx, mut rx) = watch::channel(Arc::new(empty_state(
         MeshSettings::default(),
         &options.node,

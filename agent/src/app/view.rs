@@ -7,9 +7,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use super::{AgentOptions, Shared};
-use crate::config::WorkloadEntry;
+use serde::Serialize;
+
+use super::{AgentOptions, Shared, SourceInfo};
+use crate::config::{MeshSettings, MeshState, ServiceEntry, WorkloadEntry};
+use crate::identity::{CertSummary, SpiffeId};
 use crate::observability::{AgentMetrics, AgentView, Readiness, pem_certificate};
+use crate::policy::{PolicySummary, PolicyWarning};
 use crate::tunnel::{UNKNOWN, WorkloadMeta};
 
 /// Istio's metric labels for a workload: `app` and `version` from the usual pod labels.
@@ -26,6 +30,114 @@ pub(crate) fn meta_of(w: &WorkloadEntry) -> WorkloadMeta {
         app: label(&["app", "app.kubernetes.io/name"]),
         version: label(&["version", "app.kubernetes.io/version"]),
     }
+}
+
+/// `/config_dump` and `ambit config-dump`: the state in force and the effective options,
+/// serialized from the agent's own types so that nothing is left out by hand.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ConfigDump<'a> {
+    node: &'a str,
+    source: SourceInfo,
+    trust_domain: &'a str,
+    /// The mesh-wide settings of the state in force.
+    mesh: MeshSettings,
+    workloads: Vec<WorkloadDump<'a>>,
+    services: Vec<ServiceDump<'a>>,
+    policies: PoliciesDump<'a>,
+    certificates: Vec<CertificateDump>,
+    /// The effective options (`ambit run`'s flags).
+    config: &'a AgentOptions,
+}
+
+#[derive(Serialize)]
+struct WorkloadDump<'a> {
+    #[serde(flatten)]
+    workload: &'a WorkloadEntry,
+    /// Scheduled on this node.
+    local: bool,
+}
+
+#[derive(Serialize)]
+struct ServiceDump<'a> {
+    #[serde(flatten)]
+    service: &'a ServiceEntry,
+    ports: Vec<PortDump>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PortDump {
+    port: u16,
+    target_port: u16,
+}
+
+#[derive(Serialize)]
+struct PoliciesDump<'a> {
+    items: &'a [PolicySummary],
+    /// The warnings of the policies in force, kept with them.
+    warnings: &'a [PolicyWarning],
+}
+
+/// A certificate's summary; times in seconds since the Unix epoch.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CertificateDump {
+    identity: SpiffeId,
+    serial: String,
+    not_after: u64,
+}
+
+/// The config dump of `state` and `options`.
+pub(crate) fn config_dump(
+    state: &MeshState,
+    source: SourceInfo,
+    policies: &[PolicySummary],
+    certificates: &[CertSummary],
+    options: &AgentOptions,
+) -> Value {
+    let services = state.services();
+    let dump = ConfigDump {
+        node: &state.node,
+        source,
+        trust_domain: &state.trust_domain,
+        mesh: state.settings(),
+        workloads: state
+            .workloads()
+            .iter()
+            .map(|w| WorkloadDump {
+                workload: w,
+                local: w.node == state.node,
+            })
+            .collect(),
+        services: services
+            .iter()
+            .map(|(service, ports)| ServiceDump {
+                service,
+                ports: ports
+                    .iter()
+                    .map(|&(port, target_port)| PortDump { port, target_port })
+                    .collect(),
+            })
+            .collect(),
+        policies: PoliciesDump {
+            items: policies,
+            warnings: state.warnings(),
+        },
+        certificates: certificates
+            .iter()
+            .map(|c| CertificateDump {
+                identity: c.identity.clone(),
+                serial: c.serial.clone(),
+                not_after: unix(c.not_after),
+            })
+            .collect(),
+        config: options,
+    };
+    serde_json::to_value(&dump).unwrap_or_else(|e| {
+        // Only a custom serializer failing could get here; say so rather than panic.
+        json!({"error": format!("cannot serialize the configuration: {e}")})
+    })
 }
 
 pub(crate) struct View {
@@ -104,84 +216,13 @@ impl AgentView for View {
     }
 
     fn config_dump(&self) -> Value {
-        let state = self.shared.state();
-        let workloads: Vec<Value> = state
-            .workloads()
-            .iter()
-            .map(|w| {
-                json!({
-                    "name": w.name, "namespace": w.namespace, "identity": w.identity.to_string(),
-                    "serviceAccount": w.service_account, "labels": w.labels, "ips": w.ips,
-                    "node": w.node, "inMesh": w.in_mesh, "local": w.node == state.node,
-                })
-            })
-            .collect();
-        let services: Vec<Value> = state
-            .services()
-            .iter()
-            .map(|(s, ports)| {
-                json!({
-                    "name": s.name, "namespace": s.namespace, "vip": s.vip,
-                    "ports": ports.iter().map(|(p, t)| json!({"port": p, "targetPort": t})).collect::<Vec<_>>(),
-                    "endpoints": s.endpoints.iter().map(|e| format!("{}/{}", e.namespace, e.name)).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        let policies: Vec<Value> = self
-            .shared
-            .authorizer
-            .snapshot()
-            .summary()
-            .into_iter()
-            .map(|(kind, name, action)| json!({"kind": kind, "name": name, "action": action}))
-            .collect();
-        // The warnings of the policies in force, kept with them.
-        let warnings: Vec<String> = state.warnings().iter().map(ToString::to_string).collect();
-        let certificates: Vec<Value> = self
-            .shared
-            .certs
-            .snapshot()
-            .iter()
-            .map(|c| {
-                json!({"identity": c.identity.to_string(), "serial": c.serial,
-                       "notAfter": unix(c.not_after)})
-            })
-            .collect();
-        let o = &self.options;
-        let source = match &o.source {
-            super::SourceOptions::File {
-                path,
-                reload_interval,
-            } => json!({"config": path, "reloadIntervalMs": reload_interval.as_millis() as u64}),
-            super::SourceOptions::Kubernetes(k) => json!({
-                "kubeconfig": k.kubeconfig, "procRoot": k.proc_root, "cniSocket": k.cni_socket,
-                "namespacesFile": k.namespaces_file, "trustDomain": k.settings.trust_domain,
-                "rootNamespace": k.settings.root_namespace,
-            }),
-        };
-        json!({
-            "node": state.node,
-            "source": self.shared.source(),
-            "trustDomain": state.trust_domain,
-            "workloads": workloads,
-            "services": services,
-            "policies": {"items": policies, "warnings": warnings},
-            "certificates": certificates,
-            "config": {
-                "source": source, "pinDir": o.pin_dir, "stateDir": o.state_dir,
-                "caCert": o.ca_cert, "certTtlSecs": o.cert_ttl.as_secs(),
-                "adminAddr": o.admin_addr, "metricsAddr": o.metrics_addr,
-                "readinessAddr": o.readiness_addr,
-                "drainDeadlineSecs": o.drain_deadline.as_secs_f64(),
-                "poolIdleSecs": o.tunnel.pool_idle_timeout.as_secs(),
-                "pooling": o.tunnel.pooling,
-                "tlsHandshakeTimeoutMs": o.tunnel.tls_handshake_timeout.as_millis() as u64,
-                "hboneIdleTimeoutSecs": o.tunnel.hbone_idle_timeout.as_secs(),
-                "maxHeaderListSize": o.tunnel.max_header_list_size,
-                "remoteCa": o.remote_ca.as_ref().map(|c| c.address.clone()),
-                "excludedPorts": state.excluded_ports,
-            },
-        })
+        config_dump(
+            &self.shared.state(),
+            self.shared.source(),
+            &self.shared.authorizer.snapshot().summary(),
+            &self.shared.certs.snapshot(),
+            &self.options,
+        )
     }
 
     fn certs(&self) -> Value {

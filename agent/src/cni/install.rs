@@ -62,10 +62,14 @@ pub struct Installed {
 }
 
 /// Where the plugin's entry goes and what it says: [`install`]'s options without the binary.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ChainOptions {
+    #[serde(serialize_with = "crate::observability::readable::path")]
     pub conf_dir: PathBuf,
+    #[serde(serialize_with = "crate::observability::readable::path")]
     pub agent_socket: PathBuf,
+    #[serde(serialize_with = "crate::observability::readable::path")]
     pub namespaces_file: PathBuf,
 }
 

@@ -26,10 +26,13 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What the watch needs: where the configs and the binary are (as the agent sees them) and
 /// what the entry says (paths on the node).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ChainWatch {
     pub chain: ChainOptions,
+    #[serde(serialize_with = "crate::observability::readable::path")]
     pub bin_dir: PathBuf,
+    #[serde(serialize_with = "crate::observability::readable::duration")]
     pub interval: Duration,
 }
 

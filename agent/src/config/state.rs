@@ -11,7 +11,8 @@ use super::{ConfigError, MESH_DISABLED, MESH_ENABLED, MESH_LABEL, UnknownDestina
 use crate::identity::SpiffeId;
 use crate::policy::{PolicySet, PolicyWarning};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct WorkloadEntry {
     pub name: String,
     pub namespace: String,
@@ -22,6 +23,7 @@ pub struct WorkloadEntry {
     pub node: String,
     /// Kubernetes pod UID; `None` in local mode.
     pub uid: Option<String>,
+    #[serde(serialize_with = "crate::observability::readable::option_path")]
     pub netns: Option<PathBuf>,
     pub interface: String,
     /// Enrolled: its namespace opted in, the pod did not opt out, it has an IP and is
@@ -38,13 +40,27 @@ impl WorkloadEntry {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ServiceEntry {
     pub name: String,
     pub namespace: String,
     pub vip: IpAddr,
     /// Workloads in the service's namespace matching its selector, by name.
+    #[serde(serialize_with = "endpoint_names")]
     pub endpoints: Vec<Arc<WorkloadEntry>>,
+}
+
+/// Endpoints in the config dump: `namespace/name`, not the whole workload again.
+fn endpoint_names<S: serde::Serializer>(
+    endpoints: &[Arc<WorkloadEntry>],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(
+        endpoints
+            .iter()
+            .map(|e| format!("{}/{}", e.namespace, e.name)),
+    )
 }
 
 /// A service and its `(port, target port)` pairs.
@@ -97,7 +113,8 @@ pub struct MeshSpec {
 }
 
 /// Mesh-wide settings (local mode: the `AmbitLocalConfig` document; Kubernetes: flags).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct MeshSettings {
     pub trust_domain: String,
     pub root_namespace: String,
@@ -274,6 +291,17 @@ impl MeshState {
             policies: Arc::new(policies),
             warnings,
         })
+    }
+
+    /// The mesh-wide settings this state was built with.
+    pub fn settings(&self) -> MeshSettings {
+        MeshSettings {
+            trust_domain: self.trust_domain.clone(),
+            root_namespace: self.root_namespace.clone(),
+            unknown_destination: self.unknown_destination,
+            excluded_ports: self.excluded_ports.clone(),
+            revoke_on_policy_change: self.revoke_on_policy_change,
+        }
     }
 
     /// Warnings of the policies in force (kept with the state, so the config dump shows

@@ -43,16 +43,22 @@ const REASON_METADATA: &str = "ambit-ca-reason";
 
 /// How to reach the CA. The lead's flags map onto it one to one: `--ca-address`,
 /// `--ca-token-file`, `--ca-trust-file`, `--ca-extra-bundle-file`, `--cluster-id`.
-#[derive(Clone, Debug)]
+/// Serialized for the config dump: the token file's path, never the token (it is re-read
+/// for every request and held nowhere in here).
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct RemoteCaConfig {
     /// `https://host:port`, e.g. `https://ambit-ca.ambit-system.svc:15012` or
     /// `https://istiod.istio-system.svc:15012`.
     pub address: String,
     /// Projected service-account token (audience `ambit-ca`, or `istio-ca` for istiod).
+    #[serde(serialize_with = "crate::observability::readable::path")]
     pub token_file: PathBuf,
     /// PEM roots the CA's serving certificate must chain to.
+    #[serde(serialize_with = "crate::observability::readable::path")]
     pub trust_file: PathBuf,
     /// Extra PEM roots added to the mesh trust bundle (read once, at construction).
+    #[serde(serialize_with = "crate::observability::readable::option_path")]
     pub extra_bundle_file: Option<PathBuf>,
     /// Sent as the `clusterid` header when set: istiod uses it to pick the cluster whose
     /// API server reviews the token.
@@ -61,8 +67,10 @@ pub struct RemoteCaConfig {
     /// (e.g. when dialing an IP).
     pub tls_server_name: Option<String>,
     /// Deadline for connecting.
+    #[serde(serialize_with = "crate::observability::readable::duration")]
     pub connect_timeout: Duration,
     /// Deadline for one request (connect included).
+    #[serde(serialize_with = "crate::observability::readable::duration")]
     pub request_timeout: Duration,
     /// How often the trust file is read for changes; zero: never (read once).
     pub trust_reload_interval: Duration,

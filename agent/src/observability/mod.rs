@@ -9,6 +9,7 @@ pub mod admin;
 pub mod client;
 pub mod logging;
 pub mod metrics;
+pub(crate) mod readable;
 
 use std::net::SocketAddr;
 

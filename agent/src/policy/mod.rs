@@ -179,8 +179,9 @@ impl fmt::Display for Decision {
 
 /// Something the user should know about a policy that loaded: a field that
 /// cannot be enforced at L4, an ignored policy, a conflict.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct PolicyWarning {
+    #[serde(serialize_with = "crate::observability::readable::display")]
     pub policy: PolicyName,
     /// `AuthorizationPolicy` or `PeerAuthentication`.
     pub kind: &'static str,
@@ -191,6 +192,17 @@ impl fmt::Display for PolicyWarning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}: {}", self.kind, self.policy, self.message)
     }
+}
+
+/// One enforced policy as the config dump shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PolicySummary {
+    /// `AuthorizationPolicy` or `PeerAuthentication`.
+    pub kind: &'static str,
+    /// `namespace/name`.
+    pub name: String,
+    /// The AuthorizationPolicy's action, or the PeerAuthentication's mode.
+    pub action: String,
 }
 
 /// Errors loading policies. Every variant names where the problem is.
@@ -436,21 +448,17 @@ impl PolicySet {
         self.len() == 0
     }
 
-    /// Enforced policies as `(kind, namespace/name, action)`, for diagnostics.
-    pub fn summary(&self) -> Vec<(&'static str, String, String)> {
-        let peer = self.inner.peer.items.iter().map(|p| {
-            (
-                "PeerAuthentication",
-                p.name.to_string(),
-                format!("{:?}", p.mode),
-            )
+    /// Enforced policies, for diagnostics (the config dump).
+    pub fn summary(&self) -> Vec<PolicySummary> {
+        let peer = self.inner.peer.items.iter().map(|p| PolicySummary {
+            kind: "PeerAuthentication",
+            name: p.name.to_string(),
+            action: format!("{:?}", p.mode),
         });
-        let authz = self.inner.authz.items.iter().map(|a| {
-            (
-                "AuthorizationPolicy",
-                a.name.to_string(),
-                format!("{:?}", a.action),
-            )
+        let authz = self.inner.authz.items.iter().map(|a| PolicySummary {
+            kind: "AuthorizationPolicy",
+            name: a.name.to_string(),
+            action: format!("{:?}", a.action),
         });
         peer.chain(authz).collect()
     }

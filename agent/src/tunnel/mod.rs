@@ -41,13 +41,15 @@ use crate::identity::IdentityError;
 pub const HBONE_PORT: u16 = ambit_common::HBONE_PORT;
 
 /// Tunables, defaulting to what other HBONE peers use (docs/HBONE.md).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct TunnelConfig {
     /// Streams on one pooled client connection before another is opened.
     pub max_streams_per_connection: usize,
     /// Concurrent streams a server connection accepts.
     pub server_max_streams: u32,
     /// Pooled connections with no stream for this long are closed.
+    #[serde(serialize_with = "crate::observability::readable::duration")]
     pub pool_idle_timeout: Duration,
     /// Share HBONE connections between proxied connections. When false every proxied
     /// connection opens its own (TCP + TLS + HTTP/2 handshakes) and closes it at the end.
@@ -57,13 +59,16 @@ pub struct TunnelConfig {
     pub connection_window: u32,
     pub max_frame_size: u32,
     /// TCP connect timeout, both for HBONE connections and for the inbound upstream.
+    #[serde(serialize_with = "crate::observability::readable::duration")]
     pub connect_timeout: Duration,
     /// Inbound: the TLS and HTTP/2 handshakes of a new HBONE connection must finish within
     /// this, or the connection is reset (a peer that never sends a ClientHello is dropped).
+    #[serde(serialize_with = "crate::observability::readable::duration")]
     pub tls_handshake_timeout: Duration,
     /// Inbound: an HBONE connection with no open stream for this long is closed (GOAWAY).
     /// Longer than the clients' `pool_idle_timeout`, so a client normally releases an idle
     /// connection itself before the server does and never races it with a new stream.
+    #[serde(serialize_with = "crate::observability::readable::duration")]
     pub hbone_idle_timeout: Duration,
     /// Inbound: largest request header list (RFC 7540 size: names + values + 32 per field)
     /// accepted on a CONNECT; larger ones get 431.

@@ -7,6 +7,7 @@
 //! namespace. "No mesh" is the same testbed with the namespace's opt-in label off: the
 //! agents keep running but enroll nothing, so the traffic is plain pod-to-pod routing.
 
+pub mod control_plane;
 pub mod iperf;
 pub mod kube;
 pub mod load;
@@ -636,7 +637,7 @@ fn aims(report: &Report) -> Vec<Aim> {
 }
 
 /// CPU model, cores, memory and kernel, for the report.
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()

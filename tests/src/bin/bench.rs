@@ -17,8 +17,13 @@ fn main() -> anyhow::Result<()> {
         ambit_e2e::bench::Settings::full()
     };
     let started = std::time::Instant::now();
+    // `--control-plane-only`: just the data path under control-plane load.
+    if std::env::args().any(|a| a == "--control-plane-only") {
+        return control_plane(quick);
+    }
     if !kube_only {
         testbed(&settings, started)?;
+        control_plane(quick)?;
     }
     let kube_settings = if quick {
         ambit_e2e::bench::kube::KubeSettings::quick()
@@ -54,6 +59,28 @@ fn testbed(
     let missing = report.missing();
     if !missing.is_empty() {
         anyhow::bail!("figures not produced: {missing:?}");
+    }
+    Ok(())
+}
+
+fn control_plane(quick: bool) -> anyhow::Result<()> {
+    let settings = if quick {
+        ambit_e2e::bench::control_plane::ControlPlaneSettings::quick()
+    } else {
+        ambit_e2e::bench::control_plane::ControlPlaneSettings::full()
+    };
+    let report = ambit_e2e::bench::control_plane::run(&settings)?;
+    let path = ambit_e2e::bench::control_plane::write(&report)?;
+    println!(
+        "\nData path under control-plane load ({}; agent {}):\n",
+        report.machine,
+        report.agent_binary.display()
+    );
+    println!("{}", report.markdown());
+    println!("JSON: {}", path.display());
+    let missing = report.missing();
+    if !missing.is_empty() {
+        anyhow::bail!("control-plane figures not produced: {missing:?}");
     }
     Ok(())
 }
