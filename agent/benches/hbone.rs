@@ -112,6 +112,29 @@ async fn round_trips(mut stream: TcpStream, iterations: usize) -> anyhow::Result
     Ok(samples)
 }
 
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// User + system CPU time of this process so far (from /proc: no unsafe in a bench).
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return f64::NAN;
+    };
+    let ticks: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // USER_HZ is 100 on every Linux ABI the agent targets.
+    ticks.iter().sum::<f64>() / 100.0
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted.get(idx).map_or(f64::NAN, |d| d.as_secs_f64() * 1e6)
@@ -215,25 +238,78 @@ async fn main() -> anyhow::Result<()> {
             connections: 3_000,
         }
     };
+    // Overrides for instruction-count runs (callgrind): the difference between two sizes is
+    // the cost of the extra bytes or connections, free of the setup.
+    let mut sizes = sizes;
+    if let Some(mib) = env_usize("AMBIT_BENCH_BULK_MIB") {
+        sizes.bulk_bytes = mib << 20;
+    }
+    if let Some(count) = env_usize("AMBIT_BENCH_CONNECTIONS") {
+        sizes.connections = count;
+    }
+    if let Some(count) = env_usize("AMBIT_BENCH_ROUND_TRIPS") {
+        sizes.rtt_iterations = count;
+    }
     let sink = spawn_sink().await?;
     let echo = spawn_echo().await?;
     let mesh = Mesh::start(true).await?;
     let unpooled = Mesh::start(false).await?;
 
-    let direct_gbps = bulk(TcpStream::connect(sink).await?, sizes.bulk_bytes).await?;
-    let hbone_gbps = bulk(mesh.connect(sink).await?, sizes.bulk_bytes).await?;
-    let direct_rtt = round_trips(TcpStream::connect(echo).await?, sizes.rtt_iterations).await?;
-    let hbone_rtt = round_trips(mesh.connect(echo).await?, sizes.rtt_iterations).await?;
-
-    let direct_cps = connection_rate(sizes.connections, || async {
-        Ok(TcpStream::connect(echo).await?)
-    })
-    .await?;
-    let pooled_cps = connection_rate(sizes.connections, || mesh.connect(echo)).await?;
-    let handshake_cps = connection_rate(sizes.connections, || unpooled.connect(echo)).await?;
+    // AMBIT_BENCH_ONLY=bulk,rtt,pooled,handshake runs only those figures (the others print
+    // NaN), so a profiler attached to the run sees one workload.
+    let only = std::env::var("AMBIT_BENCH_ONLY").ok();
+    let runs = |figure: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|f| f == figure))
+    };
+    let (mut direct_gbps, mut hbone_gbps) = (f64::NAN, f64::NAN);
+    let (mut direct_cpu, mut hbone_cpu) = (f64::NAN, f64::NAN);
+    if runs("bulk") {
+        let gib = sizes.bulk_bytes as f64 / f64::from(1u32 << 30);
+        let cpu = process_cpu_seconds();
+        direct_gbps = bulk(TcpStream::connect(sink).await?, sizes.bulk_bytes).await?;
+        let mid = process_cpu_seconds();
+        hbone_gbps = bulk(mesh.connect(sink).await?, sizes.bulk_bytes).await?;
+        let end = process_cpu_seconds();
+        direct_cpu = (mid - cpu) / gib;
+        hbone_cpu = (end - mid) / gib;
+    }
+    let (mut direct_rtt, mut hbone_rtt) = (Vec::new(), Vec::new());
+    if runs("rtt") {
+        direct_rtt = round_trips(TcpStream::connect(echo).await?, sizes.rtt_iterations).await?;
+        hbone_rtt = round_trips(mesh.connect(echo).await?, sizes.rtt_iterations).await?;
+    }
+    let direct_cps = if runs("pooled") || runs("handshake") {
+        connection_rate(sizes.connections, || async {
+            Ok(TcpStream::connect(echo).await?)
+        })
+        .await?
+    } else {
+        f64::NAN
+    };
+    // CPU of the whole process per connection (client, both agents and the echo server),
+    // which the shared VM's scheduling does not distort the way it does the rates.
+    let per_conn_ms = |start: f64| (process_cpu_seconds() - start) * 1e3 / sizes.connections as f64;
+    let (mut pooled_cps, mut pooled_cpu) = (f64::NAN, f64::NAN);
+    if runs("pooled") {
+        let cpu = process_cpu_seconds();
+        pooled_cps = connection_rate(sizes.connections, || mesh.connect(echo)).await?;
+        pooled_cpu = per_conn_ms(cpu);
+    }
+    let (mut handshake_cps, mut handshake_cpu) = (f64::NAN, f64::NAN);
+    if runs("handshake") {
+        let cpu = process_cpu_seconds();
+        handshake_cps = connection_rate(sizes.connections, || unpooled.connect(echo)).await?;
+        handshake_cpu = per_conn_ms(cpu);
+    }
 
     let rows = [
         ("bulk throughput (Gbit/s)", direct_gbps, hbone_gbps),
+        (
+            "bulk CPU of the whole process (s/GiB; both agents in HBONE)",
+            direct_cpu,
+            hbone_cpu,
+        ),
         (
             "1 KiB round trip p50 (µs)",
             percentile(&direct_rtt, 0.5),
@@ -254,6 +330,11 @@ async fn main() -> anyhow::Result<()> {
             "new connections/s, full mTLS handshake each",
             direct_cps,
             handshake_cps,
+        ),
+        (
+            "CPU per connection, whole process (ms; pooled | full handshake)",
+            pooled_cpu,
+            handshake_cpu,
         ),
     ];
     println!(

@@ -6,8 +6,9 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 
 use ambit_common::AGENT_MARK;
 use futures::future::BoxFuture;
@@ -27,10 +28,59 @@ enum Purpose {
     Listen,
 }
 
-type Request = (Domain, Purpose, oneshot::Sender<io::Result<Socket>>);
+enum Request {
+    /// One socket, answered on the channel (listeners, and dials when the stock is empty).
+    One(Domain, Purpose, oneshot::Sender<io::Result<Socket>>),
+    /// Top the stock of connect sockets for this domain up to [`STOCK_FILL`]; nobody waits.
+    Refill(Domain),
+}
+
+/// Connect sockets created ahead of need, so that a dial takes one from here instead of
+/// waiting for the pod's thread to be scheduled (a futex wake-up and a context switch each
+/// way, per connection). The thread refills the stock in batches, asked when it runs low.
+const STOCK_FILL: usize = 16;
+const STOCK_LOW: usize = 4;
+
+#[derive(Default)]
+struct Stock {
+    v4: Mutex<Vec<Socket>>,
+    v6: Mutex<Vec<Socket>>,
+    /// A refill is queued or running: at most one at a time.
+    refilling: AtomicBool,
+}
+
+impl Stock {
+    fn of(&self, domain: Domain) -> &Mutex<Vec<Socket>> {
+        if domain == Domain::IPV6 {
+            &self.v6
+        } else {
+            &self.v4
+        }
+    }
+
+    fn refill(&self, domain: Domain) {
+        let have = self.of(domain).lock().map_or(STOCK_FILL, |s| s.len());
+        let mut fresh = Vec::with_capacity(STOCK_FILL.saturating_sub(have));
+        for _ in have..STOCK_FILL {
+            match new_socket(domain, Purpose::Connect) {
+                Ok(socket) => fresh.push(socket),
+                // Dials fall back to asking the thread, which then reports the error.
+                Err(e) => {
+                    tracing::debug!(error = %e, "pre-creating pod sockets failed");
+                    break;
+                }
+            }
+        }
+        if let Ok(mut stock) = self.of(domain).lock() {
+            stock.append(&mut fresh);
+        }
+        self.refilling.store(false, Ordering::Release);
+    }
+}
 
 pub struct PodSockets {
     requests: Mutex<mpsc::Sender<Request>>,
+    stock: Arc<Stock>,
 }
 
 impl PodSockets {
@@ -39,6 +89,8 @@ impl PodSockets {
         let fd = std::fs::File::open(netns.path())?;
         let (tx, rx) = mpsc::channel::<Request>();
         let (ready_tx, ready_rx) = mpsc::channel();
+        let stock = Arc::new(Stock::default());
+        let thread_stock = stock.clone();
         std::thread::Builder::new()
             .name("ambit-pod-sockets".into())
             .spawn(move || {
@@ -48,8 +100,13 @@ impl PodSockets {
                 }
                 let _ = ready_tx.send(Ok(()));
                 // Ends when the PodSockets (the only sender) is dropped.
-                while let Ok((domain, purpose, reply)) = rx.recv() {
-                    let _ = reply.send(new_socket(domain, purpose));
+                while let Ok(request) = rx.recv() {
+                    match request {
+                        Request::One(domain, purpose, reply) => {
+                            let _ = reply.send(new_socket(domain, purpose));
+                        }
+                        Request::Refill(domain) => thread_stock.refill(domain),
+                    }
                 }
             })?;
         ready_rx
@@ -57,16 +114,37 @@ impl PodSockets {
             .map_err(|_| io::Error::other("pod socket thread died"))??;
         Ok(Self {
             requests: Mutex::new(tx),
+            stock,
         })
     }
 
-    async fn socket(&self, domain: Domain, purpose: Purpose) -> io::Result<Socket> {
-        let (reply, response) = oneshot::channel();
+    fn request(&self, request: Request) -> io::Result<()> {
         self.requests
             .lock()
             .map_err(|_| io::Error::other("pod socket lock poisoned"))?
-            .send((domain, purpose, reply))
-            .map_err(|_| io::Error::other("pod socket thread is gone"))?;
+            .send(request)
+            .map_err(|_| io::Error::other("pod socket thread is gone"))
+    }
+
+    async fn socket(&self, domain: Domain, purpose: Purpose) -> io::Result<Socket> {
+        if let Purpose::Connect = purpose {
+            let (taken, left) = match self.stock.of(domain).lock() {
+                Ok(mut stock) => (stock.pop(), stock.len()),
+                Err(_) => (None, 0),
+            };
+            if left < STOCK_LOW
+                && !self.stock.refilling.swap(true, Ordering::AcqRel)
+                && let Err(e) = self.request(Request::Refill(domain))
+                && taken.is_none()
+            {
+                return Err(e);
+            }
+            if let Some(socket) = taken {
+                return Ok(socket);
+            }
+        }
+        let (reply, response) = oneshot::channel();
+        self.request(Request::One(domain, purpose, reply))?;
         response
             .await
             .map_err(|_| io::Error::other("pod socket thread is gone"))?

@@ -1214,3 +1214,118 @@ fn connect_request_check_decides_each_refusal() {
         (RefusalReason::BadAuthority, StatusCode::BAD_REQUEST)
     );
 }
+
+/// Two ambit ends agree on AES-128-GCM with SHA-256 (the cheaper suite); a peer that offers
+/// only AES-256-GCM with SHA-384 (as a stricter HBONE implementation may) still connects.
+#[tokio::test]
+async fn hbone_ends_prefer_aes_128_and_still_accept_an_aes_256_only_peer() {
+    use rustls::CipherSuite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384};
+    crate::identity::install_crypto_provider();
+    let ca = LocalCa::generate().expect("CA");
+    let now = SystemTime::now();
+    let validity = now + Duration::from_secs(600);
+    let client = ca
+        .issue_with_validity(&id("client"), now, validity)
+        .expect("cert");
+    let server = ca
+        .issue_with_validity(&id("server"), now, validity)
+        .expect("cert");
+    let bundle = ca.trust_bundle();
+    let ours = Arc::new(tls::server_config(&server, &bundle, "cluster.local").expect("config"));
+
+    async fn negotiate(
+        client: rustls::ClientConfig,
+        server: Arc<rustls::ServerConfig>,
+    ) -> rustls::CipherSuite {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let name = ServerName::IpAddress(LOCALHOST.into());
+        let (connected, accepted) = tokio::join!(
+            tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, a),
+            tokio_rustls::TlsAcceptor::from(server).accept(b),
+        );
+        let connected = connected.expect("client handshake");
+        accepted.expect("server handshake");
+        connected
+            .get_ref()
+            .1
+            .negotiated_cipher_suite()
+            .expect("suite")
+            .suite()
+    }
+
+    let default_client = tls::client_config(&client, &bundle, &id("server")).expect("config");
+    assert_eq!(
+        negotiate(default_client, ours.clone()).await,
+        TLS13_AES_128_GCM_SHA256
+    );
+
+    // A client restricted to AES-256. Our own server verifier is private to `tls`: WebPKI's
+    // stands in, minus the name check (HBONE identities are URI SANs, not names).
+    let aes_256_only = Arc::new(rustls::crypto::CryptoProvider {
+        cipher_suites: vec![rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384],
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    });
+    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(bundle.root_store().expect("roots")),
+        aes_256_only.clone(),
+    )
+    .build()
+    .expect("verifier");
+    let mut strict = rustls::ClientConfig::builder_with_provider(aes_256_only)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NameAgnostic(webpki)))
+        .with_client_auth_cert(client.chain.clone(), client.key.clone_key())
+        .expect("client certificate");
+    strict.alpn_protocols = vec![b"h2".to_vec()];
+    assert_eq!(negotiate(strict, ours).await, TLS13_AES_256_GCM_SHA384);
+}
+
+/// WebPKI server verification minus the name check.
+#[derive(Debug)]
+struct NameAgnostic(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for NameAgnostic {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}

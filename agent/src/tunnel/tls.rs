@@ -106,11 +106,27 @@ fn spiffe_error(failure: HandshakeFailure) -> Error {
     ))))
 }
 
+/// The process's provider with the TLS 1.3 suites HBONE peers use (AES-GCM), AES-128 with
+/// SHA-256 first: its key schedule and transcript hash SHA-256 instead of SHA-384 (a tenth of
+/// a full handshake's instructions) and it encrypts with 10 AES rounds instead of 14. Both
+/// suites stay offered and accepted, so a peer that insists on AES-256 still connects.
 fn provider() -> Arc<CryptoProvider> {
-    crate::identity::install_crypto_provider();
-    CryptoProvider::get_default()
-        .cloned()
-        .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+    static HBONE_PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
+    HBONE_PROVIDER
+        .get_or_init(|| {
+            crate::identity::install_crypto_provider();
+            let base = CryptoProvider::get_default()
+                .cloned()
+                .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+            use rustls::crypto::aws_lc_rs::cipher_suite::{
+                TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384,
+            };
+            Arc::new(CryptoProvider {
+                cipher_suites: vec![TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384],
+                ..(*base).clone()
+            })
+        })
+        .clone()
 }
 
 /// Client side: present `local`, accept only a server whose chain verifies against `bundle`
