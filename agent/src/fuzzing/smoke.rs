@@ -82,7 +82,12 @@ const INTERESTING: &[u8] = b"\0\xff\x7f\x80/:-_.\n\r\t \"'{}[]%@#?=,&*!|>";
 
 /// Replays `inputs` through `target`, then random and mutated ones until the budget is
 /// spent. The first panic stops the run and is returned with its input, already saved.
-pub fn run(name: &str, target: Target, inputs: &[Input], smoke: &Smoke) -> Result<Report, Failure> {
+pub fn run(
+    name: &str,
+    target: Target,
+    inputs: &[Input],
+    smoke: &Smoke,
+) -> Result<Report, Box<Failure>> {
     for input in inputs {
         check(name, target, input, smoke)?;
     }
@@ -117,7 +122,7 @@ pub fn run(name: &str, target: Target, inputs: &[Input], smoke: &Smoke) -> Resul
 }
 
 /// One input through `target`; a panic becomes a [`Failure`] with the input saved.
-fn check(name: &str, target: Target, input: &Input, smoke: &Smoke) -> Result<(), Failure> {
+fn check(name: &str, target: Target, input: &Input, smoke: &Smoke) -> Result<(), Box<Failure>> {
     let Err(panic) = catch_unwind(AssertUnwindSafe(|| target(&input.bytes))) else {
         return Ok(());
     };
@@ -135,14 +140,14 @@ fn check(name: &str, target: Target, input: &Input, smoke: &Smoke) -> Result<(),
         Ok(()) => saved,
         Err(e) => PathBuf::from(format!("<not saved: {e}>")),
     };
-    Err(Failure {
+    Err(Box::new(Failure {
         target: name.to_owned(),
         origin: input.origin.clone(),
         input: input.bytes.clone(),
         saved,
         message,
         seed: smoke.seed,
-    })
+    }))
 }
 
 /// A content hash for the saved file's name, so one input is saved once.
