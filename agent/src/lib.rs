@@ -7,6 +7,8 @@ pub mod ca;
 pub mod capture;
 pub mod cni;
 pub mod config;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod identity;
 pub mod k8s;
 pub mod netns;

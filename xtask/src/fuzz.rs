@@ -1,5 +1,12 @@
 //! `cargo xtask fuzz`: the cargo-fuzz targets in `agent/fuzz`, one after the other, each for
 //! a fixed time. A crash fails the run and names the input libFuzzer saved.
+//!
+//! This is the coverage-guided search (nightly, instrumented build: ~18 min cold). The
+//! targets' bodies live in `ambit_agent::fuzzing`, and `cargo test` (so `cargo xtask test`)
+//! runs them too as a stable smoke run (`agent/src/fuzzing/smoke.rs`): every seed, every
+//! regression input (`agent/fuzz/regressions/<target>/`) and any local corpus, then ~3 s of
+//! random and mutated inputs per target, with no instrumentation and no extra build. A crash
+//! found here, once fixed, goes under `regressions/<target>/` so both runs replay it.
 
 use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
@@ -67,6 +74,12 @@ fn run_target(
             .iter()
             .map(|s| fuzz_dir.join("seeds").join(s).into_os_string()),
     );
+    // Fixed crashes, replayed first thing (libFuzzer refuses a corpus directory that does
+    // not exist, and most targets have none).
+    let regressions = fuzz_dir.join("regressions").join(name);
+    if regressions.is_dir() {
+        dirs.push(regressions.into_os_string());
+    }
     let dirs: Vec<&str> = dirs
         .iter()
         .map(|d| d.to_str().context("non-UTF-8 path"))

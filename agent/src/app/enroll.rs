@@ -197,7 +197,12 @@ impl Agent {
                     let reason = format!("{e:#}");
                     warn!(pod = %name, error = %reason, "could not enroll pod; keeping it closed and retrying");
                     if let Some(failed) = e.downcast_ref::<StartError>() {
-                        self.hold_closed(name.clone(), failed.netns_cookie).await;
+                        self.hold_closed(
+                            name.clone(),
+                            failed.netns_cookie,
+                            failed.netns_path.clone(),
+                        )
+                        .await;
                     }
                     problems.insert(name, reason);
                 }
@@ -215,26 +220,48 @@ impl Agent {
         self.answer_waiters();
     }
 
-    /// Keeps a pod whose enrollment failed part-way closed: its outbound connections are
-    /// captured to a listener that is not there (refused) rather than leaving in plaintext.
-    async fn hold_closed(&mut self, name: String, cookie: u64) {
+    /// Keeps a pod whose enrollment failed part-way closed until a retry enrolls it: its
+    /// outbound connections are captured to a listener that is not there, and its inbound
+    /// ones are steered to listeners that are not registered; both are refused rather than
+    /// passed on in plaintext.
+    async fn hold_closed(&mut self, name: String, cookie: u64, netns_path: PathBuf) {
         let shared = self.shared.clone();
         let held = tokio::task::spawn_blocking(move || {
-            shared
+            let mut capture = shared
                 .capture
                 .lock()
-                .map_err(|_| "capture lock poisoned".to_owned())?
-                .enroll(cookie)
-                .map_err(|e| e.to_string())
-        })
-        .await;
-        match held {
-            Ok(Ok(())) => {
-                self.held_closed.insert(name, cookie);
+                .map_err(|_| "capture lock poisoned".to_owned())?;
+            let outbound = capture.enroll(cookie).map_err(|e| format!("outbound: {e}"));
+            let inbound = crate::netns::NetNs::open(&netns_path)
+                .map_err(|e| format!("opening {}: {e}", netns_path.display()))
+                .and_then(|netns| match netns.cookie() {
+                    // The path now names another netns: the pod is gone, nothing to hold.
+                    Ok(now) if now != cookie => Err(format!(
+                        "{} is no longer the pod's netns",
+                        netns_path.display()
+                    )),
+                    Ok(_) => Ok(netns),
+                    Err(e) => Err(format!("reading the netns cookie: {e}")),
+                })
+                .and_then(|netns| {
+                    capture
+                        .hold_inbound_closed(&netns, cookie)
+                        .map_err(|e| e.to_string())
+                })
+                .map_err(|e| format!("inbound: {e}"));
+            match (outbound, inbound) {
+                (Ok(()), Ok(())) => Ok(()),
+                (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+                (Err(a), Err(b)) => Err(format!("{a}; {b}")),
             }
-            Ok(Err(e)) => warn!(pod = %name, error = %e, "cannot hold the pod closed"),
-            Err(e) => warn!(pod = %name, error = %e, "cannot hold the pod closed"),
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        if let Err(e) = held {
+            warn!(pod = %name, error = %e, "cannot hold the pod closed");
         }
+        // Even a partial hold is undone by `release` when the pod leaves the mesh.
+        self.held_closed.insert(name, cookie);
     }
 
     /// Releases the capture of a pod held closed that left the mesh.
@@ -344,7 +371,14 @@ impl Agent {
     /// (they left while the agent was down): otherwise they stay captured with nobody
     /// listening, closed for good.
     pub fn forget_stale_enrollments(&self) {
-        let live: Vec<u64> = self.pods.values().map(PodRuntime::netns_cookie).collect();
+        // Pods held closed after a failed start are not stale: releasing them would open
+        // them in plaintext until the retry.
+        let live: Vec<u64> = self
+            .pods
+            .values()
+            .map(PodRuntime::netns_cookie)
+            .chain(self.held_closed.values().copied())
+            .collect();
         let Ok(mut capture) = self.shared.capture.lock() else {
             return;
         };

@@ -56,6 +56,8 @@ impl PodKey {
 #[error("{error:#}")]
 pub(crate) struct StartError {
     pub netns_cookie: u64,
+    /// Where the pod's netns is, to hold its inbound side closed.
+    pub netns_path: PathBuf,
     pub error: anyhow::Error,
 }
 
@@ -100,6 +102,7 @@ impl PodRuntime {
             )?),
             Err(e) => Err(StartError {
                 netns_cookie,
+                netns_path,
                 error: e,
             }
             .into()),

@@ -19,7 +19,8 @@
 //! The per-pod links are pinned under `<pin_dir>/pods/<netns-cookie>/` so that they survive
 //! an agent restart. While the agent is down its listeners are closed, the kernel removes
 //! them from the sockhash, and the program refuses connections instead of passing them to
-//! the app in plaintext (fail closed).
+//! the app in plaintext (fail closed). A pod whose enrollment failed is kept the same way
+//! until a retry enrolls it ([`Capture::hold_inbound_closed`]: steering, no listeners).
 
 use std::net::TcpListener;
 use std::os::fd::AsFd as _;
@@ -90,7 +91,31 @@ impl Capture {
                 })?;
         }
         // 2. Listeners registered; 3. steering starts here.
-        reuse_or_attach(&pod_dir.join(SK_LOOKUP_PIN), || {
+        self.attach_sk_lookup(pod, netns_cookie)?;
+        info!(netns_cookie, netns = %pod.path().display(), "inbound capture attached");
+        Ok(())
+    }
+
+    /// Keeps a pod whose enrollment failed refusing inbound connections until it is
+    /// enrolled (fail closed): its sk_lookup program is attached (or kept) with no listener
+    /// registered under its cookie, so the program drops every TCP connection arriving on
+    /// the pod's interfaces (the client gets a reset) instead of letting it reach the app
+    /// in plaintext. A later [`Capture::attach_inbound`] registers listeners and reuses the
+    /// link; [`Capture::detach_inbound`] undoes it.
+    pub fn hold_inbound_closed(&mut self, pod: &NetNs, netns_cookie: u64) -> Result<()> {
+        create_dir(&self.pod_dir(netns_cookie))?;
+        self.remove_listeners(netns_cookie)?;
+        self.attach_sk_lookup(pod, netns_cookie)?;
+        info!(netns_cookie, netns = %pod.path().display(), "inbound held closed");
+        Ok(())
+    }
+
+    /// The pod's sk_lookup instance (its cookie baked in), pinned in the pod's directory;
+    /// a link pinned there already is kept.
+    fn attach_sk_lookup(&self, pod: &NetNs, netns_cookie: u64) -> Result<()> {
+        let maps_dir = self.pin_dir.join("maps");
+        let log_level = self.ebpf_log_level;
+        reuse_or_attach(&self.pod_dir(netns_cookie).join(SK_LOOKUP_PIN), || {
             let name = programs::SK_LOOKUP;
             let mut ebpf = pinned_loader(&maps_dir, &log_level)
                 .override_global(globals::POD_NETNS_COOKIE, &netns_cookie, true)
@@ -103,7 +128,30 @@ impl Capture {
             // is dropped.
             Ok(FdLink::from(prog.take_link(id).map_err(err)?))
         })?;
-        info!(netns_cookie, netns = %pod.path().display(), "inbound capture attached");
+        Ok(())
+    }
+
+    /// Removes the pod's entries from the listener sockhash (absent ones are fine).
+    fn remove_listeners(&mut self, netns_cookie: u64) -> Result<()> {
+        for slot in [SLOT_PLAINTEXT, SLOT_HBONE] {
+            let key = ListenerKey {
+                netns_cookie,
+                slot,
+                reserved: 0,
+            };
+            match self.listeners.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                // aya reports an absent key on delete as the syscall's ENOENT.
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(source) => {
+                    return Err(CaptureError::Map {
+                        name: maps::INBOUND_LISTENERS,
+                        source,
+                    });
+                }
+            }
+        }
         Ok(())
     }
 
@@ -126,22 +174,7 @@ impl Capture {
     pub fn detach_inbound(&mut self, netns_cookie: u64) -> Result<()> {
         let pod_dir = self.pod_dir(netns_cookie);
         detach_links_in(&pod_dir)?;
-        for slot in [SLOT_PLAINTEXT, SLOT_HBONE] {
-            let key = ListenerKey {
-                netns_cookie,
-                slot,
-                reserved: 0,
-            };
-            match self.listeners.remove(&key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(source) => {
-                    return Err(CaptureError::Map {
-                        name: maps::INBOUND_LISTENERS,
-                        source,
-                    });
-                }
-            }
-        }
+        self.remove_listeners(netns_cookie)?;
         match std::fs::remove_dir_all(&pod_dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
