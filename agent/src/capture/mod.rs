@@ -324,6 +324,10 @@ impl Capture {
     pub fn unenroll(&mut self, netns_cookie: u64) -> Result<()> {
         match self.enrolled.remove(&netns_cookie) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            // aya reports an absent key on delete as the syscall's ENOENT.
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
             Err(source) => Err(CaptureError::Map {
                 name: maps::ENROLLED,
                 source,
