@@ -8,6 +8,7 @@
 
 mod cgroup;
 mod inbound;
+mod rtnl;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -80,8 +81,12 @@ pub enum CaptureError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("`{command}` failed: {message}")]
-    Command { command: String, message: String },
+    #[error("netlink in netns {netns}: {request}: {source}")]
+    Netlink {
+        netns: PathBuf,
+        request: String,
+        source: std::io::Error,
+    },
 }
 
 /// bpf_link attachments to a cgroup coexist with any other program by construction and the
@@ -196,6 +201,10 @@ pub struct Capture {
     programs: Vec<&'static str>,
     ebpf_log_level: u8,
     ebpf_logger: Option<EbpfLogger>,
+    /// What this agent changed inside each pod's netns besides its pinned links, by netns
+    /// cookie, for [`Capture::detach_inbound`] to undo. In memory only: see
+    /// [`inbound::PodNetnsChanges`].
+    pod_netns: std::collections::BTreeMap<u64, inbound::PodNetnsChanges>,
     // Kept so the pinned links' fds stay open for the agent's lifetime; the pins keep the
     // programs attached when the agent is gone.
     _links: Vec<PinnedLink>,
@@ -294,6 +303,7 @@ impl Capture {
             programs: CGROUP_PROGRAMS.to_vec(),
             ebpf_log_level,
             ebpf_logger,
+            pod_netns: std::collections::BTreeMap::new(),
             _links: links,
             _ebpf: ebpf,
         })
