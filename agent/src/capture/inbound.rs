@@ -84,12 +84,12 @@ impl Capture {
         // 1. The agent's own (marked) connections to the app must not be steered back to
         //    the agent: re-inject them at lo ingress (see `ambit_tc_agent_lo`).
         let pin = pod_dir.join(TC_LO_PIN);
-        let lo_maps_dir = maps_dir.clone();
-        let netns_path = pod.path().to_path_buf();
-        let accept_local_before = run_in_pod(pod, move || {
-            let mut rtnl = Rtnl::open(&netns_path)?;
+        let netns_path = pod.path();
+        let tc_lo: &mut SchedClassifier = program(&mut self.ebpf, programs::TC_AGENT_LO)?;
+        let accept_local_before = run_in_pod(pod, || {
+            let mut rtnl = Rtnl::open(netns_path)?;
             let (_, before) = accept_local_on_lo(&mut rtnl)?;
-            attach_tc_egress(&lo_maps_dir, &pin, "lo", programs::TC_AGENT_LO, log_level)?;
+            attach_tc_egress(tc_lo, &pin, "lo", programs::TC_AGENT_LO)?;
             Ok(before)
         })?;
         self.remember_changes(netns_cookie, pod.path(), accept_local_before);
@@ -206,10 +206,9 @@ impl Capture {
             debug!(netns_cookie, "pod netns path reused; nothing to restore");
             return Ok(());
         }
-        let path = changes.path.clone();
         let before = changes.accept_local_before;
-        run_in_pod(&pod, move || {
-            let mut rtnl = Rtnl::open(&path)?;
+        run_in_pod(&pod, || {
+            let mut rtnl = Rtnl::open(&changes.path)?;
             rtnl.delete_reply_rules()?;
             rtnl.delete_reply_route()?;
             let lo = rtnl.loopback()?;
@@ -244,23 +243,15 @@ impl Capture {
         })?;
         let pod_dir = self.pod_dir(netns_cookie);
         create_dir(&pod_dir)?;
-        let maps_dir = self.pin_dir.join("maps");
-        let log_level = self.ebpf_log_level;
         let pin = pod_dir.join(TC_EGRESS_PIN);
-        let ifname_owned = ifname.to_string();
-        let netns_path = pod.path().to_path_buf();
-        let accept_local_before = run_in_pod(pod, move || {
-            let mut rtnl = Rtnl::open(&netns_path)?;
+        let netns_path = pod.path();
+        let tc_reply: &mut SchedClassifier = program(&mut self.ebpf, programs::TC_REPLY_TO_LO)?;
+        let accept_local_before = run_in_pod(pod, || {
+            let mut rtnl = Rtnl::open(netns_path)?;
             let (lo_index, before) = accept_local_on_lo(&mut rtnl)?;
             rtnl.add_reply_rule()?;
             rtnl.replace_reply_route(lo_index)?;
-            attach_tc_egress(
-                &maps_dir,
-                &pin,
-                &ifname_owned,
-                programs::TC_REPLY_TO_LO,
-                log_level,
-            )?;
+            attach_tc_egress(tc_reply, &pin, ifname, programs::TC_REPLY_TO_LO)?;
             Ok(before)
         })?;
         self.remember_changes(netns_cookie, pod.path(), accept_local_before);
@@ -270,10 +261,7 @@ impl Capture {
 }
 
 /// Runs `f` on a thread inside the pod's netns.
-fn run_in_pod<T: Send + 'static>(
-    pod: &NetNs,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
+fn run_in_pod<T: Send>(pod: &NetNs, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     pod.run(move || Ok(f()))
         .map_err(|source| CaptureError::PodNetns {
             path: pod.path().to_path_buf(),
@@ -292,14 +280,14 @@ fn accept_local_on_lo(rtnl: &mut Rtnl) -> Result<(u32, i32)> {
     Ok((lo.index, lo.accept_local))
 }
 
-/// Attaches tc egress program `name` to `ifname` of the calling thread's netns and pins the
-/// link at `pin`, or keeps the link already pinned there.
+/// Attaches the loaded tc program `prog` (named `name`) at egress of `ifname` in the
+/// calling thread's netns and pins the link at `pin`, or keeps the link already pinned
+/// there.
 fn attach_tc_egress(
-    maps_dir: &Path,
+    prog: &mut SchedClassifier,
     pin: &Path,
     ifname: &str,
     name: &'static str,
-    log_level: u8,
 ) -> Result<()> {
     reuse_or_attach(pin, || {
         // The clsact qdisc is what legacy (netlink) tc attachment needs; with TCX links
@@ -313,10 +301,7 @@ fn attach_tc_egress(
                 });
             }
         }
-        let mut ebpf = pinned_loader(maps_dir, &log_level).load(EBPF_OBJECT)?;
-        let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
         let err = |source| CaptureError::Program { name, source };
-        prog.load().map_err(err)?;
         let id = prog.attach(ifname, TcAttachType::Egress).map_err(err)?;
         let link = prog.take_link(id).map_err(err)?;
         FdLink::try_from(link).map_err(|source| CaptureError::Link { name, source })
