@@ -34,20 +34,24 @@ impl NetNs {
     }
 
     /// Runs `f` on a fresh thread that has entered this namespace, and returns its result.
+    /// The thread is scoped: `f` may borrow from the caller (e.g. an already loaded eBPF
+    /// program to attach inside the namespace).
     pub fn run<T, F>(&self, f: F) -> io::Result<T>
     where
-        T: Send + 'static,
-        F: FnOnce() -> io::Result<T> + Send + 'static,
+        T: Send,
+        F: FnOnce() -> io::Result<T> + Send,
     {
-        let fd = self.file.try_clone()?;
-        std::thread::Builder::new()
-            .name("ambit-netns".into())
-            .spawn(move || {
-                sys::setns_net(fd.as_fd())?;
-                f()
-            })?
-            .join()
-            .map_err(|_| io::Error::other("thread inside netns panicked"))?
+        let fd = self.file.as_fd();
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("ambit-netns".into())
+                .spawn_scoped(scope, move || {
+                    sys::setns_net(fd)?;
+                    f()
+                })?
+                .join()
+                .map_err(|_| io::Error::other("thread inside netns panicked"))?
+        })
     }
 
     /// The namespace's cookie, as the eBPF programs see it (`bpf_get_netns_cookie`).

@@ -39,7 +39,7 @@ pub struct InboundBed {
     pub app: TcpListener,
     // Declared last: the namespaces go after everything that lives in them.
     _client: Netns,
-    _pod: Netns,
+    pod: Option<Netns>,
 }
 
 impl InboundBed {
@@ -79,8 +79,19 @@ impl InboundBed {
             agent: None,
             app,
             _client: client,
-            _pod: pod,
+            pod: Some(pod),
         })
+    }
+
+    /// The pod's netns by name (for `ip -n`); `None` once [`InboundBed::delete_pod_netns`] ran.
+    pub fn pod_netns(&self) -> Option<&Netns> {
+        self.pod.as_ref()
+    }
+
+    /// Deletes the pod's named netns, as when the pod is deleted (the handles the bed and
+    /// the "agent" hold keep the namespace itself alive, as the agent's threads would).
+    pub fn delete_pod_netns(&mut self) {
+        self.pod.take();
     }
 
     pub fn app_addr(&self) -> SocketAddr {
@@ -209,5 +220,73 @@ pub fn accept_within(
             }
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+/// What source preservation leaves in a netns, read the way an operator would: `ip rule`,
+/// `ip route` and lo's IPv4 sysctls.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ReplyRouting {
+    /// `ip rule` lines that send the reply mark to table 133.
+    pub rules: Vec<String>,
+    /// The routes of table 133, as `ip route show table all` prints them.
+    pub routes: Vec<String>,
+    /// Every file of /proc/sys/net/ipv4/conf/lo, by name.
+    pub lo_sysctls: std::collections::BTreeMap<String, String>,
+}
+
+impl ReplyRouting {
+    pub fn of(ns: &Netns) -> anyhow::Result<Self> {
+        let mark = format!("fwmark {:#x} lookup 133", ambit_common::REPLY_MARK);
+        let rules = crate::ip_output(&["-n", ns.name(), "rule", "show"])?
+            .lines()
+            .filter(|l| l.contains(&mark))
+            .map(str::to_owned)
+            .collect();
+        // `show table 133` fails while the table does not exist: filter the whole dump.
+        let routes = crate::ip_output(&["-n", ns.name(), "route", "show", "table", "all"])?
+            .lines()
+            .filter(|l| l.contains(" table 133 "))
+            .map(|l| l.trim().to_owned())
+            .collect();
+        let lo_sysctls = ns.open()?.run(|| {
+            let mut values = std::collections::BTreeMap::new();
+            for entry in std::fs::read_dir("/proc/sys/net/ipv4/conf/lo")? {
+                let entry = entry?;
+                let value = std::fs::read_to_string(entry.path())?;
+                values.insert(
+                    entry.file_name().to_string_lossy().into_owned(),
+                    value.trim().to_owned(),
+                );
+            }
+            Ok(values)
+        })?;
+        Ok(Self {
+            rules,
+            routes,
+            lo_sysctls,
+        })
+    }
+
+    pub fn accept_local(&self) -> &str {
+        self.lo_sysctls
+            .get("accept_local")
+            .map_or("<missing>", String::as_str)
+    }
+
+    /// Exactly the agent's rule and route are there.
+    pub fn assert_set_up(&self) {
+        assert_eq!(self.rules.len(), 1, "one reply rule: {:?}", self.rules);
+        assert!(
+            self.rules[0].starts_with("32765:"),
+            "the rule's fixed priority: {:?}",
+            self.rules
+        );
+        assert_eq!(
+            self.routes,
+            vec!["local default dev lo table 133 scope host".to_owned()],
+            "the local route in table 133"
+        );
+        assert_eq!(self.accept_local(), "1", "lo accept_local");
     }
 }

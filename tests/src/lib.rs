@@ -43,6 +43,22 @@ pub fn ip(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `ip` with the given arguments and returns what it printed.
+pub fn ip_output(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2); `cargo xtask setup` installs it")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// A named network namespace under /run/netns, deleted on drop.
 #[derive(Debug)]
 pub struct Netns {

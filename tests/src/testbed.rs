@@ -268,6 +268,9 @@ pub struct Testbed {
     pub mesh_enabled: bool,
     /// Extra `ambit run` arguments for agents started from now on (e.g. `--no-pool`).
     pub agent_args: Vec<String>,
+    /// Agents started from now on see /proc/sys read-only, as in a Kubernetes container
+    /// that is not privileged (their own mount namespace, /proc/sys bind-remounted ro).
+    pub agent_read_only_proc_sys: bool,
     /// Kubernetes mode: the fake API server and the pods' sandboxes; agents started from
     /// now on run with `--kubernetes` against it.
     pub kube: Option<crate::kubebed::KubeBed>,
@@ -389,6 +392,7 @@ impl Testbed {
             policies: String::new(),
             mesh_enabled: true,
             agent_args: Vec::new(),
+            agent_read_only_proc_sys: false,
             kube: None,
             remote_ca: None,
             _fabric: fabric,
@@ -489,7 +493,21 @@ impl Testbed {
             Some(kube) => kube.agent_args(&self.dir, &node.name),
             None => vec!["--config".into(), self.config.display().to_string()],
         };
-        let mut child = Command::new(agent_binary()?)
+        let mut command = if self.agent_read_only_proc_sys {
+            // `unshare` and `sh` exec into the agent: the child's pid is the agent's.
+            // Slave propagation: netns files bind-mounted later still show up inside.
+            let mut c = Command::new("unshare");
+            c.args(["--mount", "--propagation", "slave", "sh", "-c"])
+                .arg(concat!(
+                    "mount --bind /proc/sys /proc/sys && ",
+                    "mount -o remount,bind,ro /proc/sys && exec \"$0\" \"$@\""
+                ))
+                .arg(agent_binary()?);
+            c
+        } else {
+            Command::new(agent_binary()?)
+        };
+        let mut child = command
             .args(["run", "--node", &node.name])
             .args(&source)
             .arg("--pin-dir")

@@ -1,19 +1,25 @@
 //! Privileged: the receiving side of capture. sk_lookup steers connections arriving at an
 //! enrolled pod to the agent's in-pod listeners, fails closed while the agent is down, and
-//! source preservation lets the app see the real client.
+//! source preservation lets the app see the real client: its rule, route and sysctl are set
+//! over netlink (also when /proc/sys is read-only) and undone when the pod leaves.
 
 use std::io::{ErrorKind, Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::time::Duration;
 
 use ambit_common::HBONE_PORT;
-use ambit_e2e::inbound_check::{APP_PORT, CLIENT_IP, InboundBed, POD_IP, accept_within};
+use ambit_e2e::inbound_check::{
+    APP_PORT, CLIENT_IP, InboundBed, POD_IP, ReplyRouting, accept_within,
+};
+use ambit_e2e::testbed::{APP_PORT as TESTBED_APP_PORT, MESH_NS, PodSpec, Testbed};
 use anyhow::Context as _;
 
 const WAIT: Duration = Duration::from_millis(500);
 /// Long enough to be sure nothing arrives where nothing should.
 const SHORT: Duration = Duration::from_millis(100);
 const LOCAL_APP_PORT: u16 = 9001;
+/// For the agent's log lines (enrollment of a few pods).
+const WAIT_LOG: Duration = Duration::from_secs(10);
 
 #[test]
 fn plaintext_and_hbone_are_steered_with_original_addresses() -> anyhow::Result<()> {
@@ -177,5 +183,143 @@ fn source_address_is_preserved_toward_the_app() -> anyhow::Result<()> {
     downstream.write_all(&buf)?;
     client.read_exact(&mut buf)?;
     assert_eq!(&buf, b"pong");
+    Ok(())
+}
+
+#[test]
+fn source_preservation_routing_is_added_once_and_undone_on_detach() -> anyhow::Result<()> {
+    let mut bed = InboundBed::new()?;
+    let ns = bed.pod_netns().context("pod netns")?;
+    let before = ReplyRouting::of(ns)?;
+    assert_eq!(before.accept_local(), "0", "a fresh netns");
+    assert!(before.rules.is_empty() && before.routes.is_empty());
+
+    bed.start_agent()?;
+    bed.preserve_source()?;
+    // Again, as a restarted agent does: still one rule.
+    bed.preserve_source()?;
+    let ns = bed.pod_netns().context("pod netns")?;
+    let during = ReplyRouting::of(ns)?;
+    during.assert_set_up();
+    let mut expected = before.lo_sysctls.clone();
+    expected.insert("accept_local".into(), "1".into());
+    assert_eq!(
+        during.lo_sysctls, expected,
+        "only accept_local changed among lo's IPv4 settings"
+    );
+
+    bed.detach_inbound()?;
+    let after = ReplyRouting::of(bed.pod_netns().context("pod netns")?)?;
+    assert_eq!(after, before, "rule, route and every lo setting as before");
+    Ok(())
+}
+
+#[test]
+fn detach_restores_an_accept_local_that_was_already_on() -> anyhow::Result<()> {
+    let mut bed = InboundBed::new()?;
+    let ns = bed.pod_netns().context("pod netns")?;
+    ambit_e2e::testbed::sysctl(ns, "net/ipv4/conf/lo/accept_local", "1")?;
+    bed.start_agent()?;
+    bed.preserve_source()?;
+    bed.detach_inbound()?;
+    let after = ReplyRouting::of(bed.pod_netns().context("pod netns")?)?;
+    assert_eq!(after.accept_local(), "1", "the pod's own setting is kept");
+    assert!(after.rules.is_empty(), "{:?}", after.rules);
+    assert!(after.routes.is_empty(), "{:?}", after.routes);
+    Ok(())
+}
+
+#[test]
+fn detach_of_a_pod_whose_netns_is_gone_succeeds() -> anyhow::Result<()> {
+    let mut bed = InboundBed::new()?;
+    bed.start_agent()?;
+    bed.preserve_source()?;
+    bed.delete_pod_netns();
+    bed.detach_inbound()
+        .context("a deleted pod's netns is not an error")?;
+    let pod_dir = bed.pins.path().join(format!("pods/{}", bed.pod_cookie));
+    assert!(!pod_dir.exists(), "its pins are removed all the same");
+    Ok(())
+}
+
+/// One node, a client and a server pod in the mesh namespace.
+fn one_node_mesh(read_only_proc_sys: bool) -> anyhow::Result<Testbed> {
+    let pods = [
+        PodSpec::new("client", MESH_NS, 0),
+        PodSpec::new("server", MESH_NS, 0),
+    ];
+    let mut bed = Testbed::build(1, &pods, Vec::new())?;
+    bed.agent_read_only_proc_sys = read_only_proc_sys;
+    Ok(bed)
+}
+
+/// The server pod sees the client pod's address (source preservation works).
+fn assert_server_sees_client(bed: &Testbed) -> anyhow::Result<()> {
+    let client = bed.pod("client");
+    let reply = client.request(bed.pod("server").addr(TESTBED_APP_PORT), b"who")?;
+    let greeting = reply.lines().next().unwrap_or_default();
+    assert!(
+        greeting.starts_with("server ") && greeting.contains(&format!("peer={}:", client.ip)),
+        "the app sees the client pod's address: {reply}"
+    );
+    assert!(reply.ends_with("who"), "payload echoed: {reply}");
+    Ok(())
+}
+
+#[test]
+fn agent_sets_up_pod_routing_and_removes_it_when_the_pod_leaves_the_mesh() -> anyhow::Result<()> {
+    let mut bed = one_node_mesh(false)?;
+    let before = ReplyRouting::of(&bed.pod("server").ns)?;
+    assert_eq!(before.accept_local(), "0");
+    bed.start_agents()?;
+    for name in ["client", "server"] {
+        bed.agent(0)
+            .wait_for_log(&["pod enrolled", &format!("{MESH_NS}/{name}")], WAIT_LOG)?;
+        let during = ReplyRouting::of(&bed.pod(name).ns)?;
+        during.assert_set_up();
+        let mut expected = before.lo_sysctls.clone();
+        expected.insert("accept_local".into(), "1".into());
+        assert_eq!(
+            during.lo_sysctls, expected,
+            "{name}: only accept_local changed"
+        );
+    }
+    assert_server_sees_client(&bed)?;
+
+    bed.mesh_enabled = false;
+    bed.write_config()?;
+    for name in ["client", "server"] {
+        bed.agent(0)
+            .wait_for_log(&["pod unenrolled", &format!("{MESH_NS}/{name}")], WAIT_LOG)?;
+        let after = ReplyRouting::of(&bed.pod(name).ns)?;
+        assert_eq!(
+            after, before,
+            "{name}: rule, route and lo settings as before"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn agent_with_read_only_proc_sys_enrolls_pods_and_keeps_the_source_address() -> anyhow::Result<()> {
+    let mut bed = one_node_mesh(true)?;
+    bed.start_agents()?;
+    let mountinfo = std::fs::read_to_string(format!("/proc/{}/mountinfo", bed.agent(0).pid()))?;
+    let proc_sys = mountinfo
+        .lines()
+        .rfind(|l| l.split(' ').nth(4) == Some("/proc/sys"))
+        .context("the agent's mount namespace has a /proc/sys mount")?;
+    assert!(
+        proc_sys
+            .split(' ')
+            .nth(5)
+            .is_some_and(|opts| opts.split(',').any(|o| o == "ro")),
+        "/proc/sys is read-only for the agent: {proc_sys}"
+    );
+    bed.agent(0).wait_for_log(&["ready enrolled=2"], WAIT_LOG)?;
+    for name in ["client", "server"] {
+        ReplyRouting::of(&bed.pod(name).ns)?.assert_set_up();
+    }
+    assert_server_sees_client(&bed)?;
     Ok(())
 }

@@ -62,6 +62,8 @@ pub(crate) struct StartError {
 }
 
 struct Listeners {
+    /// How long the capture steps took (under the capture lock), for the enrollment log.
+    capture_time: std::time::Duration,
     orig_dst: OrigDstTable,
     outbound: TcpListener,
     plaintext: std::net::TcpListener,
@@ -82,6 +84,7 @@ impl PodRuntime {
         workload: Arc<WorkloadEntry>,
         netns_path: PathBuf,
     ) -> anyhow::Result<Self> {
+        let started = Instant::now();
         // Entering the netns and the capture maps' updates block: off the async workers.
         let path = netns_path.clone();
         let (netns, netns_cookie, sockets) = tokio::task::spawn_blocking(move || {
@@ -92,14 +95,22 @@ impl PodRuntime {
         })
         .await??;
         match Self::listen_and_steer(&shared, &workload, netns, netns_cookie, &sockets).await {
-            Ok(runtime_parts) => Ok(Self::serve(
-                shared,
-                workload,
-                netns_path,
-                netns_cookie,
-                sockets,
-                runtime_parts,
-            )?),
+            Ok(runtime_parts) => {
+                let capture_time = runtime_parts.capture_time;
+                let runtime = Self::serve(
+                    shared,
+                    workload,
+                    netns_path,
+                    netns_cookie,
+                    sockets,
+                    runtime_parts,
+                )?;
+                let w = &runtime.workload;
+                info!(pod = %format!("{}/{}", w.namespace, w.name), identity = %w.identity,
+                    netns_cookie, setup_ms = started.elapsed().as_millis() as u64,
+                    capture_ms = capture_time.as_millis() as u64, "pod enrolled");
+                Ok(runtime)
+            }
             Err(e) => Err(StartError {
                 netns_cookie,
                 netns_path,
@@ -139,6 +150,7 @@ impl PodRuntime {
         let shared = shared.clone();
         let interface = workload.interface.clone();
         tokio::task::spawn_blocking(move || {
+            let capture_started = Instant::now();
             let mut capture = shared
                 .capture
                 .lock()
@@ -156,6 +168,7 @@ impl PodRuntime {
             let orig_dst = capture.orig_dst_table()?;
             drop(capture);
             anyhow::Ok(Listeners {
+                capture_time: capture_started.elapsed(),
                 orig_dst,
                 outbound: outbound_listener,
                 plaintext: plaintext_listener,
@@ -174,6 +187,7 @@ impl PodRuntime {
         listeners: Listeners,
     ) -> anyhow::Result<Self> {
         let Listeners {
+            capture_time: _,
             orig_dst: listeners_orig_dst,
             outbound: outbound_listener,
             plaintext: plaintext_listener,
@@ -218,7 +232,6 @@ impl PodRuntime {
             ))
             .abort_handle(),
         ];
-        info!(pod = %format!("{}/{}", workload.namespace, workload.name), identity = %workload.identity, netns_cookie, "pod enrolled");
         Ok(Self {
             workload,
             netns_path,

@@ -6,8 +6,8 @@
 //!   sockhash under (netns cookie, slot). A tc program on the pod's lo keeps the agent's own
 //!   (marked) connections to the app from being steered back to the agent.
 //! - [`Capture::preserve_source`]: the in-pod plumbing that lets the agent's upstream socket
-//!   to the app carry the original client's address (tc egress program, policy route,
-//!   sysctl).
+//!   to the app carry the original client's address (tc egress program, policy rule and
+//!   route, lo's accept_local), set over rtnetlink from a thread inside the pod's netns.
 //!
 //! Design: sk_lookup programs cannot call `bpf_get_netns_cookie`, so one shared program
 //! cannot tell pods apart. Each pod gets its own loaded instance of the same program with
@@ -25,15 +25,15 @@
 use std::net::TcpListener;
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use ambit_common::{ListenerKey, REPLY_MARK, SLOT_HBONE, SLOT_PLAINTEXT, globals, maps, programs};
+use ambit_common::{ListenerKey, SLOT_HBONE, SLOT_PLAINTEXT, globals, maps, programs};
 use aya::maps::MapError;
 use aya::programs::links::FdLink;
 use aya::programs::tc::{self, TcAttachType};
 use aya::programs::{SchedClassifier, SkLookup};
 use tracing::{debug, info};
 
+use super::rtnl::Rtnl;
 use super::{
     Capture, CaptureError, EBPF_OBJECT, Result, detach_links_in, pinned_loader, program,
     reuse_or_attach,
@@ -45,8 +45,21 @@ pub(super) const PODS_DIR: &str = "pods";
 const SK_LOOKUP_PIN: &str = "sk_lookup";
 const TC_LO_PIN: &str = "tc_lo_egress";
 const TC_EGRESS_PIN: &str = "tc_egress";
-/// Policy routing table that delivers marked replies locally (see [`Capture::preserve_source`]).
-const LOCAL_REPLY_TABLE: &str = "133";
+
+/// What the agent changed in a pod's netns that is not a pinned link: the reply rule and
+/// route (always ours: removed on detach) and lo's `accept_local`, restored to the value it
+/// had before this agent process first set it.
+///
+/// Kept in memory only. After an agent restart the value from before is unknown (the
+/// earlier run set it to 1): the restarted agent records the 1 it reads, so a later detach
+/// leaves `accept_local` as it is. Pods released without ever being started by this
+/// process (`forget_stale_enrollments`) keep their rule, route and sysctl: harmless without
+/// the tc program, which alone marks packets for that rule.
+#[derive(Debug)]
+pub(super) struct PodNetnsChanges {
+    path: PathBuf,
+    accept_local_before: i32,
+}
 
 impl Capture {
     fn pod_dir(&self, netns_cookie: u64) -> PathBuf {
@@ -72,11 +85,15 @@ impl Capture {
         // 1. The agent's own (marked) connections to the app must not be steered back to
         //    the agent: re-inject them at lo ingress (see `ambit_tc_agent_lo`).
         let pin = pod_dir.join(TC_LO_PIN);
-        let lo_maps_dir = maps_dir.clone();
-        run_in_pod(pod, move || {
-            accept_local_on_lo()?;
-            attach_tc_egress(&lo_maps_dir, &pin, "lo", programs::TC_AGENT_LO, log_level)
+        let netns_path = pod.path();
+        let tc_lo: &mut SchedClassifier = program(&mut self.ebpf, programs::TC_AGENT_LO)?;
+        let accept_local_before = run_in_pod(pod, || {
+            let mut rtnl = Rtnl::open(netns_path)?;
+            let (_, before) = accept_local_on_lo(&mut rtnl)?;
+            attach_tc_egress(tc_lo, &pin, "lo", programs::TC_AGENT_LO)?;
+            Ok(before)
         })?;
+        self.remember_changes(netns_cookie, pod.path(), accept_local_before);
         for (slot, listener) in [(SLOT_PLAINTEXT, plaintext), (SLOT_HBONE, hbone)] {
             let key = ListenerKey {
                 netns_cookie,
@@ -169,8 +186,10 @@ impl Capture {
 
     /// Stops steering the pod's inbound connections: detaches its per-pod links (sk_lookup,
     /// the tc program on lo and the one of [`Capture::preserve_source`]), removes their pins
-    /// and the pod's listener entries. Plain networking is back once this returns. Absent state is
-    /// not an error.
+    /// and the pod's listener entries, then undoes what this agent changed inside the pod's
+    /// netns (reply rule and route removed, lo's `accept_local` restored; see
+    /// [`PodNetnsChanges`]). Plain networking is back once this returns. Absent state, and a
+    /// netns that is gone (pod deleted), are not errors.
     pub fn detach_inbound(&mut self, netns_cookie: u64) -> Result<()> {
         let pod_dir = self.pod_dir(netns_cookie);
         detach_links_in(&pod_dir)?;
@@ -186,6 +205,52 @@ impl Capture {
             }
         }
         debug!(netns_cookie, "inbound capture detached");
+        self.restore_pod_netns(netns_cookie)
+    }
+
+    /// Records the `accept_local` value found in the pod before the agent first set it.
+    fn remember_changes(&mut self, netns_cookie: u64, path: &Path, accept_local_before: i32) {
+        self.pod_netns
+            .entry(netns_cookie)
+            .or_insert_with(|| PodNetnsChanges {
+                path: path.to_path_buf(),
+                accept_local_before,
+            });
+    }
+
+    fn restore_pod_netns(&mut self, netns_cookie: u64) -> Result<()> {
+        let Some(changes) = self.pod_netns.remove(&netns_cookie) else {
+            return Ok(());
+        };
+        let pod_netns_err = |source| CaptureError::PodNetns {
+            path: changes.path.clone(),
+            source,
+        };
+        let pod = match NetNs::open(&changes.path) {
+            Ok(pod) => pod,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                debug!(netns_cookie, "pod netns gone; nothing to restore");
+                return Ok(());
+            }
+            Err(e) => return Err(pod_netns_err(e)),
+        };
+        // A /proc/<pid>/ns/net path may name another netns by now (the pid reused).
+        if pod.cookie().map_err(pod_netns_err)? != netns_cookie {
+            debug!(netns_cookie, "pod netns path reused; nothing to restore");
+            return Ok(());
+        }
+        let before = changes.accept_local_before;
+        run_in_pod(&pod, || {
+            let mut rtnl = Rtnl::open(&changes.path)?;
+            rtnl.delete_reply_rules()?;
+            rtnl.delete_reply_route()?;
+            let lo = rtnl.loopback()?;
+            if lo.accept_local != before {
+                rtnl.set_accept_local(lo.index, before)?;
+            }
+            Ok(())
+        })?;
+        debug!(netns_cookie, "pod netns routing restored");
         Ok(())
     }
 
@@ -193,13 +258,17 @@ impl Capture {
     ///
     /// The agent's upstream socket to the app is opened in the pod with IP_TRANSPARENT and
     /// SO_MARK [`AGENT_MARK`] and bound to the original client's address; the app's replies
-    /// are addressed to that client and would leave through `ifname`. Inside the pod:
-    /// - a tc egress program on `ifname` sends packets that belong to such a local socket
-    ///   back in through lo (marked);
-    /// - `ip rule fwmark 0x53a` ([`REPLY_MARK`], set by that program) `lookup 133` +
-    ///   `local 0.0.0.0/0 dev lo table 133` deliver them
-    ///   locally;
-    /// - `net.ipv4.conf.lo.accept_local=1` accepts their local source address on lo.
+    /// are addressed to that client and would leave through `ifname`. Inside the pod, over
+    /// rtnetlink from a thread in its netns (no iproute2, no /proc/sys write: /proc/sys is
+    /// read-only in an unprivileged container):
+    /// - lo's `accept_local` = 1 accepts their local source address on lo;
+    /// - rule `fwmark 0x53a` ([`REPLY_MARK`]) `lookup 133 pref 32765` and route
+    ///   `local 0.0.0.0/0 dev lo table 133` deliver them locally;
+    /// - then a tc egress program on `ifname` sends packets that belong to such a local
+    ///   socket back in through lo, marked [`REPLY_MARK`].
+    ///
+    /// [`AGENT_MARK`]: ambit_common::AGENT_MARK
+    /// [`REPLY_MARK`]: ambit_common::REPLY_MARK
     pub fn preserve_source(&mut self, pod: &NetNs, ifname: &str) -> Result<()> {
         let netns_cookie = pod.cookie().map_err(|source| CaptureError::PodNetns {
             path: pod.path().to_path_buf(),
@@ -207,52 +276,25 @@ impl Capture {
         })?;
         let pod_dir = self.pod_dir(netns_cookie);
         create_dir(&pod_dir)?;
-        let maps_dir = self.pin_dir.join("maps");
-        let log_level = self.ebpf_log_level;
         let pin = pod_dir.join(TC_EGRESS_PIN);
-        let ifname_owned = ifname.to_string();
-        run_in_pod(pod, move || {
-            accept_local_on_lo()?;
-            attach_tc_egress(
-                &maps_dir,
-                &pin,
-                &ifname_owned,
-                programs::TC_REPLY_TO_LO,
-                log_level,
-            )
+        let netns_path = pod.path();
+        let tc_reply: &mut SchedClassifier = program(&mut self.ebpf, programs::TC_REPLY_TO_LO)?;
+        let accept_local_before = run_in_pod(pod, || {
+            let mut rtnl = Rtnl::open(netns_path)?;
+            let (lo_index, before) = accept_local_on_lo(&mut rtnl)?;
+            rtnl.add_reply_rule()?;
+            rtnl.replace_reply_route(lo_index)?;
+            attach_tc_egress(tc_reply, &pin, ifname, programs::TC_REPLY_TO_LO)?;
+            Ok(before)
         })?;
-
-        // No rtnetlink crate is in the workspace yet, so rules and routes go through
-        // iproute2 (installed by `cargo xtask setup`) under nsenter. `ip netns exec` would
-        // not do: it remounts /sys and hides the bpffs pins from what it runs (not needed by
-        // ip, but nsenter also takes /proc/<pid>/ns/net paths).
-        let mark = format!("{REPLY_MARK:#x}");
-        run_in_netns(
-            pod.path(),
-            &["rule", "add", "fwmark", &mark, "lookup", LOCAL_REPLY_TABLE],
-            true,
-        )?;
-        run_in_netns(
-            pod.path(),
-            &[
-                "route",
-                "replace",
-                "local",
-                "0.0.0.0/0",
-                "dev",
-                "lo",
-                "table",
-                LOCAL_REPLY_TABLE,
-            ],
-            false,
-        )?;
+        self.remember_changes(netns_cookie, pod.path(), accept_local_before);
         info!(netns_cookie, ifname, "source preservation set up");
         Ok(())
     }
 }
 
 /// Runs `f` on a thread inside the pod's netns.
-fn run_in_pod(pod: &NetNs, f: impl FnOnce() -> Result<()> + Send + 'static) -> Result<()> {
+fn run_in_pod<T: Send>(pod: &NetNs, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     pod.run(move || Ok(f()))
         .map_err(|source| CaptureError::PodNetns {
             path: pod.path().to_path_buf(),
@@ -262,23 +304,23 @@ fn run_in_pod(pod: &NetNs, f: impl FnOnce() -> Result<()> + Send + 'static) -> R
 
 /// Packets re-injected at lo ingress carry a local source address (the pod's own, or the
 /// client's through the local policy route); without `accept_local` lo drops them silently.
-/// Must run inside the pod netns: /proc/sys/net follows the netns of the calling thread.
-fn accept_local_on_lo() -> Result<()> {
-    let sysctl = Path::new("/proc/sys/net/ipv4/conf/lo/accept_local");
-    std::fs::write(sysctl, "1").map_err(|source| CaptureError::PodNetns {
-        path: sysctl.to_path_buf(),
-        source,
-    })
+/// Sets it to 1 in the socket's netns; returns lo's index and the value it had.
+fn accept_local_on_lo(rtnl: &mut Rtnl) -> Result<(u32, i32)> {
+    let lo = rtnl.loopback()?;
+    if lo.accept_local != 1 {
+        rtnl.set_accept_local(lo.index, 1)?;
+    }
+    Ok((lo.index, lo.accept_local))
 }
 
-/// Attaches tc egress program `name` to `ifname` of the calling thread's netns and pins the
-/// link at `pin`, or keeps the link already pinned there.
+/// Attaches the loaded tc program `prog` (named `name`) at egress of `ifname` in the
+/// calling thread's netns and pins the link at `pin`, or keeps the link already pinned
+/// there.
 fn attach_tc_egress(
-    maps_dir: &Path,
+    prog: &mut SchedClassifier,
     pin: &Path,
     ifname: &str,
     name: &'static str,
-    log_level: u8,
 ) -> Result<()> {
     reuse_or_attach(pin, || {
         // The clsact qdisc is what legacy (netlink) tc attachment needs; with TCX links
@@ -292,39 +334,12 @@ fn attach_tc_egress(
                 });
             }
         }
-        let mut ebpf = pinned_loader(maps_dir, &log_level).load(EBPF_OBJECT)?;
-        let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
         let err = |source| CaptureError::Program { name, source };
-        prog.load().map_err(err)?;
         let id = prog.attach(ifname, TcAttachType::Egress).map_err(err)?;
         let link = prog.take_link(id).map_err(err)?;
         FdLink::try_from(link).map_err(|source| CaptureError::Link { name, source })
     })?;
     Ok(())
-}
-
-/// `nsenter --net=<netns> ip <args>`; with `exists_ok`, "File exists" counts as success.
-fn run_in_netns(netns: &Path, args: &[&str], exists_ok: bool) -> Result<()> {
-    let mut net = std::ffi::OsString::from("--net=");
-    net.push(netns);
-    let command = format!("nsenter --net={} ip {}", netns.display(), args.join(" "));
-    let out = Command::new("nsenter")
-        .arg(net)
-        .arg("ip")
-        .args(args)
-        .output()
-        .map_err(|e| CaptureError::Command {
-            command: command.clone(),
-            message: e.to_string(),
-        })?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if out.status.success() || (exists_ok && stderr.contains("File exists")) {
-        return Ok(());
-    }
-    Err(CaptureError::Command {
-        command,
-        message: stderr.trim().to_string(),
-    })
 }
 
 fn create_dir(dir: &Path) -> Result<()> {

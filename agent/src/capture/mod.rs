@@ -8,6 +8,7 @@
 
 mod cgroup;
 mod inbound;
+mod rtnl;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -18,7 +19,7 @@ use ambit_common::{
 };
 use aya::maps::{HashMap, MapData, MapError, SockHash};
 use aya::programs::links::{CgroupAttachMode, FdLink, LinkError, PinnedLink};
-use aya::programs::{CgroupSockAddr, ProgramError, SockOps};
+use aya::programs::{CgroupSockAddr, ProgramError, SchedClassifier, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use tracing::{debug, info};
 
@@ -80,8 +81,12 @@ pub enum CaptureError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("`{command}` failed: {message}")]
-    Command { command: String, message: String },
+    #[error("netlink in netns {netns}: {request}: {source}")]
+    Netlink {
+        netns: PathBuf,
+        request: String,
+        source: std::io::Error,
+    },
 }
 
 /// bpf_link attachments to a cgroup coexist with any other program by construction and the
@@ -110,6 +115,9 @@ const CGROUP_PROGRAMS: [&str; 5] = [
     programs::CONNECT6,
     programs::GETPEERNAME6,
 ];
+
+/// The tc programs attached per pod (see `inbound.rs`), loaded once by [`Capture::attach`].
+const TC_PROGRAMS: [&str; 2] = [programs::TC_AGENT_LO, programs::TC_REPLY_TO_LO];
 
 /// A loader that reuses (or creates) the pinned maps under `maps_dir` (aya-log's ring
 /// included, so one reader serves every loaded instance and survives agent restarts) and
@@ -196,11 +204,17 @@ pub struct Capture {
     programs: Vec<&'static str>,
     ebpf_log_level: u8,
     ebpf_logger: Option<EbpfLogger>,
+    /// What this agent changed inside each pod's netns besides its pinned links, by netns
+    /// cookie, for [`Capture::detach_inbound`] to undo. In memory only: see
+    /// [`inbound::PodNetnsChanges`].
+    pod_netns: std::collections::BTreeMap<u64, inbound::PodNetnsChanges>,
     // Kept so the pinned links' fds stay open for the agent's lifetime; the pins keep the
     // programs attached when the agent is gone.
     _links: Vec<PinnedLink>,
-    // Keeps the loaded programs alive until the links are established and pinned.
-    _ebpf: Ebpf,
+    /// Keeps the loaded programs alive until the links are established and pinned, and
+    /// holds the per-pod tc programs, loaded once here and attached to every pod (they
+    /// carry no per-pod state, unlike sk_lookup's baked-in cookie).
+    ebpf: Ebpf,
 }
 
 impl std::fmt::Debug for Capture {
@@ -285,6 +299,11 @@ impl Capture {
                     source,
                 })?;
         }
+        for name in TC_PROGRAMS {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| CaptureError::Program { name, source })?;
+        }
         info!(pin_dir = %pin_dir.display(), cgroup = %cgroup_path.display(), "capture programs attached");
         Ok(Self {
             pin_dir,
@@ -294,8 +313,9 @@ impl Capture {
             programs: CGROUP_PROGRAMS.to_vec(),
             ebpf_log_level,
             ebpf_logger,
+            pod_netns: std::collections::BTreeMap::new(),
             _links: links,
-            _ebpf: ebpf,
+            ebpf,
         })
     }
 
