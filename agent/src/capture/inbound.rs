@@ -78,8 +78,6 @@ impl Capture {
     ) -> Result<()> {
         let pod_dir = self.pod_dir(netns_cookie);
         create_dir(&pod_dir)?;
-        let maps_dir = self.pin_dir.join("maps");
-        let log_level = self.ebpf_log_level;
         // Order: everything sk_lookup relies on first, so that a failure part-way never
         // leaves the pod steered into a loop, and steering starts with listeners in place.
         // 1. The agent's own (marked) connections to the app must not be steered back to
