@@ -11,6 +11,7 @@ pub mod iperf;
 pub mod kube;
 pub mod load;
 pub mod procfs;
+pub mod scale;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -188,7 +189,7 @@ impl Report {
     }
 }
 
-fn fmt(v: f64) -> String {
+pub(crate) fn fmt(v: f64) -> String {
     if v.abs() >= 100.0 {
         format!("{v:.0}")
     } else if v.abs() >= 10.0 {
@@ -636,7 +637,7 @@ fn aims(report: &Report) -> Vec<Aim> {
 }
 
 /// CPU model, cores, memory and kernel, for the report.
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()

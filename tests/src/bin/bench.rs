@@ -11,6 +11,10 @@ fn main() -> anyhow::Result<()> {
     }
     // `--kubernetes-only`: just the Kubernetes-mode figures.
     let kube_only = std::env::args().any(|a| a == "--kubernetes-only");
+    // `--scale-only`: just the scale curves.
+    if std::env::args().any(|a| a == "--scale-only") {
+        return scale(quick);
+    }
     let settings = if quick {
         ambit_e2e::bench::Settings::quick()
     } else {
@@ -19,6 +23,7 @@ fn main() -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     if !kube_only {
         testbed(&settings, started)?;
+        scale(quick)?;
     }
     let kube_settings = if quick {
         ambit_e2e::bench::kube::KubeSettings::quick()
@@ -55,5 +60,31 @@ fn testbed(
     if !missing.is_empty() {
         anyhow::bail!("figures not produced: {missing:?}");
     }
+    Ok(())
+}
+
+fn scale(quick: bool) -> anyhow::Result<()> {
+    use ambit_e2e::bench::scale;
+    let settings = if quick {
+        scale::ScaleSettings::quick()
+    } else {
+        scale::ScaleSettings::full()
+    };
+    let started = std::time::Instant::now();
+    let report = scale::run(&settings)?;
+    let (json, png) = scale::write(&report)?;
+    println!(
+        "\nScale curves ({}; agent {}; {:.0?}):\n",
+        report.machine,
+        report.agent_binary.display(),
+        started.elapsed()
+    );
+    println!("{}", report.markdown());
+    println!("JSON: {}\nPlot: {}", json.display(), png.display());
+    let missing = report.missing();
+    if !missing.is_empty() {
+        anyhow::bail!("scale figures not produced: {missing:?}");
+    }
+    scale::check_png(&png)?;
     Ok(())
 }
