@@ -78,10 +78,10 @@ impl ScaleSettings {
             quick: true,
             connections: vec![1, 10],
             message_interval: Duration::from_millis(250),
-            warmup: Duration::from_millis(250),
-            window: Duration::from_secs(1),
+            warmup: Duration::from_millis(100),
+            window: Duration::from_millis(600),
             clients: vec![1, 4],
-            connect_secs: 0.5,
+            connect_secs: 0.3,
             streams: vec![1],
             bulk_secs: 1,
         }
@@ -863,6 +863,7 @@ fn panel<DB: plotters::prelude::DrawingBackend>(
         .y_desc(y_label)
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| super::fmt(*y))
+        .light_line_style(TRANSPARENT)
         .label_style(("sans-serif", 16))
         .axis_desc_style(("sans-serif", 18))
         .draw()
