@@ -137,6 +137,9 @@ pub struct HeldPoint {
     /// Each agent's RSS at the end of the window (MiB): node 1 (client side), node 2.
     pub node1_rss_mib: Pair,
     pub node2_rss_mib: Pair,
+    /// Connections that waited over 10 s for an echo and were given up (their later
+    /// messages are missing from the round trips): the path no longer keeps up.
+    pub stalled: Pair,
 }
 
 /// One point of a rate curve.
@@ -179,6 +182,7 @@ impl ScaleReport {
             check(format!("{n} held: path CPU"), &p.path_cpu_pct);
             check(format!("{n} held: node 1 RSS"), &p.node1_rss_mib);
             check(format!("{n} held: node 2 RSS"), &p.node2_rss_mib);
+            check(format!("{n} held: stalled"), &p.stalled);
         }
         for p in &self.connect {
             check(format!("connections/s, {} clients", p.x), &p.value);
@@ -205,8 +209,9 @@ impl ScaleReport {
              round trips/s), measured over {:?} after {:?}. Each cell: no mesh / mesh \
              (mesh ÷ no mesh).\n\n\
              | connections | round trips/s | p99 round trip (ms) | agents' CPU (% of a core) \
-             | agents + load CPU (% of a core) | node 1 agent RSS (MiB) | node 2 agent RSS (MiB) |\n\
-             | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+             | agents + load CPU (% of a core) | node 1 agent RSS (MiB) | node 2 agent RSS (MiB) \
+             | stalled (no echo in 10 s) |\n\
+             | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
             s.message_interval, s.message_interval, s.window, s.warmup
         );
         let wanted = s.connections.iter().copied().max().unwrap_or(0);
@@ -223,7 +228,7 @@ impl ScaleReport {
         }
         for p in &self.held {
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 p.connections,
                 cell(&p.round_trips_per_sec, true),
                 cell(&p.p99_ms, true),
@@ -231,6 +236,7 @@ impl ScaleReport {
                 cell(&p.path_cpu_pct, true),
                 cell(&p.node1_rss_mib, true),
                 cell(&p.node2_rss_mib, true),
+                cell(&p.stalled, false),
             ));
         }
         let rate_table = |out: &mut String, x: &str, unit: &str, points: &[RatePoint]| {
@@ -417,6 +423,7 @@ fn measure(
         point.path_cpu_pct.set(mesh, held.path_cpu_pct);
         point.node1_rss_mib.set(mesh, held.rss_mib[0]);
         point.node2_rss_mib.set(mesh, held.rss_mib[1]);
+        point.stalled.set(mesh, held.stalled as f64);
         // Let both agents see the closes before the next point.
         std::thread::sleep(Duration::from_millis(if settings.quick { 200 } else { 1000 }));
     }
@@ -458,6 +465,7 @@ struct Held {
     agents_cpu_pct: f64,
     path_cpu_pct: f64,
     rss_mib: [f64; 2],
+    stalled: u64,
 }
 
 /// Holds `n` connections from `client_netns` to the echo server at `to`, each echoing
@@ -511,6 +519,7 @@ fn held_load(
         agents_cpu_pct: (d(0) + d(1)) / secs * 100.0,
         path_cpu_pct: (d(0) + d(1) + d(2)) / secs * 100.0,
         rss_mib,
+        stalled: outcome.stalled,
     })
 }
 
@@ -531,6 +540,7 @@ struct DriveOutcome {
     /// Round trips scheduled inside the window.
     round_trips: u64,
     p99_ms: f64,
+    stalled: u64,
 }
 
 /// The load, on the calling thread (already in the client's netns): one single-threaded
@@ -571,12 +581,13 @@ fn drive(
         let (from, end) = (start_at + warmup, start_at + warmup + window);
         let hist = RefCell::new(Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?);
         let counted = Cell::new(0u64);
+        let stalled = Cell::new(0u64);
         let per_conn = interval.as_nanos() as u64 / n.max(1) as u64;
         let mut all: futures::stream::FuturesUnordered<_> = conns
             .iter_mut()
             .enumerate()
             .map(|(i, s)| {
-                let (hist, counted) = (&hist, &counted);
+                let (hist, counted, stalled) = (&hist, &counted, &stalled);
                 async move {
                     let offset = Duration::from_nanos(per_conn * i as u64);
                     let mut ticks = tokio::time::interval_at(start_at + offset, interval);
@@ -587,9 +598,18 @@ fn drive(
                         if due >= end {
                             return anyhow::Ok(());
                         }
-                        echo_once(s)
-                            .await
-                            .with_context(|| format!("held connection {i}"))?;
+                        match echo_once(s).await {
+                            Ok(()) => {}
+                            // Counted, and the connection given up (its stream is mid-echo).
+                            Err(EchoError::TimedOut) => {
+                                stalled.set(stalled.get() + 1);
+                                return Ok(());
+                            }
+                            Err(e) => {
+                                return Err(anyhow::Error::new(e)
+                                    .context(format!("held connection {i}")));
+                            }
+                        }
                         if due >= from {
                             hist.borrow_mut()
                                 .saturating_record(due.elapsed().as_nanos() as u64);
@@ -607,22 +627,33 @@ fn drive(
         Ok(DriveOutcome {
             round_trips: counted.get(),
             p99_ms: hist.value_at_quantile(0.99) as f64 / 1e6,
+            stalled: stalled.get(),
         })
     })
 }
 
-async fn echo_once(s: &mut tokio::net::TcpStream) -> anyhow::Result<()> {
+#[derive(Debug, thiserror::Error)]
+enum EchoError {
+    #[error("no echo within {IO_TIMEOUT:?}")]
+    TimedOut,
+    #[error("echo failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the echo differs from the request")]
+    Differs,
+}
+
+async fn echo_once(s: &mut tokio::net::TcpStream) -> Result<(), EchoError> {
     let request = [0x5au8; load::MESSAGE];
     let mut response = [0u8; load::MESSAGE];
     tokio::time::timeout(IO_TIMEOUT, async {
         s.write_all(&request).await?;
         s.read_exact(&mut response).await?;
-        anyhow::Ok(())
+        Ok::<_, std::io::Error>(())
     })
     .await
-    .context("no echo in time")??;
+    .map_err(|_| EchoError::TimedOut)??;
     if response != request {
-        bail!("the echo differs from the request");
+        return Err(EchoError::Differs);
     }
     Ok(())
 }
