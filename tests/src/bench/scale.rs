@@ -369,7 +369,8 @@ fn meshed_connections(bed: &Testbed) -> anyhow::Result<f64> {
         .lines()
         .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
         .filter(|l| {
-            l.contains("reporter=\"destination\"") && l.contains("destination_workload=\"server-b\"")
+            l.contains("reporter=\"destination\"")
+                && l.contains("destination_workload=\"server-b\"")
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum())
@@ -417,7 +418,9 @@ fn measure(
         let before = meshed_connections(bed)?;
         let held = held_load(bed, &client, server.addr(ECHO_PORT), n, settings)?;
         check_path(bed, &format!("{n} held connections"), before, n)?;
-        point.round_trips_per_sec.set(mesh, held.round_trips_per_sec);
+        point
+            .round_trips_per_sec
+            .set(mesh, held.round_trips_per_sec);
         point.p99_ms.set(mesh, held.p99_ms);
         point.agents_cpu_pct.set(mesh, held.agents_cpu_pct);
         point.path_cpu_pct.set(mesh, held.path_cpu_pct);
@@ -425,7 +428,11 @@ fn measure(
         point.node2_rss_mib.set(mesh, held.rss_mib[1]);
         point.stalled.set(mesh, held.stalled as f64);
         // Let both agents see the closes before the next point.
-        std::thread::sleep(Duration::from_millis(if settings.quick { 200 } else { 1000 }));
+        std::thread::sleep(Duration::from_millis(if settings.quick {
+            200
+        } else {
+            1000
+        }));
     }
 
     for point in &mut report.connect {
@@ -478,11 +485,7 @@ fn held_load(
     settings: &ScaleSettings,
 ) -> anyhow::Result<Held> {
     let (ready_tx, ready_rx) = mpsc::channel();
-    let (interval, warmup, window) = (
-        settings.message_interval,
-        settings.warmup,
-        settings.window,
-    );
+    let (interval, warmup, window) = (settings.message_interval, settings.warmup, settings.window);
     let driver = load::spawn_in_netns(client_netns, move || {
         drive(to, n, interval, warmup, window, ready_tx)
     })?;
@@ -606,8 +609,9 @@ fn drive(
                                 return Ok(());
                             }
                             Err(e) => {
-                                return Err(anyhow::Error::new(e)
-                                    .context(format!("held connection {i}")));
+                                return Err(
+                                    anyhow::Error::new(e).context(format!("held connection {i}"))
+                                );
                             }
                         }
                         if due >= from {
@@ -739,7 +743,7 @@ fn raise_nofile(want: u64) -> anyhow::Result<u64> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(ambit_agent::sys::raise_nofile_limit().context("raising RLIMIT_NOFILE")?)
+    ambit_agent::sys::raise_nofile_limit().context("raising RLIMIT_NOFILE")
 }
 
 /// Registers the plot's font once (plotters' ab_glyph backend wants `'static` bytes).
@@ -796,7 +800,10 @@ fn plot(report: &ScaleReport, path: &Path) -> anyhow::Result<()> {
             .iter()
             .filter_map(|p| {
                 let v = get(p);
-                Some((p.connections as f64, if mesh { v.mesh? } else { v.no_mesh? }))
+                Some((
+                    p.connections as f64,
+                    if mesh { v.mesh? } else { v.no_mesh? },
+                ))
             })
             .collect()
     };
@@ -804,7 +811,14 @@ fn plot(report: &ScaleReport, path: &Path) -> anyhow::Result<()> {
         points
             .iter()
             .filter_map(|p| {
-                Some((p.x as f64, if mesh { p.value.mesh? } else { p.value.no_mesh? }))
+                Some((
+                    p.x as f64,
+                    if mesh {
+                        p.value.mesh?
+                    } else {
+                        p.value.no_mesh?
+                    },
+                ))
             })
             .collect()
     };
@@ -815,7 +829,11 @@ fn plot(report: &ScaleReport, path: &Path) -> anyhow::Result<()> {
         .titled(
             &format!(
                 "ambit scale curves, cross-node, mesh vs no mesh ({})",
-                if report.settings.quick { "quick run" } else { "full run" }
+                if report.settings.quick {
+                    "quick run"
+                } else {
+                    "full run"
+                }
             ),
             ("sans-serif", 30),
         )
@@ -830,8 +848,18 @@ fn plot(report: &ScaleReport, path: &Path) -> anyhow::Result<()> {
         &[
             line("mesh", MESH, false, held(|p| p.agents_cpu_pct, true)),
             line("no mesh", BASE, true, held(|p| p.agents_cpu_pct, false)),
-            line("mesh: agents + load", MESH2, false, held(|p| p.path_cpu_pct, true)),
-            line("no mesh: agents + load", BASE2, true, held(|p| p.path_cpu_pct, false)),
+            line(
+                "mesh: agents + load",
+                MESH2,
+                false,
+                held(|p| p.path_cpu_pct, true),
+            ),
+            line(
+                "no mesh: agents + load",
+                BASE2,
+                true,
+                held(|p| p.path_cpu_pct, false),
+            ),
         ],
     )?;
     panel(
@@ -840,10 +868,30 @@ fn plot(report: &ScaleReport, path: &Path) -> anyhow::Result<()> {
         "held connections",
         "RSS (MiB)",
         &[
-            line("mesh: node 1 agent", MESH, false, held(|p| p.node1_rss_mib, true)),
-            line("mesh: node 2 agent", MESH2, false, held(|p| p.node2_rss_mib, true)),
-            line("no mesh: node 1 agent", BASE, true, held(|p| p.node1_rss_mib, false)),
-            line("no mesh: node 2 agent", BASE2, true, held(|p| p.node2_rss_mib, false)),
+            line(
+                "mesh: node 1 agent",
+                MESH,
+                false,
+                held(|p| p.node1_rss_mib, true),
+            ),
+            line(
+                "mesh: node 2 agent",
+                MESH2,
+                false,
+                held(|p| p.node2_rss_mib, true),
+            ),
+            line(
+                "no mesh: node 1 agent",
+                BASE,
+                true,
+                held(|p| p.node1_rss_mib, false),
+            ),
+            line(
+                "no mesh: node 2 agent",
+                BASE2,
+                true,
+                held(|p| p.node2_rss_mib, false),
+            ),
         ],
     )?;
     panel(
@@ -919,23 +967,28 @@ fn panel<DB: plotters::prelude::DrawingBackend>(
         let style = color.stroke_width(3);
         if l.dashed {
             chart
-                .draw_series(DashedLineSeries::new(l.points.iter().copied(), 10, 6, style))
+                .draw_series(DashedLineSeries::new(
+                    l.points.iter().copied(),
+                    10,
+                    6,
+                    style,
+                ))
                 .map_err(plot_error)?
                 .label(l.label.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+                });
         } else {
             chart
                 .draw_series(LineSeries::new(l.points.iter().copied(), style))
                 .map_err(plot_error)?
                 .label(l.label.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+                });
         }
         chart
-            .draw_series(
-                l.points
-                    .iter()
-                    .map(|&p| Circle::new(p, 4, color.filled())),
-            )
+            .draw_series(l.points.iter().map(|&p| Circle::new(p, 4, color.filled())))
             .map_err(plot_error)?;
     }
     chart
@@ -961,7 +1014,12 @@ pub fn check_png(path: &Path) -> anyhow::Result<(u32, u32)> {
         .next_frame(&mut buf)
         .with_context(|| format!("{}: the image data does not decode", path.display()))?;
     if info.width < 800 || info.height < 600 {
-        bail!("{}: {}×{} is too small for the plot", path.display(), info.width, info.height);
+        bail!(
+            "{}: {}×{} is too small for the plot",
+            path.display(),
+            info.width,
+            info.height
+        );
     }
     // A blank image means nothing was drawn.
     let pixels = &buf[..info.buffer_size()];
