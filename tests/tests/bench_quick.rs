@@ -31,3 +31,26 @@ fn quick_control_plane_bench_produces_every_figure() -> anyhow::Result<()> {
     assert_eq!(report.phases.len(), 3, "quiet, enrolling pods, scraping");
     Ok(())
 }
+
+#[test]
+fn quick_scale_curves_produce_every_figure_and_the_plot() -> anyhow::Result<()> {
+    use ambit_e2e::bench::scale;
+    let settings = scale::ScaleSettings::quick();
+    let report = scale::run(&settings)?;
+    eprintln!("{}", report.markdown());
+    let missing = report.missing();
+    assert!(missing.is_empty(), "figures not produced: {missing:?}");
+    let held: Vec<usize> = report.held.iter().map(|p| p.connections).collect();
+    assert_eq!(held, settings.connections, "every held-connections point");
+    assert_eq!(report.connect.len(), settings.clients.len());
+    assert_eq!(report.bulk.len(), settings.streams.len());
+    let (json, png) = scale::write(&report)?;
+    let parsed: serde_json::Value = serde_json::from_slice(&std::fs::read(&json)?)?;
+    assert_eq!(
+        parsed["held"].as_array().map(Vec::len),
+        Some(settings.connections.len())
+    );
+    let (width, height) = scale::check_png(&png)?;
+    assert_eq!((width, height), (1600, 1200));
+    Ok(())
+}

@@ -9,8 +9,8 @@ use anyhow::{Context as _, bail};
 /// bpf-linker release known to build against the nightly's LLVM here.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests, demo and bench use: `ip` (iproute2), a packet capture
-/// (tcpdump), a bulk-throughput tool (iperf3).
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "tcpdump", "iperf3"];
+/// (tcpdump), a bulk-throughput tool (iperf3), the font of the bench's plot (DejaVu Sans).
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "tcpdump", "iperf3", "fonts-dejavu-core"];
 /// The manifest validator (PyPI), pinned to the Kubernetes version k8s-openapi is built for
 /// (`v1_35`): it bundles that version's API schemas, so validation runs offline.
 pub const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.35.0";

@@ -12,6 +12,7 @@ pub mod iperf;
 pub mod kube;
 pub mod load;
 pub mod procfs;
+pub mod scale;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -189,7 +190,7 @@ impl Report {
     }
 }
 
-fn fmt(v: f64) -> String {
+pub(crate) fn fmt(v: f64) -> String {
     if v.abs() >= 100.0 {
         format!("{v:.0}")
     } else if v.abs() >= 10.0 {

@@ -11,6 +11,10 @@ fn main() -> anyhow::Result<()> {
     }
     // `--kubernetes-only`: just the Kubernetes-mode figures.
     let kube_only = std::env::args().any(|a| a == "--kubernetes-only");
+    // `--scale-only`: just the scale curves.
+    if std::env::args().any(|a| a == "--scale-only") {
+        return scale(quick);
+    }
     let settings = if quick {
         ambit_e2e::bench::Settings::quick()
     } else {
@@ -24,6 +28,7 @@ fn main() -> anyhow::Result<()> {
     if !kube_only {
         testbed(&settings, started)?;
         control_plane(quick)?;
+        scale(quick)?;
     }
     let kube_settings = if quick {
         ambit_e2e::bench::kube::KubeSettings::quick()
@@ -82,5 +87,31 @@ fn control_plane(quick: bool) -> anyhow::Result<()> {
     if !missing.is_empty() {
         anyhow::bail!("control-plane figures not produced: {missing:?}");
     }
+    Ok(())
+}
+
+fn scale(quick: bool) -> anyhow::Result<()> {
+    use ambit_e2e::bench::scale;
+    let settings = if quick {
+        scale::ScaleSettings::quick()
+    } else {
+        scale::ScaleSettings::full()
+    };
+    let started = std::time::Instant::now();
+    let report = scale::run(&settings)?;
+    let (json, png) = scale::write(&report)?;
+    println!(
+        "\nScale curves ({}; agent {}; {:.0?}):\n",
+        report.machine,
+        report.agent_binary.display(),
+        started.elapsed()
+    );
+    println!("{}", report.markdown());
+    println!("JSON: {}\nPlot: {}", json.display(), png.display());
+    let missing = report.missing();
+    if !missing.is_empty() {
+        anyhow::bail!("scale figures not produced: {missing:?}");
+    }
+    scale::check_png(&png)?;
     Ok(())
 }
