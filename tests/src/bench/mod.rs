@@ -11,6 +11,7 @@ pub mod iperf;
 pub mod kube;
 pub mod load;
 pub mod procfs;
+pub mod soak;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -636,7 +637,7 @@ fn aims(report: &Report) -> Vec<Aim> {
 }
 
 /// CPU model, cores, memory and kernel, for the report.
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
