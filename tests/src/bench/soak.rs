@@ -26,6 +26,8 @@ const HOLD_PORT: u16 = 9090;
 const LOG_WAIT: Duration = Duration::from_secs(20);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the held connections' answers may take, all together.
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(30);
 const MIB: f64 = 1024.0 * 1024.0;
 /// What the agents log on each successful background renewal.
 const RENEWED: &str = "renewed workload certificate";
@@ -156,6 +158,8 @@ pub struct Sample {
     pub phase: &'static str,
     pub fds: [usize; 2],
     pub rss_mib: [f64; 2],
+    /// The bench process's own descriptors (the client ends and the pod apps' sockets).
+    pub bench_fds: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -180,6 +184,10 @@ pub struct SoakReport {
     pub agents: Vec<AgentFigures>,
     /// One sample a second, from the held connections' opening to the "after" figure.
     pub samples: Vec<Sample>,
+    /// Samples that could not be read, and why.
+    pub sample_failures: Vec<String>,
+    /// The most new connections in progress at once.
+    pub new_max_in_flight: usize,
 }
 
 impl SoakReport {
@@ -201,7 +209,10 @@ impl SoakReport {
                 missing.push(format!("{}: RSS", a.agent));
             }
             if a.renewals_during_load == 0 {
-                missing.push(format!("{}: a certificate renewal during the load", a.agent));
+                missing.push(format!(
+                    "{}: a certificate renewal during the load",
+                    a.agent
+                ));
             }
         }
         if self.new_p99_ms.is_none() {
@@ -213,17 +224,20 @@ impl SoakReport {
                 self.settings.held, self.held_opened
             ));
         }
-        if self.samples.is_empty() {
-            missing.push("samples during the load".into());
+        if self.samples.is_empty() || !self.sample_failures.is_empty() {
+            missing.push(format!(
+                "samples during the load ({} lost: {:?})",
+                self.sample_failures.len(),
+                self.sample_failures.first()
+            ));
         }
         missing
     }
 
     /// The aims: no error, descriptors and memory back within 5 % of the start.
     pub fn aims(&self) -> Vec<(String, String, bool)> {
-        let worst = |f: &dyn Fn(&AgentFigures) -> f64| {
-            self.agents.iter().map(f).fold(0.0_f64, f64::max)
-        };
+        let worst =
+            |f: &dyn Fn(&AgentFigures) -> f64| self.agents.iter().map(f).fold(0.0_f64, f64::max);
         let fds = worst(&|a| a.fds_after_over_before);
         let rss = worst(&|a| a.rss_after_over_before);
         vec![
@@ -274,7 +288,7 @@ impl SoakReport {
         }
         out.push_str(&format!(
             "| **total** | **{}** | **{}** |\n\
-             | connections | {} of {} answered ({:.0}/s; p50 {}, p99 {}, max {}) | {} of {} alive and intact at the end ({} trickle writes) |\n\n",
+             | connections | {} of {} answered ({:.0}/s; p50 {}, p99 {}, max {}; at most {} in flight) | {} of {} alive and intact at the end ({} trickle writes) |\n\n",
             self.new_errors.total(),
             self.held_errors.total(),
             self.new_ok,
@@ -283,6 +297,7 @@ impl SoakReport {
             ms(self.new_p50_ms),
             ms(self.new_p99_ms),
             ms(self.new_max_ms),
+            self.new_max_in_flight,
             self.held_verified,
             self.held_opened,
             self.held_pings,
@@ -358,10 +373,7 @@ pub fn run(settings: &SoakSettings) -> anyhow::Result<SoakReport> {
     let server = bed.pod("server");
     let holder = load::Holder::start(&server.ns.path(), server.addr(HOLD_PORT))?;
     let app = server.addr(APP_PORT);
-    bed.agent_args = vec![
-        "--cert-ttl-secs".into(),
-        settings.cert_ttl_secs.to_string(),
-    ];
+    bed.agent_args = vec!["--cert-ttl-secs".into(), settings.cert_ttl_secs.to_string()];
     bed.start_agents()?;
     for (agent, pod) in [(0, "mesh/client"), (1, "mesh/server")] {
         bed.agent(agent)
@@ -372,7 +384,12 @@ pub fn run(settings: &SoakSettings) -> anyhow::Result<SoakReport> {
     // Warm-up: certificates issued, the HBONE pool up, one second of the new-connection
     // load; it must be clean, or the soak would measure a broken mesh.
     check_meshed(&bed, app)?;
-    let warm = churn(&client_ns, app, settings.new_per_sec, Duration::from_secs(1))?;
+    let warm = churn(
+        &client_ns,
+        app,
+        settings.new_per_sec,
+        Duration::from_secs(1),
+    )?;
     anyhow::ensure!(
         warm.errors.total() == 0,
         "the warm-up already failed: {:?}",
@@ -422,7 +439,7 @@ pub fn run(settings: &SoakSettings) -> anyhow::Result<SoakReport> {
     );
     std::thread::sleep(Duration::from_secs(settings.after_secs).saturating_sub(closed.elapsed()));
     let after = sample(pids, t0, "after")?;
-    let mut samples = sampler.stop()?;
+    let (mut samples, sample_failures) = sampler.stop()?;
     samples.insert(0, before.clone());
     samples.push(after.clone());
 
@@ -482,6 +499,8 @@ pub fn run(settings: &SoakSettings) -> anyhow::Result<SoakReport> {
         new_errors: load.errors,
         agents,
         samples,
+        sample_failures,
+        new_max_in_flight: load.max_in_flight,
     })
 }
 
@@ -519,6 +538,7 @@ fn sample(pids: [u32; 2], t0: Instant, phase: &'static str) -> anyhow::Result<Sa
         t_secs: t0.elapsed().as_secs_f64(),
         phase,
         fds: [procfs::open_fds(pids[0])?, procfs::open_fds(pids[1])?],
+        bench_fds: procfs::open_fds(std::process::id())?,
         rss_mib: [
             procfs::rss_bytes(pids[0])? as f64 / MIB,
             procfs::rss_bytes(pids[1])? as f64 / MIB,
@@ -530,7 +550,7 @@ fn sample(pids: [u32; 2], t0: Instant, phase: &'static str) -> anyhow::Result<Sa
 struct Sampler {
     stop: Arc<AtomicBool>,
     phase: Arc<Mutex<&'static str>>,
-    handle: std::thread::JoinHandle<anyhow::Result<Vec<Sample>>>,
+    handle: std::thread::JoinHandle<anyhow::Result<(Vec<Sample>, Vec<String>)>>,
 }
 
 impl Sampler {
@@ -543,15 +563,23 @@ impl Sampler {
             move || {
                 let mut samples = Vec::new();
                 let mut next = Instant::now();
+                let mut failures = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     if Instant::now() >= next {
                         let now = *phase.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-                        samples.push(sample(pids, t0, now)?);
+                        // A failed read (this process out of descriptors, say) loses one
+                        // sample, not the soak; the report says how many were lost.
+                        match sample(pids, t0, now) {
+                            Ok(s) => samples.push(s),
+                            Err(e) => {
+                                failures.push(format!("{:.0} s: {e:#}", t0.elapsed().as_secs_f64()))
+                            }
+                        }
                         next += Duration::from_secs(1);
                     }
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                Ok(samples)
+                Ok((samples, failures))
             }
         });
         Self {
@@ -567,7 +595,7 @@ impl Sampler {
         }
     }
 
-    fn stop(self) -> anyhow::Result<Vec<Sample>> {
+    fn stop(self) -> anyhow::Result<(Vec<Sample>, Vec<String>)> {
         self.stop.store(true, Ordering::Relaxed);
         self.handle
             .join()
@@ -656,11 +684,15 @@ fn verify_held(
     let verified = std::thread::scope(|scope| -> anyhow::Result<usize> {
         let server = scope.spawn(|| answer_held(holder, expected));
         let mut verified = 0;
+        // One deadline for all answers: a mesh that lost many connections must not cost
+        // a timeout each.
+        let deadline = Instant::now() + VERIFY_TIMEOUT;
         for (i, s) in held.iter().enumerate() {
             if !live[i] {
                 continue;
             }
-            s.set_read_timeout(Some(Duration::from_secs(30)))?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            s.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
             let mut line = String::new();
             match BufReader::new(s).read_line(&mut line) {
                 Ok(_) if line == format!("ok {i} {}\n", pings[i]) => verified += 1,
@@ -684,16 +716,18 @@ fn verify_held(
 }
 
 /// Accepts the held connections from the holder and answers each end line; returns how
-/// many it answered. Stops after `expected`, or when none has arrived for 10 s.
+/// many it answered. Stops after `expected`, or at the verification deadline.
 fn answer_held(holder: &load::Holder, expected: usize) -> anyhow::Result<usize> {
     let mut answered = 0;
-    let mut last = Instant::now();
-    while answered < expected && last.elapsed() < Duration::from_secs(10) {
+    let deadline = Instant::now() + VERIFY_TIMEOUT;
+    while answered < expected && Instant::now() < deadline {
         let Some(s) = holder.accept()? else {
             std::thread::sleep(Duration::from_millis(1));
             continue;
         };
-        last = Instant::now();
+        // The end line was sent before this thread started: a connection without it
+        // within a second lost it.
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
         let mut reader = BufReader::new(&s);
         let mut seen = 0u32;
         let mut line = String::new();
@@ -728,6 +762,7 @@ struct Churn {
     /// Time over which the connections were started.
     launch_secs: f64,
     errors: Errors,
+    max_in_flight: usize,
     /// Connect-to-last-byte times of the successful connections, microseconds.
     times_us: Histogram<u64>,
 }
@@ -758,17 +793,18 @@ fn churn(netns: &Path, to: SocketAddr, rate: u32, duration: Duration) -> anyhow:
                 ok: 0,
                 launch_secs: 0.0,
                 errors: Errors::default(),
+                max_in_flight: 0,
                 times_us: Histogram::new_with_bounds(1, 600_000_000, 3)?,
             };
-            let record = |out: &mut Churn, r: Result<Result<Duration, (Kind, String)>, _>| {
-                match r {
-                    Ok(Ok(took)) => {
-                        out.ok += 1;
-                        out.times_us.saturating_record(took.as_micros() as u64);
-                    }
-                    Ok(Err((kind, detail))) => out.errors.add(kind, detail),
-                    Err(e) => out.errors.add(Kind::WrongReply, format!("task failed: {e}")),
+            let record = |out: &mut Churn, r: Result<Result<Duration, (Kind, String)>, _>| match r {
+                Ok(Ok(took)) => {
+                    out.ok += 1;
+                    out.times_us.saturating_record(took.as_micros() as u64);
                 }
+                Ok(Err((kind, detail))) => out.errors.add(kind, detail),
+                Err(e) => out
+                    .errors
+                    .add(Kind::WrongReply, format!("task failed: {e}")),
             };
             loop {
                 tick.tick().await;
@@ -781,6 +817,7 @@ fn churn(netns: &Path, to: SocketAddr, rate: u32, duration: Duration) -> anyhow:
                     tasks.spawn(one_connection(to, launched));
                     launched += 1;
                 }
+                out.max_in_flight = out.max_in_flight.max(tasks.len());
                 while let Some(r) = tasks.try_join_next() {
                     record(&mut out, r);
                 }
@@ -801,19 +838,18 @@ fn churn(netns: &Path, to: SocketAddr, rate: u32, duration: Duration) -> anyhow:
 async fn one_connection(to: SocketAddr, n: u64) -> Result<Duration, (Kind, String)> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let started = Instant::now();
-    let mut s = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(to))
-        .await
-    {
-        Err(_) => return Err((Kind::Timeout, format!("connection {n}: connect"))),
-        Ok(Err(e)) => {
-            let kind = match e.kind() {
-                io::ErrorKind::TimedOut => Kind::Timeout,
-                _ => Kind::Connect,
-            };
-            return Err((kind, format!("connection {n}: connect: {e}")));
-        }
-        Ok(Ok(s)) => s,
-    };
+    let mut s =
+        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(to)).await {
+            Err(_) => return Err((Kind::Timeout, format!("connection {n}: connect"))),
+            Ok(Err(e)) => {
+                let kind = match e.kind() {
+                    io::ErrorKind::TimedOut => Kind::Timeout,
+                    _ => Kind::Connect,
+                };
+                return Err((kind, format!("connection {n}: connect: {e}")));
+            }
+            Ok(Ok(s)) => s,
+        };
     let payload = format!("{:<63}\n", format!("soak connection {n}"));
     let exchange = async {
         s.write_all(payload.as_bytes()).await?;
