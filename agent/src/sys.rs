@@ -55,6 +55,15 @@ pub fn set_ip_transparent(socket: impl AsFd) -> io::Result<()> {
     set_int_opt(socket, libc::SOL_IP, libc::IP_TRANSPARENT, 1)
 }
 
+/// Sets IP_BIND_ADDRESS_NO_PORT: a bind to port 0 leaves the port to connect(), which picks
+/// one free for the whole 4-tuple (and may reuse TIME_WAIT ports under tcp_tw_reuse).
+/// Without it bind() must find a port unused by any socket on that address, scanning the
+/// whole ephemeral range under a lock once it fills: with tens of thousands of upstream
+/// connections in TIME_WAIT each bind took milliseconds and starved the runtime.
+pub fn set_bind_address_no_port(socket: impl AsFd) -> io::Result<()> {
+    set_int_opt(socket, libc::SOL_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)
+}
+
 fn set_int_opt(
     socket: impl AsFd,
     level: libc::c_int,
@@ -152,4 +161,23 @@ pub fn set_nofile_soft_limit(soft: u64) -> io::Result<()> {
     limit.rlim_cur = soft.min(limit.rlim_max);
     // SAFETY: `limit` is a valid rlimit, read by the kernel during the call.
     cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }).map(drop)
+}
+
+#[cfg(test)]
+mod bind_tests {
+    use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+
+    #[test]
+    fn bind_address_no_port_leaves_the_port_to_connect() -> std::io::Result<()> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        super::set_bind_address_no_port(&socket)?;
+        socket.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())?;
+        let bound = socket.local_addr()?.as_socket().map(|a| a.port());
+        assert_eq!(bound, Some(0), "no port taken at bind");
+        socket.connect(&listener.local_addr()?.into())?;
+        let connected = socket.local_addr()?.as_socket().map(|a| a.port());
+        assert!(connected.is_some_and(|p| p != 0), "port chosen at connect");
+        Ok(())
+    }
 }

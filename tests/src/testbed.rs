@@ -89,7 +89,16 @@ impl Pod {
             .run(move || TcpListener::bind((ip, APP_PORT)))?;
         std::thread::spawn(move || {
             for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { return };
+                // Linux accept() also reports errors of one pending connection (and
+                // EMFILE is passing): log and keep serving, never stop listening.
+                let mut stream = match stream {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("testbed app {name}: accept failed: {e}");
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
                 std::thread::spawn(move || {
                     let peer = stream
                         .peer_addr()

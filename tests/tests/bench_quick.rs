@@ -54,3 +54,21 @@ fn quick_scale_curves_produce_every_figure_and_the_plot() -> anyhow::Result<()> 
     assert_eq!((width, height), (1600, 1200));
     Ok(())
 }
+
+#[test]
+fn quick_soak_keeps_every_connection_and_produces_every_figure() -> anyhow::Result<()> {
+    let report = ambit_e2e::bench::soak::run(&ambit_e2e::bench::soak::SoakSettings::quick())?;
+    eprintln!("{}", report.markdown());
+    let missing = report.missing();
+    assert!(missing.is_empty(), "figures not produced: {missing:?}");
+    assert_eq!(
+        (report.new_errors.total(), report.held_errors.total()),
+        (0, 0),
+        "failed connections: new {:?}, held {:?}",
+        report.new_errors,
+        report.held_errors
+    );
+    assert_eq!(report.held_verified, report.settings.held);
+    assert_eq!(report.new_ok, report.new_attempted);
+    Ok(())
+}

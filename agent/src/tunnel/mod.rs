@@ -166,6 +166,9 @@ pub async fn connect_from(
 ) -> io::Result<TcpStream> {
     if let Some(source) = source {
         crate::sys::set_ip_transparent(&socket)?;
+        if source.port() == 0 {
+            crate::sys::set_bind_address_no_port(&socket)?;
+        }
         socket.bind(source)?;
     }
     socket.connect(target).await

@@ -236,6 +236,22 @@ impl Holder {
         }
     }
 
+    /// The next queued connection, if any (blocking, with the load tool's timeouts).
+    pub fn accept(&self) -> std::io::Result<Option<TcpStream>> {
+        match self.listener.accept() {
+            Ok((s, _)) => {
+                // Accepted sockets do not inherit the listener's O_NONBLOCK on Linux; set
+                // it explicitly anyway so a timeout, not a hang, ends a silent peer.
+                s.set_nonblocking(false)?;
+                s.set_read_timeout(Some(IO_TIMEOUT))?;
+                s.set_write_timeout(Some(IO_TIMEOUT))?;
+                Ok(Some(s))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Accepts and closes every queued connection.
     pub fn release(&self) {
         while self.listener.accept().is_ok() {}

@@ -13,6 +13,7 @@ pub mod kube;
 pub mod load;
 pub mod procfs;
 pub mod scale;
+pub mod soak;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -50,3 +50,11 @@ fn clock_ticks_per_sec() -> f64 {
             .unwrap_or(100.0)
     })
 }
+
+/// Open file descriptors of `pid` (entries of /proc/<pid>/fd).
+pub fn open_fds(pid: u32) -> anyhow::Result<usize> {
+    let dir = format!("/proc/{pid}/fd");
+    Ok(std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {dir}"))?
+        .count())
+}

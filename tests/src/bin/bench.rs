@@ -1,6 +1,7 @@
 //! `cargo xtask bench`'s testbed part: the mesh's cost against no mesh on the two-node
 //! testbed. Needs root. `--quick` runs the smoke-sized settings. Use a release agent
 //! (`AMBIT_BIN=target/release/ambit`, as xtask does): the figures are about the agent.
+//! `--soak-only` runs just the soak (target/bench/soak.json).
 
 fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -20,15 +21,21 @@ fn main() -> anyhow::Result<()> {
     } else {
         ambit_e2e::bench::Settings::full()
     };
+    // `--soak-only`: just the soak (held + new connections under certificate rotation).
+    let soak_only = std::env::args().any(|a| a == "--soak-only");
     let started = std::time::Instant::now();
     // `--control-plane-only`: just the data path under control-plane load.
     if std::env::args().any(|a| a == "--control-plane-only") {
         return control_plane(quick);
     }
+    if soak_only {
+        return soak(quick);
+    }
     if !kube_only {
         testbed(&settings, started)?;
         control_plane(quick)?;
         scale(quick)?;
+        soak(quick)?;
     }
     let kube_settings = if quick {
         ambit_e2e::bench::kube::KubeSettings::quick()
@@ -43,6 +50,33 @@ fn main() -> anyhow::Result<()> {
     let missing = kube.missing();
     if !missing.is_empty() {
         anyhow::bail!("Kubernetes figures not produced: {missing:?}");
+    }
+    if !kube_only {
+        soak(quick)?;
+    }
+    Ok(())
+}
+
+fn soak(quick: bool) -> anyhow::Result<()> {
+    let settings = if quick {
+        ambit_e2e::bench::soak::SoakSettings::quick()
+    } else {
+        ambit_e2e::bench::soak::SoakSettings::full()
+    };
+    let started = std::time::Instant::now();
+    let report = ambit_e2e::bench::soak::run(&settings)?;
+    let path = ambit_e2e::bench::soak::write(&report)?;
+    println!(
+        "\nSoak ({}; agent {}; {:.0?}):\n",
+        report.machine,
+        report.agent_binary.display(),
+        started.elapsed()
+    );
+    println!("{}", report.markdown());
+    println!("JSON: {}", path.display());
+    let missing = report.missing();
+    if !missing.is_empty() {
+        anyhow::bail!("soak figures not produced: {missing:?}");
     }
     Ok(())
 }
