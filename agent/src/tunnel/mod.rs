@@ -63,6 +63,8 @@ pub struct TunnelConfig {
     pub connect_timeout: Duration,
     /// Inbound: the TLS and HTTP/2 handshakes of a new HBONE connection must finish within
     /// this, or the connection is reset (a peer that never sends a ClientHello is dropped).
+    /// Outbound: a new stream (dial, handshakes, the peer's CONNECT reply) must be open
+    /// within `connect_timeout` + this, or the client's connection is reset.
     #[serde(serialize_with = "crate::observability::readable::duration")]
     pub tls_handshake_timeout: Duration,
     /// Inbound: an HBONE connection with no open stream for this long is closed (GOAWAY).
@@ -103,6 +105,10 @@ pub enum TunnelError {
     Connect { addr: SocketAddr, source: io::Error },
     #[error("connect to {0}: timed out")]
     ConnectTimeout(SocketAddr),
+    #[error(
+        "HBONE setup with {addr} did not finish within {after:?} (TLS, HTTP/2 or the CONNECT reply)"
+    )]
+    SetupTimeout { addr: SocketAddr, after: Duration },
     #[error("TLS handshake with {addr} failed: {reason}")]
     Handshake {
         addr: SocketAddr,

@@ -125,8 +125,26 @@ impl Outbound {
             })
     }
 
-    /// Opens one CONNECT stream and waits for the peer's 200.
+    /// Opens one CONNECT stream and waits for the peer's 200, all within the setup deadline
+    /// (`connect_timeout` + `tls_handshake_timeout`): a peer that stalls the TLS or HTTP/2
+    /// handshake or never answers the CONNECT cannot hold the client's connection open.
     pub async fn open_stream(
+        &self,
+        request: &OutboundRequest,
+    ) -> Result<(h2::SendStream<Bytes>, h2::RecvStream, StreamLease), TunnelError> {
+        let deadline = self.config.connect_timeout + self.config.tls_handshake_timeout;
+        // Cancelling is safe: a pooled connect in progress holds only its key's
+        // `connecting` guard and sockets, all released on drop.
+        match tokio::time::timeout(deadline, self.open_stream_within_deadline(request)).await {
+            Ok(result) => result,
+            Err(_) => Err(TunnelError::SetupTimeout {
+                addr: request.hbone_addr,
+                after: deadline,
+            }),
+        }
+    }
+
+    async fn open_stream_within_deadline(
         &self,
         request: &OutboundRequest,
     ) -> Result<(h2::SendStream<Bytes>, h2::RecvStream, StreamLease), TunnelError> {

@@ -1329,3 +1329,41 @@ impl rustls::client::danger::ServerCertVerifier for NameAgnostic {
         self.0.supported_verify_schemes()
     }
 }
+
+#[tokio::test]
+async fn a_peer_that_stalls_the_handshake_gets_the_client_reset_at_the_setup_deadline() {
+    let env = Env::default().await;
+    // Accepts and holds every connection without a byte: the TLS handshake never ends.
+    let silent = TcpListener::bind((LOCALHOST, 0)).await.expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let config = TunnelConfig {
+        connect_timeout: Duration::from_millis(100),
+        tls_handshake_timeout: Duration::from_millis(100),
+        ..TunnelConfig::default()
+    };
+    let outbound = Arc::new(env.outbound(config));
+    let mut request = env.request("client", "server", env.echo_addr);
+    request.hbone_addr = silent_addr;
+    let (mut client, task) = env.proxied_client(outbound, request).await;
+
+    let mut buf = [0u8; 1];
+    let outcome = tokio::time::timeout(CLOSE_BOUND, client.read(&mut buf))
+        .await
+        .expect("the agent ends the client's connection");
+    assert_eq!(
+        outcome.expect_err("a reset, not a clean close").kind(),
+        std::io::ErrorKind::ConnectionReset
+    );
+    let err = task.await.expect("join").expect_err("setup fails");
+    assert!(
+        matches!(err, TunnelError::SetupTimeout { addr, after } if addr == silent_addr && after == Duration::from_millis(200)),
+        "{err:?}"
+    );
+    held.abort();
+}
