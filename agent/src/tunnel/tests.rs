@@ -1367,3 +1367,103 @@ async fn a_peer_that_stalls_the_handshake_gets_the_client_reset_at_the_setup_dea
     );
     held.abort();
 }
+
+/// A uniquely named network namespace, deleted on drop (also when the test fails).
+struct ScratchNetns(String);
+
+impl ScratchNetns {
+    fn create() -> Option<Self> {
+        let name = format!(
+            "ambit-test-{}-{:x}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Self(name))
+    }
+
+    fn run(&self, args: &[&str]) {
+        let status = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(args)
+            .status()
+            .expect("running ip netns exec");
+        assert!(status.success(), "{args:?} failed in {}", self.0);
+    }
+}
+
+impl Drop for ScratchNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+/// Source-preserving dials to different destinations share source ports, as plain
+/// connect()s do: the port is picked per 4-tuple at connect time. A bind() that picked it
+/// would hold a port of the range per connection whatever the destination (and skip ports in
+/// TIME_WAIT), which exhausted the range under a stream of short upstream connections.
+#[tokio::test]
+async fn preserved_source_dials_share_ports_across_destinations() {
+    let Some(ns) = ScratchNetns::create() else {
+        eprintln!("skipping: cannot create a network namespace (needs root)");
+        return;
+    };
+    ns.run(&["ip", "link", "set", "lo", "up"]);
+    // Two ports for outgoing connections: without port sharing, at most two connect.
+    ns.run(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40001"]);
+    const DESTINATIONS: usize = 4;
+    let netns = crate::netns::NetNs::open(format!("/run/netns/{}", ns.0)).expect("open netns");
+    let (listeners, sockets) = netns
+        .run(|| {
+            // Fixed ports: port 0 would take them from the tiny range.
+            let listeners = (0..DESTINATIONS as u16)
+                .map(|i| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 5001 + i)))
+                .collect::<std::io::Result<Vec<_>>>()?;
+            let sockets = (0..DESTINATIONS)
+                .map(|_| {
+                    let s = socket2::Socket::new(
+                        socket2::Domain::IPV4,
+                        socket2::Type::STREAM.nonblocking(),
+                        None,
+                    )?;
+                    Ok(std::net::TcpStream::from(s))
+                })
+                .collect::<std::io::Result<Vec<_>>>()?;
+            Ok((listeners, sockets))
+        })
+        .expect("sockets inside the namespace");
+    let mut streams = Vec::new();
+    for (listener, socket) in listeners.iter().zip(sockets) {
+        let target = listener.local_addr().expect("listener address");
+        let stream = connect_from(
+            TcpSocket::from_std_stream(socket),
+            target,
+            Some(SocketAddr::new(LOCALHOST, 0)),
+        )
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "dial {} of {DESTINATIONS} to {target}: {e}",
+                streams.len() + 1
+            )
+        });
+        let local = stream.local_addr().expect("local address");
+        assert_eq!(
+            local.ip(),
+            LOCALHOST,
+            "bound to the preserved source address"
+        );
+        assert!(
+            (40000..=40001).contains(&local.port()),
+            "port {} outside the namespace's range",
+            local.port()
+        );
+        streams.push(stream);
+    }
+    assert_eq!(streams.len(), DESTINATIONS);
+}
