@@ -29,18 +29,7 @@ pub fn unique_name(prefix: &str) -> String {
 
 /// Runs `ip` with the given arguments; the error carries ip's stderr.
 pub fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2); `cargo xtask setup` installs it")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    ip_output(args).map(drop)
 }
 
 /// Runs `ip` with the given arguments and returns what it printed.

@@ -20,7 +20,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use super::{load, procfs};
-use crate::testbed::{APP_PORT, MESH_NS, PodSpec, Testbed, sysctl};
+use crate::testbed::{APP_PORT, MESH_NS, PodSpec, Testbed};
 
 const HOLD_PORT: u16 = 9090;
 const WAIT: Duration = Duration::from_secs(30);
@@ -194,11 +194,7 @@ impl ControlPlaneReport {
 
 /// Writes `target/bench/control-plane.json`.
 pub fn write(report: &ControlPlaneReport) -> anyhow::Result<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("control-plane.json");
-    std::fs::write(&path, serde_json::to_string_pretty(report)? + "\n")?;
-    Ok(path)
+    super::write_json("control-plane.json", report)
 }
 
 /// Runs the three phases and returns the report.
@@ -224,11 +220,7 @@ pub fn run(settings: &ControlPlaneSettings) -> anyhow::Result<ControlPlaneReport
         pods.push(pod);
     }
     let mut bed = Testbed::build(2, &pods, Vec::new())?;
-    for pod in &bed.pods {
-        sysctl(&pod.ns, "net/ipv4/tcp_tw_reuse", "1")?;
-        sysctl(&pod.ns, "net/ipv4/ip_local_port_range", "20000 65000")?;
-        sysctl(&pod.ns, "net/core/somaxconn", "65535")?;
-    }
+    super::tune_for_many_connections(&bed)?;
     // The two versions of the file the churn loop alternates: churn pods opted out (as
     // built) and opted in.
     let churn_off = std::fs::read_to_string(&bed.config)?;

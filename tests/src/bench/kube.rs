@@ -3,7 +3,7 @@
 //! the cluster; time from a namespace label change to all of its pods on this node
 //! enrolled; agent CPU while pods elsewhere churn.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
@@ -403,11 +403,7 @@ fn ca_figures(pods: usize) -> anyhow::Result<(f64, f64)> {
 
 /// Writes `target/bench/kubernetes.json`.
 pub fn write(report: &KubeReport) -> anyhow::Result<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("kubernetes.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(report)?)?;
-    Ok(path)
+    super::write_json("kubernetes.json", report)
 }
 
 #[cfg(test)]

@@ -23,6 +23,33 @@ use serde::Serialize;
 
 use crate::testbed::{APP_PORT, MESH_NS, PodSpec, Testbed, sysctl};
 
+/// `target/bench/<file>`: where every part of the benchmark writes its output.
+pub(crate) fn output_path(file: &str) -> anyhow::Result<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir.join(file))
+}
+
+/// Writes `report` as pretty JSON to `target/bench/<file>` and returns the path.
+pub(crate) fn write_json(file: &str, report: &impl Serialize) -> anyhow::Result<PathBuf> {
+    let path = output_path(file)?;
+    std::fs::write(&path, serde_json::to_string_pretty(report)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// Lets every pod of `bed` open tens of thousands of connections from one address and
+/// queue thousands unaccepted: TIME_WAIT ports reused, ports from 20000 (below are the
+/// agent's in-pod ports 15001/15006/15008), a deep accept queue for the holders.
+pub(crate) fn tune_for_many_connections(bed: &Testbed) -> anyhow::Result<()> {
+    for pod in &bed.pods {
+        sysctl(&pod.ns, "net/ipv4/tcp_tw_reuse", "1")?;
+        sysctl(&pod.ns, "net/ipv4/ip_local_port_range", "20000 65000")?;
+        sysctl(&pod.ns, "net/core/somaxconn", "65535")?;
+    }
+    Ok(())
+}
+
 const IPERF_PORT: u16 = 5201;
 const HOLD_PORT: u16 = 9090;
 const LOG_WAIT: Duration = Duration::from_secs(20);
@@ -286,14 +313,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
         PodSpec::new("server-b", MESH_NS, 1),
     ];
     let mut bed = Testbed::build(2, &pods, Vec::new())?;
-    for pod in &bed.pods {
-        // Thousands of short connections from one address: reuse TIME_WAIT ports, and more
-        // of them (from 20000: below are the agent's in-pod ports 15001/15006/15008).
-        sysctl(&pod.ns, "net/ipv4/tcp_tw_reuse", "1")?;
-        sysctl(&pod.ns, "net/ipv4/ip_local_port_range", "20000 65000")?;
-        // The holders keep connections in their accept queue.
-        sysctl(&pod.ns, "net/core/somaxconn", "65535")?;
-    }
+    tune_for_many_connections(&bed)?;
     let _iperf: Vec<iperf::IperfServer> = ["server-a", "server-b"]
         .iter()
         .map(|p| iperf::IperfServer::start(&bed.pod(p).ns.path(), IPERF_PORT))
@@ -398,11 +418,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
 
 /// Prints the table and writes `target/bench/testbed.json`.
 pub fn write(report: &Report) -> anyhow::Result<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("testbed.json");
-    std::fs::write(&path, serde_json::to_string_pretty(report)? + "\n")?;
-    Ok(path)
+    write_json("testbed.json", report)
 }
 
 /// Lets the agents finish what enrolling started before memory is read.

@@ -25,7 +25,7 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::{iperf, load, procfs};
-use crate::testbed::{APP_PORT, MESH_NS, PodSpec, Testbed, sysctl};
+use crate::testbed::{APP_PORT, MESH_NS, PodSpec, Testbed};
 
 const IPERF_PORT: u16 = 5201;
 /// The held connections' echo server (ours: the pod app spends a thread per connection).
@@ -283,13 +283,7 @@ pub fn run(settings: &ScaleSettings) -> anyhow::Result<ScaleReport> {
         PodSpec::new("server-b", MESH_NS, 1),
     ];
     let mut bed = Testbed::build(2, &pods, Vec::new())?;
-    for pod in &bed.pods {
-        // Thousands of connections from one address, and short ones reusing TIME_WAIT ports
-        // (from 20000: below are the agent's in-pod ports 15001/15006/15008).
-        sysctl(&pod.ns, "net/ipv4/tcp_tw_reuse", "1")?;
-        sysctl(&pod.ns, "net/ipv4/ip_local_port_range", "20000 65000")?;
-        sysctl(&pod.ns, "net/core/somaxconn", "65535")?;
-    }
+    super::tune_for_many_connections(&bed)?;
     let server = bed.pod("server-b");
     let _iperf = iperf::IperfServer::start(&server.ns.path(), IPERF_PORT)?;
     let _echo = EchoServer::start(&server.ns.path(), server.addr(ECHO_PORT))?;
@@ -344,11 +338,8 @@ pub fn run(settings: &ScaleSettings) -> anyhow::Result<ScaleReport> {
 
 /// Writes `target/bench/scale.json` and `target/bench/scale.png`; returns both paths.
 pub fn write(report: &ScaleReport) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let json = dir.join("scale.json");
-    std::fs::write(&json, serde_json::to_string_pretty(report)? + "\n")?;
-    let png = dir.join("scale.png");
+    let json = super::write_json("scale.json", report)?;
+    let png = super::output_path("scale.png")?;
     plot(report, &png)?;
     Ok((json, png))
 }

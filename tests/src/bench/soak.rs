@@ -20,7 +20,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use super::{load, procfs};
-use crate::testbed::{APP_PORT, MESH_NS, PodSpec, Testbed, sysctl};
+use crate::testbed::{APP_PORT, MESH_NS, PodSpec, Testbed};
 
 const HOLD_PORT: u16 = 9090;
 const LOG_WAIT: Duration = Duration::from_secs(20);
@@ -360,15 +360,7 @@ pub fn run(settings: &SoakSettings) -> anyhow::Result<SoakReport> {
         PodSpec::new("server", MESH_NS, 1),
     ];
     let mut bed = Testbed::build(2, &pods, Vec::new())?;
-    for pod in &bed.pods {
-        // Tens of thousands of short connections from one address (and the server agent's
-        // upstream sockets, which borrow the client's address): reuse TIME_WAIT ports, and
-        // more of them (from 20000: below are the agent's in-pod ports).
-        sysctl(&pod.ns, "net/ipv4/tcp_tw_reuse", "1")?;
-        sysctl(&pod.ns, "net/ipv4/ip_local_port_range", "20000 65000")?;
-        // The holder keeps the held connections in its accept queue.
-        sysctl(&pod.ns, "net/core/somaxconn", "65535")?;
-    }
+    super::tune_for_many_connections(&bed)?;
     let client_ns = bed.pod("client").ns.path();
     let server = bed.pod("server");
     let holder = load::Holder::start(&server.ns.path(), server.addr(HOLD_PORT))?;
@@ -506,11 +498,7 @@ pub fn run(settings: &SoakSettings) -> anyhow::Result<SoakReport> {
 
 /// Writes `target/bench/soak.json`.
 pub fn write(report: &SoakReport) -> anyhow::Result<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("soak.json");
-    std::fs::write(&path, serde_json::to_string_pretty(report)? + "\n")?;
-    Ok(path)
+    super::write_json("soak.json", report)
 }
 
 /// Background renewals node `i`'s agent has logged so far.
