@@ -87,6 +87,25 @@ fn container<'a>(pod: &'a Value, list: &str, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {list} {name}"))
 }
 
+/// A container's mounts by path inside it → (volume, readOnly, propagation).
+fn volume_mounts(container: &Value) -> BTreeMap<String, (String, bool, Option<String>)> {
+    container["volumeMounts"]
+        .as_sequence()
+        .expect("volumeMounts")
+        .iter()
+        .map(|m| {
+            (
+                m["mountPath"].as_str().expect("mountPath").to_owned(),
+                (
+                    m["name"].as_str().expect("name").to_owned(),
+                    m["readOnly"].as_bool().unwrap_or(false),
+                    m["mountPropagation"].as_str().map(str::to_owned),
+                ),
+            )
+        })
+        .collect()
+}
+
 fn env_field(container: &Value, name: &str) -> String {
     container["env"]
         .as_sequence()
@@ -392,22 +411,7 @@ fn agent_daemonset_runs_kubernetes_mode_with_the_documented_mounts() {
     assert_eq!(f["kubernetes"], "");
     assert_eq!(env_field(agent, "NODE_NAME"), "spec.nodeName");
 
-    // Mounts by path inside the container → (volume, readOnly, propagation).
-    let mounts: BTreeMap<String, (String, bool, Option<String>)> = agent["volumeMounts"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|m| {
-            (
-                m["mountPath"].as_str().unwrap().to_owned(),
-                (
-                    m["name"].as_str().unwrap().to_owned(),
-                    m["readOnly"].as_bool().unwrap_or(false),
-                    m["mountPropagation"].as_str().map(str::to_owned),
-                ),
-            )
-        })
-        .collect();
+    let mounts = volume_mounts(agent);
     let host_paths: BTreeMap<String, String> = pod["volumes"]
         .as_sequence()
         .unwrap()
@@ -464,17 +468,7 @@ fn agent_daemonset_runs_kubernetes_mode_with_the_documented_mounts() {
     assert_eq!(install["namespaces-file"], f["namespaces-file"]);
     // The chain watch sees the same node directories as the installer: the config dir
     // writable (it re-chains), the bin dir read-only (it only checks the binary is there).
-    let init_mounts: BTreeMap<String, String> = init["volumeMounts"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|m| {
-            (
-                m["mountPath"].as_str().unwrap().to_owned(),
-                m["name"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
+    let init_mounts = volume_mounts(init);
     for (flag, read_only) in [("conf-dir", false), ("bin-dir", true)] {
         let agent_flag = format!("cni-{flag}");
         assert_eq!(f[&agent_flag], install[flag], "{agent_flag}");
@@ -482,7 +476,7 @@ fn agent_daemonset_runs_kubernetes_mode_with_the_documented_mounts() {
         assert_eq!(ro, read_only, "{agent_flag} read-only");
         assert_eq!(
             host,
-            host_paths.get(&init_mounts[&install[flag]]).cloned(),
+            host_paths.get(&init_mounts[&install[flag]].0).cloned(),
             "{agent_flag}: the same node directory as the installer's"
         );
     }
