@@ -27,7 +27,6 @@ use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 
 use ambit_common::{ListenerKey, SLOT_HBONE, SLOT_PLAINTEXT, globals, maps, programs};
-use aya::maps::MapError;
 use aya::programs::links::FdLink;
 use aya::programs::tc::{self, TcAttachType};
 use aya::programs::{SchedClassifier, SkLookup};
@@ -36,7 +35,7 @@ use tracing::{debug, info};
 use super::rtnl::Rtnl;
 use super::{
     Capture, CaptureError, EBPF_OBJECT, Result, detach_links_in, pinned_loader, program,
-    reuse_or_attach,
+    removed_or_absent, reuse_or_attach,
 };
 use crate::netns::NetNs;
 
@@ -154,18 +153,7 @@ impl Capture {
                 slot,
                 reserved: 0,
             };
-            match self.listeners.remove(&key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                // aya reports an absent key on delete as the syscall's ENOENT.
-                Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(source) => {
-                    return Err(CaptureError::Map {
-                        name: maps::INBOUND_LISTENERS,
-                        source,
-                    });
-                }
-            }
+            removed_or_absent(maps::INBOUND_LISTENERS, self.listeners.remove(&key))?;
         }
         Ok(())
     }

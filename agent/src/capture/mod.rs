@@ -342,17 +342,7 @@ impl Capture {
 
     /// Stops capturing the pod; absent entries are not an error.
     pub fn unenroll(&mut self, netns_cookie: u64) -> Result<()> {
-        match self.enrolled.remove(&netns_cookie) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            // aya reports an absent key on delete as the syscall's ENOENT.
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(())
-            }
-            Err(source) => Err(CaptureError::Map {
-                name: maps::ENROLLED,
-                source,
-            }),
-        }
+        removed_or_absent(maps::ENROLLED, self.enrolled.remove(&netns_cookie))
     }
 
     /// Netns cookies currently enrolled.
@@ -528,6 +518,16 @@ fn reuse_or_attach(pin: &Path, attach: impl FnOnce() -> Result<FdLink>) -> Resul
         return PinnedLink::from_pin(pin).map_err(|e| pin_err(Box::new(e)));
     }
     attach()?.pin(pin).map_err(|e| pin_err(Box::new(e)))
+}
+
+/// A map delete whose key may already be gone: absent is success. aya reports an absent
+/// key either as `KeyNotFound` or as the delete syscall's ENOENT.
+fn removed_or_absent(name: &'static str, result: std::result::Result<(), MapError>) -> Result<()> {
+    match result {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(source) => Err(CaptureError::Map { name, source }),
+    }
 }
 
 #[cfg(test)]
