@@ -285,18 +285,15 @@ mod tests {
         let metrics = ChainMetrics::default();
         let (stop_tx, stop_rx) = watch::channel(false);
         let task = tokio::spawn(node.watch.clone().run(metrics.clone(), stop_rx));
-        until("the first chaining", || {
-            types(&node.conflist).contains(&"ambit-cni".to_owned())
-        })
-        .await;
+        // The metric is counted after the write: wait for it, then check both.
+        until("the first chaining", || metrics.rechains.get() >= 1).await;
+        assert!(types(&node.conflist).contains(&"ambit-cni".to_owned()));
         assert_eq!(metrics.rechains.get(), 1);
 
         // kindnet restarts and writes its conflist again, without ambit-cni.
         fs::write(&node.conflist, KINDNET).expect("rewrite");
-        until("the re-chaining", || {
-            types(&node.conflist) == ["ptp", "portmap", "ambit-cni"]
-        })
-        .await;
+        until("the re-chaining", || metrics.rechains.get() >= 2).await;
+        assert_eq!(types(&node.conflist), ["ptp", "portmap", "ambit-cni"]);
         assert_eq!(metrics.rechains.get(), 2);
 
         // Draining: the watch ends by itself (so an uninstall after it is not undone).
