@@ -1,9 +1,9 @@
 //! `cargo xtask bench`'s testbed parts: the mesh's cost against no mesh on the two-node
 //! testbed, the data path under control-plane load, the scale curves, the soak, and the
 //! Kubernetes mode against the fake API server. Needs root. `--quick` runs the smoke-sized
-//! settings; `--kubernetes-only`, `--control-plane-only`, `--scale-only` and `--soak-only`
-//! run one part. Use a release agent (`AMBIT_BIN=target/release/ambit`, as xtask does): the
-//! figures are about the agent.
+//! settings; `--testbed-only`, `--kubernetes-only`, `--control-plane-only`, `--scale-only`
+//! and `--soak-only` run one part. Use a release agent (`AMBIT_BIN=target/release/ambit`, as
+//! xtask does): the figures are about the agent.
 
 use std::fmt::Debug;
 use std::path::Path;
@@ -19,6 +19,9 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!(
             "the testbed benchmark creates network namespaces and loads eBPF: run it as root"
         );
+    }
+    if flag("--testbed-only") {
+        return testbed(quick);
     }
     if flag("--kubernetes-only") {
         return kubernetes(quick);
