@@ -7,7 +7,7 @@ fn quick_testbed_bench_produces_every_figure() -> anyhow::Result<()> {
     eprintln!("{}", report.markdown());
     let missing = report.missing();
     assert!(missing.is_empty(), "figures not produced: {missing:?}");
-    assert_eq!(report.aims.len(), 5, "every aim compared");
+    assert_eq!(report.aims.len(), 8, "every aim compared");
     Ok(())
 }
 
