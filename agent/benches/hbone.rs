@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use ambit_agent::identity::{CertManager, LocalCa, SpiffeId};
 use ambit_agent::tunnel::{
-    AllowAll, CopyStats, DirectDialer, Inbound, LocalWorkload, LocalWorkloads, Outbound,
+    AllowAll, CopyStats, DirectDialer, Inbound, LocalWorkload, LocalWorkloads, Metrics, Outbound,
     OutboundRequest, TunnelConfig,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -112,6 +112,24 @@ async fn round_trips(mut stream: TcpStream, iterations: usize) -> anyhow::Result
     Ok(samples)
 }
 
+/// `AMBIT_BENCH_AGENT=1`: the per-connection work the agent adds around the tunnel, so an
+/// instruction count sees it: its log subscriber at `info` (access-log lines formatted as
+/// the agent formats them, written nowhere) and the inbound side's metrics.
+fn agent_like() -> bool {
+    std::env::var("AMBIT_BENCH_AGENT").is_ok_and(|v| v == "1")
+}
+
+fn install_agent_logging() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let (filter, _reload) =
+        tracing_subscriber::reload::Layer::new(tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::sink))
+        .init();
+}
+
 fn env_usize(name: &str) -> Option<usize> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
@@ -157,14 +175,19 @@ impl Mesh {
                 identity: id("server")?,
             },
         )])));
-        let inbound = Arc::new(Inbound::new(
+        let mut inbound = Inbound::new(
             CertManager::new(ca.clone(), ttl),
             workloads,
             Arc::new(AllowAll),
             Arc::new(DirectDialer),
             TunnelConfig::default(),
             false,
-        ));
+        );
+        if agent_like() {
+            let mut registry = prometheus_client::registry::Registry::default();
+            inbound = inbound.with_metrics(Arc::new(Metrics::new(&mut registry)));
+        }
+        let inbound = Arc::new(inbound);
         let listener = TcpListener::bind((LOCALHOST, 0)).await?;
         let hbone_addr = listener.local_addr()?;
         tokio::spawn(inbound.serve(listener));
@@ -249,6 +272,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(count) = env_usize("AMBIT_BENCH_ROUND_TRIPS") {
         sizes.rtt_iterations = count;
+    }
+    if agent_like() {
+        install_agent_logging();
     }
     let sink = spawn_sink().await?;
     let echo = spawn_echo().await?;

@@ -2,10 +2,12 @@
 //! inbound :15006, HBONE :15008), its enrollment in the capture maps, and the tasks that
 //! serve them.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use ambit_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_CAPTURE_PORT};
@@ -18,11 +20,11 @@ use super::sockets::PodSockets;
 use super::view::meta_of;
 use super::{Shared, StateWorkloads};
 use crate::capture::OrigDstTable;
-use crate::config::{Route, WorkloadEntry};
+use crate::config::{MeshState, Route, ServiceEntry, WorkloadEntry};
 use crate::netns::NetNs;
 use crate::tunnel::{
-    AcceptBackoff, ConnectionLabels, CopyStats, Dialer as _, Inbound, Outbound, OutboundRequest,
-    Reporter, TunnelError, accept_loop,
+    AcceptBackoff, ConnectionLabels, ConnectionSeries, CopyStats, Dialer as _, Inbound, Outbound,
+    OutboundRequest, Reporter, TunnelError, accept_loop,
 };
 
 /// What identifies a running pod; a change to any part restarts it.
@@ -218,6 +220,7 @@ impl PodRuntime {
             sockets,
             orig_dst: listeners_orig_dst,
             picks: AtomicUsize::new(0),
+            series: Mutex::default(),
         });
         let tasks = vec![
             tokio::spawn(serve_outbound(ctx, outbound_listener)).abort_handle(),
@@ -294,6 +297,56 @@ struct OutboundCtx {
     orig_dst: OrigDstTable,
     /// Spreads service connections over endpoints.
     picks: AtomicUsize,
+    /// Metric counters by destination, so a connection does not build and hash a dozen label
+    /// strings. This pod's connections are the only users of the lock.
+    series: Mutex<SeriesCache>,
+}
+
+/// Counters resolved for the state in force, keyed by the addresses of its destination
+/// workload and service entries; emptied when the state changes. The weak reference keeps
+/// the old state's allocation from being reused, so its address identifies it.
+#[derive(Default)]
+struct SeriesCache {
+    state: Weak<MeshState>,
+    by_destination: HashMap<(usize, usize), ConnectionSeries>,
+}
+
+impl OutboundCtx {
+    /// The metric counters of a connection from this pod to `destination` (through
+    /// `service`, if it went through one) under `state`.
+    fn series(
+        &self,
+        state: &Arc<MeshState>,
+        destination: &Arc<WorkloadEntry>,
+        service: Option<&Arc<ServiceEntry>>,
+    ) -> ConnectionSeries {
+        let key = (
+            Arc::as_ptr(destination) as usize,
+            service.map_or(0, |s| Arc::as_ptr(s) as usize),
+        );
+        let build = || {
+            let service = service.map(|s| format!("{}.{}.svc.cluster.local", s.name, s.namespace));
+            self.shared.metrics.series_of(ConnectionLabels::new(
+                Reporter::Source,
+                meta_of(&self.workload),
+                meta_of(destination),
+                service,
+                true,
+            ))
+        };
+        let Ok(mut cache) = self.series.lock() else {
+            return build();
+        };
+        if cache.state.as_ptr() != Arc::as_ptr(state) {
+            cache.state = Arc::downgrade(state);
+            cache.by_destination.clear();
+        }
+        cache
+            .by_destination
+            .entry(key)
+            .or_insert_with(build)
+            .clone()
+    }
 }
 
 async fn serve_outbound(ctx: Arc<OutboundCtx>, listener: TcpListener) {
@@ -339,17 +392,8 @@ async fn handle_outbound(ctx: Arc<OutboundCtx>, client: TcpStream, peer: SocketA
                 hbone_addr,
                 original_destination: target,
             };
-            let service = state
-                .service_at(orig)
-                .map(|s| format!("{}.{}.svc.cluster.local", s.name, s.namespace));
-            let labels = ConnectionLabels::new(
-                Reporter::Source,
-                meta_of(me),
-                meta_of(&workload),
-                service,
-                true,
-            );
-            let mut record = ctx.shared.metrics.open(labels, true);
+            let series = ctx.series(&state, &workload, state.service_at(orig));
+            let mut record = ctx.shared.metrics.open_series(&series, true);
             let result = ctx.outbound.proxy(&request, client, record.stats()).await;
             if let Err(
                 TunnelError::Connect { .. }
@@ -386,7 +430,7 @@ async fn handle_outbound(ctx: Arc<OutboundCtx>, client: TcpStream, peer: SocketA
                 duration: started.elapsed(),
                 result: &result
                     .as_ref()
-                    .map_or_else(|e| e.to_string(), |()| "ok".into()),
+                    .map_or_else(|e| Cow::Owned(e.to_string()), |()| Cow::Borrowed("ok")),
             }
             .emit();
         }

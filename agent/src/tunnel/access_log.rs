@@ -69,34 +69,60 @@ pub struct AccessLog<'a> {
     pub result: &'a str,
 }
 
+/// One value of a line, written straight into the log output: formatting it into a
+/// `String` first would cost one allocation per field and line.
+#[derive(Clone, Copy, Debug)]
+pub enum Field<'a> {
+    Identity(Option<&'a SpiffeId>),
+    Workload(Option<WorkloadName<'a>>),
+    Addr(SocketAddr),
+    Text(&'a str),
+    Number(u128),
+}
+
+impl fmt::Display for Field<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Identity(Some(id)) => id.fmt(f),
+            Self::Workload(Some(w)) => write!(f, "{}/{}", w.namespace, w.name),
+            Self::Identity(None) | Self::Workload(None) => f.write_str(ABSENT),
+            Self::Addr(addr) => addr.fmt(f),
+            Self::Text(text) => f.write_str(text),
+            Self::Number(n) => n.fmt(f),
+        }
+    }
+}
+
 impl AccessLog<'_> {
     /// The line's fields, in order, as `(name, value)`; both [`Self::emit`] and the text
     /// form use this, so the two directions cannot drift apart.
-    pub fn fields(&self) -> [(&'static str, String); 13] {
-        let id = |id: Option<&SpiffeId>| id.map_or_else(|| ABSENT.to_owned(), ToString::to_string);
-        let workload = |w: Option<WorkloadName<'_>>| {
-            w.map_or_else(
-                || ABSENT.to_owned(),
-                |w| format!("{}/{}", w.namespace, w.name),
-            )
-        };
+    pub fn fields(&self) -> [(&'static str, Field<'_>); 13] {
         [
-            ("source", id(self.source)),
-            ("source_workload", workload(self.source_workload)),
-            ("source_addr", self.source_addr.to_string()),
-            ("destination", id(self.destination)),
-            ("destination_workload", workload(self.destination_workload)),
+            ("source", Field::Identity(self.source)),
+            ("source_workload", Field::Workload(self.source_workload)),
+            ("source_addr", Field::Addr(self.source_addr)),
+            ("destination", Field::Identity(self.destination)),
+            (
+                "destination_workload",
+                Field::Workload(self.destination_workload),
+            ),
             (
                 "original_destination",
-                self.original_destination.to_string(),
+                Field::Addr(self.original_destination),
             ),
-            ("target", self.target.to_string()),
-            ("security", self.security.to_owned()),
-            ("authz", self.authz.to_owned()),
-            ("bytes_from_client", self.bytes_from_client.to_string()),
-            ("bytes_to_client", self.bytes_to_client.to_string()),
-            ("duration_ms", self.duration.as_millis().to_string()),
-            ("result", self.result.to_owned()),
+            ("target", Field::Addr(self.target)),
+            ("security", Field::Text(self.security)),
+            ("authz", Field::Text(self.authz)),
+            (
+                "bytes_from_client",
+                Field::Number(self.bytes_from_client.into()),
+            ),
+            (
+                "bytes_to_client",
+                Field::Number(self.bytes_to_client.into()),
+            ),
+            ("duration_ms", Field::Number(self.duration.as_millis())),
+            ("result", Field::Text(self.result)),
         ]
     }
 

@@ -16,13 +16,17 @@ use tokio::net::TcpStream;
 const INITIAL_READ_BUF: usize = 4 * 1024;
 const MAX_READ_BUF: usize = 256 * 1024;
 
-/// Bytes moved so far, readable while the connection is open.
+/// Bytes moved so far, readable while the connection is open. One allocation per
+/// connection, shared by its clones.
 #[derive(Debug, Default, Clone)]
-pub struct CopyStats {
+pub struct CopyStats(Arc<Counts>);
+
+#[derive(Debug, Default)]
+struct Counts {
     /// From the TCP side into the tunnel.
-    pub sent: Arc<AtomicU64>,
+    sent: AtomicU64,
     /// From the tunnel to the TCP side.
-    pub received: Arc<AtomicU64>,
+    received: AtomicU64,
     /// Metric counters bumped alongside (sent, received), so scrapes see open connections.
     metrics: Option<(Counter, Counter)>,
 }
@@ -30,32 +34,32 @@ pub struct CopyStats {
 impl CopyStats {
     /// Stats that also add to the given metric counters as bytes move.
     pub fn with_counters(sent: Counter, received: Counter) -> Self {
-        Self {
+        Self(Arc::new(Counts {
             metrics: Some((sent, received)),
-            ..Self::default()
-        }
+            ..Counts::default()
+        }))
     }
 
     pub fn add_sent(&self, n: u64) {
-        self.sent.fetch_add(n, Ordering::Relaxed);
-        if let Some((sent, _)) = &self.metrics {
+        self.0.sent.fetch_add(n, Ordering::Relaxed);
+        if let Some((sent, _)) = &self.0.metrics {
             sent.inc_by(n);
         }
     }
 
     pub fn add_received(&self, n: u64) {
-        self.received.fetch_add(n, Ordering::Relaxed);
-        if let Some((_, received)) = &self.metrics {
+        self.0.received.fetch_add(n, Ordering::Relaxed);
+        if let Some((_, received)) = &self.0.metrics {
             received.inc_by(n);
         }
     }
 
     pub fn sent(&self) -> u64 {
-        self.sent.load(Ordering::Relaxed)
+        self.0.sent.load(Ordering::Relaxed)
     }
 
     pub fn received(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
+        self.0.received.load(Ordering::Relaxed)
     }
 }
 

@@ -6,8 +6,9 @@
 //! scrape sees long-lived connections grow), `closed` when it is dropped — exactly once
 //! however the connection ends.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -188,10 +189,27 @@ pub struct Metrics {
     accept_errors: Counter,
     /// Connections recorded and not yet dropped; the drain waits for this to reach zero.
     active: Arc<AtomicUsize>,
-    /// One shared copy of each label set: an idle connection holds a pointer to it rather
-    /// than its own dozen strings. Bounded like the metric families themselves (no ports or
-    /// IPs in labels).
-    interned: std::sync::Mutex<std::collections::HashSet<Arc<ConnectionLabels>>>,
+    /// The counters of each label set, resolved once: a connection then costs one lookup
+    /// here instead of hashing its dozen labels into every family (open, bytes both ways,
+    /// close), and an idle connection holds a pointer rather than its own strings. Bounded
+    /// like the metric families themselves (no ports or IPs in labels).
+    series: RwLock<HashMap<Arc<ConnectionLabels>, Arc<Series>>>,
+}
+
+/// The counters of one label set, resolved ([`Metrics::series_of`]).
+#[derive(Clone, Debug)]
+pub struct ConnectionSeries(Arc<Series>);
+
+/// One label set's counters, shared by every connection that carries it.
+#[derive(Debug)]
+struct Series {
+    labels: Arc<ConnectionLabels>,
+    opened: Counter,
+    sent: Counter,
+    received: Counter,
+    /// Resolved at the first close: until a connection with these labels closed, the
+    /// closed family shows no such series (as before this cache existed).
+    closed: OnceLock<Counter>,
 }
 
 impl Metrics {
@@ -293,10 +311,21 @@ impl Metrics {
     /// Counts a connection as opened; `tcp_is_source` says which side of the copy loop's TCP
     /// socket is the client (outbound: yes; inbound: the TCP side is the workload).
     pub fn open(&self, labels: ConnectionLabels, tcp_is_source: bool) -> ConnectionRecord {
-        let labels = self.intern(labels);
-        self.opened.get_or_create(&labels).inc();
-        let request = self.received.get_or_create(&labels).clone();
-        let response = self.sent.get_or_create(&labels).clone();
+        self.open_series(&self.series_of(labels), tcp_is_source)
+    }
+
+    /// The counters of `labels`, for a caller that opens many connections with the same
+    /// labels to keep and pass to [`Self::open_series`].
+    pub fn series_of(&self, labels: ConnectionLabels) -> ConnectionSeries {
+        ConnectionSeries(self.series(labels))
+    }
+
+    /// [`Self::open`] with counters resolved before.
+    pub fn open_series(&self, series: &ConnectionSeries, tcp_is_source: bool) -> ConnectionRecord {
+        let series = series.0.clone();
+        series.opened.inc();
+        let request = series.received.clone();
+        let response = series.sent.clone();
         let stats = if tcp_is_source {
             CopyStats::with_counters(request, response)
         } else {
@@ -305,22 +334,34 @@ impl Metrics {
         self.active.fetch_add(1, Ordering::AcqRel);
         ConnectionRecord {
             closed: self.closed.clone(),
-            labels,
+            series,
+            response_flags: None,
             stats,
             active: self.active.clone(),
         }
     }
 
-    fn intern(&self, labels: ConnectionLabels) -> Arc<ConnectionLabels> {
-        let Ok(mut set) = self.interned.lock() else {
-            return Arc::new(labels);
-        };
-        if let Some(shared) = set.get(&labels) {
-            return shared.clone();
+    /// The shared counters of `labels`, created in the families on first use.
+    fn series(&self, labels: ConnectionLabels) -> Arc<Series> {
+        if let Ok(known) = self.series.read()
+            && let Some(series) = known.get(&labels)
+        {
+            return series.clone();
         }
-        let shared = Arc::new(labels);
-        set.insert(shared.clone());
-        shared
+        let labels = Arc::new(labels);
+        let series = Arc::new(Series {
+            opened: self.opened.get_or_create_owned(&labels),
+            sent: self.sent.get_or_create_owned(&labels),
+            received: self.received.get_or_create_owned(&labels),
+            closed: OnceLock::new(),
+            labels: labels.clone(),
+        });
+        let Ok(mut known) = self.series.write() else {
+            // Poisoned: the counters still count, only unshared.
+            return series;
+        };
+        // A racing open may have inserted it first; both resolved the same counters.
+        known.entry(labels).or_insert(series).clone()
     }
 
     /// Connections opened and not yet closed.
@@ -333,7 +374,9 @@ impl Metrics {
 #[derive(Debug)]
 pub struct ConnectionRecord {
     closed: Family<ConnectionLabels, Counter>,
-    labels: Arc<ConnectionLabels>,
+    series: Arc<Series>,
+    /// Set when the connection failed; then the close goes to its own series.
+    response_flags: Option<&'static str>,
     stats: CopyStats,
     active: Arc<AtomicUsize>,
 }
@@ -347,14 +390,27 @@ impl ConnectionRecord {
     /// Marks how the connection failed (Envoy's flags, e.g. `UF` upstream failure); shows
     /// on the closed counter only, since opened and bytes were counted before it was known.
     pub fn set_response_flags(&mut self, flags: &'static str) {
-        // Copies the shared label set only for the (rare) connection that fails.
-        Arc::make_mut(&mut self.labels).response_flags = flags;
+        self.response_flags = Some(flags);
     }
 }
 
 impl Drop for ConnectionRecord {
     fn drop(&mut self) {
-        self.closed.get_or_create(&self.labels).inc();
+        match self.response_flags {
+            // Copies the label set only for the (rare) connection that fails.
+            Some(flags) => {
+                let mut labels = ConnectionLabels::clone(&self.series.labels);
+                labels.response_flags = flags;
+                self.closed.get_or_create(&labels).inc();
+            }
+            None => {
+                let series = &self.series;
+                series
+                    .closed
+                    .get_or_init(|| self.closed.get_or_create_owned(&series.labels))
+                    .inc();
+            }
+        }
         self.active.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -30,7 +30,8 @@ pub use inbound::{
     LocalWorkload, LocalWorkloads, Verdict, check_connect_request,
 };
 pub use metrics::{
-    ConnectionLabels, ConnectionRecord, Metrics, RefusalReason, Reporter, UNKNOWN, WorkloadMeta,
+    ConnectionLabels, ConnectionRecord, ConnectionSeries, Metrics, RefusalReason, Reporter,
+    UNKNOWN, WorkloadMeta,
 };
 pub use outbound::{Outbound, OutboundRequest};
 pub use tls::{HandshakeFailure, client_config};
