@@ -493,6 +493,58 @@ mod metrics_tests {
     }
 
     #[test]
+    fn connections_with_one_label_set_share_its_counters_and_close_lazily() {
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry);
+        let labels =
+            || ConnectionLabels::new(Reporter::Source, meta("client"), meta("server"), None, true);
+        let series = m.series_of(labels());
+        let first = m.open_series(&series, true);
+        let second = m.open(labels(), true);
+        first.stats().add_sent(3);
+        second.stats().add_sent(4);
+        let live = encode(&registry);
+        assert!(
+            live.contains("istio_tcp_connections_opened_total{") && live.contains("} 2\n"),
+            "{live}"
+        );
+        // No closed series until a connection with these labels closed.
+        assert!(
+            !live.contains("istio_tcp_connections_closed_total{"),
+            "{live}"
+        );
+        let mut failed = m.open_series(&series, true);
+        failed.set_response_flags("UF");
+        drop(first);
+        drop(second);
+        drop(failed);
+        let text = encode(&registry);
+        let closed: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_closed_total{"))
+            .collect();
+        assert_eq!(closed.len(), 2, "{text}");
+        assert!(
+            closed
+                .iter()
+                .any(|l| l.contains("response_flags=\"-\"") && l.ends_with(" 2")),
+            "{text}"
+        );
+        assert!(
+            closed
+                .iter()
+                .any(|l| l.contains("response_flags=\"UF\"") && l.ends_with(" 1")),
+            "{text}"
+        );
+        let received = text
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_received_bytes_total{"))
+            .unwrap_or_default();
+        assert!(received.ends_with(" 7"), "{text}");
+        assert_eq!(m.active_connections(), 0);
+    }
+
+    #[test]
     fn inbound_maps_directions_and_failures_get_flags() {
         let mut registry = Registry::default();
         let m = Metrics::new(&mut registry);
