@@ -27,7 +27,7 @@ use super::metrics::{
     ConnectionLabels, ConnectionRecord, Metrics, RefusalReason, Reporter, WorkloadMeta,
 };
 use super::outbound::handshake_failure;
-use super::tls::{peer_identity, server_config};
+use super::tls::{peer_identity, server_config_for};
 use super::{Dialer, TunnelConfig, TunnelCounters, TunnelError, dial_with_timeout};
 use crate::identity::{CertManager, SpiffeId};
 
@@ -423,11 +423,12 @@ impl Inbound {
     ) -> Result<(h2::server::Connection<HboneTls, Bytes>, SpiffeId), TunnelError> {
         let cert = self.certs.get(&workload.identity).await?;
         let bundle = self.certs.trust_bundle();
-        let tls =
-            self.tls_configs
-                .get_or_build(workload.identity.to_string(), &cert, &bundle, || {
-                    server_config(&cert, &bundle, workload.identity.trust_domain())
-                })?;
+        let tls = self.tls_configs.get_or_build(
+            workload.identity.to_string(),
+            &cert,
+            &bundle,
+            |anchors| server_config_for(&cert, anchors, workload.identity.trust_domain()),
+        )?;
         let tls_stream = match TlsAcceptor::from(tls).accept(tcp).await {
             Ok(s) => s,
             Err(e) => {

@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 use super::copy::{CopyStats, copy_bidirectional};
 use super::metrics::Metrics;
 use super::pool::{Pool, PoolKey, StreamLease};
-use super::tls::{HandshakeFailure, client_config};
+use super::tls::{HandshakeFailure, client_config_for};
 use super::{Dialer, TunnelConfig, TunnelCounters, TunnelError, dial_with_timeout};
 use crate::identity::{CertManager, SpiffeId};
 
@@ -181,7 +181,7 @@ impl Outbound {
             format!("{} -> {}", key.source, key.destination),
             &cert,
             &bundle,
-            || client_config(&cert, &bundle, &key.destination),
+            |anchors| client_config_for(&cert, anchors, &key.destination),
         )?;
         let tcp = dial_with_timeout(
             self.dialer.as_ref(),

@@ -1140,8 +1140,8 @@ fn tls_configs_are_reused_until_the_certificate_or_bundle_changes() {
     let bundle = ca.trust_bundle();
     let cache = tls::ConfigCache::<rustls::ServerConfig>::default();
     let build = |cert: &WorkloadCertificate, bundle: &TrustBundle| {
-        cache.get_or_build("server".into(), cert, bundle, || {
-            tls::server_config(cert, bundle, "cluster.local")
+        cache.get_or_build("server".into(), cert, bundle, |anchors| {
+            tls::server_config_for(cert, anchors, "cluster.local")
         })
     };
     let a = build(&first, &bundle).expect("config");

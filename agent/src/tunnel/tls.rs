@@ -130,15 +130,25 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// Client side: present `local`, accept only a server whose chain verifies against `bundle`
-/// and whose URI SAN is exactly `expected`.
+/// and whose URI SAN is exactly `expected`. A configuration of its own (its own verified-chain
+/// cache); the data path builds through [`ConfigCache`], which shares one per bundle.
 pub fn client_config(
     local: &WorkloadCertificate,
     bundle: &TrustBundle,
     expected: &SpiffeId,
 ) -> Result<ClientConfig, crate::tunnel::TunnelError> {
+    client_config_for(local, &TrustAnchors::new(bundle)?, expected)
+}
+
+/// [`client_config`] against already built trust anchors (and their verified chains).
+pub fn client_config_for(
+    local: &WorkloadCertificate,
+    anchors: &Arc<TrustAnchors>,
+    expected: &SpiffeId,
+) -> Result<ClientConfig, crate::tunnel::TunnelError> {
     let provider = provider();
     let verifier = Arc::new(ServerIdentityVerifier {
-        roots: bundle.root_store()?,
+        anchors: anchors.clone(),
         expected: expected.clone(),
         provider: provider.clone(),
     });
@@ -156,21 +166,31 @@ pub fn client_config(
 }
 
 /// Server side: present `local`, require a client certificate that chains to `bundle` and
-/// names an identity in `trust_domain`.
+/// names an identity in `trust_domain`. A configuration of its own, like [`client_config`]
+/// (the agent builds through [`ConfigCache`]; tests build one directly).
+#[cfg(test)]
 pub fn server_config(
     local: &WorkloadCertificate,
     bundle: &TrustBundle,
     trust_domain: &str,
 ) -> Result<ServerConfig, crate::tunnel::TunnelError> {
+    server_config_for(local, &TrustAnchors::new(bundle)?, trust_domain)
+}
+
+/// [`server_config`] against already built trust anchors (and their verified chains).
+pub fn server_config_for(
+    local: &WorkloadCertificate,
+    anchors: &Arc<TrustAnchors>,
+    trust_domain: &str,
+) -> Result<ServerConfig, crate::tunnel::TunnelError> {
     let provider = provider();
-    let inner = WebPkiClientVerifier::builder_with_provider(
-        Arc::new(bundle.root_store()?),
-        provider.clone(),
-    )
-    .build()
-    .map_err(|e| Error::General(e.to_string()))?;
+    let inner =
+        WebPkiClientVerifier::builder_with_provider(anchors.store.clone(), provider.clone())
+            .build()
+            .map_err(|e| Error::General(e.to_string()))?;
     let verifier = Arc::new(ClientIdentityVerifier {
         inner,
+        anchors: anchors.clone(),
         trust_domain: trust_domain.to_string(),
     });
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -215,7 +235,7 @@ impl rustls::server::ResolvesServerCert for SingleCert {
 /// in the URI SAN) and then that the SAN is the identity we meant to reach.
 #[derive(Debug)]
 struct ServerIdentityVerifier {
-    roots: RootCertStore,
+    anchors: Arc<TrustAnchors>,
     expected: SpiffeId,
     provider: Arc<CryptoProvider>,
 }
@@ -229,16 +249,22 @@ impl ServerCertVerifier for ServerIdentityVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
+        let got = self.anchors.chains.verify(
+            ChainUsage::ServerAuth,
+            end_entity,
             intermediates,
             now,
-            self.provider.signature_verification_algorithms.all,
+            || {
+                let parsed = ParsedCertificate::try_from(end_entity)?;
+                rustls::client::verify_server_cert_signed_by_trust_anchor(
+                    &parsed,
+                    &self.anchors.store,
+                    intermediates,
+                    now,
+                    self.provider.signature_verification_algorithms.all,
+                )
+            },
         )?;
-        let got = identity_from_cert(end_entity)
-            .map_err(|_| spiffe_error(HandshakeFailure::NoSpiffeId))?;
         if got != self.expected {
             return Err(spiffe_error(HandshakeFailure::SanMismatch {
                 expected: self.expected.to_string(),
@@ -285,6 +311,7 @@ impl ServerCertVerifier for ServerIdentityVerifier {
 #[derive(Debug)]
 struct ClientIdentityVerifier {
     inner: Arc<dyn ClientCertVerifier>,
+    anchors: Arc<TrustAnchors>,
     trust_domain: String,
 }
 
@@ -299,10 +326,17 @@ impl ClientCertVerifier for ClientIdentityVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        let id = identity_from_cert(end_entity)
-            .map_err(|_| spiffe_error(HandshakeFailure::NoSpiffeId))?;
+        let id = self.anchors.chains.verify(
+            ChainUsage::ClientAuth,
+            end_entity,
+            intermediates,
+            now,
+            || {
+                self.inner
+                    .verify_client_cert(end_entity, intermediates, now)
+                    .map(|_| ())
+            },
+        )?;
         if id.trust_domain() != self.trust_domain {
             return Err(spiffe_error(HandshakeFailure::WrongTrustDomain {
                 got: id.to_string(),
@@ -341,12 +375,203 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'static>]>) -> Option<Spiffe
         .and_then(|leaf| identity_from_cert(leaf).ok())
 }
 
+/// The trust bundle in the form the verifiers use, built once per bundle and shared by every
+/// configuration built against it, together with the peer chains already verified against
+/// exactly these roots. A changed bundle gets new anchors with an empty chain cache, so a
+/// chain verified under old roots is never taken on trust under new ones.
+pub struct TrustAnchors {
+    bundle: TrustBundle,
+    store: Arc<RootCertStore>,
+    chains: VerifiedChains,
+}
+
+impl TrustAnchors {
+    pub fn new(bundle: &TrustBundle) -> Result<Arc<Self>, crate::tunnel::TunnelError> {
+        Ok(Arc::new(Self {
+            bundle: bundle.clone(),
+            store: Arc::new(bundle.root_store()?),
+            chains: VerifiedChains::new(VERIFIED_CHAINS_CAPACITY),
+        }))
+    }
+
+    /// Chains currently cached as verified.
+    #[cfg(test)]
+    pub fn verified_chains(&self) -> usize {
+        self.chains.len()
+    }
+}
+
+impl std::fmt::Debug for TrustAnchors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrustAnchors")
+            .field("bundle", &self.bundle)
+            .field("verified_chains", &self.chains.len())
+            .finish()
+    }
+}
+
+/// Enough for every peer certificate a node's pods talk to within a renewal period; an entry
+/// is the chain's DER (about a KiB for a leaf and no intermediate).
+const VERIFIED_CHAINS_CAPACITY: usize = 1024;
+
+/// What a chain was verified for: the extended key usage checked differs (a chain good as a
+/// client certificate need not be good as a server certificate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum ChainUsage {
+    ServerAuth,
+    ClientAuth,
+}
+
+/// The exact DER of the leaf and the intermediates, each length-prefixed so that no two
+/// different chains share a key.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct ChainKey {
+    usage: ChainUsage,
+    der: Box<[u8]>,
+}
+
+impl ChainKey {
+    fn new(
+        usage: ChainUsage,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Self {
+        let certs = || std::iter::once(end_entity).chain(intermediates);
+        let mut der = Vec::with_capacity(certs().map(|c| c.len() + 4).sum());
+        for cert in certs() {
+            // A certificate's DER is far below 4 GiB (rustls bounds a handshake message at 16 MiB).
+            der.extend_from_slice(&(cert.len() as u32).to_be_bytes());
+            der.extend_from_slice(cert);
+        }
+        Self {
+            usage,
+            der: der.into_boxed_slice(),
+        }
+    }
+}
+
+/// What a full verification established about a chain and what must still be checked at
+/// each use: the time window in which every certificate of the chain is valid (checked
+/// against the handshake's time, as WebPKI does), and the SPIFFE ID of the leaf (checked
+/// against the expected identity or trust domain by the caller).
+struct VerifiedChain {
+    valid_from: u64,
+    valid_until: u64,
+    identity: SpiffeId,
+}
+
+/// Peer chains whose signatures up to a trust anchor were verified in full. A full
+/// verification of a P-256 chain is an ECDSA verify, about a quarter of a handshake's
+/// instructions on each end; peers present the same certificate on every connection until
+/// it renews. A hit still checks the validity time and hands back the leaf's identity for
+/// the caller's identity check; the handshake's CertificateVerify (proof that the peer holds
+/// the key) is verified by rustls on every handshake, cached chain or not. Anything the cache
+/// cannot vouch for (no entry, outside the window, a poisoned lock) takes the full path,
+/// whose error is the one reported.
+struct VerifiedChains {
+    entries: std::sync::Mutex<std::collections::HashMap<ChainKey, VerifiedChain>>,
+    capacity: usize,
+    hits: std::sync::atomic::AtomicU64,
+}
+
+impl VerifiedChains {
+    fn new(capacity: usize) -> Self {
+        Self {
+            entries: std::sync::Mutex::new(std::collections::HashMap::new()),
+            capacity: capacity.max(1),
+            hits: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.entries.lock().map_or(0, |e| e.len())
+    }
+
+    #[cfg(test)]
+    fn hits(&self) -> u64 {
+        self.hits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The leaf's SPIFFE ID once the chain is known good at `now`: from the cache, or after
+    /// `full_verify` (chain building, signatures, validity, key usage) succeeds.
+    fn verify(
+        &self,
+        usage: ChainUsage,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        full_verify: impl FnOnce() -> Result<(), Error>,
+    ) -> Result<SpiffeId, Error> {
+        let key = ChainKey::new(usage, end_entity, intermediates);
+        let now_secs = now.as_secs();
+        if let Ok(entries) = self.entries.lock()
+            && let Some(hit) = entries.get(&key)
+            // WebPKI's own bounds: valid from not_before through not_after, both inclusive.
+            && hit.valid_from <= now_secs
+            && now_secs <= hit.valid_until
+        {
+            self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(hit.identity.clone());
+        }
+        full_verify()?;
+        let identity = identity_from_cert(end_entity)
+            .map_err(|_| spiffe_error(HandshakeFailure::NoSpiffeId))?;
+        if let Some((valid_from, valid_until)) = validity_window(end_entity, intermediates)
+            && valid_from <= now_secs
+            && now_secs <= valid_until
+            && let Ok(mut entries) = self.entries.lock()
+        {
+            if entries.len() >= self.capacity {
+                entries.retain(|_, e| e.valid_until >= now_secs);
+            }
+            if entries.len() >= self.capacity
+                && let Some(victim) = entries.keys().next().map(|k| ChainKey {
+                    usage: k.usage,
+                    der: k.der.clone(),
+                })
+            {
+                entries.remove(&victim);
+            }
+            entries.insert(
+                key,
+                VerifiedChain {
+                    valid_from,
+                    valid_until,
+                    identity: identity.clone(),
+                },
+            );
+        }
+        Ok(identity)
+    }
+}
+
+/// The seconds-since-epoch window in which every certificate given is valid: the latest
+/// not_before and the earliest not_after. `None` (do not cache) if any does not parse or
+/// dates from before 1970, which WebPKI would not have accepted anyway.
+fn validity_window(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+) -> Option<(u64, u64)> {
+    let mut window = (0u64, u64::MAX);
+    for cert in std::iter::once(end_entity).chain(intermediates) {
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+        let validity = parsed.validity();
+        let not_before = u64::try_from(validity.not_before.timestamp()).ok()?;
+        let not_after = u64::try_from(validity.not_after.timestamp()).ok()?;
+        window = (window.0.max(not_before), window.1.min(not_after));
+    }
+    Some(window)
+}
+
 /// Built rustls configurations, shared by every handshake with the same local certificate,
 /// trust bundle and peer expectation. Building one parses the private key, the roots and
 /// sets up a verifier, which is a sizeable share of a full handshake's cost; an entry is
-/// rebuilt when the certificate renews (new serial) or the bundle changes.
+/// rebuilt when the certificate renews (new serial) or the bundle changes. Every
+/// configuration built for the same bundle shares one [`TrustAnchors`], so a peer chain
+/// verified for one configuration is a cache hit for the others.
 pub struct ConfigCache<C> {
     entries: std::sync::Mutex<std::collections::HashMap<String, CachedConfig<C>>>,
+    anchors: std::sync::Mutex<Option<Arc<TrustAnchors>>>,
 }
 
 struct CachedConfig<C> {
@@ -359,6 +584,7 @@ impl<C> Default for ConfigCache<C> {
     fn default() -> Self {
         Self {
             entries: std::sync::Mutex::new(std::collections::HashMap::new()),
+            anchors: std::sync::Mutex::new(None),
         }
     }
 }
@@ -369,7 +595,7 @@ impl<C> ConfigCache<C> {
         key: String,
         local: &WorkloadCertificate,
         bundle: &TrustBundle,
-        build: impl FnOnce() -> Result<C, crate::tunnel::TunnelError>,
+        build: impl FnOnce(&Arc<TrustAnchors>) -> Result<C, crate::tunnel::TunnelError>,
     ) -> Result<Arc<C>, crate::tunnel::TunnelError> {
         if let Ok(entries) = self.entries.lock()
             && let Some(hit) = entries.get(&key)
@@ -378,7 +604,7 @@ impl<C> ConfigCache<C> {
         {
             return Ok(hit.config.clone());
         }
-        let config = Arc::new(build()?);
+        let config = Arc::new(build(&self.anchors_for(bundle)?)?);
         if let Ok(mut entries) = self.entries.lock() {
             entries.insert(
                 key,
@@ -390,5 +616,351 @@ impl<C> ConfigCache<C> {
             );
         }
         Ok(config)
+    }
+
+    /// The anchors for `bundle`: the current ones while the bundle is unchanged, else new
+    /// ones (with an empty verified-chain cache) that replace them.
+    pub fn anchors_for(
+        &self,
+        bundle: &TrustBundle,
+    ) -> Result<Arc<TrustAnchors>, crate::tunnel::TunnelError> {
+        let mut current = match self.anchors.lock() {
+            Ok(current) => current,
+            Err(_) => return TrustAnchors::new(bundle),
+        };
+        if let Some(anchors) = current.as_ref()
+            && anchors.bundle == *bundle
+        {
+            return Ok(anchors.clone());
+        }
+        let anchors = TrustAnchors::new(bundle)?;
+        *current = Some(anchors.clone());
+        Ok(anchors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use super::*;
+    use crate::identity::{CertificateAuthority as _, LocalCa};
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", "default", sa).expect("SPIFFE ID")
+    }
+
+    fn at(time: SystemTime) -> UnixTime {
+        UnixTime::since_unix_epoch(time.duration_since(UNIX_EPOCH).expect("after 1970"))
+    }
+
+    /// A certificate valid for ten minutes from `start`.
+    fn issue(ca: &LocalCa, sa: &str, start: SystemTime) -> WorkloadCertificate {
+        ca.issue_with_validity(&id(sa), start, start + Duration::from_secs(600))
+            .expect("certificate")
+    }
+
+    fn server_verifier(anchors: &Arc<TrustAnchors>, expected: &str) -> ServerIdentityVerifier {
+        ServerIdentityVerifier {
+            anchors: anchors.clone(),
+            expected: id(expected),
+            provider: provider(),
+        }
+    }
+
+    fn client_verifier(anchors: &Arc<TrustAnchors>, trust_domain: &str) -> ClientIdentityVerifier {
+        ClientIdentityVerifier {
+            inner: WebPkiClientVerifier::builder_with_provider(anchors.store.clone(), provider())
+                .build()
+                .expect("verifier"),
+            anchors: anchors.clone(),
+            trust_domain: trust_domain.to_string(),
+        }
+    }
+
+    fn as_server(
+        verifier: &ServerIdentityVerifier,
+        cert: &WorkloadCertificate,
+        now: SystemTime,
+    ) -> Result<(), HandshakeFailure> {
+        let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+        verifier
+            .verify_server_cert(cert.leaf(), &cert.chain[1..], &name, &[], at(now))
+            .map(|_| ())
+            .map_err(|e| HandshakeFailure::from_tls_error(&e))
+    }
+
+    fn as_client(
+        verifier: &ClientIdentityVerifier,
+        cert: &WorkloadCertificate,
+        now: SystemTime,
+    ) -> Result<(), HandshakeFailure> {
+        verifier
+            .verify_client_cert(cert.leaf(), &cert.chain[1..], at(now))
+            .map(|_| ())
+            .map_err(|e| HandshakeFailure::from_tls_error(&e))
+    }
+
+    #[test]
+    fn a_cached_chain_is_refused_outside_its_validity() {
+        crate::identity::install_crypto_provider();
+        let ca = LocalCa::generate().expect("CA");
+        let start = UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+        let cert = issue(&ca, "server", start);
+        let anchors = TrustAnchors::new(&ca.trust_bundle()).expect("anchors");
+        let server = server_verifier(&anchors, "server");
+        let client = client_verifier(&anchors, "cluster.local");
+        let secs = |s| start + Duration::from_secs(s);
+
+        assert_eq!(as_server(&server, &cert, secs(10)), Ok(()));
+        assert_eq!(as_client(&client, &cert, secs(10)), Ok(()));
+        assert_eq!(anchors.verified_chains(), 2, "one entry per usage");
+        assert_eq!(as_server(&server, &cert, secs(20)), Ok(()));
+        assert_eq!(as_client(&client, &cert, secs(20)), Ok(()));
+        assert_eq!(anchors.chains.hits(), 2, "both verified from the cache");
+
+        // With the chain in the cache: after not_after, and before not_before.
+        assert_eq!(
+            as_server(&server, &cert, secs(601)),
+            Err(HandshakeFailure::Expired)
+        );
+        assert_eq!(
+            as_client(&client, &cert, secs(601)),
+            Err(HandshakeFailure::Expired)
+        );
+        assert_eq!(
+            as_server(&server, &cert, start - Duration::from_secs(1)),
+            Err(HandshakeFailure::NotYetValid)
+        );
+        assert_eq!(
+            as_client(&client, &cert, start - Duration::from_secs(1)),
+            Err(HandshakeFailure::NotYetValid)
+        );
+        assert_eq!(anchors.chains.hits(), 2, "no hit outside the window");
+        // WebPKI's bounds are inclusive; the cache's are the same.
+        assert_eq!(as_server(&server, &cert, secs(600)), Ok(()));
+        assert_eq!(as_server(&server, &cert, start), Ok(()));
+        assert_eq!(anchors.chains.hits(), 4);
+    }
+
+    #[test]
+    fn a_cached_chain_is_refused_for_another_identity_or_trust_domain() {
+        crate::identity::install_crypto_provider();
+        let ca = LocalCa::generate().expect("CA");
+        let now = SystemTime::now();
+        let cert = issue(&ca, "server", now);
+        let anchors = TrustAnchors::new(&ca.trust_bundle()).expect("anchors");
+
+        assert_eq!(
+            as_server(&server_verifier(&anchors, "server"), &cert, now),
+            Ok(())
+        );
+        assert_eq!(
+            as_server(&server_verifier(&anchors, "other"), &cert, now),
+            Err(HandshakeFailure::SanMismatch {
+                expected: id("other").to_string(),
+                got: id("server").to_string(),
+            })
+        );
+        assert_eq!(
+            as_client(&client_verifier(&anchors, "cluster.local"), &cert, now),
+            Ok(())
+        );
+        assert_eq!(
+            as_client(&client_verifier(&anchors, "example.org"), &cert, now),
+            Err(HandshakeFailure::WrongTrustDomain {
+                got: id("server").to_string()
+            })
+        );
+        assert_eq!(
+            anchors.chains.hits(),
+            2,
+            "both refusals came with the chain cached"
+        );
+    }
+
+    #[test]
+    fn a_trust_swap_refuses_chains_verified_under_the_old_roots() {
+        crate::identity::install_crypto_provider();
+        let old_ca = LocalCa::generate().expect("CA");
+        let new_ca = LocalCa::generate().expect("CA");
+        let now = SystemTime::now();
+        let cert = issue(&old_ca, "client", now);
+        let cache = ConfigCache::<ServerConfig>::default();
+
+        let old = cache.anchors_for(&old_ca.trust_bundle()).expect("anchors");
+        assert_eq!(
+            as_client(&client_verifier(&old, "cluster.local"), &cert, now),
+            Ok(())
+        );
+        assert_eq!(
+            as_server(&server_verifier(&old, "client"), &cert, now),
+            Ok(())
+        );
+        assert_eq!(old.verified_chains(), 2);
+        let same = cache.anchors_for(&old_ca.trust_bundle()).expect("anchors");
+        assert!(
+            Arc::ptr_eq(&old, &same),
+            "an unchanged bundle keeps its anchors"
+        );
+
+        let swapped = cache.anchors_for(&new_ca.trust_bundle()).expect("anchors");
+        assert!(!Arc::ptr_eq(&old, &swapped));
+        assert_eq!(
+            swapped.verified_chains(),
+            0,
+            "new roots start with no verified chain"
+        );
+        assert_eq!(
+            as_client(&client_verifier(&swapped, "cluster.local"), &cert, now),
+            Err(HandshakeFailure::UnknownCa)
+        );
+        assert_eq!(
+            as_server(&server_verifier(&swapped, "client"), &cert, now),
+            Err(HandshakeFailure::UnknownCa)
+        );
+        assert_eq!(
+            swapped.verified_chains(),
+            0,
+            "refused chains are not cached"
+        );
+    }
+
+    #[test]
+    fn a_chain_verified_for_one_usage_is_not_a_hit_for_the_other() {
+        crate::identity::install_crypto_provider();
+        let ca = LocalCa::generate().expect("CA");
+        let now = SystemTime::now();
+        let cert = issue(&ca, "server", now);
+        let anchors = TrustAnchors::new(&ca.trust_bundle()).expect("anchors");
+        assert_eq!(
+            as_server(&server_verifier(&anchors, "server"), &cert, now),
+            Ok(())
+        );
+        assert_eq!(
+            as_client(&client_verifier(&anchors, "cluster.local"), &cert, now),
+            Ok(())
+        );
+        assert_eq!(
+            anchors.chains.hits(),
+            0,
+            "the client-auth check ran in full"
+        );
+        assert_eq!(
+            ChainKey::new(ChainUsage::ServerAuth, cert.leaf(), &[]),
+            ChainKey::new(ChainUsage::ServerAuth, cert.leaf(), &[])
+        );
+        assert_ne!(
+            ChainKey::new(ChainUsage::ServerAuth, cert.leaf(), &[]),
+            ChainKey::new(ChainUsage::ClientAuth, cert.leaf(), &[])
+        );
+        // Moving a certificate between leaf and intermediates changes the key.
+        let other = issue(&ca, "other", now);
+        assert_ne!(
+            ChainKey::new(
+                ChainUsage::ServerAuth,
+                cert.leaf(),
+                std::slice::from_ref(other.leaf())
+            ),
+            ChainKey::new(
+                ChainUsage::ServerAuth,
+                other.leaf(),
+                std::slice::from_ref(cert.leaf())
+            )
+        );
+    }
+
+    #[test]
+    fn the_verified_chain_cache_is_bounded() {
+        crate::identity::install_crypto_provider();
+        let ca = LocalCa::generate().expect("CA");
+        let now = SystemTime::now();
+        let chains = VerifiedChains::new(2);
+        let certs: Vec<_> = ["a", "b", "c"]
+            .iter()
+            .map(|sa| issue(&ca, sa, now))
+            .collect();
+        for cert in &certs {
+            let got = chains.verify(ChainUsage::ServerAuth, cert.leaf(), &[], at(now), || Ok(()));
+            assert_eq!(got, Ok(cert.identity.clone()));
+        }
+        assert_eq!(chains.len(), 2);
+        let last = &certs[2];
+        let got = chains.verify(ChainUsage::ServerAuth, last.leaf(), &[], at(now), || {
+            Err(Error::General(
+                "must not run: the newest chain is cached".into(),
+            ))
+        });
+        assert_eq!(got, Ok(last.identity.clone()));
+    }
+
+    /// The chain being cached does not excuse the handshake's CertificateVerify: a client
+    /// presenting a known-good chain without its private key is refused.
+    #[tokio::test]
+    async fn a_cached_chain_without_its_key_is_refused() {
+        crate::identity::install_crypto_provider();
+        let ca = LocalCa::generate().expect("CA");
+        let now = SystemTime::now();
+        let server = issue(&ca, "server", now);
+        let client = issue(&ca, "client", now);
+        let impostor = issue(&ca, "impostor", now);
+        let anchors = TrustAnchors::new(&ca.trust_bundle()).expect("anchors");
+        let server_config =
+            Arc::new(server_config_for(&server, &anchors, "cluster.local").expect("config"));
+
+        async fn handshake(
+            client: ClientConfig,
+            server: Arc<ServerConfig>,
+        ) -> Result<(), std::io::Error> {
+            let (a, b) = tokio::io::duplex(64 * 1024);
+            let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+            let (_, accepted) = tokio::join!(
+                tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, a),
+                tokio_rustls::TlsAcceptor::from(server).accept(b),
+            );
+            accepted.map(|_| ())
+        }
+
+        let genuine = client_config_for(&client, &anchors, &id("server")).expect("config");
+        handshake(genuine, server_config.clone())
+            .await
+            .expect("the genuine client is accepted");
+        let hits = anchors.chains.hits();
+
+        // The client's chain, signed for with the impostor's key.
+        let wrong_key = provider()
+            .key_provider
+            .load_private_key(impostor.key.clone_key())
+            .expect("key");
+        let stolen = Arc::new(rustls::sign::CertifiedKey::new(
+            client.chain.clone(),
+            wrong_key,
+        ));
+        let forged = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(server_verifier(&anchors, "server")))
+            .with_client_cert_resolver(Arc::new(SingleCert(stolen)));
+        let mut forged = forged;
+        forged.alpn_protocols = vec![ALPN_H2.to_vec()];
+        let refused = handshake(forged, server_config)
+            .await
+            .expect_err("the stolen chain is refused");
+        let tls = refused
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<Error>())
+            .expect("a TLS error");
+        assert!(
+            matches!(
+                tls,
+                Error::InvalidCertificate(CertificateError::BadSignature)
+            ),
+            "refused for its signature, got {tls:?}"
+        );
+        assert!(
+            anchors.chains.hits() >= hits + 2,
+            "the server chain on the client and the client chain on the server were cache hits"
+        );
     }
 }
