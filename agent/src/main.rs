@@ -111,6 +111,9 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             let args = *args;
+            if let Err(e) = ambit_agent::sys::tune_malloc() {
+                tracing::warn!(error = %e, "malloc keeps its default thresholds");
+            }
             match ambit_agent::sys::raise_nofile_limit() {
                 Ok(limit) => tracing::debug!(limit, "open-file limit"),
                 Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),

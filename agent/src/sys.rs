@@ -149,6 +149,37 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(limit.rlim_cur)
 }
 
+/// Fixes glibc malloc's mmap and trim thresholds (the agent calls it first thing, before
+/// any thread exists). Left alone, glibc raises both whenever a large block it had mmapped
+/// is freed (up to 32 and 64 MiB), and from then on memory freed in an arena stays resident.
+/// The first such block is aya's read of the kernel's BTF (5 MB) at start and again for each
+/// pod enrolled for the first time (its sk_lookup instance is loaded then): the parse's
+/// ~20 MB of heap stayed resident in the enrolling thread's arena, per pod. With fixed
+/// thresholds it goes back to the kernel. Both stay above the largest buffer the data path
+/// allocates (the copy loop's 256 KiB reads, h2's frames up to 1 MiB), so those are reused
+/// from the heap instead of being mmapped, faulted in and unmapped each time.
+#[cfg(target_env = "gnu")]
+pub fn tune_malloc() -> io::Result<()> {
+    const THRESHOLD: libc::c_int = 2 << 20;
+    for (param, name) in [
+        (libc::M_MMAP_THRESHOLD, "M_MMAP_THRESHOLD"),
+        (libc::M_TRIM_THRESHOLD, "M_TRIM_THRESHOLD"),
+    ] {
+        // SAFETY: mallopt takes two integers and changes allocator settings only; glibc
+        // serialises it against concurrent allocation itself.
+        if unsafe { libc::mallopt(param, THRESHOLD) } != 1 {
+            return Err(io::Error::other(format!("mallopt({name}) refused")));
+        }
+    }
+    Ok(())
+}
+
+/// Other C libraries keep their own allocator policy.
+#[cfg(not(target_env = "gnu"))]
+pub fn tune_malloc() -> io::Result<()> {
+    Ok(())
+}
+
 /// Sets RLIMIT_NOFILE's soft limit (tests that need descriptors to run out).
 #[cfg(test)]
 pub fn set_nofile_soft_limit(soft: u64) -> io::Result<()> {
