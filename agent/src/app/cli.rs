@@ -126,6 +126,10 @@ pub struct RunArgs {
     /// For measuring the cost of a full handshake per connection; not for production.
     #[arg(long)]
     pub no_pool: bool,
+    /// Do not move the bytes of the local legs (app <-> agent inside a pod) through the
+    /// kernel's sockmap (sk_msg redirect): they take loopback TCP, as without eBPF.
+    #[arg(long)]
+    pub no_sockmap: bool,
 }
 
 impl RunArgs {
@@ -204,6 +208,7 @@ impl RunArgs {
             readiness_addr: args.readiness_addr,
             drain_deadline: Duration::from_millis(args.drain_deadline_ms),
             ebpf_log_level: args.ebpf_log_level,
+            sockmap: !args.no_sockmap,
             log,
         };
         Ok(options)
@@ -259,6 +264,7 @@ mod tests {
         ("drain-deadline-ms", Some("2345"), Mode::Both, "/drainDeadline", Some(r#""2345ms""#)),
         ("ebpf-log-level", Some("debug"), Mode::Both, "/ebpfLogLevel", Some(r#""DEBUG""#)),
         ("no-pool", None, Mode::Both, "/tunnel/pooling", Some("false")),
+        ("no-sockmap", None, Mode::Both, "/sockmap", Some("false")),
         ("config", Some("/s/mesh.yaml"), Mode::File, "/source/file/config", Some(r#""/s/mesh.yaml""#)),
         ("reload-interval-ms", Some("333"), Mode::File, "/source/file/reloadInterval", Some(r#""333ms""#)),
         ("ca-cert", Some("/s/ca.pem"), Mode::File, "/caCert", Some(r#""/s/ca.pem""#)),
@@ -362,6 +368,7 @@ mod tests {
         assert_eq!(config["drainDeadline"], "5s");
         assert_eq!(config["source"]["file"]["reloadInterval"], "500ms");
         assert_eq!(config["tunnel"]["pooling"], true);
+        assert_eq!(config["sockmap"], true);
         assert_eq!(config["remoteCa"], Value::Null);
         assert_eq!(
             config["adminAddr"],
