@@ -2,7 +2,7 @@
 //! of both legs are handed to the peer socket by `ambit_sk_msg` (the agents count them),
 //! and the stream stays what TCP would deliver: every byte in order (64 MiB each way,
 //! checksummed), the half-close carried after the last byte, resets carried both ways.
-//! `--no-sockmap` leaves the legs on TCP with the same results.
+//! Without `--sockmap` (the default) the legs stay on TCP with the same results.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -235,7 +235,7 @@ fn transfer_checked(bed: &Testbed, to: &str, size: u64) -> anyhow::Result<()> {
 
 #[test]
 fn local_legs_move_bytes_through_the_sockmap_whole_and_in_order() -> anyhow::Result<()> {
-    let bed = bed(&[])?;
+    let bed = bed(&["--sockmap"])?;
     for agent in [0, 1] {
         assert_eq!(metric(&bed, agent, "ambit_sockmap_attached")?, 1);
     }
@@ -323,7 +323,7 @@ fn reset_server(pod: &ambit_e2e::testbed::Pod, port: u16) -> anyhow::Result<mpsc
 
 #[test]
 fn resets_cross_the_sockmap_legs_both_ways() -> anyhow::Result<()> {
-    let bed = bed(&[])?;
+    let bed = bed(&["--sockmap"])?;
     for (server, agents) in [("server-b", vec![0, 1]), ("server-a", vec![0])] {
         let ends = reset_server(bed.pod(server), RESET_PORT)?;
         let target = bed.pod(server).addr(RESET_PORT);
@@ -356,20 +356,31 @@ fn resets_cross_the_sockmap_legs_both_ways() -> anyhow::Result<()> {
             "{server}: the client app's reset reaches the server app"
         );
 
-        for (agent, before) in agents.iter().zip(before) {
-            let moved = redirected(&bed, *agent)? - before;
-            assert!(
-                moved >= ANSWER as u64,
-                "{server}: agent {agent} redirected only {moved} bytes of the answers"
-            );
-        }
+        // The server app's answers were handed over in full at its send, before any reset;
+        // the client leg carried at least the two 2-byte requests (what else of the
+        // answers reached it before the resets is up to timing).
+        let moved: Vec<u64> = agents
+            .iter()
+            .zip(&before)
+            .map(|(agent, before)| Ok(redirected(&bed, *agent)? - before))
+            .collect::<anyhow::Result<_>>()?;
+        let server_leg = *moved.last().unwrap_or(&0);
+        assert!(
+            server_leg >= 2 * ANSWER as u64,
+            "{server}: the server leg redirected {server_leg} bytes"
+        );
+        assert!(
+            moved[0] >= 4,
+            "{server}: the client leg redirected {} bytes",
+            moved[0]
+        );
     }
     Ok(())
 }
 
 #[test]
-fn no_sockmap_keeps_local_legs_on_tcp() -> anyhow::Result<()> {
-    let bed = bed(&["--no-sockmap"])?;
+fn without_the_flag_local_legs_stay_on_tcp() -> anyhow::Result<()> {
+    let bed = bed(&[])?;
     transfer_checked(&bed, "server-b", 8 * MIB)?;
     transfer_checked(&bed, "server-a", 8 * MIB)?;
     for agent in [0, 1] {
@@ -379,6 +390,43 @@ fn no_sockmap_keeps_local_legs_on_tcp() -> anyhow::Result<()> {
             metric(&bed, agent, "ambit_sockmap_attach_failures_total")?,
             0
         );
+    }
+    Ok(())
+}
+
+/// User plus system CPU seconds of a process so far.
+fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    Ok(ticks / 100.0)
+}
+
+/// Not a check: bulk throughput and both agents' CPU per GiB with and without the
+/// sockmap, one stream, cross-node and same node. Run alone, under the bench lock:
+/// `cargo test -p ambit-e2e --test sockmap measure -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn measure_bulk_with_and_without_the_sockmap() -> anyhow::Result<()> {
+    let size = 512 * MIB;
+    for args in [&[][..], &["--sockmap"][..], &[][..], &["--sockmap"][..]] {
+        let bed = bed(args)?;
+        for server in ["server-b", "server-a"] {
+            let pids = [bed.agent(0).pid(), bed.agent(1).pid()];
+            let cpu0: f64 = cpu_secs(pids[0])? + cpu_secs(pids[1])?;
+            let started = std::time::Instant::now();
+            transfer_checked(&bed, server, size)?;
+            let secs = started.elapsed().as_secs_f64();
+            let cpu = cpu_secs(pids[0])? + cpu_secs(pids[1])? - cpu0;
+            let gib = 2.0 * size as f64 / (1024.0 * MIB as f64);
+            eprintln!(
+                "measure {args:?} {server}: {:.2} Gbit/s (both ways in turn), agents' CPU {:.2} s/GiB",
+                gib * 8.0 * 1.073_741_824 / secs,
+                cpu / gib
+            );
+        }
     }
     Ok(())
 }

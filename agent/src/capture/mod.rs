@@ -162,7 +162,7 @@ pub struct CaptureConfig {
     /// Most verbose level the eBPF programs log at.
     pub ebpf_log_level: tracing::Level,
     /// Move the bytes of the local legs (app <-> agent in a pod) with the sockmap
-    /// (`ambit_sk_msg`) instead of loopback TCP.
+    /// (`ambit_sk_msg`) instead of loopback TCP. Experimental, off by default (`--sockmap`).
     pub sockmap: bool,
 }
 
@@ -173,7 +173,7 @@ impl Default for CaptureConfig {
             cgroup: None,
             excluded_ports: Vec::new(),
             ebpf_log_level: tracing::Level::WARN,
-            sockmap: true,
+            sockmap: false,
         }
     }
 }
