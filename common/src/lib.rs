@@ -35,6 +35,8 @@ pub mod programs {
     pub const TC_REPLY_TO_LO: &str = "ambit_tc_reply_to_lo";
     /// tc egress on a pod's lo: the agent's own (marked) packets re-enter at lo ingress.
     pub const TC_AGENT_LO: &str = "ambit_tc_agent_lo";
+    /// sk_msg on the LOCAL_LEGS sockhash: bytes of a local leg go straight to the peer.
+    pub const SK_MSG: &str = "ambit_sk_msg";
 }
 
 /// Names of the global variables the agent sets at load time.
@@ -65,7 +67,36 @@ pub mod maps {
     pub const PEER_ORIG_DST: &str = "PEER_ORIG_DST";
     /// SOCKHASH [`crate::ListenerKey`] -> the agent's in-pod inbound listeners.
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    /// SOCKHASH [`crate::SockKey`] -> the sockets of the local legs (app <-> agent inside
+    /// one pod netns) whose bytes the sk_msg program moves to the peer's receive queue.
+    pub const LOCAL_LEGS: &str = "LOCAL_LEGS";
+    /// [`crate::SockKey`] -> 1 (LRU): the agent's upstream sockets to an app, so that the
+    /// app's accepted socket (the swapped key) is known as their peer.
+    pub const AGENT_UPSTREAMS: &str = "AGENT_UPSTREAMS";
+    /// [`crate::SockKey`] -> 1 (LRU): sockets that already sent bytes over TCP; they keep
+    /// to TCP, since redirected bytes would overtake those still in flight.
+    pub const TCP_LEGS: &str = "TCP_LEGS";
+    /// Array of one u32: [`crate::SOCKMAP_ON`] when the sk_msg program is attached.
+    pub const SOCKMAP_SWITCH: &str = "SOCKMAP_SWITCH";
+    /// Per-CPU u64 counters, indexed by [`crate::SockmapStat`].
+    pub const SOCKMAP_STATS: &str = "SOCKMAP_STATS";
 }
+
+/// Value of `SOCKMAP_SWITCH[0]` that lets sock_ops put local legs into LOCAL_LEGS.
+pub const SOCKMAP_ON: u32 = 1;
+
+/// Indexes of the SOCKMAP_STATS counters.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SockmapStat {
+    /// Bytes handed to a peer's receive queue by the sk_msg program.
+    RedirectedBytes = 0,
+    /// Local-leg sockets that found no peer at their first send and stayed on TCP.
+    TcpFallbacks = 1,
+}
+
+/// Number of SOCKMAP_STATS slots.
+pub const SOCKMAP_STATS_LEN: u32 = 2;
 
 /// Slot of the plaintext inbound listener (port [`INBOUND_PLAINTEXT_PORT`]) in
 /// [`ListenerKey::slot`].
@@ -114,6 +145,33 @@ pub struct FlowKey {
     pub reserved: u32,
 }
 
+/// One end of a TCP connection inside one netns: the LOCAL_LEGS key. The peer of a socket
+/// is found under the swapped key (same netns, local and remote exchanged).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub netns_cookie: u64,
+    /// Addresses in network byte order.
+    pub local_ip4: u32,
+    pub remote_ip4: u32,
+    /// Ports in host byte order.
+    pub local_port: u32,
+    pub remote_port: u32,
+}
+
+impl SockKey {
+    /// The key of the other end of the same connection.
+    pub fn peer(&self) -> Self {
+        Self {
+            netns_cookie: self.netns_cookie,
+            local_ip4: self.remote_ip4,
+            remote_ip4: self.local_ip4,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
 /// Where a captured connection was going before the connect() was rewritten.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,6 +190,7 @@ const _: () = {
     assert!(core::mem::size_of::<FlowKey>() == 16);
     assert!(core::mem::size_of::<ListenerKey>() == 16);
     assert!(core::mem::size_of::<OrigDst>() == 24);
+    assert!(core::mem::size_of::<SockKey>() == 24);
 };
 
 #[cfg(feature = "user")]
@@ -144,4 +203,5 @@ mod user {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for SockKey {}
 }

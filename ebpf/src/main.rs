@@ -8,11 +8,13 @@
 use ambit_common::{
     AGENT_MARK, ENROLL_OUTBOUND, EnrolledPod, FAMILY_V4, FlowKey, HBONE_PORT, LOOPBACK_IFINDEX,
     ListenerKey, OUTBOUND_CAPTURE_PORT, OrigDst, REPLY_MARK, SLOT_HBONE, SLOT_PLAINTEXT,
+    SOCKMAP_ON, SOCKMAP_STATS_LEN, SockKey, SockmapStat,
 };
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_SOCK_OPS_TCP_CONNECT_CB, TC_ACT_OK, bpf_sock,
+        BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, TC_ACT_OK, bpf_sock,
         bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as SockTupleV4,
         sk_action::{SK_DROP, SK_PASS},
     },
@@ -20,9 +22,9 @@ use aya_ebpf::{
         bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_redirect, bpf_sk_fullsock, bpf_sk_release,
         bpf_skc_lookup_tcp,
     },
-    macros::{cgroup_sock_addr, classifier, map, sk_lookup, sock_ops},
-    maps::{HashMap, LruHashMap, SockHash},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext, TcContext},
+    macros::{cgroup_sock_addr, classifier, map, sk_lookup, sk_msg, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, TcContext},
 };
 use aya_log_ebpf::{debug, warn};
 
@@ -60,6 +62,21 @@ static PEER_ORIG_DST: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65
 
 #[map(name = "INBOUND_LISTENERS")]
 static INBOUND_LISTENERS: SockHash<ListenerKey> = SockHash::with_max_entries(16_384, 0);
+
+#[map(name = "LOCAL_LEGS")]
+static LOCAL_LEGS: SockHash<SockKey> = SockHash::with_max_entries(65_536, 0);
+
+#[map(name = "AGENT_UPSTREAMS")]
+static AGENT_UPSTREAMS: LruHashMap<SockKey, u32> = LruHashMap::with_max_entries(65_536, 0);
+
+#[map(name = "TCP_LEGS")]
+static TCP_LEGS: LruHashMap<SockKey, u32> = LruHashMap::with_max_entries(65_536, 0);
+
+#[map(name = "SOCKMAP_SWITCH")]
+static SOCKMAP_SWITCH: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map(name = "SOCKMAP_STATS")]
+static SOCKMAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SOCKMAP_STATS_LEN, 0);
 
 /// Netns cookie of the pod this sk_lookup instance serves, set by the agent at load time
 /// (sk_lookup programs have no `bpf_get_netns_cookie`). Read volatile so that the compiler
@@ -215,9 +232,21 @@ pub fn ambit_sock_ops(ctx: SockOpsContext) -> u32 {
 }
 
 fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), i64> {
-    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
-        return Ok(());
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => file_orig_dst(ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            local_leg_established(ctx, true);
+            Ok(())
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            local_leg_established(ctx, false);
+            Ok(())
+        }
+        _ => Ok(()),
     }
+}
+
+fn file_orig_dst(ctx: &SockOpsContext) -> Result<(), i64> {
     // SAFETY: bpf_get_socket_cookie accepts a sock_ops context.
     let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup, copied out at once.
@@ -240,6 +269,127 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), i64> {
     }
     PENDING.remove(socket_cookie)?;
     Ok(())
+}
+
+/// A port of `bpf_sock_ops` / `sk_msg_md` in host order. The kernel hands the local port in
+/// host order and the remote port in network order in the upper 16 bits of the word on
+/// little-endian hosts; taking both halves copes with either placement.
+#[inline(always)]
+fn remote_port_host(raw: u32) -> u32 {
+    u32::from(u16::from_be(((raw >> 16) | raw) as u16))
+}
+
+/// At ESTABLISHED, files the socket in LOCAL_LEGS when it is one end of a local leg of an
+/// enrolled pod, and only then (each socket in the sockhash switches to the kernel's
+/// sk_msg send path, which costs on TCP that leaves the node):
+/// - active: the app's captured socket to 127.0.0.1:15001, or the agent's marked upstream
+///   socket (any port but HBONE's: those leave for other agents);
+/// - passive: the agent's accepted socket on 127.0.0.1:15001, or an app's accepted socket
+///   whose peer is an agent upstream socket (AGENT_UPSTREAMS holds the swapped key).
+/// The sk_msg program only ever redirects to the socket under the swapped key, i.e. the
+/// same connection's other end, so no byte can reach a socket TCP would not have taken it
+/// to; in particular none can skip the agent.
+fn local_leg_established(ctx: &SockOpsContext, active: bool) {
+    if ctx.family() != AF_INET {
+        return;
+    }
+    if SOCKMAP_SWITCH.get(0).copied() != Some(SOCKMAP_ON) {
+        return;
+    }
+    // SAFETY: bpf_get_netns_cookie accepts a sock_ops context.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup.
+    if unsafe { ENROLLED.get(netns_cookie) }.is_none() {
+        return;
+    }
+    let key = SockKey {
+        netns_cookie,
+        local_ip4: ctx.local_ip4(),
+        remote_ip4: ctx.remote_ip4(),
+        local_port: ctx.local_port(),
+        remote_port: remote_port_host(ctx.remote_port()),
+    };
+    let capture_port = u32::from(OUTBOUND_CAPTURE_PORT);
+    let leg = if active {
+        if key.remote_ip4 == LOOPBACK_V4_BE && key.remote_port == capture_port {
+            true
+        } else if key.remote_port != u32::from(HBONE_PORT) && agent_marked(ctx) {
+            // Best effort: without this entry the app's end stays on TCP, which is correct.
+            let _ = AGENT_UPSTREAMS.insert(key, 1, 0);
+            true
+        } else {
+            false
+        }
+    } else {
+        (key.local_ip4 == LOOPBACK_V4_BE && key.local_port == capture_port)
+            // SAFETY: read-only lookup.
+            || unsafe { AGENT_UPSTREAMS.get(key.peer()) }.is_some()
+    };
+    if !leg {
+        return;
+    }
+    // A socket with the same 4-tuple that kept to TCP earlier must not hold this one back.
+    let _ = TCP_LEGS.remove(key);
+    // SAFETY: `ops` is the program's own context, valid for the whole call.
+    let ops = unsafe { &mut *ctx.ops };
+    if let Err(e) = LOCAL_LEGS.update(key, ops, 0) {
+        // The connection works over TCP as before; only the shortcut is lost.
+        debug!(
+            ctx,
+            "sockmap: LOCAL_LEGS refused a socket ({}); it stays on TCP", e
+        );
+    }
+}
+
+/// Whether the sock_ops socket carries the agent's mark.
+fn agent_marked(ctx: &SockOpsContext) -> bool {
+    // SAFETY: `sk` of a sock_ops context is a bpf_sock pointer or null; checked below.
+    let sk: *mut bpf_sock = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    // SAFETY: non-null `sk` is readable; `mark` is a bpf_sock field.
+    !sk.is_null() && unsafe { (*sk).mark } == AGENT_MARK
+}
+
+/// sendmsg() of a socket in LOCAL_LEGS: the bytes go straight onto the receive queue of the
+/// connection's other end (the swapped key), skipping the loopback TCP/IP stack. A socket
+/// whose peer is not (yet) there sends over TCP, and keeps doing so: redirected bytes land
+/// on the peer's sockmap queue, which is read before its TCP queue, so mixing the two
+/// would reorder the stream.
+#[sk_msg]
+pub fn ambit_sk_msg(ctx: SkMsgContext) -> u32 {
+    // SAFETY: the verifier guarantees `msg` points to a valid sk_msg_md.
+    let md = unsafe { &*ctx.msg };
+    if md.family != AF_INET {
+        return SK_PASS;
+    }
+    // SAFETY: bpf_get_netns_cookie accepts an sk_msg context.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.msg.cast()) };
+    let key = SockKey {
+        netns_cookie,
+        local_ip4: md.local_ip4,
+        remote_ip4: md.remote_ip4,
+        local_port: md.local_port,
+        remote_port: remote_port_host(md.remote_port),
+    };
+    // SAFETY: read-only lookup.
+    if unsafe { TCP_LEGS.get(key) }.is_some() {
+        return SK_PASS;
+    }
+    let size = u64::from(md.size);
+    if LOCAL_LEGS.redirect_msg(&ctx, key.peer(), u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
+        count(SockmapStat::RedirectedBytes, size);
+    } else {
+        let _ = TCP_LEGS.insert(key, 1, 0);
+        count(SockmapStat::TcpFallbacks, 1);
+    }
+    // With a redirect set, SK_PASS means "deliver to the peer"; without, "send over TCP".
+    SK_PASS
+}
+
+fn count(stat: SockmapStat, n: u64) {
+    if let Some(slot) = SOCKMAP_STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: a per-CPU slot, written only by this CPU while the program runs.
+        unsafe { *slot += n };
+    }
 }
 
 /// getpeername() of a socket captured by connect4 reports its original destination rather

@@ -126,6 +126,13 @@ pub struct RunArgs {
     /// For measuring the cost of a full handshake per connection; not for production.
     #[arg(long)]
     pub no_pool: bool,
+    /// Experimental: move the bytes of the local legs (app <-> agent inside a pod) through
+    /// the kernel's sockmap (sk_msg redirect) instead of loopback TCP. Off by default: on
+    /// this kernel a blocking recv() on a socket in a sockmap can fail with EAGAIN when
+    /// woken without data (e.g. after the app's own half-close), which breaks
+    /// applications that use blocking sockets.
+    #[arg(long)]
+    pub sockmap: bool,
 }
 
 impl RunArgs {
@@ -204,6 +211,7 @@ impl RunArgs {
             readiness_addr: args.readiness_addr,
             drain_deadline: Duration::from_millis(args.drain_deadline_ms),
             ebpf_log_level: args.ebpf_log_level,
+            sockmap: args.sockmap,
             log,
         };
         Ok(options)
@@ -259,6 +267,7 @@ mod tests {
         ("drain-deadline-ms", Some("2345"), Mode::Both, "/drainDeadline", Some(r#""2345ms""#)),
         ("ebpf-log-level", Some("debug"), Mode::Both, "/ebpfLogLevel", Some(r#""DEBUG""#)),
         ("no-pool", None, Mode::Both, "/tunnel/pooling", Some("false")),
+        ("sockmap", None, Mode::Both, "/sockmap", Some("true")),
         ("config", Some("/s/mesh.yaml"), Mode::File, "/source/file/config", Some(r#""/s/mesh.yaml""#)),
         ("reload-interval-ms", Some("333"), Mode::File, "/source/file/reloadInterval", Some(r#""333ms""#)),
         ("ca-cert", Some("/s/ca.pem"), Mode::File, "/caCert", Some(r#""/s/ca.pem""#)),
@@ -362,6 +371,7 @@ mod tests {
         assert_eq!(config["drainDeadline"], "5s");
         assert_eq!(config["source"]["file"]["reloadInterval"], "500ms");
         assert_eq!(config["tunnel"]["pooling"], true);
+        assert_eq!(config["sockmap"], false);
         assert_eq!(config["remoteCa"], Value::Null);
         assert_eq!(
             config["adminAddr"],

@@ -69,6 +69,9 @@ pub struct AgentOptions {
     /// Most verbose level of the eBPF programs' own log messages.
     #[serde(serialize_with = "crate::observability::readable::display")]
     pub ebpf_log_level: tracing::Level,
+    /// Local legs (app <-> agent inside a pod) move their bytes through the sockmap
+    /// rather than loopback TCP.
+    pub sockmap: bool,
 }
 
 /// Where the mesh state comes from.
@@ -290,6 +293,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         cgroup: None,
         excluded_ports,
         ebpf_log_level: options.ebpf_log_level,
+        sockmap: options.sockmap,
     })
     .context("attaching the capture programs")?;
     if let Some(logger) = capture.take_ebpf_logger() {

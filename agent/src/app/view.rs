@@ -253,6 +253,14 @@ impl AgentView for View {
             for (map, n) in c.map_entries() {
                 self.agent_metrics.set_map_entries(map, n);
             }
+            let s = c.sockmap_stats();
+            self.agent_metrics
+                .set_sockmap(crate::observability::metrics::SockmapFigures {
+                    attached: s.attached,
+                    attach_failures: s.attach_failures,
+                    redirected_bytes: s.redirected_bytes,
+                    tcp_fallbacks: s.tcp_fallbacks,
+                });
         }
         self.policy_metrics
             .sync(&self.shared.authorizer.decision_counts());

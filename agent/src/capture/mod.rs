@@ -14,12 +14,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use ambit_common::{
-    ENROLL_OUTBOUND, EnrolledPod, FAMILY_V4, FAMILY_V6, FlowKey, ListenerKey, OrigDst, globals,
-    maps, programs,
+    ENROLL_OUTBOUND, EnrolledPod, FAMILY_V4, FAMILY_V6, FlowKey, ListenerKey, OrigDst, SOCKMAP_ON,
+    SockKey, SockmapStat, globals, maps, programs,
 };
-use aya::maps::{HashMap, MapData, MapError, SockHash};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash};
 use aya::programs::links::{CgroupAttachMode, FdLink, LinkError, PinnedLink};
-use aya::programs::{CgroupSockAddr, ProgramError, SchedClassifier, SockOps};
+use aya::programs::{CgroupSockAddr, ProgramError, SchedClassifier, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use tracing::{debug, info};
 
@@ -97,7 +97,7 @@ type Result<T, E = CaptureError> = std::result::Result<T, E>;
 
 /// Every map of the object is pinned: the per-pod program instances loaded later (see
 /// `inbound.rs`) must share them with the cgroup programs.
-const PINNED_MAPS: [&str; 7] = [
+const PINNED_MAPS: [&str; 12] = [
     maps::AYA_LOGS,
     maps::ENROLLED,
     maps::PENDING,
@@ -105,6 +105,11 @@ const PINNED_MAPS: [&str; 7] = [
     maps::EXCLUDED_PORTS,
     maps::PEER_ORIG_DST,
     maps::INBOUND_LISTENERS,
+    maps::LOCAL_LEGS,
+    maps::AGENT_UPSTREAMS,
+    maps::TCP_LEGS,
+    maps::SOCKMAP_SWITCH,
+    maps::SOCKMAP_STATS,
 ];
 
 /// The programs attached once at the cgroup v2 root (as opposed to per pod).
@@ -156,6 +161,9 @@ pub struct CaptureConfig {
     pub excluded_ports: Vec<u16>,
     /// Most verbose level the eBPF programs log at.
     pub ebpf_log_level: tracing::Level,
+    /// Move the bytes of the local legs (app <-> agent in a pod) with the sockmap
+    /// (`ambit_sk_msg`) instead of loopback TCP. Experimental, off by default (`--sockmap`).
+    pub sockmap: bool,
 }
 
 impl Default for CaptureConfig {
@@ -165,8 +173,22 @@ impl Default for CaptureConfig {
             cgroup: None,
             excluded_ports: Vec::new(),
             ebpf_log_level: tracing::Level::WARN,
+            sockmap: false,
         }
     }
+}
+
+/// What the sockmap shortcut is doing, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockmapStats {
+    /// The sk_msg program is attached and sock_ops files local legs.
+    pub attached: bool,
+    /// Attaching failed at start (0 or 1): the agent carries on over TCP.
+    pub attach_failures: u64,
+    /// Bytes moved from one end of a local leg straight to the other's receive queue.
+    pub redirected_bytes: u64,
+    /// Local-leg sockets whose peer was not filed yet at their first send: they stay on TCP.
+    pub tcp_fallbacks: u64,
 }
 
 /// The original-destination map as one pod's outbound side reads it ([`Capture::orig_dst_table`]).
@@ -204,6 +226,9 @@ pub struct Capture {
     programs: Vec<&'static str>,
     ebpf_log_level: u8,
     ebpf_logger: Option<EbpfLogger>,
+    sockmap_stats: PerCpuArray<MapData, u64>,
+    sockmap_attached: bool,
+    sockmap_attach_failures: u64,
     /// What this agent changed inside each pod's netns besides its pinned links, by netns
     /// cookie, for [`Capture::detach_inbound`] to undo. In memory only: see
     /// [`inbound::PodNetnsChanges`].
@@ -299,20 +324,56 @@ impl Capture {
                     source,
                 })?;
         }
+        let (sockmap_attached, sockmap_attach_failures) = if config.sockmap {
+            match attach_sockmap(&mut ebpf) {
+                Ok(()) => (true, 0),
+                Err(e) => {
+                    // The local legs keep working over loopback TCP, only slower.
+                    tracing::warn!(error = %e, "sockmap shortcut not attached; local legs stay on TCP");
+                    (false, 1)
+                }
+            }
+        } else {
+            (false, 0)
+        };
+        // Written at every start: the pinned sock_ops program may come from an earlier run
+        // with the other setting. Off unless the sk_msg program is attached, so that no
+        // socket is filed where nothing would redirect its bytes.
+        {
+            let name = maps::SOCKMAP_SWITCH;
+            let err = |source| CaptureError::Map { name, source };
+            let mut switch: Array<MapData, u32> =
+                Array::try_from(ebpf.take_map(name).ok_or(CaptureError::MissingMap(name))?)
+                    .map_err(err)?;
+            let value = if sockmap_attached { SOCKMAP_ON } else { 0 };
+            switch.set(0, value, 0).map_err(err)?;
+        }
+        let sockmap_stats = {
+            let name = maps::SOCKMAP_STATS;
+            let map = ebpf.take_map(name).ok_or(CaptureError::MissingMap(name))?;
+            PerCpuArray::try_from(map).map_err(|source| CaptureError::Map { name, source })?
+        };
         for name in TC_PROGRAMS {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| CaptureError::Program { name, source })?;
         }
-        info!(pin_dir = %pin_dir.display(), cgroup = %cgroup_path.display(), "capture programs attached");
+        info!(pin_dir = %pin_dir.display(), cgroup = %cgroup_path.display(), sockmap = sockmap_attached, "capture programs attached");
+        let mut attached_programs = CGROUP_PROGRAMS.to_vec();
+        if sockmap_attached {
+            attached_programs.push(programs::SK_MSG);
+        }
         Ok(Self {
             pin_dir,
             enrolled,
             orig_dst,
             listeners,
-            programs: CGROUP_PROGRAMS.to_vec(),
+            programs: attached_programs,
             ebpf_log_level,
             ebpf_logger,
+            sockmap_stats,
+            sockmap_attached,
+            sockmap_attach_failures,
             pod_netns: std::collections::BTreeMap::new(),
             _links: links,
             ebpf,
@@ -364,6 +425,22 @@ impl Capture {
         ]
     }
 
+    /// The sockmap shortcut's state and counters (summed over CPUs). For scrapes.
+    pub fn sockmap_stats(&self) -> SockmapStats {
+        let sum = |stat: SockmapStat| {
+            self.sockmap_stats
+                .get(&(stat as u32), 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        SockmapStats {
+            attached: self.sockmap_attached,
+            attach_failures: self.sockmap_attach_failures,
+            redirected_bytes: sum(SockmapStat::RedirectedBytes),
+            tcp_fallbacks: sum(SockmapStat::TcpFallbacks),
+        }
+    }
+
     /// Takes the original destination recorded for a captured connection, identified by the
     /// client's netns and source port (the peer port of the socket the agent accepted).
     pub fn take_orig_dst(&mut self, netns_cookie: u64, client_port: u16) -> Option<SocketAddr> {
@@ -404,6 +481,24 @@ impl Capture {
         }
         remove_pins(&pin_dir)
     }
+}
+
+/// Loads `ambit_sk_msg` and attaches it to the LOCAL_LEGS sockhash. The attachment belongs to
+/// the (pinned) map, not to a link: it lasts while the map does, and sockets filed in the
+/// map keep the program they got. The sk_msg program is detached when the agent's handle
+/// on it is dropped; sockets filed earlier keep it until they close, redirecting only to
+/// their own connection's other end.
+fn attach_sockmap(ebpf: &mut Ebpf) -> Result<()> {
+    let name = maps::LOCAL_LEGS;
+    let legs: SockHash<MapData, SockKey> =
+        SockHash::try_from(ebpf.take_map(name).ok_or(CaptureError::MissingMap(name))?)
+            .map_err(|source| CaptureError::Map { name, source })?;
+    let name = programs::SK_MSG;
+    let err = |source| CaptureError::Program { name, source };
+    let prog: &mut SkMsg = program(ebpf, name)?;
+    prog.load().map_err(err)?;
+    prog.attach(legs.fd()).map_err(err)?;
+    Ok(())
 }
 
 /// Removes ambit's pins under `pin_dir`, detaching the programs, without loading anything.
@@ -572,6 +667,7 @@ mod tests {
             programs::SK_LOOKUP,
             programs::TC_REPLY_TO_LO,
             programs::TC_AGENT_LO,
+            programs::SK_MSG,
         ] {
             assert!(obj.programs.contains_key(name), "program {name} missing");
         }

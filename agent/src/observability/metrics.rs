@@ -1,6 +1,7 @@
 //! Metrics of the agent as a whole: enrolled pods, attached programs, map sizes, build.
 
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -26,6 +27,19 @@ pub struct AgentMetrics {
     enrolled_pods: Gauge,
     programs: Family<ProgramLabels, Gauge>,
     map_entries: Family<MapLabels, Gauge>,
+    sockmap_attached: Gauge,
+    sockmap_attach_failures: Counter,
+    sockmap_redirected_bytes: Counter,
+    sockmap_tcp_fallbacks: Counter,
+}
+
+/// The sockmap shortcut's figures as read from the kernel at a scrape.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SockmapFigures {
+    pub attached: bool,
+    pub attach_failures: u64,
+    pub redirected_bytes: u64,
+    pub tcp_fallbacks: u64,
 }
 
 impl AgentMetrics {
@@ -50,6 +64,26 @@ impl AgentMetrics {
             "ambit_redirect_map_entries",
             "Entries in the eBPF maps that steer traffic",
             m.map_entries.clone(),
+        );
+        registry.register(
+            "ambit_sockmap_attached",
+            "1 when the local legs (app <-> agent in a pod) move bytes through the sockmap",
+            m.sockmap_attached.clone(),
+        );
+        registry.register(
+            "ambit_sockmap_attach_failures",
+            "Starts at which the sockmap could not be attached (local legs stayed on TCP)",
+            m.sockmap_attach_failures.clone(),
+        );
+        registry.register(
+            "ambit_sockmap_redirected_bytes",
+            "Bytes of local legs handed straight to the peer socket instead of loopback TCP",
+            m.sockmap_redirected_bytes.clone(),
+        );
+        registry.register(
+            "ambit_sockmap_tcp_fallbacks",
+            "Local-leg sockets that sent before their peer was filed and so stayed on TCP",
+            m.sockmap_tcp_fallbacks.clone(),
         );
         let build: Family<BuildLabels, Gauge> = Family::default();
         build
@@ -89,6 +123,21 @@ impl AgentMetrics {
     }
 }
 
+impl AgentMetrics {
+    /// Brings the sockmap metrics up to the kernel's counters (which only grow while the
+    /// pinned map lives; a smaller reading after `ambit uninstall` adds nothing).
+    pub fn set_sockmap(&self, figures: SockmapFigures) {
+        self.sockmap_attached.set(i64::from(figures.attached));
+        for (counter, value) in [
+            (&self.sockmap_attach_failures, figures.attach_failures),
+            (&self.sockmap_redirected_bytes, figures.redirected_bytes),
+            (&self.sockmap_tcp_fallbacks, figures.tcp_fallbacks),
+        ] {
+            counter.inc_by(value.saturating_sub(counter.get()));
+        }
+    }
+}
+
 /// The registry in the text format Prometheus scrapes (OpenMetrics).
 pub fn encode(registry: &Registry) -> String {
     let mut out = String::new();
@@ -110,12 +159,28 @@ mod tests {
         m.set_enrolled_pods(3);
         m.set_programs(&["ambit_connect4", "ambit_sock_ops"]);
         m.set_map_entries("ENROLLED", 3);
+        m.set_sockmap(SockmapFigures {
+            attached: true,
+            attach_failures: 0,
+            redirected_bytes: 4096,
+            tcp_fallbacks: 2,
+        });
+        m.set_sockmap(SockmapFigures {
+            attached: true,
+            attach_failures: 0,
+            redirected_bytes: 10_000,
+            tcp_fallbacks: 2,
+        });
         let text = encode(&registry);
         for line in [
             "ambit_enrolled_pods 3",
             "ambit_ebpf_programs_attached{program=\"ambit_connect4\"} 1",
             "ambit_ebpf_programs_attached{program=\"ambit_sock_ops\"} 1",
             "ambit_redirect_map_entries{map=\"ENROLLED\"} 3",
+            "ambit_sockmap_attached 1",
+            "ambit_sockmap_attach_failures_total 0",
+            "ambit_sockmap_redirected_bytes_total 10000",
+            "ambit_sockmap_tcp_fallbacks_total 2",
             &format!(
                 "ambit_build_info{{version=\"{}\"}} 1",
                 env!("CARGO_PKG_VERSION")
