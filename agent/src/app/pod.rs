@@ -384,17 +384,22 @@ async fn handle_outbound(ctx: Arc<OutboundCtx>, client: TcpStream, peer: SocketA
             hbone_addr,
         } => {
             let source_ip = me.ips.first().copied().unwrap_or(peer.ip());
+            let source_addr = SocketAddr::new(source_ip, peer.port());
             let request = OutboundRequest {
                 source: me.identity.clone(),
-                source_addr: SocketAddr::new(source_ip, peer.port()),
+                source_addr,
                 source_workload: me.name.clone(),
                 destination: workload.identity.clone(),
                 hbone_addr,
                 original_destination: target,
             };
-            let series = ctx.series(&state, &workload, state.service_at(orig));
-            let mut record = ctx.shared.metrics.open_series(&series, true);
-            let result = ctx.outbound.proxy(&request, client, record.stats()).await;
+            let mut record = ctx
+                .shared
+                .metrics
+                .open_series(&ctx.series(&state, &workload, state.service_at(orig)), true);
+            // An idle connection must not pin a mesh state that has since been replaced.
+            drop(state);
+            let result = ctx.outbound.proxy(request, client, record.stats()).await;
             if let Err(
                 TunnelError::Connect { .. }
                 | TunnelError::ConnectTimeout(_)
@@ -413,7 +418,7 @@ async fn handle_outbound(ctx: Arc<OutboundCtx>, client: TcpStream, peer: SocketA
                     namespace: &me.namespace,
                     name: &me.name,
                 }),
-                source_addr: request.source_addr,
+                source_addr,
                 destination: Some(&workload.identity),
                 destination_workload: Some(crate::tunnel::WorkloadName {
                     namespace: &workload.namespace,

@@ -111,6 +111,16 @@ pub struct Inbound {
     own_ips: Option<Vec<IpAddr>>,
 }
 
+/// A CONNECT stream that passed its checks and got its 200: what its copy phase needs.
+struct AcceptedStream {
+    upstream: TcpStream,
+    send: h2::SendStream<Bytes>,
+    recv: h2::RecvStream,
+    conn: Arc<InboundConnection>,
+    /// The authorizer's explanation, for the access log.
+    authz: String,
+}
+
 /// Connections in flight, so a policy change can close the ones it no longer allows.
 #[derive(Default)]
 struct LiveConnections {
@@ -389,18 +399,8 @@ impl Inbound {
                     return Err(e.into());
                 }
             };
-            let this = self.clone();
-            let source_identity = source_identity.clone();
             let active = StreamGuard::new(streams.clone());
-            tokio::spawn(async move {
-                if let Err(e) = this
-                    .handle_stream(request, respond, source_identity, peer)
-                    .await
-                {
-                    debug!(%peer, error = %e, "HBONE stream ended with an error");
-                }
-                drop(active);
-            });
+            tokio::spawn(self.stream_task(request, respond, source_identity.clone(), peer, active));
         }
         Ok(())
     }
@@ -472,13 +472,15 @@ impl Inbound {
         }
     }
 
-    async fn handle_stream(
-        &self,
+    /// Everything before the copy: the request's checks, the authorizer, the upstream
+    /// connect and the 200. `None` when the stream was refused (and answered).
+    async fn setup_stream(
+        self: Arc<Self>,
         request: Request<h2::RecvStream>,
         mut respond: SendResponse<Bytes>,
         source_identity: SpiffeId,
         peer: SocketAddr,
-    ) -> Result<(), TunnelError> {
+    ) -> Result<Option<AcceptedStream>, TunnelError> {
         let ConnectRequest { target, forwarded } =
             match check_connect_request(&request, self.config.max_header_list_size) {
                 Ok(checked) => checked,
@@ -490,7 +492,7 @@ impl Inbound {
                         None,
                         &refusal.detail,
                     );
-                    return reply(&mut respond, refusal.status);
+                    return reply(&mut respond, refusal.status).map(|()| None);
                 }
             };
         let Some(workload) = self.own_workload(target.ip()) else {
@@ -501,7 +503,7 @@ impl Inbound {
                 Some(target),
                 &"CONNECT to an address this pod does not own",
             );
-            return reply(&mut respond, StatusCode::BAD_REQUEST);
+            return reply(&mut respond, StatusCode::BAD_REQUEST).map(|()| None);
         };
         // Agents dial from inside the source pod, so the TCP peer IP is the client's real,
         // routable address; `Forwarded` adds the client's port. A `Forwarded` IP that
@@ -517,14 +519,14 @@ impl Inbound {
         let (verdict, authz) = self.authorizer.authorize_explained(&conn);
         if let Verdict::Deny { .. } = verdict {
             self.log_denied(&conn, &authz);
-            return reply(&mut respond, StatusCode::UNAUTHORIZED);
+            return reply(&mut respond, StatusCode::UNAUTHORIZED).map(|()| None);
         }
         // Port 0: the steered socket already holds the client's exact address toward the
         // original destination, so the upstream may reuse the client's IP but not its port.
         let source = self
             .preserve_source
             .then_some(SocketAddr::new(source_addr.ip(), 0));
-        let mut upstream = match dial_with_timeout(
+        let upstream = match dial_with_timeout(
             self.dialer.as_ref(),
             target,
             source,
@@ -545,41 +547,90 @@ impl Inbound {
                     Some(target),
                     &e,
                 );
-                return reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+                return reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE).map(|()| None);
             }
         };
         let send =
             respond.send_response(Response::builder().status(StatusCode::OK).body(())?, false)?;
-        // The TCP side of this copy is the workload, not the client.
-        let (record, stats) = self.open_record(&conn, source_addr, target, false);
-        let started = std::time::Instant::now();
-        let (_live, revoked) = self.live.register(&conn);
-        let result = tokio::select! {
-            copied = copy_bidirectional(&mut upstream, send, request.into_body(), &stats) => {
-                copied.map_err(|e| match e {
-                    super::copy::CopyError::Tcp(io) => TunnelError::Io(io),
-                    super::copy::CopyError::Tunnel(h2) => TunnelError::H2(h2),
-                })
-            }
-            // Dropping the copy resets the stream (RST_STREAM), which the client's agent
-            // turns into a TCP reset; the workload side is reset here.
-            () = revoked.notified() => {
-                super::reset_on_close(&upstream);
-                Err(TunnelError::Revoked)
-            }
-        };
-        self.access_log(
-            AccessKind::Inbound,
-            &conn,
-            &authz,
-            &stats,
-            started,
-            &result
-                .as_ref()
-                .map_or_else(|e| e.to_string(), |()| "ok".into()),
+        Ok(Some(AcceptedStream {
+            upstream,
+            send,
+            recv: request.into_body(),
+            conn,
+            authz,
+        }))
+    }
+
+    /// One CONNECT stream, from its request to its access-log line.
+    ///
+    /// Not an `async fn`: its arguments (the request's headers, the identity) would keep
+    /// their space in the task for the whole connection. The setup runs in its own boxed
+    /// future, freed before the copy starts, so an idle stream's task holds just the copy
+    /// and what its access log needs. A policy change revokes it during the copy.
+    fn stream_task(
+        self: &Arc<Self>,
+        request: Request<h2::RecvStream>,
+        respond: SendResponse<Bytes>,
+        source_identity: SpiffeId,
+        peer: SocketAddr,
+        active: StreamGuard,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let setup = Box::pin(
+            self.clone()
+                .setup_stream(request, respond, source_identity, peer),
         );
-        drop(record);
-        result
+        let this = self.clone();
+        async move {
+            let result = match setup.await {
+                // Destructured here, not passed to an `async fn`: its argument would keep
+                // the moved-out send and receive halves' space for the whole copy.
+                Ok(Some(AcceptedStream {
+                    mut upstream,
+                    send,
+                    recv,
+                    conn,
+                    authz,
+                })) => {
+                    let (source_addr, target) = (conn.source_addr, conn.destination);
+                    // The TCP side of this copy is the workload, not the client.
+                    let (record, stats) = this.open_record(&conn, source_addr, target, false);
+                    let started = std::time::Instant::now();
+                    let (_live, revoked) = this.live.register(&conn);
+                    let result = tokio::select! {
+                        copied = copy_bidirectional(&mut upstream, send, recv, &stats) => {
+                            copied.map_err(|e| match e {
+                                super::copy::CopyError::Tcp(io) => TunnelError::Io(io),
+                                super::copy::CopyError::Tunnel(h2) => TunnelError::H2(h2),
+                            })
+                        }
+                        // Dropping the copy resets the stream (RST_STREAM), which the client's
+                        // agent turns into a TCP reset; the workload side is reset here.
+                        () = revoked.notified() => {
+                            super::reset_on_close(&upstream);
+                            Err(TunnelError::Revoked)
+                        }
+                    };
+                    this.access_log(
+                        AccessKind::Inbound,
+                        &conn,
+                        &authz,
+                        &stats,
+                        started,
+                        &result
+                            .as_ref()
+                            .map_or_else(|e| e.to_string(), |()| "ok".into()),
+                    );
+                    drop(record);
+                    result
+                }
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                debug!(%peer, error = %e, "HBONE stream ended with an error");
+            }
+            drop(active);
+        }
     }
 
     /// The access-log line of a finished inbound connection (the copy's TCP side is the

@@ -100,29 +100,35 @@ impl Outbound {
     }
 
     /// Tunnels `client` to the destination and copies until both sides are done.
-    pub async fn proxy(
-        &self,
-        request: &OutboundRequest,
+    ///
+    /// Not an `async fn`: its arguments would keep their space in the future for the whole
+    /// connection. The request lives only in the boxed setup future, freed (with its
+    /// strings and the handshake's state) before the copy starts, so an idle connection's
+    /// task holds just the copy.
+    pub fn proxy<'a>(
+        &'a self,
+        request: OutboundRequest,
         mut client: TcpStream,
-        stats: &CopyStats,
-    ) -> Result<(), TunnelError> {
-        // Boxed: the handshake's state is large and only lives during setup; inline it
-        // would size every proxied connection's task for it while the connection idles.
-        let (send, recv, _lease) = match Box::pin(self.open_stream(request)).await {
-            Ok(stream) => stream,
-            Err(e) => {
-                // The client's connect() already succeeded against the capture listener; a
-                // reset is the closest it can see to "refused" (e.g. a 401 from the peer).
-                super::reset_on_close(&client);
-                return Err(e);
-            }
-        };
-        copy_bidirectional(&mut client, send, recv, stats)
-            .await
-            .map_err(|e| match e {
-                super::copy::CopyError::Tcp(io) => TunnelError::Io(io),
-                super::copy::CopyError::Tunnel(h2) => TunnelError::H2(h2),
-            })
+        stats: &'a CopyStats,
+    ) -> impl Future<Output = Result<(), TunnelError>> + Send + 'a {
+        let setup = Box::pin(async move { self.open_stream(&request).await });
+        async move {
+            let (send, recv, _lease) = match setup.await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    // The client's connect() already succeeded against the capture listener;
+                    // a reset is the closest it can see to "refused" (e.g. a 401 from the peer).
+                    super::reset_on_close(&client);
+                    return Err(e);
+                }
+            };
+            copy_bidirectional(&mut client, send, recv, stats)
+                .await
+                .map_err(|e| match e {
+                    super::copy::CopyError::Tcp(io) => TunnelError::Io(io),
+                    super::copy::CopyError::Tunnel(h2) => TunnelError::H2(h2),
+                })
+        }
     }
 
     /// Opens one CONNECT stream and waits for the peer's 200, all within the setup deadline
