@@ -85,7 +85,7 @@ pub async fn copy_bidirectional(
     stats: &CopyStats,
 ) -> Result<(), CopyError> {
     super::reset_on_close(tcp);
-    let (mut tcp_read, mut tcp_write) = tcp.split();
+    let (tcp_read, mut tcp_write) = tcp.split();
     let upstream = async {
         let mut buf_size = INITIAL_READ_BUF;
         loop {
@@ -101,14 +101,10 @@ pub async fn copy_bidirectional(
                 }
             }
             let mut buf = BytesMut::with_capacity(buf_size);
-            // A read through `poll_read` (not `try_read_buf`): a short read then clears the
-            // readiness it consumed, so the next turn waits for epoll instead of spending a
-            // recv() on EAGAIN — one syscall less per message.
-            let n = tokio::select! {
-                read = tcp_read.read_buf(&mut buf) => read.map_err(CopyError::Tcp)?,
-                reset = futures::future::poll_fn(|cx| send.poll_reset(cx)) => {
-                    return Err(CopyError::Tunnel(reset.map_or_else(|e| e, h2::Error::from)));
-                }
+            let n = match tcp_ref.try_read_buf(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(CopyError::Tcp(e)),
             };
             if n == 0 {
                 // Client half-closed: END_STREAM, but keep receiving.
