@@ -286,6 +286,7 @@ fn remote_port_host(raw: u32) -> u32 {
 ///   socket (any port but HBONE's: those leave for other agents);
 /// - passive: the agent's accepted socket on 127.0.0.1:15001, or an app's accepted socket
 ///   whose peer is an agent upstream socket (AGENT_UPSTREAMS holds the swapped key).
+///
 /// The sk_msg program only ever redirects to the socket under the swapped key, i.e. the
 /// same connection's other end, so no byte can reach a socket TCP would not have taken it
 /// to; in particular none can skip the agent.
