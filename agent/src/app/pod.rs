@@ -2,7 +2,6 @@
 //! inbound :15006, HBONE :15008), its enrollment in the capture maps, and the tasks that
 //! serve them.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -24,7 +23,7 @@ use crate::config::{MeshState, Route, ServiceEntry, WorkloadEntry};
 use crate::netns::NetNs;
 use crate::tunnel::{
     AcceptBackoff, ConnectionLabels, ConnectionSeries, CopyStats, Dialer as _, Inbound, Outbound,
-    OutboundRequest, Reporter, TunnelError, accept_loop,
+    OutboundRequest, Reporter, TunnelError, accept_loop, outcome,
 };
 
 /// What identifies a running pod; a change to any part restarts it.
@@ -433,16 +432,14 @@ async fn handle_outbound(ctx: Arc<OutboundCtx>, client: TcpStream, peer: SocketA
                 bytes_from_client: stats.sent(),
                 bytes_to_client: stats.received(),
                 duration: started.elapsed(),
-                result: &result
-                    .as_ref()
-                    .map_or_else(|e| Cow::Owned(e.to_string()), |()| Cow::Borrowed("ok")),
+                result: &outcome(&result),
             }
             .emit();
         }
         Route::Direct { target } => {
             let result = passthrough(&ctx.sockets, client, target).await;
             info!(source = %me.identity, %target, security = "none",
-                result = %result.as_ref().map_or_else(|e| e.to_string(), |_| "ok".into()),
+                result = %outcome(&result),
                 "outbound passthrough closed");
         }
         Route::Deny { reason } => {

@@ -2,6 +2,7 @@
 //! both directions (docs/HBONE.md "Access log"). Outbound lines are written by the app (which
 //! knows the route), inbound ones by `inbound.rs`; both go through [`AccessLog::emit`].
 
+use std::borrow::Cow;
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -21,6 +22,14 @@ pub enum AccessKind {
     Inbound,
     /// Reported by the server's agent, the connection came in plaintext (:15006).
     InboundPlaintext,
+}
+
+/// An access log's `result`: "ok" without allocating, else the error's text.
+pub fn outcome<E: fmt::Display>(result: &Result<(), E>) -> Cow<'static, str> {
+    match result {
+        Ok(()) => Cow::Borrowed("ok"),
+        Err(e) => Cow::Owned(e.to_string()),
+    }
 }
 
 impl AccessKind {

@@ -616,9 +616,7 @@ impl Inbound {
                         &authz,
                         &stats,
                         started,
-                        &result
-                            .as_ref()
-                            .map_or_else(|e| e.to_string(), |()| "ok".into()),
+                        &super::outcome(&result),
                     );
                     drop(record);
                     result
@@ -772,9 +770,7 @@ impl Inbound {
             &authz,
             &stats,
             started,
-            &result
-                .as_ref()
-                .map_or_else(|e| e.to_string(), |()| "ok".into()),
+            &super::outcome(&result),
         );
         result?;
         Ok(())

@@ -23,7 +23,7 @@ use futures::future::BoxFuture;
 use tokio::net::{TcpSocket, TcpStream};
 
 pub use accept::{AcceptBackoff, accept_loop};
-pub use access_log::{ABSENT, AccessKind, AccessLog, WorkloadName};
+pub use access_log::{ABSENT, AccessKind, AccessLog, WorkloadName, outcome};
 pub use copy::{CopyStats, copy_tcp};
 pub use inbound::{
     AllowAll, Authorizer, ConnectRefusal, ConnectRequest, Inbound, InboundConnection,
