@@ -116,6 +116,94 @@ fn path_to_cstring(path: &Path) -> io::Result<CString> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
 }
 
+/// Issues one bpf(2) command whose result is 0 or a new file descriptor.
+fn sys_bpf(
+    cmd: aya_obj::generated::bpf_cmd,
+    attr: &mut aya_obj::generated::bpf_attr,
+) -> io::Result<i64> {
+    // SAFETY: `attr` is a valid, fully initialised bpf_attr of the size passed; the kernel
+    // reads (and for some commands writes) only within it. Pointers inside it are set by
+    // the callers below to buffers that outlive the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<aya_obj::generated::bpf_attr>(),
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn zeroed_bpf_attr() -> aya_obj::generated::bpf_attr {
+    // SAFETY: bpf_attr is a C union of plain integers; all zeroes is its documented
+    // "no options" value and what the kernel requires of unused bytes.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Takes ownership of the fd the kernel just returned.
+fn owned_fd(ret: i64) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    let fd = std::os::fd::RawFd::try_from(ret)
+        .map_err(|_| io::Error::other(format!("bpf(2) returned {ret}, not an fd")))?;
+    // SAFETY: a successful BPF_OBJ_GET / BPF_PROG_GET_FD_BY_ID returns a new fd that
+    // nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens the bpf object pinned at `path` (BPF_OBJ_GET).
+pub fn bpf_obj_get(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
+    let c_path = path_to_cstring(path)?;
+    let mut attr = zeroed_bpf_attr();
+    attr.__bindgen_anon_4.pathname = c_path.as_ptr() as u64;
+    owned_fd(sys_bpf(
+        aya_obj::generated::bpf_cmd::BPF_OBJ_GET,
+        &mut attr,
+    )?)
+}
+
+/// Opens the loaded program with this id (BPF_PROG_GET_FD_BY_ID).
+pub fn bpf_prog_get_fd_by_id(id: u32) -> io::Result<std::os::fd::OwnedFd> {
+    let mut attr = zeroed_bpf_attr();
+    attr.__bindgen_anon_6.__bindgen_anon_1.prog_id = id;
+    owned_fd(sys_bpf(
+        aya_obj::generated::bpf_cmd::BPF_PROG_GET_FD_BY_ID,
+        &mut attr,
+    )?)
+}
+
+/// Atomically swaps the program behind a bpf_link (BPF_LINK_UPDATE with BPF_F_REPLACE):
+/// the attach point never goes without a program, and the swap only happens if the link
+/// still runs `old_prog` (EPERM otherwise), so what the caller logs as replaced is exact.
+///
+/// Hand-written because aya 0.14 offers link updates only for XDP and tc programs
+/// (`attach_to_link`); cgroup sock_addr / sock_ops and netns (sk_lookup) links have none
+/// (aya added `CgroupSockAddr::attach_to_link` later, in a release this toolchain cannot
+/// build).
+pub fn bpf_link_update(
+    link: BorrowedFd<'_>,
+    new_prog: BorrowedFd<'_>,
+    old_prog: BorrowedFd<'_>,
+) -> io::Result<()> {
+    let mut attr = zeroed_bpf_attr();
+    attr.link_update.link_fd = link.as_raw_fd() as u32;
+    attr.link_update.__bindgen_anon_1.new_prog_fd = new_prog.as_raw_fd() as u32;
+    attr.link_update.__bindgen_anon_2.old_prog_fd = old_prog.as_raw_fd() as u32;
+    attr.link_update.flags = aya_obj::generated::BPF_F_REPLACE;
+    sys_bpf(aya_obj::generated::bpf_cmd::BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// The memory page size (for the ring buffer sizes the loader rounds up to).
+pub fn page_size() -> u32 {
+    // SAFETY: sysconf only reads a system constant.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(size).unwrap_or(4096)
+}
+
 /// Registers an owned fd-backed object with tokio's reactor for readability.
 ///
 /// `T` must own its fd for its whole life and always report the same one (true of the

@@ -73,8 +73,9 @@ pub mod maps {
     /// [`crate::SockKey`] -> 1 (LRU): the agent's upstream sockets to an app, so that the
     /// app's accepted socket (the swapped key) is known as their peer.
     pub const AGENT_UPSTREAMS: &str = "AGENT_UPSTREAMS";
-    /// [`crate::SockKey`] -> 1 (LRU): sockets that already sent bytes over TCP; they keep
-    /// to TCP, since redirected bytes would overtake those still in flight.
+    /// [`crate::SockKey`] -> 1 (plain hash, entry deleted when the socket closes): sockets
+    /// that already sent bytes over TCP; they keep to TCP, since redirected bytes would
+    /// overtake those still in flight. Not an LRU: an evicted entry would break that.
     pub const TCP_LEGS: &str = "TCP_LEGS";
     /// Array of one u32: [`crate::SOCKMAP_ON`] when the sk_msg program is attached.
     pub const SOCKMAP_SWITCH: &str = "SOCKMAP_SWITCH";

@@ -14,8 +14,9 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{
         BPF_F_CURRENT_NETNS, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, TC_ACT_OK, bpf_sock,
-        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as SockTupleV4,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, TC_ACT_OK, bpf_sock, bpf_sock_tuple,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as SockTupleV4,
         sk_action::{SK_DROP, SK_PASS},
     },
     helpers::{
@@ -69,8 +70,11 @@ static LOCAL_LEGS: SockHash<SockKey> = SockHash::with_max_entries(65_536, 0);
 #[map(name = "AGENT_UPSTREAMS")]
 static AGENT_UPSTREAMS: LruHashMap<SockKey, u32> = LruHashMap::with_max_entries(65_536, 0);
 
+/// A plain hash, not an LRU: an evicted entry would let a socket that already sent over TCP
+/// be redirected later and overtake its own bytes. Entries go when their socket closes
+/// (`leg_closed`); only sockets in LOCAL_LEGS (at most as many) ever get one.
 #[map(name = "TCP_LEGS")]
-static TCP_LEGS: LruHashMap<SockKey, u32> = LruHashMap::with_max_entries(65_536, 0);
+static TCP_LEGS: HashMap<SockKey, u32> = HashMap::with_max_entries(65_536, 0);
 
 #[map(name = "SOCKMAP_SWITCH")]
 static SOCKMAP_SWITCH: Array<u32> = Array::with_max_entries(1, 0);
@@ -242,6 +246,11 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), i64> {
             local_leg_established(ctx, false);
             Ok(())
         }
+        // Only sockets filed in LOCAL_LEGS ask for state callbacks.
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            leg_closed(ctx);
+            Ok(())
+        }
         _ => Ok(()),
     }
 }
@@ -331,6 +340,12 @@ fn local_leg_established(ctx: &SockOpsContext, active: bool) {
     }
     // A socket with the same 4-tuple that kept to TCP earlier must not hold this one back.
     let _ = TCP_LEGS.remove(key);
+    // Its TCP_LEGS entry, if it ever gets one, goes when it closes (`leg_closed`). Without
+    // that callback an entry could outlive the socket: such a socket stays off the shortcut.
+    let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+    if ctx.set_cb_flags(flags as i32).is_err() {
+        return;
+    }
     // SAFETY: `ops` is the program's own context, valid for the whole call.
     let ops = unsafe { &mut *ctx.ops };
     if let Err(e) = LOCAL_LEGS.update(key, ops, 0) {
@@ -340,6 +355,24 @@ fn local_leg_established(ctx: &SockOpsContext, active: bool) {
             "sockmap: LOCAL_LEGS refused a socket ({}); it stays on TCP", e
         );
     }
+}
+
+/// A local-leg socket closed: forget that it kept to TCP, so TCP_LEGS holds live sockets
+/// only (a plain hash never evicts).
+fn leg_closed(ctx: &SockOpsContext) {
+    if ctx.family() != AF_INET {
+        return;
+    }
+    // SAFETY: bpf_get_netns_cookie accepts a sock_ops context.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let key = SockKey {
+        netns_cookie,
+        local_ip4: ctx.local_ip4(),
+        remote_ip4: ctx.remote_ip4(),
+        local_port: ctx.local_port(),
+        remote_port: remote_port_host(ctx.remote_port()),
+    };
+    let _ = TCP_LEGS.remove(key);
 }
 
 /// Whether the sock_ops socket carries the agent's mark.
@@ -379,6 +412,8 @@ pub fn ambit_sk_msg(ctx: SkMsgContext) -> u32 {
     if LOCAL_LEGS.redirect_msg(&ctx, key.peer(), u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
         count(SockmapStat::RedirectedBytes, size);
     } else {
+        // Never short of room: only sockets in LOCAL_LEGS get an entry, each removed when
+        // its socket closes, and both maps hold as many.
         let _ = TCP_LEGS.insert(key, 1, 0);
         count(SockmapStat::TcpFallbacks, 1);
     }

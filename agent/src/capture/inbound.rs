@@ -28,14 +28,15 @@ use std::path::{Path, PathBuf};
 
 use ambit_common::{ListenerKey, SLOT_HBONE, SLOT_PLAINTEXT, globals, maps, programs};
 use aya::programs::links::FdLink;
-use aya::programs::tc::{self, TcAttachType};
+use aya::programs::tc::{self, SchedClassifierLink, TcAttachType};
 use aya::programs::{SchedClassifier, SkLookup};
 use tracing::{debug, info};
 
 use super::rtnl::Rtnl;
+use super::upgrade::{self, LinkOutcome};
 use super::{
     Capture, CaptureError, EBPF_OBJECT, Result, detach_links_in, pinned_loader, program,
-    removed_or_absent, reuse_or_attach,
+    removed_or_absent,
 };
 use crate::netns::NetNs;
 
@@ -84,12 +85,13 @@ impl Capture {
         let pin = pod_dir.join(TC_LO_PIN);
         let netns_path = pod.path();
         let tc_lo: &mut SchedClassifier = program(&mut self.ebpf, programs::TC_AGENT_LO)?;
-        let accept_local_before = run_in_pod(pod, || {
+        let (accept_local_before, outcome) = run_in_pod(pod, || {
             let mut rtnl = Rtnl::open(netns_path)?;
             let (_, before) = accept_local_on_lo(&mut rtnl)?;
-            attach_tc_egress(tc_lo, &pin, "lo", programs::TC_AGENT_LO)?;
-            Ok(before)
+            let outcome = attach_tc_egress(tc_lo, &pin, "lo", programs::TC_AGENT_LO)?;
+            Ok((before, outcome))
         })?;
+        self.links_stats.record(&outcome);
         self.remember_changes(netns_cookie, pod.path(), accept_local_before);
         for (slot, listener) in [(SLOT_PLAINTEXT, plaintext), (SLOT_HBONE, hbone)] {
             let key = ListenerKey {
@@ -124,24 +126,37 @@ impl Capture {
         Ok(())
     }
 
-    /// The pod's sk_lookup instance (its cookie baked in), pinned in the pod's directory;
-    /// a link pinned there already is kept.
-    fn attach_sk_lookup(&self, pod: &NetNs, netns_cookie: u64) -> Result<()> {
+    /// The pod's sk_lookup instance (its cookie baked in), pinned in the pod's directory. A
+    /// link pinned there already (by an earlier agent, or this one) is kept and switched to
+    /// the instance loaded now, in place: the pod's inbound is steered throughout.
+    fn attach_sk_lookup(&mut self, pod: &NetNs, netns_cookie: u64) -> Result<()> {
         let maps_dir = self.pin_dir.join("maps");
         let log_level = self.ebpf_log_level;
-        reuse_or_attach(&self.pod_dir(netns_cookie).join(SK_LOOKUP_PIN), || {
-            let name = programs::SK_LOOKUP;
-            let mut ebpf = pinned_loader(&maps_dir, &log_level)
-                .override_global(globals::POD_NETNS_COOKIE, &netns_cookie, true)
-                .load(EBPF_OBJECT)?;
-            let prog: &mut SkLookup = program(&mut ebpf, name)?;
-            let err = |source| CaptureError::Program { name, source };
-            prog.load().map_err(err)?;
-            let id = prog.attach(pod).map_err(err)?;
-            // The pinned link keeps the program (and its cookie global) alive once `ebpf`
-            // is dropped.
-            Ok(FdLink::from(prog.take_link(id).map_err(err)?))
-        })?;
+        let pin = self.pod_dir(netns_cookie).join(SK_LOOKUP_PIN);
+        let name = programs::SK_LOOKUP;
+        let mut ebpf = pinned_loader(&maps_dir, &log_level)
+            .override_global(globals::POD_NETNS_COOKIE, &netns_cookie, true)
+            .load(EBPF_OBJECT)?;
+        let prog: &mut SkLookup = program(&mut ebpf, name)?;
+        let err = |source| CaptureError::Program { name, source };
+        prog.load().map_err(err)?;
+        let prog_id = prog.info().map_err(err)?.id();
+        // The pinned link keeps the program (and its cookie global) alive once `ebpf` is
+        // dropped.
+        let outcome = upgrade::link_program(
+            &pin,
+            prog,
+            prog_id,
+            |prog| {
+                let id = prog.attach(pod).map_err(err)?;
+                Ok(FdLink::from(prog.take_link(id).map_err(err)?))
+            },
+            |prog, _link, old_prog_id| {
+                let fd = prog.fd().map_err(err)?;
+                upgrade::update_pinned_link(&pin, fd.as_fd(), old_prog_id)
+            },
+        )?;
+        self.links_stats.record(&outcome);
         Ok(())
     }
 
@@ -265,14 +280,15 @@ impl Capture {
         let pin = pod_dir.join(TC_EGRESS_PIN);
         let netns_path = pod.path();
         let tc_reply: &mut SchedClassifier = program(&mut self.ebpf, programs::TC_REPLY_TO_LO)?;
-        let accept_local_before = run_in_pod(pod, || {
+        let (accept_local_before, outcome) = run_in_pod(pod, || {
             let mut rtnl = Rtnl::open(netns_path)?;
             let (lo_index, before) = accept_local_on_lo(&mut rtnl)?;
             rtnl.add_reply_rule()?;
             rtnl.replace_reply_route(lo_index)?;
-            attach_tc_egress(tc_reply, &pin, ifname, programs::TC_REPLY_TO_LO)?;
-            Ok(before)
+            let outcome = attach_tc_egress(tc_reply, &pin, ifname, programs::TC_REPLY_TO_LO)?;
+            Ok((before, outcome))
         })?;
+        self.links_stats.record(&outcome);
         self.remember_changes(netns_cookie, pod.path(), accept_local_before);
         info!(netns_cookie, ifname, "source preservation set up");
         Ok(())
@@ -300,32 +316,46 @@ fn accept_local_on_lo(rtnl: &mut Rtnl) -> Result<(u32, i32)> {
 }
 
 /// Attaches the loaded tc program `prog` (named `name`) at egress of `ifname` in the
-/// calling thread's netns and pins the link at `pin`, or keeps the link already pinned
-/// there.
+/// calling thread's netns and pins the link at `pin`; a link pinned there already is kept
+/// and switched to `prog` in place (aya's `attach_to_link`, BPF_LINK_UPDATE on TCX links).
 fn attach_tc_egress(
     prog: &mut SchedClassifier,
     pin: &Path,
     ifname: &str,
     name: &'static str,
-) -> Result<()> {
-    reuse_or_attach(pin, || {
-        // The clsact qdisc is what legacy (netlink) tc attachment needs; with TCX links
-        // (kernel >= 6.6, what aya uses here) it is harmless. EEXIST: already there.
-        if let Err(e) = tc::qdisc_add_clsact(ifname) {
-            let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
-            if !exists {
-                return Err(CaptureError::Program {
-                    name,
-                    source: e.into(),
-                });
+) -> Result<LinkOutcome> {
+    let err = |source| CaptureError::Program { name, source };
+    let prog_id = prog.info().map_err(err)?.id();
+    upgrade::link_program(
+        pin,
+        prog,
+        prog_id,
+        |prog| {
+            // The clsact qdisc is what legacy (netlink) tc attachment needs; with TCX links
+            // (kernel >= 6.6, what aya uses here) it is harmless. EEXIST: already there.
+            if let Err(e) = tc::qdisc_add_clsact(ifname) {
+                let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
+                if !exists {
+                    return Err(CaptureError::Program {
+                        name,
+                        source: e.into(),
+                    });
+                }
             }
-        }
-        let err = |source| CaptureError::Program { name, source };
-        let id = prog.attach(ifname, TcAttachType::Egress).map_err(err)?;
-        let link = prog.take_link(id).map_err(err)?;
-        FdLink::try_from(link).map_err(|source| CaptureError::Link { name, source })
-    })?;
-    Ok(())
+            let id = prog.attach(ifname, TcAttachType::Egress).map_err(err)?;
+            let link = prog.take_link(id).map_err(err)?;
+            FdLink::try_from(link).map_err(|source| CaptureError::Link { name, source })
+        },
+        |prog, link, _old_prog_id| {
+            let link = SchedClassifierLink::try_from(link)
+                .map_err(|source| CaptureError::Link { name, source })?;
+            let id = prog.attach_to_link(link).map_err(err)?;
+            // aya keeps the updated link in the program's own set; take it back and close
+            // this fd, or the link would outlive its pin and `detach_inbound`.
+            drop(prog.take_link(id).map_err(err)?);
+            Ok(())
+        },
+    )
 }
 
 fn create_dir(dir: &Path) -> Result<()> {

@@ -9,8 +9,10 @@
 mod cgroup;
 mod inbound;
 mod rtnl;
+mod upgrade;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 
 use ambit_common::{
@@ -24,6 +26,7 @@ use aya::{Ebpf, EbpfLoader};
 use tracing::{debug, info};
 
 pub use cgroup::cgroup2_root;
+pub use upgrade::{LinkOutcome, MapDefinition, PinnedLinkProgram, pinned_link_programs};
 
 /// Default bpffs directory for ambit's pins.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ambit";
@@ -65,6 +68,23 @@ pub enum CaptureError {
     Pin {
         path: PathBuf,
         source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("parse the embedded eBPF object: {0}")]
+    Object(String),
+    #[error(
+        "pinned map {name} at {pin} does not match this agent's definition ({differences}); it \
+         carries enrollment across restarts, so it is not recreated: pods stay held by the \
+         earlier programs. Migrate it, or run `ambit uninstall` (pods lose capture) and start again"
+    )]
+    MapDefinitionChanged {
+        name: &'static str,
+        pin: PathBuf,
+        differences: String,
+    },
+    #[error("switch the program of the link pinned at {pin}: {source}")]
+    LinkUpdate {
+        pin: PathBuf,
+        source: std::io::Error,
     },
     #[error("map {name}: {source}")]
     Map {
@@ -191,6 +211,25 @@ pub struct SockmapStats {
     pub tcp_fallbacks: u64,
 }
 
+/// What became of the pinned links this agent found (see [`Capture::link_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    /// Links switched in place from an earlier agent's program to this agent's.
+    pub replaced: u64,
+    /// Links whose switch failed: they keep the earlier program (still capturing).
+    pub failed: u64,
+}
+
+impl LinkStats {
+    fn record(&mut self, outcome: &LinkOutcome) {
+        match outcome {
+            LinkOutcome::Replaced { .. } => self.replaced += 1,
+            LinkOutcome::KeptOld { .. } => self.failed += 1,
+            LinkOutcome::Attached { .. } => {}
+        }
+    }
+}
+
 /// The original-destination map as one pod's outbound side reads it ([`Capture::orig_dst_table`]).
 pub struct OrigDstTable {
     /// aya's delete needs `&mut`; the lock is held for one lookup and one delete and is
@@ -229,6 +268,8 @@ pub struct Capture {
     sockmap_stats: PerCpuArray<MapData, u64>,
     sockmap_attached: bool,
     sockmap_attach_failures: u64,
+    links_stats: LinkStats,
+    maps_recreated: Vec<&'static str>,
     /// What this agent changed inside each pod's netns besides its pinned links, by netns
     /// cookie, for [`Capture::detach_inbound`] to undo. In memory only: see
     /// [`inbound::PodNetnsChanges`].
@@ -265,7 +306,9 @@ impl Capture {
             })?;
         }
 
-        // Reuses existing pins, so state survives agent restarts.
+        // Pinned maps are reused (state survives agent restarts) only where their definition
+        // is still this object's; see `upgrade::check_pinned_maps`.
+        let maps_recreated = upgrade::check_pinned_maps(&maps_dir)?;
         let ebpf_log_level = aya_log_level(config.ebpf_log_level);
         let mut ebpf = pinned_loader(&maps_dir, &ebpf_log_level).load(EBPF_OBJECT)?;
         let ebpf_logger = match EbpfLogger::init(&mut ebpf) {
@@ -285,29 +328,26 @@ impl Capture {
             source,
         })?;
 
-        // aya gives CgroupSockAddr and SockOps the same load/attach/take_link shape but no
-        // common trait, so one macro serves both.
-        macro_rules! attach_to_cgroup {
-            ($ty:ty, $name:expr) => {{
-                let name = $name;
-                reuse_or_attach(&links_dir.join(name), || {
-                    let prog: &mut $ty = program(&mut ebpf, name)?;
-                    let err = |source| CaptureError::Program { name, source };
-                    prog.load().map_err(err)?;
-                    let id = prog.attach(&cgroup, LINK_ATTACH_MODE).map_err(err)?;
-                    let link = prog.take_link(id).map_err(err)?;
-                    FdLink::try_from(link).map_err(|source| CaptureError::Link { name, source })
-                })?
-            }};
+        // Programs are loaded while the loader still holds every map: their instructions
+        // refer to the maps' fds, and some handles taken below are dropped once written.
+        for name in CGROUP_PROGRAMS {
+            let err = |source| CaptureError::Program { name, source };
+            if name == programs::SOCK_OPS {
+                program::<SockOps>(&mut ebpf, name)?.load().map_err(err)?;
+            } else {
+                program::<CgroupSockAddr>(&mut ebpf, name)?
+                    .load()
+                    .map_err(err)?;
+            }
         }
-        let links = vec![
-            attach_to_cgroup!(CgroupSockAddr, programs::CONNECT4),
-            attach_to_cgroup!(SockOps, programs::SOCK_OPS),
-            attach_to_cgroup!(CgroupSockAddr, programs::GETPEERNAME4),
-            attach_to_cgroup!(CgroupSockAddr, programs::CONNECT6),
-            attach_to_cgroup!(CgroupSockAddr, programs::GETPEERNAME6),
-        ];
+        for name in TC_PROGRAMS {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| CaptureError::Program { name, source })?;
+        }
 
+        // Every map the programs read is filled before any program is attached or switched
+        // in below: a new connect4 must never run against an empty EXCLUDED_PORTS.
         let enrolled = take_map(&mut ebpf, maps::ENROLLED)?;
         let orig_dst = take_map(&mut ebpf, maps::ORIG_DST)?;
         let listeners = {
@@ -353,12 +393,56 @@ impl Capture {
             let map = ebpf.take_map(name).ok_or(CaptureError::MissingMap(name))?;
             PerCpuArray::try_from(map).map_err(|source| CaptureError::Map { name, source })?
         };
-        for name in TC_PROGRAMS {
-            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
-            prog.load()
-                .map_err(|source| CaptureError::Program { name, source })?;
+        // Each cgroup hook gets this agent's program: attached and pinned the first time;
+        // over a link pinned by an earlier agent (an upgrade, or just a restart), swapped
+        // into that link in place, so the hook never goes without a capture program.
+        // aya gives CgroupSockAddr and SockOps the same load/attach/take_link shape but no
+        // common trait, so one macro serves both.
+        let mut links_stats = LinkStats::default();
+        let mut links = Vec::with_capacity(CGROUP_PROGRAMS.len());
+        macro_rules! attach_to_cgroup {
+            ($ty:ty, $name:expr) => {{
+                let name = $name;
+                let pin = links_dir.join(name);
+                let prog: &mut $ty = program(&mut ebpf, name)?;
+                let err = |source| CaptureError::Program { name, source };
+                let prog_id = prog.info().map_err(err)?.id();
+                let outcome = upgrade::link_program(
+                    &pin,
+                    prog,
+                    prog_id,
+                    |prog| {
+                        let id = prog.attach(&cgroup, LINK_ATTACH_MODE).map_err(err)?;
+                        let link = prog.take_link(id).map_err(err)?;
+                        FdLink::try_from(link).map_err(|source| CaptureError::Link { name, source })
+                    },
+                    |prog, _link, old_prog_id| {
+                        let fd = prog.fd().map_err(err)?;
+                        upgrade::update_pinned_link(&pin, fd.as_fd(), old_prog_id)
+                    },
+                )?;
+                links_stats.record(&outcome);
+                links.push(PinnedLink::from_pin(&pin).map_err(|e| CaptureError::Pin {
+                    path: pin.clone(),
+                    source: Box::new(e),
+                })?);
+            }};
         }
-        info!(pin_dir = %pin_dir.display(), cgroup = %cgroup_path.display(), sockmap = sockmap_attached, "capture programs attached");
+        attach_to_cgroup!(CgroupSockAddr, programs::CONNECT4);
+        attach_to_cgroup!(SockOps, programs::SOCK_OPS);
+        attach_to_cgroup!(CgroupSockAddr, programs::GETPEERNAME4);
+        attach_to_cgroup!(CgroupSockAddr, programs::CONNECT6);
+        attach_to_cgroup!(CgroupSockAddr, programs::GETPEERNAME6);
+
+        info!(
+            pin_dir = %pin_dir.display(),
+            cgroup = %cgroup_path.display(),
+            sockmap = sockmap_attached,
+            links_replaced = links_stats.replaced,
+            link_replace_failures = links_stats.failed,
+            maps_recreated = ?maps_recreated,
+            "capture programs attached"
+        );
         let mut attached_programs = CGROUP_PROGRAMS.to_vec();
         if sockmap_attached {
             attached_programs.push(programs::SK_MSG);
@@ -374,10 +458,24 @@ impl Capture {
             sockmap_stats,
             sockmap_attached,
             sockmap_attach_failures,
+            links_stats,
+            maps_recreated,
             pod_netns: std::collections::BTreeMap::new(),
             _links: links,
             ebpf,
         })
+    }
+
+    /// How many pinned links were switched to this agent's programs, and how many kept the
+    /// earlier agent's program because the switch failed (cgroup and per-pod links, since
+    /// start). For metrics: a non-zero `failed` means older capture code is still running.
+    pub fn link_stats(&self) -> LinkStats {
+        self.links_stats
+    }
+
+    /// Pinned maps found with another definition and recreated empty at start.
+    pub fn maps_recreated(&self) -> &[&'static str] {
+        &self.maps_recreated
     }
 
     /// The reader of the programs' log records, for the caller to drive (once).
@@ -599,20 +697,6 @@ fn take_map<K: aya::Pod, V: aya::Pod>(
 ) -> Result<HashMap<MapData, K, V>> {
     let map = ebpf.take_map(name).ok_or(CaptureError::MissingMap(name))?;
     HashMap::try_from(map).map_err(|source| CaptureError::Map { name, source })
-}
-
-/// A pinned link found at `pin` is still attached from an earlier run: keep it. Otherwise
-/// attach now and pin the new link.
-fn reuse_or_attach(pin: &Path, attach: impl FnOnce() -> Result<FdLink>) -> Result<PinnedLink> {
-    let pin_err = |source: Box<dyn std::error::Error + Send + Sync>| CaptureError::Pin {
-        path: pin.to_path_buf(),
-        source,
-    };
-    if pin.exists() {
-        debug!(pin = %pin.display(), "reusing pinned link");
-        return PinnedLink::from_pin(pin).map_err(|e| pin_err(Box::new(e)));
-    }
-    attach()?.pin(pin).map_err(|e| pin_err(Box::new(e)))
 }
 
 /// A map delete whose key may already be gone: absent is success. aya reports an absent
