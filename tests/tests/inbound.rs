@@ -3,8 +3,10 @@
 //! source preservation lets the app see the real client: its rule, route and sysctl are set
 //! over netlink (also when /proc/sys is read-only) and undone when the pod leaves.
 
+use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ambit_common::HBONE_PORT;
@@ -321,5 +323,87 @@ fn agent_with_read_only_proc_sys_enrolls_pods_and_keeps_the_source_address() -> 
         ReplyRouting::of(&bed.pod(name).ns)?.assert_set_up();
     }
     assert_server_sees_client(&bed)?;
+    Ok(())
+}
+
+/// The pod's pinned links (sk_lookup and the tc programs) and the programs they run.
+fn pod_link_programs(bed: &InboundBed) -> anyhow::Result<BTreeMap<PathBuf, u32>> {
+    let pod_dir = bed.pins.path().join(format!("pods/{}", bed.pod_cookie));
+    Ok(ambit_agent::capture::pinned_link_programs(bed.pins.path())?
+        .into_iter()
+        .filter(|l| l.pin.starts_with(&pod_dir))
+        .map(|l| (l.pin, l.prog_id))
+        .collect())
+}
+
+#[test]
+fn restarted_agent_switches_the_pods_links_to_its_own_programs() -> anyhow::Result<()> {
+    let mut bed = InboundBed::new()?;
+    bed.start_agent()?;
+    bed.preserve_source()?;
+    let app = bed.app_addr();
+    let before = pod_link_programs(&bed)?;
+    assert_eq!(
+        before.len(),
+        3,
+        "sk_lookup, tc on lo, tc on the interface: {before:?}"
+    );
+
+    bed.crash_agent();
+    bed.restart_agent()?;
+    bed.preserve_source()?;
+    let capture = bed.capture()?;
+    assert_eq!(
+        capture.link_stats(),
+        ambit_agent::capture::LinkStats {
+            replaced: 5 + 3,
+            failed: 0
+        },
+        "the five cgroup links and the pod's three"
+    );
+    let loaded: BTreeMap<String, u32> = capture.program_ids().into_iter().collect();
+    let after = pod_link_programs(&bed)?;
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>()
+    );
+    for (pin, prog_id) in &after {
+        assert_ne!(
+            prog_id,
+            &before[pin],
+            "{} still runs the old program",
+            pin.display()
+        );
+        let expected = match pin.file_name().and_then(|n| n.to_str()) {
+            Some("tc_lo_egress") => Some(loaded[ambit_common::programs::TC_AGENT_LO]),
+            Some("tc_egress") => Some(loaded[ambit_common::programs::TC_REPLY_TO_LO]),
+            // The pod's own sk_lookup instance is held by its link alone. Program ids grow
+            // (the kernel allocates them cyclically up to INT_MAX): it was loaded after
+            // everything the new agent loaded at start.
+            _ => {
+                let newest_at_start = loaded.values().max().copied().unwrap_or_default();
+                assert!(
+                    *prog_id > newest_at_start,
+                    "{} runs {prog_id}",
+                    pin.display()
+                );
+                None
+            }
+        };
+        if let Some(expected) = expected {
+            assert_eq!(*prog_id, expected, "{}", pin.display());
+        }
+    }
+
+    let _client = bed.connect_from_client(app)?;
+    let agent = bed.agent.as_ref().context("agent listeners")?;
+    assert!(
+        accept_within(&agent.plaintext, WAIT)?.is_some(),
+        "steered to the agent by the switched program"
+    );
+    assert!(
+        accept_within(&bed.app, SHORT)?.is_none(),
+        "the app must not get it in plaintext"
+    );
     Ok(())
 }

@@ -473,6 +473,16 @@ impl Capture {
         self.links_stats
     }
 
+    /// Ids of the programs this agent loaded once at start and holds (the cgroup, tc and
+    /// sk_msg programs, by name; per-pod sk_lookup instances are held by their links only).
+    /// Loaded-but-unused programs report nothing.
+    pub fn program_ids(&self) -> Vec<(String, u32)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, prog)| Some((name.to_string(), prog.info().ok()?.id())))
+            .collect()
+    }
+
     /// Pinned maps found with another definition and recreated empty at start.
     pub fn maps_recreated(&self) -> &[&'static str] {
         &self.maps_recreated
