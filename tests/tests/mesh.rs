@@ -2,7 +2,9 @@
 //! HBONE with the right identities; the wire carries only TLS; the agent failing keeps
 //! enrolled pods closed; config changes enroll and unenroll pods live.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ambit_e2e::testbed::{APP_PORT, MESH_NS, PLAIN_NS, PodSpec, Service, Testbed};
@@ -278,5 +280,94 @@ fn ebpf_program_messages_reach_the_agent_log_with_their_level() -> anyhow::Resul
         LOG_WAIT,
     )?;
     assert!(line.contains("capture: connect from netns"), "{line}");
+    Ok(())
+}
+
+/// The links pinned under node `i`'s pin dir and the programs they run.
+fn link_programs(bed: &Testbed, i: usize) -> anyhow::Result<BTreeMap<PathBuf, u32>> {
+    Ok(
+        ambit_agent::capture::pinned_link_programs(bed.nodes[i].pins.path())?
+            .into_iter()
+            .map(|l| (l.pin, l.prog_id))
+            .collect(),
+    )
+}
+
+#[test]
+fn upgraded_agent_switches_every_pinned_link_and_pods_stay_in_the_mesh() -> anyhow::Result<()> {
+    let mut bed = mesh()?;
+    let b_addr = bed.pod("server-b").addr(APP_PORT);
+    let before_marker = unique_name("AMBIT-BEFORE-UPGRADE-");
+    let (reply, wire) = bed.capture_wire(0, || {
+        bed.pod("client").request(b_addr, before_marker.as_bytes())
+    })?;
+    assert!(reply.ends_with(&before_marker), "{reply}");
+    assert!(wire.hbone_bytes > before_marker.len() as u64);
+    assert!(!wire.contains(before_marker.as_bytes()));
+
+    let before = link_programs(&bed, 0)?;
+    let pod_links = before
+        .keys()
+        .filter(|p| p.to_string_lossy().contains("/pods/"))
+        .count();
+    assert!(
+        before.len() >= 5 && pod_links >= 2,
+        "cgroup links and the enrolled pods' links: {before:?}"
+    );
+
+    // A DaemonSet roll: the old agent goes, the new one starts over its pins.
+    bed.kill_agent(0);
+    bed.start_agent(0)?;
+    bed.agent(0)
+        .wait_for_logs(&["pinned link switched"], before.len(), LOG_WAIT)?;
+    let after = link_programs(&bed, 0)?;
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>(),
+        "the same links, kept (never detached)"
+    );
+    let logs = bed.agent(0).logs();
+    for (pin, prog_id) in &after {
+        let old = before[pin];
+        assert_ne!(
+            *prog_id,
+            old,
+            "{} still runs the old program",
+            pin.display()
+        );
+        // The new agent reports the swap of exactly this link to exactly this program.
+        assert!(
+            logs.iter().any(|l| l.contains("pinned link switched")
+                && l.contains(&format!("pin={} ", pin.display()))
+                && l.contains(&format!("old_prog_id={old} "))
+                && l.contains(&format!("new_prog_id={prog_id}"))),
+            "no switch {old} -> {prog_id} of {} in the new agent's log",
+            pin.display()
+        );
+    }
+    assert!(
+        !logs
+            .iter()
+            .any(|l| l.contains("keeps the earlier agent's program")),
+        "no failed switch"
+    );
+
+    let after_marker = unique_name("AMBIT-AFTER-UPGRADE-");
+    let (reply, wire) = bed.capture_wire(0, || {
+        bed.pod("client").request(b_addr, after_marker.as_bytes())
+    })?;
+    assert!(
+        reply.ends_with(&after_marker),
+        "the mesh works after the switch: {reply}"
+    );
+    assert!(
+        wire.hbone_bytes > after_marker.len() as u64,
+        "the capture saw the TLS traffic: {} bytes",
+        wire.hbone_bytes
+    );
+    assert!(
+        !wire.contains(after_marker.as_bytes()),
+        "still encrypted: no plaintext escape after the switch"
+    );
     Ok(())
 }
