@@ -9,7 +9,9 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use ambit_common::SockKey;
 use anyhow::Context as _;
+use aya::maps::{HashMap, MapData};
 
 use ambit_e2e::testbed::{MESH_NS, PodSpec, Testbed};
 
@@ -431,5 +433,78 @@ fn measure_bulk_with_and_without_the_sockmap() -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Opens node `node`'s pinned TCP_LEGS.
+fn tcp_legs(bed: &Testbed, node: usize) -> anyhow::Result<HashMap<MapData, SockKey, u32>> {
+    let pin = bed.nodes[node]
+        .pins
+        .path()
+        .join("maps")
+        .join(ambit_common::maps::TCP_LEGS);
+    let map = aya::maps::Map::from_map_data(MapData::from_pin(&pin)?)?;
+    Ok(HashMap::try_from(map)?)
+}
+
+#[test]
+fn a_sockets_tcp_legs_entry_goes_when_it_closes() -> anyhow::Result<()> {
+    let bed = bed(&["--sockmap"])?;
+    let mut legs = tcp_legs(&bed, 0)?;
+    // The app's end of a local leg: captured to 127.0.0.1:15001 and filed in LOCAL_LEGS.
+    let client = bed
+        .pod("client")
+        .connect(bed.pod("server-a").addr(BULK_PORT))?;
+    let SocketAddr::V4(local) = client.local_addr()? else {
+        anyhow::bail!("IPv4 only");
+    };
+    let key = SockKey {
+        netns_cookie: ambit_agent::sys::netns_cookie(&client)?,
+        local_ip4: u32::from_ne_bytes(local.ip().octets()),
+        remote_ip4: u32::from_ne_bytes([127, 0, 0, 1]),
+        local_port: u32::from(local.port()),
+        remote_port: u32::from(ambit_common::OUTBOUND_CAPTURE_PORT),
+    };
+    // As ambit_sk_msg files a socket that kept to TCP; and one of no socket, as control.
+    let unrelated = SockKey {
+        local_port: 1,
+        ..key
+    };
+    legs.insert(key, 1, 0)?;
+    legs.insert(unrelated, 1, 0)?;
+
+    // Reset close: the socket reaches TCP_CLOSE at once.
+    socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO))?;
+    drop(client);
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while legs.get(&key, 0).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "TCP_LEGS still holds the closed socket's entry"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        legs.get(&unrelated, 0)?,
+        1,
+        "only the closed socket's entry goes"
+    );
+    legs.remove(&unrelated)?;
+    Ok(())
+}
+
+#[test]
+fn restarted_agent_attaches_its_sk_msg_and_keeps_the_shortcut() -> anyhow::Result<()> {
+    let mut bed = bed(&["--sockmap"])?;
+    bed.kill_agent(0);
+    bed.start_agent(0)?;
+    bed.agent(0)
+        .wait_for_log(&["sk_msg program attached"], Duration::from_secs(5))?;
+    assert_eq!(metric(&bed, 0, "ambit_sockmap_attached")?, 1);
+    let size = 8 * MIB;
+    let before = redirected(&bed, 0)?;
+    transfer_checked(&bed, "server-a", size)?;
+    let moved = redirected(&bed, 0)? - before;
+    assert!(moved >= 4 * size, "agent 0 redirected {moved} bytes");
     Ok(())
 }

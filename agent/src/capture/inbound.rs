@@ -67,8 +67,9 @@ impl Capture {
     }
 
     /// Steers inbound TCP of the pod (netns `pod`, cookie `netns_cookie`) to the agent's
-    /// listeners, which the caller opened inside that netns. Reuses a pinned link left by an
-    /// earlier run; replaces listeners registered before (e.g. by a crashed agent).
+    /// listeners, which the caller opened inside that netns. Keeps a pinned link left by an
+    /// earlier run, switched to this agent's program; replaces listeners registered before
+    /// (e.g. by a crashed agent).
     pub fn attach_inbound(
         &mut self,
         pod: &NetNs,

@@ -4,7 +4,9 @@
 //! Programs, links and maps are pinned under one bpffs directory so that they outlive the
 //! agent: while the agent is down, enrolled pods keep being redirected to listeners that no
 //! longer exist, and their connections fail instead of leaking out in plaintext (fail
-//! closed). A restarted agent finds the pins and reuses them.
+//! closed). A restarted (or upgraded) agent finds the pins, keeps the links and switches
+//! each to the program it loaded, in place; it reuses the pinned maps whose definition is
+//! unchanged (`upgrade.rs`).
 
 mod cgroup;
 mod inbound;
@@ -292,8 +294,10 @@ impl std::fmt::Debug for Capture {
 }
 
 impl Capture {
-    /// Loads the programs and attaches them at the cgroup v2 root, or reuses pins left by a
-    /// previous run of the agent.
+    /// Loads the programs and attaches them at the cgroup v2 root; over links pinned by a
+    /// previous run of the agent (possibly another version), switches those links to the
+    /// programs loaded now. Fails, before touching any link, if a pinned map that carries
+    /// state no longer matches this object's definition (see `upgrade::check_pinned_maps`).
     pub fn attach(config: &CaptureConfig) -> Result<Self> {
         let pin_dir = config.pin_dir.clone();
         ensure_bpffs(&pin_dir)?;
@@ -596,6 +600,10 @@ impl Capture {
 /// map keep the program they got. The sk_msg program is detached when the agent's handle
 /// on it is dropped; sockets filed earlier keep it until they close, redirecting only to
 /// their own connection's other end.
+///
+/// There is no pinned link to switch here on an upgrade: the kernel swaps the map's sk_msg
+/// program in one step at this attach (BPF_PROG_ATTACH on a sockmap replaces the program it
+/// holds), so sockets filed from then on get this agent's program.
 fn attach_sockmap(ebpf: &mut Ebpf) -> Result<()> {
     let name = maps::LOCAL_LEGS;
     let legs: SockHash<MapData, SockKey> =
@@ -606,6 +614,11 @@ fn attach_sockmap(ebpf: &mut Ebpf) -> Result<()> {
     let prog: &mut SkMsg = program(ebpf, name)?;
     prog.load().map_err(err)?;
     prog.attach(legs.fd()).map_err(err)?;
+    let prog_id = prog.info().map_err(err)?.id();
+    info!(
+        prog_id,
+        "sk_msg program attached to LOCAL_LEGS (replacing any earlier one)"
+    );
     Ok(())
 }
 
