@@ -351,6 +351,16 @@ fn upgraded_agent_switches_every_pinned_link_and_pods_stay_in_the_mesh() -> anyh
             .any(|l| l.contains("keeps the earlier agent's program")),
         "no failed switch"
     );
+    let metrics = bed.agent(0).metrics()?;
+    for line in [
+        format!("ambit_ebpf_links_replaced_total {}", after.len()),
+        "ambit_ebpf_link_replace_failures_total 0".to_owned(),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} in the new agent's metrics:\n{metrics}"
+        );
+    }
 
     let after_marker = unique_name("AMBIT-AFTER-UPGRADE-");
     let (reply, wire) = bed.capture_wire(0, || {

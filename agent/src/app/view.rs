@@ -261,6 +261,13 @@ impl AgentView for View {
                     redirected_bytes: s.redirected_bytes,
                     tcp_fallbacks: s.tcp_fallbacks,
                 });
+            let links = c.link_stats();
+            self.agent_metrics
+                .set_upgrade(crate::observability::metrics::UpgradeFigures {
+                    links_replaced: links.replaced,
+                    link_replace_failures: links.failed,
+                    maps_recreated: c.maps_recreated().len() as u64,
+                });
         }
         self.policy_metrics
             .sync(&self.shared.authorizer.decision_counts());

@@ -31,6 +31,9 @@ pub struct AgentMetrics {
     sockmap_attach_failures: Counter,
     sockmap_redirected_bytes: Counter,
     sockmap_tcp_fallbacks: Counter,
+    links_replaced: Counter,
+    link_replace_failures: Counter,
+    maps_recreated: Counter,
 }
 
 /// The sockmap shortcut's figures as read from the kernel at a scrape.
@@ -85,6 +88,21 @@ impl AgentMetrics {
             "Local-leg sockets that sent before their peer was filed and so stayed on TCP",
             m.sockmap_tcp_fallbacks.clone(),
         );
+        registry.register(
+            "ambit_ebpf_links_replaced",
+            "Pinned links switched in place from an earlier agent's program to this agent's",
+            m.links_replaced.clone(),
+        );
+        registry.register(
+            "ambit_ebpf_link_replace_failures",
+            "Pinned links that could not be switched and still run an earlier agent's program",
+            m.link_replace_failures.clone(),
+        );
+        registry.register(
+            "ambit_ebpf_maps_recreated",
+            "Pinned maps whose definition changed and that were recreated empty at start",
+            m.maps_recreated.clone(),
+        );
         let build: Family<BuildLabels, Gauge> = Family::default();
         build
             .get_or_create(&BuildLabels {
@@ -138,6 +156,28 @@ impl AgentMetrics {
     }
 }
 
+/// What the start (and each pod's inbound attach) did with links and maps pinned by an
+/// earlier agent.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UpgradeFigures {
+    pub links_replaced: u64,
+    pub link_replace_failures: u64,
+    pub maps_recreated: u64,
+}
+
+impl AgentMetrics {
+    /// Brings the upgrade counters up to the capture layer's totals (which only grow).
+    pub fn set_upgrade(&self, figures: UpgradeFigures) {
+        for (counter, value) in [
+            (&self.links_replaced, figures.links_replaced),
+            (&self.link_replace_failures, figures.link_replace_failures),
+            (&self.maps_recreated, figures.maps_recreated),
+        ] {
+            counter.inc_by(value.saturating_sub(counter.get()));
+        }
+    }
+}
+
 /// The registry in the text format Prometheus scrapes (OpenMetrics).
 pub fn encode(registry: &Registry) -> String {
     let mut out = String::new();
@@ -171,6 +211,16 @@ mod tests {
             redirected_bytes: 10_000,
             tcp_fallbacks: 2,
         });
+        m.set_upgrade(UpgradeFigures {
+            links_replaced: 5,
+            link_replace_failures: 1,
+            maps_recreated: 2,
+        });
+        m.set_upgrade(UpgradeFigures {
+            links_replaced: 7,
+            link_replace_failures: 1,
+            maps_recreated: 2,
+        });
         let text = encode(&registry);
         for line in [
             "ambit_enrolled_pods 3",
@@ -181,6 +231,9 @@ mod tests {
             "ambit_sockmap_attach_failures_total 0",
             "ambit_sockmap_redirected_bytes_total 10000",
             "ambit_sockmap_tcp_fallbacks_total 2",
+            "ambit_ebpf_links_replaced_total 7",
+            "ambit_ebpf_link_replace_failures_total 1",
+            "ambit_ebpf_maps_recreated_total 2",
             &format!(
                 "ambit_build_info{{version=\"{}\"}} 1",
                 env!("CARGO_PKG_VERSION")
