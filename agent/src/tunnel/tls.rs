@@ -380,13 +380,18 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'static>]>) -> Option<Spiffe
 /// exactly these roots. A changed bundle gets new anchors with an empty chain cache, so a
 /// chain verified under old roots is never taken on trust under new ones.
 pub struct TrustAnchors {
-    bundle: TrustBundle,
+    bundle: Arc<TrustBundle>,
     store: Arc<RootCertStore>,
     chains: VerifiedChains,
 }
 
 impl TrustAnchors {
     pub fn new(bundle: &TrustBundle) -> Result<Arc<Self>, crate::tunnel::TunnelError> {
+        Self::shared(&Arc::new(bundle.clone()))
+    }
+
+    /// Anchors holding `bundle` itself rather than a copy of it.
+    fn shared(bundle: &Arc<TrustBundle>) -> Result<Arc<Self>, crate::tunnel::TunnelError> {
         Ok(Arc::new(Self {
             bundle: bundle.clone(),
             store: Arc::new(bundle.root_store()?),
@@ -576,8 +581,14 @@ pub struct ConfigCache<C> {
 
 struct CachedConfig<C> {
     serial: String,
-    bundle: TrustBundle,
+    bundle: Arc<TrustBundle>,
     config: Arc<C>,
+}
+
+/// Whether two bundles hold the same roots; the CA hands out one shared bundle until its
+/// roots change, so the pointer comparison almost always decides.
+fn same_bundle(a: &Arc<TrustBundle>, b: &Arc<TrustBundle>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
 }
 
 impl<C> Default for ConfigCache<C> {
@@ -594,13 +605,13 @@ impl<C> ConfigCache<C> {
         &self,
         key: String,
         local: &WorkloadCertificate,
-        bundle: &TrustBundle,
+        bundle: &Arc<TrustBundle>,
         build: impl FnOnce(&Arc<TrustAnchors>) -> Result<C, crate::tunnel::TunnelError>,
     ) -> Result<Arc<C>, crate::tunnel::TunnelError> {
         if let Ok(entries) = self.entries.lock()
             && let Some(hit) = entries.get(&key)
             && hit.serial == local.serial
-            && hit.bundle == *bundle
+            && same_bundle(&hit.bundle, bundle)
         {
             return Ok(hit.config.clone());
         }
@@ -622,18 +633,18 @@ impl<C> ConfigCache<C> {
     /// ones (with an empty verified-chain cache) that replace them.
     pub fn anchors_for(
         &self,
-        bundle: &TrustBundle,
+        bundle: &Arc<TrustBundle>,
     ) -> Result<Arc<TrustAnchors>, crate::tunnel::TunnelError> {
         let mut current = match self.anchors.lock() {
             Ok(current) => current,
-            Err(_) => return TrustAnchors::new(bundle),
+            Err(_) => return TrustAnchors::shared(bundle),
         };
         if let Some(anchors) = current.as_ref()
-            && anchors.bundle == *bundle
+            && same_bundle(&anchors.bundle, bundle)
         {
             return Ok(anchors.clone());
         }
-        let anchors = TrustAnchors::new(bundle)?;
+        let anchors = TrustAnchors::shared(bundle)?;
         *current = Some(anchors.clone());
         Ok(anchors)
     }
