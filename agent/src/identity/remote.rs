@@ -346,7 +346,10 @@ impl RemoteCa {
 }
 
 /// The mesh bundle: the CA's `roots`, then the `extra` ones not already among them.
-fn bundle_with(roots: &[CertificateDer<'static>], extra: &[CertificateDer<'static>]) -> TrustBundle {
+fn bundle_with(
+    roots: &[CertificateDer<'static>],
+    extra: &[CertificateDer<'static>],
+) -> TrustBundle {
     let mut bundle = TrustBundle::new(roots.to_vec());
     bundle.extend(extra.iter().cloned());
     bundle

@@ -86,6 +86,7 @@ impl Outbound {
     /// Records handshake failures in the agent's metrics (connections are recorded by the
     /// caller, which knows both workloads).
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.tls_configs = super::tls::ConfigCache::with_chain_counters(metrics.verified_chains());
         self.metrics = Some(metrics);
         self
     }
@@ -183,7 +184,7 @@ impl Outbound {
     ) -> Result<(h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>), TunnelError> {
         let cert = self.certs.get(&key.source).await?;
         let bundle = self.certs.trust_bundle();
-        let tls = self.tls_configs.get_or_build(
+        let (tls, _) = self.tls_configs.get_or_build(
             format!("{} -> {}", key.source, key.destination),
             &cert,
             &bundle,

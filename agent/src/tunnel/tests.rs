@@ -1140,9 +1140,11 @@ fn tls_configs_are_reused_until_the_certificate_or_bundle_changes() {
     let bundle = ca.trust_bundle();
     let cache = tls::ConfigCache::<rustls::ServerConfig>::default();
     let build = |cert: &WorkloadCertificate, bundle: &Arc<TrustBundle>| {
-        cache.get_or_build("server".into(), cert, bundle, |anchors| {
-            tls::server_config_for(cert, anchors, "cluster.local")
-        })
+        cache
+            .get_or_build("server".into(), cert, bundle, |anchors| {
+                tls::server_config_for(cert, anchors, "cluster.local")
+            })
+            .map(|(config, _)| config)
     };
     let a = build(&first, &bundle).expect("config");
     let b = build(&first, &bundle).expect("config");
@@ -1164,7 +1166,13 @@ fn tls_configs_are_reused_until_the_certificate_or_bundle_changes() {
         "an equal bundle in another allocation is the same bundle"
     );
     let mut rotated = TrustBundle::clone(&bundle);
-    rotated.extend(LocalCa::generate().expect("CA").trust_bundle().roots.clone());
+    rotated.extend(
+        LocalCa::generate()
+            .expect("CA")
+            .trust_bundle()
+            .roots
+            .clone(),
+    );
     let rotated = Arc::new(rotated);
     let d = build(&renewed, &rotated).expect("config");
     assert!(
