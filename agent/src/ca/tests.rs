@@ -546,7 +546,8 @@ async fn root_rotation_overlap_then_removal_follows_the_ca() {
         )
         .unwrap()
     };
-    let overlap = Fixture::start_with(load().with_extra_roots(old.ca.trust_bundle().roots)).await;
+    let overlap =
+        Fixture::start_with(load().with_extra_roots(old.ca.trust_bundle().roots.clone())).await;
     let client = overlap.client();
     let new_cert = client.issue(&web, Duration::from_secs(3600)).await.unwrap();
     let bundle = client.trust_bundle();

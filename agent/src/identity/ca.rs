@@ -12,6 +12,7 @@ use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::FutureExt;
@@ -55,8 +56,9 @@ pub trait CertificateAuthority: Send + Sync {
     ) -> BoxFuture<'_, Result<WorkloadCertificate, IdentityError>>;
 
     /// Roots that certificates issued by this CA (and older CAs still
-    /// trusted during a rotation) chain up to.
-    fn trust_bundle(&self) -> TrustBundle;
+    /// trusted during a rotation) chain up to. Shared rather than copied: every new HBONE
+    /// connection asks for it.
+    fn trust_bundle(&self) -> Arc<TrustBundle>;
 }
 
 /// The set of root certificates peers are verified against. Several roots
@@ -144,7 +146,7 @@ pub struct LocalCa {
     /// certificate when it is an intermediate, plus any further
     /// intermediates. Empty when the CA is itself a root.
     chain_tail: Vec<CertificateDer<'static>>,
-    bundle: TrustBundle,
+    bundle: Arc<TrustBundle>,
 }
 
 impl LocalCa {
@@ -181,7 +183,7 @@ impl LocalCa {
         let ca = Self {
             issuer: Issuer::new(params, key),
             chain_tail: Vec::new(),
-            bundle: TrustBundle::new(vec![cert.der().clone()]),
+            bundle: Arc::new(TrustBundle::new(vec![cert.der().clone()])),
         };
         Ok((ca, key_pem, cert_pem))
     }
@@ -245,7 +247,7 @@ impl LocalCa {
         Ok(Self {
             issuer: Issuer::from_ca_cert_der(&ca_cert, key)?,
             chain_tail,
-            bundle: TrustBundle::new(roots),
+            bundle: Arc::new(TrustBundle::new(roots)),
         })
     }
 
@@ -291,7 +293,7 @@ impl LocalCa {
         mut self,
         roots: impl IntoIterator<Item = CertificateDer<'static>>,
     ) -> Self {
-        self.bundle.extend(roots);
+        Arc::make_mut(&mut self.bundle).extend(roots);
         self
     }
 
@@ -423,8 +425,8 @@ impl CertificateAuthority for LocalCa {
         futures::future::ready(result).boxed()
     }
 
-    fn trust_bundle(&self) -> TrustBundle {
-        self.bundle.clone()
+    fn trust_bundle(&self) -> Arc<TrustBundle> {
+        Arc::clone(&self.bundle)
     }
 }
 
@@ -657,7 +659,7 @@ mod tests {
         let old = LocalCa::generate().unwrap();
         let new = LocalCa::generate()
             .unwrap()
-            .with_extra_roots(old.trust_bundle().roots);
+            .with_extra_roots(old.trust_bundle().roots.clone());
         let bundle = new.trust_bundle();
         assert_eq!(bundle.roots.len(), 2);
         assert_eq!(bundle.root_store().unwrap().len(), 2);
@@ -674,7 +676,7 @@ mod tests {
         )
         .unwrap();
         // Adding the same root again does not duplicate it.
-        let again = new.with_extra_roots(old.trust_bundle().roots);
+        let again = new.with_extra_roots(old.trust_bundle().roots.clone());
         assert_eq!(again.trust_bundle().roots.len(), 2);
     }
 

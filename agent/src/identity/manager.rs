@@ -195,7 +195,8 @@ impl CertManager {
         }
     }
 
-    pub fn trust_bundle(&self) -> TrustBundle {
+    /// The CA's current bundle, shared (no copy per connection).
+    pub fn trust_bundle(&self) -> Arc<TrustBundle> {
         self.inner.ca.trust_bundle()
     }
 
@@ -510,7 +511,7 @@ mod tests {
             })
         }
 
-        fn trust_bundle(&self) -> TrustBundle {
+        fn trust_bundle(&self) -> Arc<TrustBundle> {
             self.ca.trust_bundle()
         }
     }
@@ -679,7 +680,7 @@ mod tests {
             ) -> BoxFuture<'_, Result<WorkloadCertificate, IdentityError>> {
                 self.0.issue(&id("someone-else"), ttl)
             }
-            fn trust_bundle(&self) -> TrustBundle {
+            fn trust_bundle(&self) -> Arc<TrustBundle> {
                 self.0.trust_bundle()
             }
         }

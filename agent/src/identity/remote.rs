@@ -114,9 +114,10 @@ pub struct RemoteCa {
     token_file: PathBuf,
     cluster_id: Option<tonic::metadata::AsciiMetadataValue>,
     extra_roots: Vec<CertificateDer<'static>>,
-    /// Roots from the latest response. A std lock held only to clone or swap, so the
-    /// connection path that reads the bundle never waits on a request in flight.
-    roots: RwLock<Arc<Vec<CertificateDer<'static>>>>,
+    /// The roots from the latest response plus the extra roots, built once per response
+    /// that brings roots. A std lock held only to clone or swap the Arc, so the connection
+    /// path that reads the bundle never waits on a request in flight (nor copies it).
+    bundle: RwLock<Arc<TrustBundle>>,
 }
 
 /// The gRPC client and what rebuilding it for new trust takes. Shared with the task that
@@ -275,8 +276,8 @@ impl RemoteCa {
             channel,
             token_file: config.token_file,
             cluster_id,
+            bundle: RwLock::new(Arc::new(bundle_with(&[], &extra_roots))),
             extra_roots,
-            roots: RwLock::new(Arc::new(Vec::new())),
         })
     }
 
@@ -335,19 +336,23 @@ impl RemoteCa {
         // The leaf must carry our key (not one the CA chose) ...
         cert.certified_key()?;
         // ... and chain to the roots that come with it (or to the extra bundle).
-        let bundle = self.bundle_with(&roots);
+        let bundle = bundle_with(&roots, &self.extra_roots);
         verify_chain(&cert, &bundle)?;
         if !roots.is_empty() {
-            *self.roots.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(roots);
+            *self.bundle.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(bundle);
         }
         Ok(cert)
     }
+}
 
-    fn bundle_with(&self, roots: &[CertificateDer<'static>]) -> TrustBundle {
-        let mut bundle = TrustBundle::new(roots.to_vec());
-        bundle.extend(self.extra_roots.iter().cloned());
-        bundle
-    }
+/// The mesh bundle: the CA's `roots`, then the `extra` ones not already among them.
+fn bundle_with(
+    roots: &[CertificateDer<'static>],
+    extra: &[CertificateDer<'static>],
+) -> TrustBundle {
+    let mut bundle = TrustBundle::new(roots.to_vec());
+    bundle.extend(extra.iter().cloned());
+    bundle
 }
 
 impl CertificateAuthority for RemoteCa {
@@ -360,13 +365,8 @@ impl CertificateAuthority for RemoteCa {
         async move { self.request(&id, ttl).await }.boxed()
     }
 
-    fn trust_bundle(&self) -> TrustBundle {
-        let roots = self
-            .roots
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        self.bundle_with(&roots)
+    fn trust_bundle(&self) -> Arc<TrustBundle> {
+        Arc::clone(&self.bundle.read().unwrap_or_else(PoisonError::into_inner))
     }
 }
 

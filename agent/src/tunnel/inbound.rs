@@ -27,7 +27,7 @@ use super::metrics::{
     ConnectionLabels, ConnectionRecord, Metrics, RefusalReason, Reporter, WorkloadMeta,
 };
 use super::outbound::handshake_failure;
-use super::tls::{peer_identity, server_config_for};
+use super::tls::server_config_for;
 use super::{Dialer, TunnelConfig, TunnelCounters, TunnelError, dial_with_timeout};
 use crate::identity::{CertManager, SpiffeId};
 
@@ -224,6 +224,7 @@ impl Inbound {
 
     /// Records connections and handshake failures in the agent's metrics.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.tls_configs = super::tls::ConfigCache::with_chain_counters(metrics.verified_chains());
         self.metrics = Some(metrics);
         self
     }
@@ -423,7 +424,7 @@ impl Inbound {
     ) -> Result<(h2::server::Connection<HboneTls, Bytes>, SpiffeId), TunnelError> {
         let cert = self.certs.get(&workload.identity).await?;
         let bundle = self.certs.trust_bundle();
-        let tls = self.tls_configs.get_or_build(
+        let (tls, anchors) = self.tls_configs.get_or_build(
             workload.identity.to_string(),
             &cert,
             &bundle,
@@ -441,7 +442,9 @@ impl Inbound {
                 return Err(TunnelError::Handshake { addr: peer, reason });
             }
         };
-        let Some(source_identity) = peer_identity(tls_stream.get_ref().1.peer_certificates())
+        // What the verifier recorded for this chain rather than a second parse of it.
+        let Some(source_identity) =
+            anchors.verified_client_identity(tls_stream.get_ref().1.peer_certificates())
         else {
             // The verifier already insisted on a SPIFFE ID; this is unreachable in practice.
             return Err(TunnelError::Handshake {

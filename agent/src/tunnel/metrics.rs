@@ -16,7 +16,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
 use super::copy::CopyStats;
-use super::tls::HandshakeFailure;
+use super::tls::{ChainCacheCounters, HandshakeFailure};
 
 /// Istio's value for a label the reporter cannot know.
 pub const UNKNOWN: &str = "unknown";
@@ -187,6 +187,8 @@ pub struct Metrics {
     refusals: Family<RefusalLabels, Counter>,
     /// Failed accepts on the agent's listeners (EMFILE and the like); accepting goes on.
     accept_errors: Counter,
+    /// Peer chains verified from the verified-chain cache, and those verified in full.
+    verified_chains: ChainCacheCounters,
     /// Connections recorded and not yet dropped; the drain waits for this to reach zero.
     active: Arc<AtomicUsize>,
     /// The counters of each label set, resolved once: a connection then costs one lookup
@@ -275,7 +277,22 @@ impl Metrics {
             "Failed accepts on the agent's listeners (accepting continues after a back-off)",
             m.accept_errors.clone(),
         );
+        registry.register(
+            "ambit_tls_verified_chain_cache_hits",
+            "Peer certificate chains accepted from the cache of chains already verified against the same trust bundle",
+            m.verified_chains.hits.clone(),
+        );
+        registry.register(
+            "ambit_tls_verified_chain_cache_misses",
+            "Peer certificate chains verified in full (not in the verified-chain cache), accepted or not",
+            m.verified_chains.misses.clone(),
+        );
         m
+    }
+
+    /// The counters every TLS configuration cache's verified-chain cache adds to.
+    pub fn verified_chains(&self) -> ChainCacheCounters {
+        self.verified_chains.clone()
     }
 
     /// The counter every accept loop adds its errors to.

@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
 
+use super::access_log::AddrText;
 use super::copy::{CopyStats, copy_bidirectional};
 use super::metrics::Metrics;
 use super::pool::{Pool, PoolKey, StreamLease};
@@ -40,7 +41,7 @@ impl OutboundRequest {
     fn to_http(&self) -> Result<Request<()>, http::Error> {
         Request::builder()
             .method(Method::CONNECT)
-            .uri(self.original_destination.to_string())
+            .uri(AddrText(self.original_destination).to_string())
             .header("forwarded", forwarded_for(self.source_addr))
             .header(
                 "baggage",
@@ -57,7 +58,7 @@ impl OutboundRequest {
 
 /// RFC 7239 `for=` with the port: IPv6 addresses go in brackets and the value is quoted.
 fn forwarded_for(addr: SocketAddr) -> String {
-    format!("for=\"{addr}\"")
+    format!("for=\"{}\"", AddrText(addr))
 }
 
 pub struct Outbound {
@@ -86,6 +87,7 @@ impl Outbound {
     /// Records handshake failures in the agent's metrics (connections are recorded by the
     /// caller, which knows both workloads).
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.tls_configs = super::tls::ConfigCache::with_chain_counters(metrics.verified_chains());
         self.metrics = Some(metrics);
         self
     }
@@ -183,7 +185,7 @@ impl Outbound {
     ) -> Result<(h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>), TunnelError> {
         let cert = self.certs.get(&key.source).await?;
         let bundle = self.certs.trust_bundle();
-        let tls = self.tls_configs.get_or_build(
+        let (tls, _) = self.tls_configs.get_or_build(
             format!("{} -> {}", key.source, key.destination),
             &cert,
             &bundle,

@@ -30,7 +30,7 @@ fn id(sa: &str) -> SpiffeId {
 /// client whose certificate comes from a CA the server does not trust.
 struct SplitCa {
     signer: LocalCa,
-    bundle: TrustBundle,
+    bundle: Arc<TrustBundle>,
 }
 
 impl CertificateAuthority for SplitCa {
@@ -47,7 +47,7 @@ impl CertificateAuthority for SplitCa {
         })
     }
 
-    fn trust_bundle(&self) -> TrustBundle {
+    fn trust_bundle(&self) -> Arc<TrustBundle> {
         self.bundle.clone()
     }
 }
@@ -1139,10 +1139,12 @@ fn tls_configs_are_reused_until_the_certificate_or_bundle_changes() {
         .expect("cert");
     let bundle = ca.trust_bundle();
     let cache = tls::ConfigCache::<rustls::ServerConfig>::default();
-    let build = |cert: &WorkloadCertificate, bundle: &TrustBundle| {
-        cache.get_or_build("server".into(), cert, bundle, |anchors| {
-            tls::server_config_for(cert, anchors, "cluster.local")
-        })
+    let build = |cert: &WorkloadCertificate, bundle: &Arc<TrustBundle>| {
+        cache
+            .get_or_build("server".into(), cert, bundle, |anchors| {
+                tls::server_config_for(cert, anchors, "cluster.local")
+            })
+            .map(|(config, _)| config)
     };
     let a = build(&first, &bundle).expect("config");
     let b = build(&first, &bundle).expect("config");
@@ -1158,8 +1160,20 @@ fn tls_configs_are_reused_until_the_certificate_or_bundle_changes() {
         !Arc::ptr_eq(&a, &c),
         "a renewed certificate gets a new config"
     );
-    let mut rotated = bundle.clone();
-    rotated.extend(LocalCa::generate().expect("CA").trust_bundle().roots);
+    let copy = Arc::new(TrustBundle::clone(&bundle));
+    assert!(
+        Arc::ptr_eq(&c, &build(&renewed, &copy).expect("config")),
+        "an equal bundle in another allocation is the same bundle"
+    );
+    let mut rotated = TrustBundle::clone(&bundle);
+    rotated.extend(
+        LocalCa::generate()
+            .expect("CA")
+            .trust_bundle()
+            .roots
+            .clone(),
+    );
+    let rotated = Arc::new(rotated);
     let d = build(&renewed, &rotated).expect("config");
     assert!(
         !Arc::ptr_eq(&c, &d),

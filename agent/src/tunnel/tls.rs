@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use prometheus_client::metrics::counter::Counter;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -368,7 +369,7 @@ impl ClientCertVerifier for ClientIdentityVerifier {
     }
 }
 
-/// The verified peer identity of an established TLS session.
+/// The peer identity of an established TLS session, parsed from its (verified) leaf.
 pub fn peer_identity(certs: Option<&[CertificateDer<'static>]>) -> Option<SpiffeId> {
     certs
         .and_then(|c| c.first())
@@ -380,18 +381,43 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'static>]>) -> Option<Spiffe
 /// exactly these roots. A changed bundle gets new anchors with an empty chain cache, so a
 /// chain verified under old roots is never taken on trust under new ones.
 pub struct TrustAnchors {
-    bundle: TrustBundle,
+    bundle: Arc<TrustBundle>,
     store: Arc<RootCertStore>,
     chains: VerifiedChains,
 }
 
 impl TrustAnchors {
     pub fn new(bundle: &TrustBundle) -> Result<Arc<Self>, crate::tunnel::TunnelError> {
+        Self::shared(&Arc::new(bundle.clone()), &ChainCacheCounters::default())
+    }
+
+    /// Anchors holding `bundle` itself rather than a copy of it, counting their chain cache's
+    /// hits and misses in `counters`.
+    fn shared(
+        bundle: &Arc<TrustBundle>,
+        counters: &ChainCacheCounters,
+    ) -> Result<Arc<Self>, crate::tunnel::TunnelError> {
         Ok(Arc::new(Self {
             bundle: bundle.clone(),
             store: Arc::new(bundle.root_store()?),
-            chains: VerifiedChains::new(VERIFIED_CHAINS_CAPACITY),
+            chains: VerifiedChains::new(VERIFIED_CHAINS_CAPACITY, counters.clone()),
         }))
+    }
+
+    /// The client identity of a session whose handshake a server configuration built on
+    /// these anchors has just completed: the identity the verifier recorded when it accepted
+    /// exactly this chain, which saves parsing the certificate again; parsed from the leaf
+    /// when the chain is not (or no longer) recorded. Only for `peer_certificates()` of an
+    /// established session: rustls hands out only certificates its verifier accepted.
+    pub fn verified_client_identity(
+        &self,
+        certs: Option<&[CertificateDer<'static>]>,
+    ) -> Option<SpiffeId> {
+        let certs = certs?;
+        let (leaf, intermediates) = certs.split_first()?;
+        self.chains
+            .recorded_identity(ChainUsage::ClientAuth, leaf, intermediates)
+            .or_else(|| peer_identity(Some(certs)))
     }
 
     /// Chains currently cached as verified.
@@ -471,15 +497,24 @@ struct VerifiedChain {
 struct VerifiedChains {
     entries: std::sync::Mutex<std::collections::HashMap<ChainKey, VerifiedChain>>,
     capacity: usize,
-    hits: std::sync::atomic::AtomicU64,
+    counters: ChainCacheCounters,
+}
+
+/// Verifications the verified-chain cache answered (`hits`) and those that took the full
+/// path (`misses`, whatever their outcome); the agent's metrics register them
+/// ([`crate::tunnel::Metrics`]), every pod's anchors add to the same two counters.
+#[derive(Clone, Debug, Default)]
+pub struct ChainCacheCounters {
+    pub hits: Counter,
+    pub misses: Counter,
 }
 
 impl VerifiedChains {
-    fn new(capacity: usize) -> Self {
+    fn new(capacity: usize, counters: ChainCacheCounters) -> Self {
         Self {
             entries: std::sync::Mutex::new(std::collections::HashMap::new()),
             capacity: capacity.max(1),
-            hits: std::sync::atomic::AtomicU64::new(0),
+            counters,
         }
     }
 
@@ -489,7 +524,26 @@ impl VerifiedChains {
 
     #[cfg(test)]
     fn hits(&self) -> u64 {
-        self.hits.load(std::sync::atomic::Ordering::Relaxed)
+        self.counters.hits.get()
+    }
+
+    #[cfg(test)]
+    fn misses(&self) -> u64 {
+        self.counters.misses.get()
+    }
+
+    /// The identity recorded for a chain that passed a full verification for `usage`; `None`
+    /// for any chain that did not (or was evicted since). No time check: the caller's
+    /// handshake has just checked the chain's validity.
+    fn recorded_identity(
+        &self,
+        usage: ChainUsage,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Option<SpiffeId> {
+        let key = ChainKey::new(usage, end_entity, intermediates);
+        let entries = self.entries.lock().ok()?;
+        entries.get(&key).map(|hit| hit.identity.clone())
     }
 
     /// The leaf's SPIFFE ID once the chain is known good at `now`: from the cache, or after
@@ -510,9 +564,10 @@ impl VerifiedChains {
             && hit.valid_from <= now_secs
             && now_secs <= hit.valid_until
         {
-            self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.counters.hits.inc();
             return Ok(hit.identity.clone());
         }
+        self.counters.misses.inc();
         full_verify()?;
         let identity = identity_from_cert(end_entity)
             .map_err(|_| spiffe_error(HandshakeFailure::NoSpiffeId))?;
@@ -572,12 +627,21 @@ fn validity_window(
 pub struct ConfigCache<C> {
     entries: std::sync::Mutex<std::collections::HashMap<String, CachedConfig<C>>>,
     anchors: std::sync::Mutex<Option<Arc<TrustAnchors>>>,
+    chain_counters: ChainCacheCounters,
 }
 
 struct CachedConfig<C> {
     serial: String,
-    bundle: TrustBundle,
+    bundle: Arc<TrustBundle>,
     config: Arc<C>,
+    /// What `config`'s verifier verifies against (and records accepted chains in).
+    anchors: Arc<TrustAnchors>,
+}
+
+/// Whether two bundles hold the same roots; the CA hands out one shared bundle until its
+/// roots change, so the pointer comparison almost always decides.
+fn same_bundle(a: &Arc<TrustBundle>, b: &Arc<TrustBundle>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
 }
 
 impl<C> Default for ConfigCache<C> {
@@ -585,26 +649,38 @@ impl<C> Default for ConfigCache<C> {
         Self {
             entries: std::sync::Mutex::new(std::collections::HashMap::new()),
             anchors: std::sync::Mutex::new(None),
+            chain_counters: ChainCacheCounters::default(),
         }
     }
 }
 
 impl<C> ConfigCache<C> {
+    /// A cache whose anchors count their verified-chain hits and misses in `counters`.
+    pub fn with_chain_counters(counters: ChainCacheCounters) -> Self {
+        Self {
+            chain_counters: counters,
+            ..Self::default()
+        }
+    }
+
+    /// The configuration, and the anchors its verifier uses (see
+    /// [`TrustAnchors::verified_client_identity`]).
     pub fn get_or_build(
         &self,
         key: String,
         local: &WorkloadCertificate,
-        bundle: &TrustBundle,
+        bundle: &Arc<TrustBundle>,
         build: impl FnOnce(&Arc<TrustAnchors>) -> Result<C, crate::tunnel::TunnelError>,
-    ) -> Result<Arc<C>, crate::tunnel::TunnelError> {
+    ) -> Result<(Arc<C>, Arc<TrustAnchors>), crate::tunnel::TunnelError> {
         if let Ok(entries) = self.entries.lock()
             && let Some(hit) = entries.get(&key)
             && hit.serial == local.serial
-            && hit.bundle == *bundle
+            && same_bundle(&hit.bundle, bundle)
         {
-            return Ok(hit.config.clone());
+            return Ok((hit.config.clone(), hit.anchors.clone()));
         }
-        let config = Arc::new(build(&self.anchors_for(bundle)?)?);
+        let anchors = self.anchors_for(bundle)?;
+        let config = Arc::new(build(&anchors)?);
         if let Ok(mut entries) = self.entries.lock() {
             entries.insert(
                 key,
@@ -612,28 +688,29 @@ impl<C> ConfigCache<C> {
                     serial: local.serial.clone(),
                     bundle: bundle.clone(),
                     config: config.clone(),
+                    anchors: anchors.clone(),
                 },
             );
         }
-        Ok(config)
+        Ok((config, anchors))
     }
 
     /// The anchors for `bundle`: the current ones while the bundle is unchanged, else new
     /// ones (with an empty verified-chain cache) that replace them.
     pub fn anchors_for(
         &self,
-        bundle: &TrustBundle,
+        bundle: &Arc<TrustBundle>,
     ) -> Result<Arc<TrustAnchors>, crate::tunnel::TunnelError> {
         let mut current = match self.anchors.lock() {
             Ok(current) => current,
-            Err(_) => return TrustAnchors::new(bundle),
+            Err(_) => return TrustAnchors::shared(bundle, &self.chain_counters),
         };
         if let Some(anchors) = current.as_ref()
-            && anchors.bundle == *bundle
+            && same_bundle(&anchors.bundle, bundle)
         {
             return Ok(anchors.clone());
         }
-        let anchors = TrustAnchors::new(bundle)?;
+        let anchors = TrustAnchors::shared(bundle, &self.chain_counters)?;
         *current = Some(anchors.clone());
         Ok(anchors)
     }
@@ -875,7 +952,7 @@ mod tests {
         crate::identity::install_crypto_provider();
         let ca = LocalCa::generate().expect("CA");
         let now = SystemTime::now();
-        let chains = VerifiedChains::new(2);
+        let chains = VerifiedChains::new(2, ChainCacheCounters::default());
         let certs: Vec<_> = ["a", "b", "c"]
             .iter()
             .map(|sa| issue(&ca, sa, now))
@@ -892,6 +969,117 @@ mod tests {
             ))
         });
         assert_eq!(got, Ok(last.identity.clone()));
+    }
+
+    #[test]
+    fn only_a_chain_that_passed_a_full_verification_has_a_recorded_identity() {
+        crate::identity::install_crypto_provider();
+        let ca = LocalCa::generate().expect("CA");
+        let now = SystemTime::now();
+        let cert = issue(&ca, "client", now);
+        let chains = VerifiedChains::new(8, ChainCacheCounters::default());
+        let recorded = |usage| chains.recorded_identity(usage, cert.leaf(), &cert.chain[1..]);
+
+        assert_eq!(recorded(ChainUsage::ClientAuth), None, "never verified");
+        let refused = chains.verify(
+            ChainUsage::ClientAuth,
+            cert.leaf(),
+            &cert.chain[1..],
+            at(now),
+            || Err(Error::InvalidCertificate(CertificateError::UnknownIssuer)),
+        );
+        assert!(refused.is_err());
+        assert_eq!(recorded(ChainUsage::ClientAuth), None, "refused");
+        assert_eq!((chains.hits(), chains.misses()), (0, 1));
+
+        let accepted = chains.verify(
+            ChainUsage::ClientAuth,
+            cert.leaf(),
+            &cert.chain[1..],
+            at(now),
+            || Ok(()),
+        );
+        assert_eq!(accepted, Ok(id("client")));
+        assert_eq!(recorded(ChainUsage::ClientAuth), Some(id("client")));
+        assert_eq!(
+            recorded(ChainUsage::ServerAuth),
+            None,
+            "verified for the other usage"
+        );
+        assert_eq!(
+            (chains.hits(), chains.misses()),
+            (0, 2),
+            "a lookup is no verification"
+        );
+    }
+
+    /// Both ends of real handshakes, each with its own configuration cache (as the inbound
+    /// and outbound sides have) and the agent's metrics: the first handshake verifies both
+    /// chains in full, the second takes both from the cache; the server side reads the
+    /// client's identity from what its verifier recorded.
+    #[tokio::test]
+    async fn a_second_handshake_with_the_same_chain_counts_a_hit() {
+        crate::identity::install_crypto_provider();
+        let ca = LocalCa::generate().expect("CA");
+        let now = SystemTime::now();
+        let server = issue(&ca, "server", now);
+        let client = issue(&ca, "client", now);
+        let bundle = ca.trust_bundle();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = crate::tunnel::Metrics::new(&mut registry);
+        let servers = ConfigCache::<ServerConfig>::with_chain_counters(metrics.verified_chains());
+        let clients = ConfigCache::<ClientConfig>::with_chain_counters(metrics.verified_chains());
+        let counted = || {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+            let value = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
+                    .unwrap_or_else(|| panic!("{name} missing in {text}"))
+            };
+            (
+                value("ambit_tls_verified_chain_cache_hits_total"),
+                value("ambit_tls_verified_chain_cache_misses_total"),
+            )
+        };
+        assert_eq!(counted(), (0, 0));
+
+        for round in 1..=2u64 {
+            let (server_config, anchors) = servers
+                .get_or_build("server".into(), &server, &bundle, |anchors| {
+                    server_config_for(&server, anchors, "cluster.local")
+                })
+                .expect("server config");
+            let (client_config, _) = clients
+                .get_or_build("client -> server".into(), &client, &bundle, |anchors| {
+                    client_config_for(&client, anchors, &id("server"))
+                })
+                .expect("client config");
+            let (a, b) = tokio::io::duplex(64 * 1024);
+            let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+            let (connected, accepted) = tokio::join!(
+                tokio_rustls::TlsConnector::from(client_config).connect(name, a),
+                tokio_rustls::TlsAcceptor::from(server_config).accept(b),
+            );
+            connected.expect("client handshake");
+            let accepted = accepted.expect("server handshake");
+            let certs = accepted.get_ref().1.peer_certificates();
+            let recorded = certs
+                .and_then(|c| c.split_first())
+                .and_then(|(leaf, rest)| {
+                    anchors
+                        .chains
+                        .recorded_identity(ChainUsage::ClientAuth, leaf, rest)
+                });
+            assert_eq!(recorded, Some(id("client")), "recorded by the verifier");
+            assert_eq!(anchors.verified_client_identity(certs), Some(id("client")));
+            let expected = if round == 1 { (0, 2) } else { (2, 2) };
+            assert_eq!(
+                counted(),
+                expected,
+                "(hits, misses) after handshake {round}"
+            );
+        }
     }
 
     /// The chain being cached does not excuse the handshake's CertificateVerify: a client
