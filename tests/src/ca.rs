@@ -47,7 +47,6 @@ impl CaProcess {
             ])
             .env("KUBECONFIG", kubeconfig)
             .env("AMBIT_LOG", "info")
-            .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

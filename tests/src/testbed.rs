@@ -548,7 +548,6 @@ impl Testbed {
             .args(["--readiness-addr", "127.0.0.1:0"])
             .args(&self.agent_args)
             .env("AMBIT_LOG", "info")
-            .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -265,10 +265,7 @@ fn a_client_certificate_from_another_ca_counts_as_a_handshake_failure() -> anyho
 }
 
 fn ambit(args: &[&str]) -> anyhow::Result<(bool, String, String)> {
-    let out = Command::new(agent_binary()?)
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()?;
+    let out = Command::new(agent_binary()?).args(args).output()?;
     Ok((
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -284,6 +281,12 @@ fn admin_endpoints_and_the_cli_show_the_running_agent() -> anyhow::Result<()> {
 
     let ready = ambit_agent::observability::client::get(agent.readiness_addr, "/healthz/ready")?;
     assert_eq!(ready.trim(), "ready");
+    // The testbed reads the agent's log through a pipe, as a container runtime does.
+    let logs = agent.logs();
+    assert!(!logs.is_empty(), "the agent logged nothing");
+    if let Some(line) = logs.iter().find(|l| l.contains('\u{1b}')) {
+        panic!("terminal escape codes in a piped log: {line:?}");
+    }
 
     let dump: serde_json::Value = serde_json::from_str(&agent.admin_get("/config_dump")?)?;
     assert_eq!(dump["node"], "node1");
