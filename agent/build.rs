@@ -9,6 +9,7 @@ use anyhow::{Context as _, bail};
 fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     compile_protos(&manifest_dir)?;
+    pack_relative_relocations();
     let workspace = manifest_dir
         .parent()
         .context("agent crate has no parent directory")?;
@@ -47,6 +48,21 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::Nightly,
     )
+}
+
+/// The agent is a position-independent executable: the dynamic loader patches every
+/// absolute address in it at start, reading one 24-byte entry per address from `.rela.dyn`
+/// (45,000 entries, 1 MiB, all of it resident for the process's life). Packed relative
+/// relocations (DT_RELR) describe the same addresses in a few KiB. Needs glibc ≥ 2.36 at run
+/// time (Debian bookworm, the image's base); the linker records that as a symbol version, so
+/// an older glibc refuses the binary at load instead of misrunning it. Only for `ambit`:
+/// `ambit-cni` is copied onto the node and run by the host's container runtime with the
+/// host's glibc (Ubuntu 22.04 has 2.35).
+fn pack_relative_relocations() {
+    let target_var = |name: &str| std::env::var(name).unwrap_or_default();
+    if target_var("CARGO_CFG_TARGET_OS") == "linux" && target_var("CARGO_CFG_TARGET_ENV") == "gnu" {
+        println!("cargo:rustc-link-arg-bin=ambit=-Wl,-z,pack-relative-relocs");
+    }
 }
 
 fn on_path(binary: &str) -> bool {
