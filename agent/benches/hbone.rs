@@ -221,7 +221,7 @@ impl Mesh {
         let outbound = self.outbound.clone();
         tokio::spawn(async move {
             let _ = outbound
-                .proxy(request, accepted, &CopyStats::default())
+                .proxy(request, accepted, CopyStats::default())
                 .await;
         });
         Ok(client)

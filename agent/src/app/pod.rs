@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use ambit_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_CAPTURE_PORT};
 use anyhow::Context as _;
+use futures::FutureExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
@@ -367,11 +368,20 @@ async fn serve_outbound(ctx: Arc<OutboundCtx>, listener: TcpListener) {
     .await;
 }
 
-async fn handle_outbound(ctx: Arc<OutboundCtx>, client: TcpStream, peer: SocketAddr) {
+/// One captured connection: routing and setup are synchronous here; the returned future
+/// holds only what the connection needs while it is open and for its access-log line.
+///
+/// Not an `async fn`: its arguments and the routing's temporaries (the route, the request)
+/// would keep their space in every connection's task for the connection's whole life.
+fn handle_outbound(
+    ctx: Arc<OutboundCtx>,
+    client: TcpStream,
+    peer: SocketAddr,
+) -> futures::future::BoxFuture<'static, ()> {
     // The pod's own handle on the map: no lock shared with the control plane.
     let Some(orig) = ctx.orig_dst.take(ctx.netns_cookie, peer.port()) else {
         warn!(%peer, "captured connection without an original destination; closing");
-        return;
+        return Box::pin(std::future::ready(()));
     };
     let state = ctx.shared.state();
     let started = Instant::now();
@@ -398,53 +408,62 @@ async fn handle_outbound(ctx: Arc<OutboundCtx>, client: TcpStream, peer: SocketA
                 .open_series(&ctx.series(&state, &workload, state.service_at(orig)), true);
             // An idle connection must not pin a mesh state that has since been replaced.
             drop(state);
-            let result = ctx.outbound.proxy(request, client, record.stats()).await;
-            if let Err(
-                TunnelError::Connect { .. }
-                | TunnelError::ConnectTimeout(_)
-                | TunnelError::Handshake { .. }
-                | TunnelError::Status(_),
-            ) = &result
-            {
-                // Upstream failure: the tunnel never carried this connection.
-                record.set_response_flags("UF");
-            }
-            let stats = record.stats();
-            crate::tunnel::AccessLog {
-                kind: crate::tunnel::AccessKind::Outbound,
-                source: Some(&me.identity),
-                source_workload: Some(crate::tunnel::WorkloadName {
-                    namespace: &me.namespace,
-                    name: &me.name,
-                }),
-                source_addr,
-                destination: Some(&workload.identity),
-                destination_workload: Some(crate::tunnel::WorkloadName {
-                    namespace: &workload.namespace,
-                    name: &workload.name,
-                }),
-                original_destination: orig,
-                target,
-                security: "mutual_tls",
-                // Enforced by the destination's agent; its access log has the decision.
-                authz: "remote",
-                // The copy's TCP side is the client: what it sent is the request.
-                bytes_from_client: stats.sent(),
-                bytes_to_client: stats.received(),
-                duration: started.elapsed(),
-                result: &outcome(&result),
-            }
-            .emit();
+            // `map`, not an `async` block awaiting the proxy: a block would store the proxy
+            // future twice (as what it captured and as what it awaits).
+            let proxy = ctx.outbound.proxy(request, client, record.stats().clone());
+            Box::pin(proxy.map(move |result| {
+                if let Err(
+                    TunnelError::Connect { .. }
+                    | TunnelError::ConnectTimeout(_)
+                    | TunnelError::Handshake { .. }
+                    | TunnelError::Status(_),
+                ) = &result
+                {
+                    // Upstream failure: the tunnel never carried this connection.
+                    record.set_response_flags("UF");
+                }
+                let me = &ctx.workload;
+                let stats = record.stats();
+                crate::tunnel::AccessLog {
+                    kind: crate::tunnel::AccessKind::Outbound,
+                    source: Some(&me.identity),
+                    source_workload: Some(crate::tunnel::WorkloadName {
+                        namespace: &me.namespace,
+                        name: &me.name,
+                    }),
+                    source_addr,
+                    destination: Some(&workload.identity),
+                    destination_workload: Some(crate::tunnel::WorkloadName {
+                        namespace: &workload.namespace,
+                        name: &workload.name,
+                    }),
+                    original_destination: orig,
+                    target,
+                    security: "mutual_tls",
+                    // Enforced by the destination's agent; its access log has the decision.
+                    authz: "remote",
+                    // The copy's TCP side is the client: what it sent is the request.
+                    bytes_from_client: stats.sent(),
+                    bytes_to_client: stats.received(),
+                    duration: started.elapsed(),
+                    result: &outcome(&result),
+                }
+                .emit();
+            }))
         }
         Route::Direct { target } => {
-            let result = passthrough(&ctx.sockets, client, target).await;
-            info!(source = %me.identity, %target, security = "none",
-                result = %outcome(&result),
-                "outbound passthrough closed");
+            drop(state);
+            Box::pin(async move {
+                let result = passthrough(&ctx.sockets, client, target).await;
+                info!(source = %ctx.workload.identity, %target, security = "none",
+                    result = %outcome(&result),
+                    "outbound passthrough closed");
+            })
         }
         Route::Deny { reason } => {
             info!(source = %me.identity, original_destination = %orig, reason, "outbound connection refused");
             crate::tunnel::reset_on_close(&client);
+            Box::pin(std::future::ready(()))
         }
     }
 }

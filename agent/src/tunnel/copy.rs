@@ -2,13 +2,16 @@
 //! carried across (TCP FIN <-> END_STREAM) and resets propagated (TCP error -> RST_STREAM,
 //! RST_STREAM -> TCP RST).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf as _, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncReadExt as _, AsyncWrite as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 /// Read buffers are allocated only once data is there, start small, and grow while a
@@ -78,86 +81,207 @@ pub enum CopyError {
 /// both directions ended cleanly: if the copy fails, or the agent dies mid-copy and the
 /// kernel closes the socket, the application sees a reset rather than a clean end of a
 /// truncated stream.
-pub async fn copy_bidirectional(
-    tcp: &mut TcpStream,
-    mut send: SendStream<Bytes>,
-    mut recv: RecvStream,
-    stats: &CopyStats,
-) -> Result<(), CopyError> {
-    super::reset_on_close(tcp);
-    let (tcp_read, mut tcp_write) = tcp.split();
-    let upstream = async {
-        let mut buf_size = INITIAL_READ_BUF;
-        loop {
-            // Wait for data before allocating: an idle connection then holds no buffer
-            // (thousands of idle connections would otherwise pin one each).
-            let tcp_ref: &TcpStream = tcp_read.as_ref();
-            // While the application is quiet, still notice the stream being reset (or its
-            // connection dying): otherwise its socket would stay open, waiting for nothing.
-            tokio::select! {
-                readable = tcp_ref.readable() => readable.map_err(CopyError::Tcp)?,
-                reset = futures::future::poll_fn(|cx| send.poll_reset(cx)) => {
-                    return Err(CopyError::Tunnel(reset.map_or_else(|e| e, h2::Error::from)));
-                }
-            }
-            let mut buf = BytesMut::with_capacity(buf_size);
-            let n = match tcp_ref.try_read_buf(&mut buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(CopyError::Tcp(e)),
-            };
-            if n == 0 {
-                // Client half-closed: END_STREAM, but keep receiving.
-                send.send_data(Bytes::new(), true)
-                    .map_err(CopyError::Tunnel)?;
-                return Ok(());
-            }
-            if n == buf_size && buf_size < MAX_READ_BUF {
-                buf_size *= 4;
-            }
-            stats.add_sent(n as u64);
-            send_all(&mut send, buf.freeze()).await?;
-        }
-    };
-    let downstream = async {
-        while let Some(chunk) = recv.data().await {
-            let chunk = chunk.map_err(CopyError::Tunnel)?;
-            let len = chunk.len();
-            tcp_write.write_all(&chunk).await.map_err(CopyError::Tcp)?;
-            stats.add_received(len as u64);
-            recv.flow_control()
-                .release_capacity(len)
-                .map_err(CopyError::Tunnel)?;
-        }
-        // Peer sent END_STREAM: half-close toward the TCP peer.
-        tcp_write.shutdown().await.map_err(CopyError::Tcp)
-    };
-    let result = tokio::try_join!(upstream, downstream).map(drop);
-    if result.is_ok() {
-        // Both directions ended with a FIN each way: the close may be orderly (a reset
-        // now could discard reply bytes still in the send buffer).
-        super::fin_on_close(tcp);
+///
+/// Owns what it copies between, and is `Unpin`: a caller can build it outside its own
+/// `async` block and await it by `&mut`, so none of it is stored twice in the task.
+pub fn copy_bidirectional(
+    tcp: TcpStream,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    stats: CopyStats,
+) -> CopyBidirectional {
+    super::reset_on_close(&tcp);
+    CopyBidirectional {
+        tcp,
+        send,
+        recv,
+        stats,
+        upstream: Upstream::Reading {
+            buf_size: INITIAL_READ_BUF,
+        },
+        downstream: Downstream::Receiving,
     }
-    // Otherwise the TCP side stays armed and its close is a reset; on a TCP error the
-    // SendStream is dropped unfinished here, and h2 resets the stream (RST_STREAM CANCEL).
-    result
 }
 
-/// Sends `data` respecting HTTP/2 flow control: never queue more than the window allows.
-async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), CopyError> {
-    while !data.is_empty() {
-        send.reserve_capacity(data.len());
-        let granted = futures::future::poll_fn(|cx| send.poll_capacity(cx))
-            .await
-            .ok_or_else(|| CopyError::Tunnel(h2::Error::from(h2::Reason::CANCEL)))?
-            .map_err(CopyError::Tunnel)?;
-        if granted == 0 {
-            continue;
-        }
-        let part = data.split_to(granted.min(data.len()));
-        send.send_data(part, false).map_err(CopyError::Tunnel)?;
+/// The copy as a hand-written future rather than an `async` block: it lives in every
+/// proxied connection's task for the connection's whole life, and this state (the two
+/// halves' positions, a chunk in flight) is a fraction of what the compiler lays out for
+/// the equivalent `async` code (two joined loops with their `select!` and write futures).
+/// Waiting uses the sockets' and streams' own wakers (`poll_read_ready`, `poll_reset`,
+/// `poll_data`), which need no waiter stored here.
+pub struct CopyBidirectional {
+    tcp: TcpStream,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    stats: CopyStats,
+    upstream: Upstream,
+    downstream: Downstream,
+}
+
+/// TCP side into the tunnel.
+enum Upstream {
+    /// Waiting for the application's data (or the stream's reset); no buffer is held.
+    Reading { buf_size: usize },
+    /// Sending `data` as the stream's flow control allows; capacity for it is reserved.
+    Sending { data: Bytes, buf_size: usize },
+    /// END_STREAM sent after the application's FIN.
+    Done,
+}
+
+/// Tunnel to the TCP side.
+enum Downstream {
+    Receiving,
+    /// Writing the rest of a chunk of `len` bytes to the application.
+    Writing {
+        rest: Bytes,
+        len: usize,
+    },
+    /// END_STREAM received: half-closing toward the application.
+    ShuttingDown,
+    Done,
+}
+
+impl CopyBidirectional {
+    /// The application's side.
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
     }
-    Ok(())
+
+    fn poll_upstream(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), CopyError>> {
+        loop {
+            match &mut self.upstream {
+                Upstream::Reading { buf_size } => {
+                    let buf_size = *buf_size;
+                    // While the application is quiet, still notice the stream being reset (or
+                    // its connection dying): otherwise its socket would stay open, waiting for
+                    // nothing.
+                    if let Poll::Ready(reset) = self.send.poll_reset(cx) {
+                        return Poll::Ready(Err(CopyError::Tunnel(
+                            reset.map_or_else(|e| e, h2::Error::from),
+                        )));
+                    }
+                    ready!(self.tcp.poll_read_ready(cx)).map_err(CopyError::Tcp)?;
+                    // Allocated only once data is there: an idle connection then holds no
+                    // buffer (thousands of idle connections would otherwise pin one each).
+                    let mut buf = BytesMut::with_capacity(buf_size);
+                    let n = match self.tcp.try_read_buf(&mut buf) {
+                        Ok(n) => n,
+                        // The readiness was stale (try_read_buf cleared it): wait again.
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Poll::Ready(Err(CopyError::Tcp(e))),
+                    };
+                    if n == 0 {
+                        // Client half-closed: END_STREAM, but keep receiving.
+                        self.send
+                            .send_data(Bytes::new(), true)
+                            .map_err(CopyError::Tunnel)?;
+                        self.upstream = Upstream::Done;
+                        continue;
+                    }
+                    let next_size = if n == buf_size && buf_size < MAX_READ_BUF {
+                        buf_size * 4
+                    } else {
+                        buf_size
+                    };
+                    self.stats.add_sent(n as u64);
+                    let data = buf.freeze();
+                    // Never queue more than the window allows: reserve, then send what is
+                    // granted.
+                    self.send.reserve_capacity(data.len());
+                    self.upstream = Upstream::Sending {
+                        data,
+                        buf_size: next_size,
+                    };
+                }
+                Upstream::Sending { data, buf_size } => {
+                    let granted = match ready!(self.send.poll_capacity(cx)) {
+                        None => {
+                            return Poll::Ready(Err(CopyError::Tunnel(h2::Error::from(
+                                h2::Reason::CANCEL,
+                            ))));
+                        }
+                        Some(granted) => granted.map_err(CopyError::Tunnel)?,
+                    };
+                    if granted == 0 {
+                        self.send.reserve_capacity(data.len());
+                        continue;
+                    }
+                    let part = data.split_to(granted.min(data.len()));
+                    self.send
+                        .send_data(part, false)
+                        .map_err(CopyError::Tunnel)?;
+                    if data.is_empty() {
+                        self.upstream = Upstream::Reading {
+                            buf_size: *buf_size,
+                        };
+                    } else {
+                        self.send.reserve_capacity(data.len());
+                    }
+                }
+                Upstream::Done => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+
+    fn poll_downstream(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), CopyError>> {
+        loop {
+            match &mut self.downstream {
+                Downstream::Receiving => match ready!(self.recv.poll_data(cx)) {
+                    Some(chunk) => {
+                        let rest = chunk.map_err(CopyError::Tunnel)?;
+                        let len = rest.len();
+                        self.downstream = Downstream::Writing { rest, len };
+                    }
+                    // Peer sent END_STREAM: half-close toward the TCP peer.
+                    None => self.downstream = Downstream::ShuttingDown,
+                },
+                Downstream::Writing { rest, len } => {
+                    while !rest.is_empty() {
+                        let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, rest))
+                            .map_err(CopyError::Tcp)?;
+                        if n == 0 {
+                            return Poll::Ready(Err(CopyError::Tcp(
+                                std::io::ErrorKind::WriteZero.into(),
+                            )));
+                        }
+                        rest.advance(n);
+                    }
+                    let len = *len;
+                    self.stats.add_received(len as u64);
+                    self.recv
+                        .flow_control()
+                        .release_capacity(len)
+                        .map_err(CopyError::Tunnel)?;
+                    self.downstream = Downstream::Receiving;
+                }
+                Downstream::ShuttingDown => {
+                    ready!(Pin::new(&mut self.tcp).poll_shutdown(cx)).map_err(CopyError::Tcp)?;
+                    self.downstream = Downstream::Done;
+                }
+                Downstream::Done => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
+impl Future for CopyBidirectional {
+    type Output = Result<(), CopyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        // Either side's error ends both at once; the other keeps its progress otherwise.
+        let up = this.poll_upstream(cx)?;
+        let down = this.poll_downstream(cx)?;
+        if up.is_pending() || down.is_pending() {
+            return Poll::Pending;
+        }
+        // Both directions ended with a FIN each way: the close may be orderly (a reset
+        // now could discard reply bytes still in the send buffer). Otherwise the TCP side
+        // stays armed and its close is a reset; on an error the SendStream is dropped
+        // unfinished with this future, and h2 resets the stream (RST_STREAM CANCEL).
+        super::fin_on_close(&this.tcp);
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// Plain TCP to TCP (the plaintext inbound path and passthrough), counting as it goes like

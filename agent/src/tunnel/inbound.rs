@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
+use futures::FutureExt as _;
+use futures::future::Either;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
@@ -131,28 +133,34 @@ struct LiveConnections {
 /// A connection in flight and the signal that revokes it.
 type LiveEntry = (Arc<InboundConnection>, Arc<Notify>);
 
-/// Removes a connection from the live set however its task ends.
-struct LiveGuard<'a> {
-    live: &'a LiveConnections,
+/// Removes a connection from the live set however its task ends. Holds its `Inbound`, so
+/// a connection's future can own it (`'static`) instead of borrowing.
+struct LiveGuard {
+    inbound: Arc<Inbound>,
     id: u64,
 }
 
-impl LiveConnections {
-    fn register(&self, conn: &Arc<InboundConnection>) -> (LiveGuard<'_>, Arc<Notify>) {
-        let id = self
+impl LiveGuard {
+    fn register(inbound: &Arc<Inbound>, conn: &Arc<InboundConnection>) -> (Self, Arc<Notify>) {
+        let live = &inbound.live;
+        let id = live
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let revoke = Arc::new(Notify::new());
-        if let Ok(mut map) = self.map.lock() {
+        if let Ok(mut map) = live.map.lock() {
             map.insert(id, (conn.clone(), revoke.clone()));
         }
-        (LiveGuard { live: self, id }, revoke)
+        let guard = Self {
+            inbound: inbound.clone(),
+            id,
+        };
+        (guard, revoke)
     }
 }
 
-impl Drop for LiveGuard<'_> {
+impl Drop for LiveGuard {
     fn drop(&mut self) {
-        if let Ok(mut map) = self.live.map.lock() {
+        if let Ok(mut map) = self.inbound.live.map.lock() {
             map.remove(&self.id);
         }
     }
@@ -568,8 +576,9 @@ impl Inbound {
     ///
     /// Not an `async fn`: its arguments (the request's headers, the identity) would keep
     /// their space in the task for the whole connection. The setup runs in its own boxed
-    /// future, freed before the copy starts, so an idle stream's task holds just the copy
-    /// and what its access log needs. A policy change revokes it during the copy.
+    /// future, freed before the copy starts; `then` replaces it with the copy phase rather
+    /// than nesting the two, so an idle stream's task holds just the copy and what its
+    /// access log needs. A policy change revokes it during the copy.
     fn stream_task(
         self: &Arc<Self>,
         request: Request<h2::RecvStream>,
@@ -583,50 +592,68 @@ impl Inbound {
                 .setup_stream(request, respond, source_identity, peer),
         );
         let this = self.clone();
+        setup.then(move |setup| match setup {
+            Ok(Some(accepted)) => Either::Left(this.copy_stream(accepted, peer, active)),
+            Ok(None) => {
+                drop(active);
+                Either::Right(std::future::ready(()))
+            }
+            Err(e) => {
+                debug!(%peer, error = %e, "HBONE stream ended with an error");
+                drop(active);
+                Either::Right(std::future::ready(()))
+            }
+        })
+    }
+
+    /// The copy phase of a stream that got its 200, then its access-log line.
+    ///
+    /// Not an `async fn`, and the copy is built here and awaited by `&mut`: moving the
+    /// stream's parts into a future the `async` block builds would store them twice.
+    fn copy_stream(
+        self: &Arc<Self>,
+        accepted: AcceptedStream,
+        peer: SocketAddr,
+        active: StreamGuard,
+    ) -> impl Future<Output = ()> + Send + use<> {
+        let AcceptedStream {
+            upstream,
+            send,
+            recv,
+            conn,
+            authz,
+        } = accepted;
+        // The TCP side of this copy is the workload, not the client.
+        let (record, stats) = self.open_record(&conn, conn.source_addr, conn.destination, false);
+        let started = std::time::Instant::now();
+        let (live, revoked) = LiveGuard::register(self, &conn);
+        let mut copy = copy_bidirectional(upstream, send, recv, stats.clone());
         async move {
-            let result = match setup.await {
-                // Destructured here, not passed to an `async fn`: its argument would keep
-                // the moved-out send and receive halves' space for the whole copy.
-                Ok(Some(AcceptedStream {
-                    mut upstream,
-                    send,
-                    recv,
-                    conn,
-                    authz,
-                })) => {
-                    let (source_addr, target) = (conn.source_addr, conn.destination);
-                    // The TCP side of this copy is the workload, not the client.
-                    let (record, stats) = this.open_record(&conn, source_addr, target, false);
-                    let started = std::time::Instant::now();
-                    let (_live, revoked) = this.live.register(&conn);
-                    let result = tokio::select! {
-                        copied = copy_bidirectional(&mut upstream, send, recv, &stats) => {
-                            copied.map_err(|e| match e {
-                                super::copy::CopyError::Tcp(io) => TunnelError::Io(io),
-                                super::copy::CopyError::Tunnel(h2) => TunnelError::H2(h2),
-                            })
-                        }
-                        // Dropping the copy resets the stream (RST_STREAM), which the client's
-                        // agent turns into a TCP reset; the workload side is reset here.
-                        () = revoked.notified() => {
-                            super::reset_on_close(&upstream);
-                            Err(TunnelError::Revoked)
-                        }
-                    };
-                    this.access_log(
-                        AccessKind::Inbound,
-                        &conn,
-                        &authz,
-                        &stats,
-                        started,
-                        &super::outcome(&result),
-                    );
-                    drop(record);
-                    result
+            let result = tokio::select! {
+                copied = &mut copy => {
+                    copied.map_err(|e| match e {
+                        super::copy::CopyError::Tcp(io) => TunnelError::Io(io),
+                        super::copy::CopyError::Tunnel(h2) => TunnelError::H2(h2),
+                    })
                 }
-                Ok(None) => Ok(()),
-                Err(e) => Err(e),
+                () = revoked.notified() => {
+                    // The workload side is reset here; dropping the copy below resets the
+                    // stream (RST_STREAM), which the client's agent turns into a TCP reset.
+                    super::reset_on_close(copy.tcp());
+                    Err(TunnelError::Revoked)
+                }
             };
+            drop(copy);
+            live.inbound.access_log(
+                AccessKind::Inbound,
+                &conn,
+                &authz,
+                &stats,
+                started,
+                &super::outcome(&result),
+            );
+            drop(record);
+            drop(live);
             if let Err(e) = result {
                 debug!(%peer, error = %e, "HBONE stream ended with an error");
             }
@@ -696,7 +723,7 @@ impl Inbound {
     /// The plaintext path (:15006): no identity. `destination` is the address the client
     /// dialled (under sk_lookup, the accepted socket's local address).
     pub async fn handle_plaintext(
-        &self,
+        self: &Arc<Self>,
         mut client: TcpStream,
         destination: SocketAddr,
     ) -> Result<(), TunnelError> {
@@ -757,7 +784,7 @@ impl Inbound {
         let (_record, stats) = self.open_record(&conn, source_addr, destination, true);
         let started = std::time::Instant::now();
         // The client is the TCP side here: what it sends is the request.
-        let (_live, revoked) = self.live.register(&conn);
+        let (_live, revoked) = LiveGuard::register(self, &conn);
         let result = tokio::select! {
             copied = super::copy::copy_tcp(&mut client, &mut upstream, &stats) => copied,
             () = revoked.notified() => {

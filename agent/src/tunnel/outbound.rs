@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::FutureExt as _;
+use futures::future::Either;
 use http::{Method, Request, StatusCode};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -106,31 +108,38 @@ impl Outbound {
     /// Not an `async fn`: its arguments would keep their space in the future for the whole
     /// connection. The request lives only in the boxed setup future, freed (with its
     /// strings and the handshake's state) before the copy starts, so an idle connection's
-    /// task holds just the copy.
-    pub fn proxy<'a>(
-        &'a self,
+    /// task holds just the copy. Owns what it needs (`'static`), so a caller can build it
+    /// before its own `async` block instead of keeping the arguments there too.
+    pub fn proxy(
+        self: &Arc<Self>,
         request: OutboundRequest,
-        mut client: TcpStream,
-        stats: &'a CopyStats,
-    ) -> impl Future<Output = Result<(), TunnelError>> + Send + 'a {
-        let setup = Box::pin(async move { self.open_stream(&request).await });
-        async move {
-            let (send, recv, _lease) = match setup.await {
-                Ok(stream) => stream,
-                Err(e) => {
-                    // The client's connect() already succeeded against the capture listener;
-                    // a reset is the closest it can see to "refused" (e.g. a 401 from the peer).
-                    super::reset_on_close(&client);
-                    return Err(e);
-                }
-            };
-            copy_bidirectional(&mut client, send, recv, stats)
-                .await
-                .map_err(|e| match e {
-                    super::copy::CopyError::Tcp(io) => TunnelError::Io(io),
-                    super::copy::CopyError::Tunnel(h2) => TunnelError::H2(h2),
-                })
-        }
+        client: TcpStream,
+        stats: CopyStats,
+    ) -> impl Future<Output = Result<(), TunnelError>> + Send + 'static {
+        let this = self.clone();
+        let setup = Box::pin(async move { this.open_stream(&request).await });
+        // `then` replaces the setup with the copy rather than nesting the two, and the copy
+        // owns the client: nothing is kept twice while the connection idles.
+        setup.then(move |stream| match stream {
+            Ok((send, recv, lease)) => {
+                Either::Left(
+                    copy_bidirectional(client, send, recv, stats).map(move |copied| {
+                        // The stream's slot in the pool frees only once the copy is done.
+                        drop(lease);
+                        copied.map_err(|e| match e {
+                            super::copy::CopyError::Tcp(io) => TunnelError::Io(io),
+                            super::copy::CopyError::Tunnel(h2) => TunnelError::H2(h2),
+                        })
+                    }),
+                )
+            }
+            Err(e) => {
+                // The client's connect() already succeeded against the capture listener;
+                // a reset is the closest it can see to "refused" (e.g. a 401 from the peer).
+                super::reset_on_close(&client);
+                Either::Right(std::future::ready(Err(e)))
+            }
+        })
     }
 
     /// Opens one CONNECT stream and waits for the peer's 200, all within the setup deadline
@@ -161,10 +170,14 @@ impl Outbound {
             destination: request.destination.clone(),
             address: request.hbone_addr,
         };
+        // The handshakes' state is boxed apart: inline, it would size every connection's
+        // setup for it, though most streams find room on a pooled connection.
         let lease = if self.config.pooling {
-            self.pool.lease(&key, || self.connect(&key)).await?
+            self.pool
+                .lease(&key, || Box::pin(self.connect(&key)))
+                .await?
         } else {
-            let (send, driver) = self.connect(&key).await?;
+            let (send, driver) = Box::pin(self.connect(&key)).await?;
             StreamLease::unpooled(send, driver)
         };
         let mut sender = lease.send_request().ready().await?;

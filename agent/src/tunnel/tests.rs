@@ -210,7 +210,7 @@ impl Env {
         let (accepted, _) = capture.accept().await.expect("accept");
         let task = tokio::spawn(async move {
             outbound
-                .proxy(request, accepted, &CopyStats::default())
+                .proxy(request, accepted, CopyStats::default())
                 .await
         });
         (client, task)
@@ -1070,7 +1070,7 @@ async fn policy_change_revokes_live_connections_it_denies() {
     };
     tokio::spawn(async move {
         outbound
-            .proxy(request, accepted, &CopyStats::default())
+            .proxy(request, accepted, CopyStats::default())
             .await
     });
 
