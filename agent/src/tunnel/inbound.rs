@@ -123,7 +123,9 @@ struct AcceptedStream {
     authz: String,
 }
 
-/// Connections in flight, so a policy change can close the ones it no longer allows.
+/// Connections in flight, so a policy change can close the ones it no longer allows. The
+/// lock is held only for one insert or remove (a connection starting or ending), a length,
+/// or the revoker's copy of the entries: never across I/O, an await or a policy check.
 #[derive(Default)]
 struct LiveConnections {
     next_id: std::sync::atomic::AtomicU64,
@@ -809,11 +811,16 @@ impl Inbound {
     /// Asks the authorizer again about every connection in flight and closes (resets) the
     /// ones it now denies. Returns how many were revoked.
     pub fn revoke_denied(&self) -> usize {
-        let Ok(map) = self.live.map.lock() else {
-            return 0;
+        // A snapshot, so the authorizer and the log run without the lock that every
+        // connection takes to register and to leave: a policy change with many connections
+        // in flight never holds up an accept or a close. A connection gone since the
+        // snapshot gets a permit nobody waits for.
+        let live: Vec<LiveEntry> = match self.live.map.lock() {
+            Ok(map) => map.values().cloned().collect(),
+            Err(_) => return 0,
         };
         let mut revoked = 0;
-        for (conn, revoke) in map.values() {
+        for (conn, revoke) in &live {
             if let Verdict::Deny { reason } = self.authorizer.authorize(conn) {
                 info!(
                     source = %conn.source_identity.as_ref().map_or_else(|| "<plaintext>".into(), ToString::to_string),
