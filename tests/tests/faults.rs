@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use ambit_e2e::faults::{Ending, StreamServer, download};
+use ambit_e2e::refusal;
 use ambit_e2e::testbed::{MESH_NS, PLAIN_NS, PodSpec, Testbed};
 
 const STREAM_PORT: u16 = 9000;
@@ -153,28 +154,14 @@ fn a_pod_that_cannot_be_enrolled_refuses_inbound_until_a_retry_enrolls_it() -> a
     );
 
     // From a meshed pod: its agent accepts, cannot open the tunnel, and resets the client.
-    // The agent gives up on its own, so the reset can reach the client while it is still
-    // in connect (SO_ERROR), in the write or in the read after it: one of them must fail
-    // with ECONNRESET, and nothing is read.
-    let mut buf = [0u8; 64];
-    let outcome = (|| -> anyhow::Result<usize> {
-        let mut stream = bed.pod("client").connect(target)?;
-        stream.write_all(b"hello\n")?;
-        Ok(stream.read(&mut buf)?)
-    })();
-    match outcome {
-        Err(e) => {
-            let io = e
-                .downcast_ref::<std::io::Error>()
-                .unwrap_or_else(|| panic!("expected an I/O error, got {e:#}"));
-            assert_eq!(
-                io.kind(),
-                ErrorKind::ConnectionReset,
-                "a meshed pod's connection must be reset (ECONNRESET), got {io}"
-            );
-        }
-        Ok(n) => panic!("expected a reset, read {n} bytes: {:?}", &buf[..n]),
-    }
+    // The agent gives up on its own, so the reset can land in connect, write or read.
+    let refused = refusal::exchange(
+        bed.pod("client"),
+        target,
+        b"hello\n",
+        Duration::from_secs(5),
+    )?;
+    refusal::assert_reset(&refused, "a meshed pod's connection to a pod held closed");
     assert_eq!(
         app.accepted.load(Ordering::SeqCst),
         0,
