@@ -151,6 +151,10 @@ const TC_PROGRAMS: [&str; 2] = [programs::TC_AGENT_LO, programs::TC_REPLY_TO_LO]
 /// sets the programs' log level.
 fn pinned_loader<'a>(maps_dir: &Path, log_level: &'a u8) -> EbpfLoader<'a> {
     let mut loader = EbpfLoader::new();
+    // The kernel's BTF is only needed for CO-RE relocations, and the object has none
+    // (`embedded_object_needs_no_kernel_btf`). Parsing it cost ~20 MB of heap and most of
+    // each load's time (once at start, once per pod's sk_lookup instance).
+    loader.btf(None);
     for name in PINNED_MAPS {
         loader.map_pin_path(name, maps_dir.join(name));
     }
@@ -762,6 +766,14 @@ mod tests {
         orig.family = FAMILY_V4;
         orig.port = 70_000;
         assert_eq!(orig_dst_to_socket_addr(&orig), None);
+    }
+
+    /// The loader skips the kernel's BTF (`pinned_loader`); that is only right while no
+    /// program needs a CO-RE relocation against it.
+    #[test]
+    fn embedded_object_needs_no_kernel_btf() {
+        let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("parse embedded eBPF object");
+        assert!(!obj.has_btf_relocations());
     }
 
     #[test]
