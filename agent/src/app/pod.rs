@@ -66,6 +66,8 @@ pub(crate) struct StartError {
 struct Listeners {
     /// How long the capture steps took (under the capture lock), for the enrollment log.
     capture_time: std::time::Duration,
+    /// How long the pod waited for the capture lock (other pods' enrollments).
+    capture_wait: std::time::Duration,
     orig_dst: OrigDstTable,
     outbound: TcpListener,
     plaintext: std::net::TcpListener,
@@ -98,7 +100,8 @@ impl PodRuntime {
         .await??;
         match Self::listen_and_steer(&shared, &workload, netns, netns_cookie, &sockets).await {
             Ok(runtime_parts) => {
-                let capture_time = runtime_parts.capture_time;
+                let (capture_time, capture_wait) =
+                    (runtime_parts.capture_time, runtime_parts.capture_wait);
                 let runtime = Self::serve(
                     shared,
                     workload,
@@ -110,7 +113,8 @@ impl PodRuntime {
                 let w = &runtime.workload;
                 info!(pod = %format!("{}/{}", w.namespace, w.name), identity = %w.identity,
                     netns_cookie, setup_ms = started.elapsed().as_millis() as u64,
-                    capture_ms = capture_time.as_millis() as u64, "pod enrolled");
+                    capture_ms = capture_time.as_millis() as u64,
+                    capture_wait_ms = capture_wait.as_millis() as u64, "pod enrolled");
                 Ok(runtime)
             }
             Err(e) => Err(StartError {
@@ -152,11 +156,12 @@ impl PodRuntime {
         let shared = shared.clone();
         let interface = workload.interface.clone();
         tokio::task::spawn_blocking(move || {
-            let capture_started = Instant::now();
+            let waited_from = Instant::now();
             let mut capture = shared
                 .capture
                 .lock()
                 .map_err(|_| anyhow::anyhow!("capture lock poisoned"))?;
+            let capture_started = Instant::now();
             // Replies to the preserved client addresses must find their way back first, then
             // inbound steering, then outbound capture: each step only works once the one
             // before it is in place.
@@ -171,6 +176,7 @@ impl PodRuntime {
             drop(capture);
             anyhow::Ok(Listeners {
                 capture_time: capture_started.elapsed(),
+                capture_wait: capture_started - waited_from,
                 orig_dst,
                 outbound: outbound_listener,
                 plaintext: plaintext_listener,
@@ -190,6 +196,7 @@ impl PodRuntime {
     ) -> anyhow::Result<Self> {
         let Listeners {
             capture_time: _,
+            capture_wait: _,
             orig_dst: listeners_orig_dst,
             outbound: outbound_listener,
             plaintext: plaintext_listener,

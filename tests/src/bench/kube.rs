@@ -267,12 +267,36 @@ fn label_to_enrolled(n: usize) -> anyhow::Result<(f64, f64, f64)> {
     );
     delays.sort_by(f64::total_cmp);
     let pick = |q: f64| delays[((q * (n as f64)).ceil() as usize).clamp(1, n) - 1];
+    // Where one enrollment's time goes: all of it, the wait for the capture lock (other
+    // pods' enrollments) and the part under it (programs and links), medians over the pods.
+    let logs = bed.agent(0).logs();
+    let median_field = |field: &str| {
+        let mut values: Vec<u64> = logs
+            .iter()
+            .filter(|l| l.contains("pod enrolled"))
+            .filter_map(|l| log_field(l, field))
+            .collect();
+        values.sort_unstable();
+        values.get(values.len() / 2).copied()
+    };
     eprintln!(
-        "kube bench: label → {n} pods enrolled: p50 {:.0} ms, p99 {:.0} ms",
+        "kube bench: label → {n} pods enrolled: p50 {:.0} ms, p99 {:.0} ms \
+         (one pod, medians: setup {:?} ms, waiting for the capture lock {:?} ms, \
+         capture {:?} ms)",
         pick(0.5),
-        pick(0.99)
+        pick(0.99),
+        median_field("setup_ms"),
+        median_field("capture_wait_ms"),
+        median_field("capture_ms"),
     );
     Ok((pick(0.5), pick(0.99), delays[n - 1]))
+}
+
+/// The number in a `name=123` field of a text log line.
+fn log_field(line: &str, name: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
 }
 
 /// The RFC 3339 timestamp that starts a text log line.
