@@ -5,6 +5,7 @@ use std::io::{BufRead as _, BufReader};
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
@@ -52,7 +53,10 @@ pub struct Bulk {
     pub bytes: f64,
 }
 
-/// `iperf3 -c` from inside a pod: `streams` parallel streams for `secs` seconds.
+/// `iperf3 -c` from inside a pod: `streams` parallel streams for `secs` seconds. iperf3's
+/// server runs one test at a time and frees itself only after it has seen the previous
+/// client's control connection close, which through the mesh (and on a loaded machine) can
+/// come after the next client asks: "the server is busy" is retried a few times.
 pub fn run_client(
     netns: &Path,
     server: Ipv4Addr,
@@ -60,23 +64,22 @@ pub fn run_client(
     secs: u64,
     streams: u32,
 ) -> anyhow::Result<Bulk> {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(["iperf3", "-J", "-c", &server.to_string(), "-p"])
-        .arg(port.to_string())
-        .args(["-t", &secs.to_string(), "-P", &streams.to_string()])
-        .output()
-        .context("running iperf3 -c")?;
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "iperf3 -c printed no JSON ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    if let Some(error) = json.get("error") {
-        bail!("iperf3 -c failed: {error}");
-    }
+    const BUSY_RETRIES: u32 = 10;
+    let mut attempt = 0;
+    let json = loop {
+        let json = client_once(netns, server, port, secs, streams)?;
+        match json.get("error") {
+            None => break json,
+            Some(error)
+                if attempt < BUSY_RETRIES
+                    && error.as_str().is_some_and(|e| e.contains("server is busy")) =>
+            {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Some(error) => bail!("iperf3 -c failed: {error}"),
+        }
+    };
     let received = &json["end"]["sum_received"];
     let bits_per_second = received["bits_per_second"]
         .as_f64()
@@ -87,5 +90,28 @@ pub fn run_client(
     Ok(Bulk {
         bits_per_second,
         bytes,
+    })
+}
+
+fn client_once(
+    netns: &Path,
+    server: Ipv4Addr,
+    port: u16,
+    secs: u64,
+    streams: u32,
+) -> anyhow::Result<serde_json::Value> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["iperf3", "-J", "-c", &server.to_string(), "-p"])
+        .arg(port.to_string())
+        .args(["-t", &secs.to_string(), "-P", &streams.to_string()])
+        .output()
+        .context("running iperf3 -c")?;
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "iperf3 -c printed no JSON ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
     })
 }
