@@ -239,13 +239,12 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
 
 /// Fixes glibc malloc's mmap and trim thresholds (the agent calls it first thing, before
 /// any thread exists). Left alone, glibc raises both whenever a large block it had mmapped
-/// is freed (up to 32 and 64 MiB), and from then on memory freed in an arena stays resident.
-/// The first such block is aya's read of the kernel's BTF (5 MB) at start and again for each
-/// pod enrolled for the first time (its sk_lookup instance is loaded then): the parse's
-/// ~20 MB of heap stayed resident in the enrolling thread's arena, per pod. With fixed
-/// thresholds it goes back to the kernel, all but the last 2 MiB of each arena's top and
-/// what lies below a block still in use: [`release_free_heap`] returns those after each
-/// load. Both thresholds stay above the largest buffer the data path
+/// is freed (up to 32 and 64 MiB), and from then on memory freed in an arena stays resident;
+/// such blocks come and go with each eBPF object load (at start and for each pod's sk_lookup
+/// instance; until the loader stopped parsing the kernel's BTF, ~20 MB of heap per load).
+/// With fixed thresholds freed memory goes back to the kernel, all but the last 2 MiB of
+/// each arena's top and what lies below a block still in use: [`release_free_heap`] returns
+/// those after each load. Both thresholds stay above the largest buffer the data path
 /// allocates (the copy loop's 256 KiB reads, h2's frames up to 1 MiB), so those are reused
 /// from the heap instead of being mmapped, faulted in and unmapped each time.
 ///
@@ -281,11 +280,11 @@ pub fn tune_malloc() -> io::Result<()> {
     Ok(())
 }
 
-/// Returns every free page of the heap to the kernel now (glibc's `malloc_trim(0)`). After
-/// aya's BTF parse the trim threshold of [`tune_malloc`] keeps up to 2 MiB free at each
-/// arena's top, and freed blocks below one still in use never shrink the heap: together
-/// about 2 MiB of a fresh agent's 18 MiB resident. For the moments after a program load
-/// only, never per connection: it walks each arena under that arena's lock.
+/// Returns every free page of the heap to the kernel now (glibc's `malloc_trim(0)`): after
+/// an eBPF object load the trim threshold of [`tune_malloc`] keeps up to 2 MiB free at the
+/// arena's top, and freed blocks below one still in use never shrink the heap. For the
+/// moments after a program load only, never per connection: it walks each arena under that
+/// arena's lock.
 #[cfg(target_env = "gnu")]
 pub fn release_free_heap() {
     // SAFETY: malloc_trim takes an integer and only hands free pages back to the kernel;

@@ -319,7 +319,7 @@ impl Capture {
         let maps_recreated = upgrade::check_pinned_maps(&maps_dir)?;
         let ebpf_log_level = aya_log_level(config.ebpf_log_level);
         let mut ebpf = pinned_loader(&maps_dir, &ebpf_log_level).load(EBPF_OBJECT)?;
-        // The loader's parse of the kernel's BTF is freed by now.
+        // The loader's parse of the object is freed by now.
         crate::sys::release_free_heap();
         let ebpf_logger = match EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(logger),
