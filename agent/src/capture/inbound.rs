@@ -138,7 +138,7 @@ impl Capture {
         let mut ebpf = pinned_loader(&maps_dir, &log_level)
             .override_global(globals::POD_NETNS_COOKIE, &netns_cookie, true)
             .load(EBPF_OBJECT)?;
-        // The loader's parse of the object is freed by now.
+        // The loader, and its parse of the kernel's BTF (~20 MB of heap), are freed by now.
         crate::sys::release_free_heap();
         let prog: &mut SkLookup = program(&mut ebpf, name)?;
         let err = |source| CaptureError::Program { name, source };

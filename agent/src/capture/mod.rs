@@ -151,10 +151,6 @@ const TC_PROGRAMS: [&str; 2] = [programs::TC_AGENT_LO, programs::TC_REPLY_TO_LO]
 /// sets the programs' log level.
 fn pinned_loader<'a>(maps_dir: &Path, log_level: &'a u8) -> EbpfLoader<'a> {
     let mut loader = EbpfLoader::new();
-    // The kernel's BTF is only needed for CO-RE relocations, and the object has none
-    // (`embedded_object_needs_no_kernel_btf`). Parsing it cost ~20 MB of heap and most of
-    // each load's time (once at start, once per pod's sk_lookup instance).
-    loader.btf(None);
     for name in PINNED_MAPS {
         loader.map_pin_path(name, maps_dir.join(name));
     }
@@ -319,7 +315,7 @@ impl Capture {
         let maps_recreated = upgrade::check_pinned_maps(&maps_dir)?;
         let ebpf_log_level = aya_log_level(config.ebpf_log_level);
         let mut ebpf = pinned_loader(&maps_dir, &ebpf_log_level).load(EBPF_OBJECT)?;
-        // The loader's parse of the object is freed by now.
+        // The loader, and its parse of the kernel's BTF (~20 MB of heap), are freed by now.
         crate::sys::release_free_heap();
         let ebpf_logger = match EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(logger),
@@ -766,14 +762,6 @@ mod tests {
         orig.family = FAMILY_V4;
         orig.port = 70_000;
         assert_eq!(orig_dst_to_socket_addr(&orig), None);
-    }
-
-    /// The loader skips the kernel's BTF (`pinned_loader`); that is only right while no
-    /// program needs a CO-RE relocation against it.
-    #[test]
-    fn embedded_object_needs_no_kernel_btf() {
-        let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("parse embedded eBPF object");
-        assert!(!obj.has_btf_relocations());
     }
 
     #[test]
