@@ -41,10 +41,6 @@ pub mod programs {
 
 /// Names of the global variables the agent sets at load time.
 pub mod globals {
-    /// `u64`: the netns cookie of the pod an sk_lookup instance is attached to. sk_lookup
-    /// programs cannot call `bpf_get_netns_cookie`, so each pod gets its own instance with
-    /// its cookie baked in.
-    pub const POD_NETNS_COOKIE: &str = "POD_NETNS_COOKIE";
     /// `u8`: aya-log's level filter inside the programs (1 error … 5 trace); set at load so
     /// that disabled levels cost nothing on the connect() path.
     pub const AYA_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
@@ -109,14 +105,17 @@ pub const SLOT_HBONE: u32 = 1;
 /// first in each one).
 pub const LOOPBACK_IFINDEX: u32 = 1;
 
-/// Key of the INBOUND_LISTENERS sockhash: which pod, which listener.
+/// Key of the INBOUND_LISTENERS sockhash: which pod, by the IPv4 address a connection
+/// arrives for, and which listener. sk_lookup programs cannot call `bpf_get_netns_cookie`,
+/// but the destination address tells the node's pods apart (each has its own), so one
+/// program serves every pod.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ListenerKey {
-    pub netns_cookie: u64,
+    /// The pod's IPv4 address in network byte order, as sk_lookup's `local_ip4` has it.
+    pub addr: u32,
     /// [`SLOT_PLAINTEXT`] or [`SLOT_HBONE`].
     pub slot: u32,
-    pub reserved: u32,
 }
 
 /// Address family tags used in [`OrigDst::family`].
@@ -189,7 +188,7 @@ pub struct OrigDst {
 const _: () = {
     assert!(core::mem::size_of::<EnrolledPod>() == 8);
     assert!(core::mem::size_of::<FlowKey>() == 16);
-    assert!(core::mem::size_of::<ListenerKey>() == 16);
+    assert!(core::mem::size_of::<ListenerKey>() == 8);
     assert!(core::mem::size_of::<OrigDst>() == 24);
     assert!(core::mem::size_of::<SockKey>() == 24);
 };

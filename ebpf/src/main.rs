@@ -82,12 +82,6 @@ static SOCKMAP_SWITCH: Array<u32> = Array::with_max_entries(1, 0);
 #[map(name = "SOCKMAP_STATS")]
 static SOCKMAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SOCKMAP_STATS_LEN, 0);
 
-/// Netns cookie of the pod this sk_lookup instance serves, set by the agent at load time
-/// (sk_lookup programs have no `bpf_get_netns_cookie`). Read volatile so that the compiler
-/// does not fold the placeholder value.
-#[unsafe(no_mangle)]
-static POD_NETNS_COOKIE: u64 = 0;
-
 /// connect() of an IPv4 TCP socket in any netns: if the netns is an enrolled pod and the
 /// socket is not the agent's own, remember where it was going and send it to the agent's
 /// in-pod listener on 127.0.0.1:15001 instead.
@@ -497,11 +491,11 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, i64> {
     } else {
         SLOT_PLAINTEXT
     };
+    // The pod is the one the connection is addressed to; an address no enrolled pod holds
+    // finds no listener and is dropped like the rest.
     let key = ListenerKey {
-        // SAFETY: a plain read of a global the loader initialised.
-        netns_cookie: unsafe { core::ptr::read_volatile(&raw const POD_NETNS_COOKIE) },
+        addr: lookup.local_ip4,
         slot,
-        reserved: 0,
     };
     // No listener (agent down) or assignment refused: drop, never fall through to the app.
     match INBOUND_LISTENERS.redirect_sk_lookup(ctx, key, 0) {

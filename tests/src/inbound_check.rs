@@ -118,7 +118,13 @@ impl InboundBed {
         })?;
         let cookie = self.pod_cookie;
         let capture = self.capture.as_mut().context("agent is not running")?;
-        capture.attach_inbound(&self.pod_ns, cookie, &listeners.hbone, &listeners.plaintext)?;
+        capture.attach_inbound(
+            &self.pod_ns,
+            cookie,
+            &[POD_IP],
+            &listeners.hbone,
+            &listeners.plaintext,
+        )?;
         self.agent = Some(listeners);
         Ok(())
     }

@@ -375,24 +375,12 @@ fn restarted_agent_switches_the_pods_links_to_its_own_programs() -> anyhow::Resu
             pin.display()
         );
         let expected = match pin.file_name().and_then(|n| n.to_str()) {
-            Some("tc_lo_egress") => Some(loaded[ambit_common::programs::TC_AGENT_LO]),
-            Some("tc_egress") => Some(loaded[ambit_common::programs::TC_REPLY_TO_LO]),
-            // The pod's own sk_lookup instance is held by its link alone. Program ids grow
-            // (the kernel allocates them cyclically up to INT_MAX): it was loaded after
-            // everything the new agent loaded at start.
-            _ => {
-                let newest_at_start = loaded.values().max().copied().unwrap_or_default();
-                assert!(
-                    *prog_id > newest_at_start,
-                    "{} runs {prog_id}",
-                    pin.display()
-                );
-                None
-            }
+            Some("tc_lo_egress") => ambit_common::programs::TC_AGENT_LO,
+            Some("tc_egress") => ambit_common::programs::TC_REPLY_TO_LO,
+            Some("sk_lookup") => ambit_common::programs::SK_LOOKUP,
+            other => anyhow::bail!("unexpected pod link {other:?}"),
         };
-        if let Some(expected) = expected {
-            assert_eq!(*prog_id, expected, "{}", pin.display());
-        }
+        assert_eq!(*prog_id, loaded[expected], "{}", pin.display());
     }
 
     let _client = bed.connect_from_client(app)?;
@@ -405,5 +393,60 @@ fn restarted_agent_switches_the_pods_links_to_its_own_programs() -> anyhow::Resu
         accept_within(&bed.app, SHORT)?.is_none(),
         "the app must not get it in plaintext"
     );
+    Ok(())
+}
+
+/// Listener entries are keyed by the pod's address. When a pod's address is taken over by
+/// another sandbox before the first one is released (the same IP handed out again), the
+/// first pod leaving must not remove the newcomer's entries: the newcomer's inbound would
+/// then be dropped.
+#[test]
+fn a_pod_leaving_keeps_the_listeners_of_the_pod_that_took_its_address() -> anyhow::Result<()> {
+    let mut bed = InboundBed::new()?;
+    bed.start_agent()?;
+    let app = bed.app_addr();
+    // The newcomer: another netns registering the same address (with these listeners).
+    let newcomer = ambit_e2e::Netns::create("inew")?;
+    let newcomer_ns = newcomer.open()?;
+    let newcomer_cookie = newcomer_ns.cookie()?;
+    {
+        let InboundBed { capture, agent, .. } = &mut bed;
+        let capture = capture.as_mut().context("capture")?;
+        let agent = agent.as_ref().context("agent listeners")?;
+        capture.attach_inbound(
+            &newcomer_ns,
+            newcomer_cookie,
+            &[POD_IP],
+            &agent.hbone,
+            &agent.plaintext,
+        )?;
+    }
+
+    // The first pod leaves; steering its netns again without listeners of its own shows
+    // what the address's entries are now.
+    bed.detach_inbound()?;
+    let cookie = bed.pod_cookie;
+    let InboundBed {
+        capture, pod_ns, ..
+    } = &mut bed;
+    capture
+        .as_mut()
+        .context("capture")?
+        .hold_inbound_closed(pod_ns, cookie)?;
+    let _client = bed.connect_from_client(app)?;
+    let agent = bed.agent.as_ref().context("agent listeners")?;
+    assert!(
+        accept_within(&agent.plaintext, WAIT)?.is_some(),
+        "the newcomer's listener entries went with the pod that left"
+    );
+
+    // The newcomer leaving removes them: the held-closed pod now refuses.
+    bed.capture()?.detach_inbound(newcomer_cookie)?;
+    match bed.connect_from_client(app) {
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}"),
+        Ok(_) => panic!("a held-closed pod with no listeners let a connection through"),
+    }
+    assert!(accept_within(&bed.app, SHORT)?.is_none());
+    bed.detach_inbound()?;
     Ok(())
 }

@@ -155,6 +155,15 @@ impl PodRuntime {
         shared.certs.get(&workload.identity).await?;
         let shared = shared.clone();
         let interface = workload.interface.clone();
+        // The mesh carries IPv4 only (sk_lookup refuses the rest), so only those are keys.
+        let addrs: Vec<Ipv4Addr> = workload
+            .ips
+            .iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
         tokio::task::spawn_blocking(move || {
             let waited_from = Instant::now();
             let mut capture = shared
@@ -169,7 +178,13 @@ impl PodRuntime {
                 .preserve_source(&netns, &interface)
                 .context("source-address preservation")?;
             capture
-                .attach_inbound(&netns, netns_cookie, &hbone_listener, &plaintext_listener)
+                .attach_inbound(
+                    &netns,
+                    netns_cookie,
+                    &addrs,
+                    &hbone_listener,
+                    &plaintext_listener,
+                )
                 .context("inbound steering")?;
             capture.enroll(netns_cookie)?;
             let orig_dst = capture.orig_dst_table()?;

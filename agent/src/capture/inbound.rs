@@ -3,18 +3,21 @@
 //! - [`Capture::attach_inbound`]: an sk_lookup program attached to the pod's netns steers
 //!   TCP connections that arrive on a real interface to the agent's in-pod listeners
 //!   (15008 → HBONE, anything else → plaintext 15006), which sit in the INBOUND_LISTENERS
-//!   sockhash under (netns cookie, slot). A tc program on the pod's lo keeps the agent's own
+//!   sockhash under (pod address, slot). A tc program on the pod's lo keeps the agent's own
 //!   (marked) connections to the app from being steered back to the agent.
 //! - [`Capture::preserve_source`]: the in-pod plumbing that lets the agent's upstream socket
 //!   to the app carry the original client's address (tc egress program, policy rule and
 //!   route, lo's accept_local), set over rtnetlink from a thread inside the pod's netns.
 //!
-//! Design: sk_lookup programs cannot call `bpf_get_netns_cookie`, so one shared program
-//! cannot tell pods apart. Each pod gets its own loaded instance of the same program with
-//! the pod's cookie baked in as a global (`POD_NETNS_COOKIE`), all instances sharing the
-//! one pinned sockhash. A sockhash keyed by (cookie, slot) is simpler than a map of
-//! per-pod sockmaps: one map to pin, one place to look when debugging, and the kernel
-//! drops entries of closed sockets by itself.
+//! Design: sk_lookup programs cannot call `bpf_get_netns_cookie`, so the program tells
+//! pods apart by the address a connection arrives for: the sockhash is keyed by (pod IPv4
+//! address, slot), each pod's addresses are its own on the node, and one program, loaded
+//! once per agent like the tc programs, is linked into every pod's netns. (An instance per
+//! pod with its cookie baked in would parse the kernel's BTF at each pod's enrollment: ~20
+//! ms and ~20 MB of heap each, with aya's loader.) An address no enrolled
+//! pod holds finds no listener and is dropped. A sockhash is simpler than a map of per-pod
+//! sockmaps: one map to pin, one place to look when debugging, and the kernel drops
+//! entries of closed sockets by itself.
 //!
 //! The per-pod links are pinned under `<pin_dir>/pods/<netns-cookie>/` so that they survive
 //! an agent restart. While the agent is down its listeners are closed, the kernel removes
@@ -22,11 +25,11 @@
 //! the app in plaintext (fail closed). A pod whose enrollment failed is kept the same way
 //! until a retry enrolls it ([`Capture::hold_inbound_closed`]: steering, no listeners).
 
-use std::net::TcpListener;
+use std::net::{Ipv4Addr, TcpListener};
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 
-use ambit_common::{ListenerKey, SLOT_HBONE, SLOT_PLAINTEXT, globals, maps, programs};
+use ambit_common::{ListenerKey, SLOT_HBONE, SLOT_PLAINTEXT, maps, programs};
 use aya::programs::links::FdLink;
 use aya::programs::tc::{self, SchedClassifierLink, TcAttachType};
 use aya::programs::{SchedClassifier, SkLookup};
@@ -34,10 +37,7 @@ use tracing::{debug, info};
 
 use super::rtnl::Rtnl;
 use super::upgrade::{self, LinkOutcome};
-use super::{
-    Capture, CaptureError, EBPF_OBJECT, Result, detach_links_in, pinned_loader, program,
-    removed_or_absent,
-};
+use super::{Capture, CaptureError, Result, detach_links_in, program, removed_or_absent};
 use crate::netns::NetNs;
 
 /// Directory under the pin dir that holds one directory of links per pod netns cookie.
@@ -66,14 +66,15 @@ impl Capture {
         self.pin_dir.join(PODS_DIR).join(netns_cookie.to_string())
     }
 
-    /// Steers inbound TCP of the pod (netns `pod`, cookie `netns_cookie`) to the agent's
-    /// listeners, which the caller opened inside that netns. Keeps a pinned link left by an
-    /// earlier run, switched to this agent's program; replaces listeners registered before
-    /// (e.g. by a crashed agent).
+    /// Steers inbound TCP of the pod (netns `pod`, cookie `netns_cookie`, IPv4 addresses
+    /// `addrs`) to the agent's listeners, which the caller opened inside that netns. Keeps a
+    /// pinned link left by an earlier run, switched to this agent's program; replaces
+    /// listeners registered before (e.g. by a crashed agent).
     pub fn attach_inbound(
         &mut self,
         pod: &NetNs,
         netns_cookie: u64,
+        addrs: &[Ipv4Addr],
         hbone: &TcpListener,
         plaintext: &TcpListener,
     ) -> Result<()> {
@@ -94,28 +95,30 @@ impl Capture {
         })?;
         self.links_stats.record(&outcome);
         self.remember_changes(netns_cookie, pod.path(), accept_local_before);
-        for (slot, listener) in [(SLOT_PLAINTEXT, plaintext), (SLOT_HBONE, hbone)] {
-            let key = ListenerKey {
-                netns_cookie,
-                slot,
-                reserved: 0,
-            };
-            self.listeners
-                .insert(key, listener.as_fd(), 0)
-                .map_err(|source| CaptureError::Map {
-                    name: maps::INBOUND_LISTENERS,
-                    source,
-                })?;
+        // A pod enrolled again (e.g. with a new address) keeps no entry of its old one.
+        self.remove_listeners(netns_cookie)?;
+        for &addr in addrs {
+            for (slot, listener) in [(SLOT_PLAINTEXT, plaintext), (SLOT_HBONE, hbone)] {
+                self.listeners
+                    .insert(listener_key(addr, slot), listener.as_fd(), 0)
+                    .map_err(|source| CaptureError::Map {
+                        name: maps::INBOUND_LISTENERS,
+                        source,
+                    })?;
+            }
+            // The address is this pod's now: a pod that held it before (its sandbox gone,
+            // the address reused) no longer removes these entries when it leaves.
+            self.listener_addrs.insert(addr, netns_cookie);
         }
         // 2. Listeners registered; 3. steering starts here.
         self.attach_sk_lookup(pod, netns_cookie)?;
-        info!(netns_cookie, netns = %pod.path().display(), "inbound capture attached");
+        info!(netns_cookie, netns = %pod.path().display(), ?addrs, "inbound capture attached");
         Ok(())
     }
 
     /// Keeps a pod whose enrollment failed refusing inbound connections until it is
-    /// enrolled (fail closed): its sk_lookup program is attached (or kept) with no listener
-    /// registered under its cookie, so the program drops every TCP connection arriving on
+    /// enrolled (fail closed): the sk_lookup program is linked into its netns (or kept) with
+    /// no listener registered for it, so the program drops every TCP connection arriving on
     /// the pod's interfaces (the client gets a reset) instead of letting it reach the app
     /// in plaintext. A later [`Capture::attach_inbound`] registers listeners and reuses the
     /// link; [`Capture::detach_inbound`] undoes it.
@@ -127,25 +130,15 @@ impl Capture {
         Ok(())
     }
 
-    /// The pod's sk_lookup instance (its cookie baked in), pinned in the pod's directory. A
-    /// link pinned there already (by an earlier agent, or this one) is kept and switched to
-    /// the instance loaded now, in place: the pod's inbound is steered throughout.
+    /// Links the agent's sk_lookup program into the pod's netns, pinned in the pod's
+    /// directory. A link pinned there already (by an earlier agent, or this one) is kept and
+    /// switched to this agent's program, in place: the pod's inbound is steered throughout.
     fn attach_sk_lookup(&mut self, pod: &NetNs, netns_cookie: u64) -> Result<()> {
-        let maps_dir = self.pin_dir.join("maps");
-        let log_level = self.ebpf_log_level;
         let pin = self.pod_dir(netns_cookie).join(SK_LOOKUP_PIN);
         let name = programs::SK_LOOKUP;
-        let mut ebpf = pinned_loader(&maps_dir, &log_level)
-            .override_global(globals::POD_NETNS_COOKIE, &netns_cookie, true)
-            .load(EBPF_OBJECT)?;
-        // The loader, and its parse of the kernel's BTF (~20 MB of heap), are freed by now.
-        crate::sys::release_free_heap();
-        let prog: &mut SkLookup = program(&mut ebpf, name)?;
+        let prog: &mut SkLookup = program(&mut self.ebpf, name)?;
         let err = |source| CaptureError::Program { name, source };
-        prog.load().map_err(err)?;
         let prog_id = prog.info().map_err(err)?.id();
-        // The pinned link keeps the program (and its cookie global) alive once `ebpf` is
-        // dropped.
         let outcome = upgrade::link_program(
             &pin,
             prog,
@@ -163,15 +156,24 @@ impl Capture {
         Ok(())
     }
 
-    /// Removes the pod's entries from the listener sockhash (absent ones are fine).
+    /// Removes the pod's entries from the listener sockhash: those of the addresses this
+    /// agent registered for it and that no other pod has taken since (absent ones are
+    /// fine). After a restart the earlier agent's entries are gone with its sockets.
     fn remove_listeners(&mut self, netns_cookie: u64) -> Result<()> {
-        for slot in [SLOT_PLAINTEXT, SLOT_HBONE] {
-            let key = ListenerKey {
-                netns_cookie,
-                slot,
-                reserved: 0,
-            };
-            removed_or_absent(maps::INBOUND_LISTENERS, self.listeners.remove(&key))?;
+        let addrs: Vec<Ipv4Addr> = self
+            .listener_addrs
+            .iter()
+            .filter(|(_, owner)| **owner == netns_cookie)
+            .map(|(addr, _)| *addr)
+            .collect();
+        for addr in addrs {
+            for slot in [SLOT_PLAINTEXT, SLOT_HBONE] {
+                removed_or_absent(
+                    maps::INBOUND_LISTENERS,
+                    self.listeners.remove(&listener_key(addr, slot)),
+                )?;
+            }
+            self.listener_addrs.remove(&addr);
         }
         Ok(())
     }
@@ -299,6 +301,15 @@ impl Capture {
 }
 
 /// Runs `f` on a thread inside the pod's netns.
+/// The sockhash key of a pod address's listener: the address in network byte order, as
+/// sk_lookup's `local_ip4` holds it.
+fn listener_key(addr: Ipv4Addr, slot: u32) -> ListenerKey {
+    ListenerKey {
+        addr: u32::from_ne_bytes(addr.octets()),
+        slot,
+    }
+}
+
 fn run_in_pod<T: Send>(pod: &NetNs, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     pod.run(move || Ok(f()))
         .map_err(|source| CaptureError::PodNetns {

@@ -23,7 +23,7 @@ use ambit_common::{
 };
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash};
 use aya::programs::links::{CgroupAttachMode, FdLink, LinkError, PinnedLink};
-use aya::programs::{CgroupSockAddr, ProgramError, SchedClassifier, SkMsg, SockOps};
+use aya::programs::{CgroupSockAddr, ProgramError, SchedClassifier, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use tracing::{debug, info};
 
@@ -265,7 +265,6 @@ pub struct Capture {
     listeners: SockHash<MapData, ListenerKey>,
     /// Names of the programs whose links this agent holds.
     programs: Vec<&'static str>,
-    ebpf_log_level: u8,
     ebpf_logger: Option<EbpfLogger>,
     sockmap_stats: PerCpuArray<MapData, u64>,
     sockmap_attached: bool,
@@ -276,12 +275,16 @@ pub struct Capture {
     /// cookie, for [`Capture::detach_inbound`] to undo. In memory only: see
     /// [`inbound::PodNetnsChanges`].
     pod_netns: std::collections::BTreeMap<u64, inbound::PodNetnsChanges>,
+    /// Which pod (netns cookie) each address's INBOUND_LISTENERS entries belong to, so that
+    /// a pod leaving removes its own entries and not those of a pod that took the address
+    /// over. In memory only: an earlier agent's entries went with its sockets.
+    listener_addrs: std::collections::BTreeMap<std::net::Ipv4Addr, u64>,
     // Kept so the pinned links' fds stay open for the agent's lifetime; the pins keep the
     // programs attached when the agent is gone.
     _links: Vec<PinnedLink>,
     /// Keeps the loaded programs alive until the links are established and pinned, and
-    /// holds the per-pod tc programs, loaded once here and attached to every pod (they
-    /// carry no per-pod state, unlike sk_lookup's baked-in cookie).
+    /// holds the per-pod programs (sk_lookup, tc), loaded once here and linked into every
+    /// pod.
     ebpf: Ebpf,
 }
 
@@ -348,6 +351,12 @@ impl Capture {
         }
         for name in TC_PROGRAMS {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| CaptureError::Program { name, source })?;
+        }
+        {
+            let name = programs::SK_LOOKUP;
+            let prog: &mut SkLookup = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| CaptureError::Program { name, source })?;
         }
@@ -459,7 +468,6 @@ impl Capture {
             orig_dst,
             listeners,
             programs: attached_programs,
-            ebpf_log_level,
             ebpf_logger,
             sockmap_stats,
             sockmap_attached,
@@ -467,6 +475,7 @@ impl Capture {
             links_stats,
             maps_recreated,
             pod_netns: std::collections::BTreeMap::new(),
+            listener_addrs: std::collections::BTreeMap::new(),
             _links: links,
             ebpf,
         })
@@ -479,8 +488,8 @@ impl Capture {
         self.links_stats
     }
 
-    /// Ids of the programs this agent loaded once at start and holds (the cgroup, tc and
-    /// sk_msg programs, by name; per-pod sk_lookup instances are held by their links only).
+    /// Ids of the programs this agent loaded once at start and holds (the cgroup, sk_lookup,
+    /// tc and sk_msg programs, by name).
     /// Loaded-but-unused programs report nothing.
     pub fn program_ids(&self) -> Vec<(String, u32)> {
         self.ebpf
