@@ -164,11 +164,18 @@ impl CopyBidirectional {
                     // Allocated only once data is there: an idle connection then holds no
                     // buffer (thousands of idle connections would otherwise pin one each).
                     let mut buf = BytesMut::with_capacity(buf_size);
-                    let n = match self.tcp.try_read_buf(&mut buf) {
-                        Ok(n) => n,
-                        // The readiness was stale (try_read_buf cleared it): wait again.
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                        Err(e) => return Poll::Ready(Err(CopyError::Tcp(e))),
+                    // `poll_read` rather than `try_read`: tokio takes a short read as the
+                    // socket drained and clears its readiness, so the next wait goes to epoll
+                    // instead of a recvfrom that finds nothing (one syscall per message).
+                    let n = match tokio_util::io::poll_read_buf(
+                        Pin::new(&mut self.tcp),
+                        cx,
+                        &mut buf,
+                    ) {
+                        Poll::Ready(Ok(n)) => n,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(CopyError::Tcp(e))),
+                        // The readiness was stale: cleared, and the waker registered.
+                        Poll::Pending => return Poll::Pending,
                     };
                     if n == 0 {
                         // Client half-closed: END_STREAM, but keep receiving.
