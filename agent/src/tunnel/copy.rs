@@ -77,10 +77,11 @@ pub enum CopyError {
 /// Copies until both directions have finished. On an error of either side the other is
 /// torn down the matching way (RST_STREAM or TCP RST).
 ///
-/// `tcp` (the application's side) is armed to reset from the start and disarmed only once
-/// both directions ended cleanly: if the copy fails, or the agent dies mid-copy and the
-/// kernel closes the socket, the application sees a reset rather than a clean end of a
-/// truncated stream.
+/// `tcp` (the application's side) must come armed to reset ([`super::reset_on_close`]:
+/// both callers arm it when they accept or dial it, before any setup that can fail); it is
+/// disarmed only once both directions ended cleanly: if the copy fails, or the agent dies
+/// mid-copy and the kernel closes the socket, the application sees a reset rather than a
+/// clean end of a truncated stream.
 ///
 /// Owns what it copies between, and is `Unpin`: a caller can build it outside its own
 /// `async` block and await it by `&mut`, so none of it is stored twice in the task.
@@ -90,7 +91,6 @@ pub fn copy_bidirectional(
     recv: RecvStream,
     stats: CopyStats,
 ) -> CopyBidirectional {
-    super::reset_on_close(&tcp);
     CopyBidirectional {
         tcp,
         send,

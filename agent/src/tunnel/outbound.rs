@@ -103,7 +103,9 @@ impl Outbound {
         self.pool.connection_count()
     }
 
-    /// Tunnels `client` to the destination and copies until both sides are done.
+    /// Tunnels `client` to the destination and copies until both sides are done. `client`
+    /// is armed to reset on close at once ([`super::reset_on_close`]): a setup that fails,
+    /// a copy that fails or an agent that dies ends it with a reset, never a clean close.
     ///
     /// Not an `async fn`: its arguments would keep their space in the future for the whole
     /// connection. The request lives only in the boxed setup future, freed (with its
@@ -116,6 +118,7 @@ impl Outbound {
         client: TcpStream,
         stats: CopyStats,
     ) -> impl Future<Output = Result<(), TunnelError>> + Send + 'static {
+        super::reset_on_close(&client);
         let this = self.clone();
         let setup = Box::pin(async move { this.open_stream(&request).await });
         // `then` replaces the setup with the copy rather than nesting the two, and the copy
@@ -133,12 +136,10 @@ impl Outbound {
                     }),
                 )
             }
-            Err(e) => {
-                // The client's connect() already succeeded against the capture listener;
-                // a reset is the closest it can see to "refused" (e.g. a 401 from the peer).
-                super::reset_on_close(&client);
-                Either::Right(std::future::ready(Err(e)))
-            }
+            // The client's connect() already succeeded against the capture listener; its
+            // reset (armed above, closed with it here) is the closest it can see to
+            // "refused" (e.g. a 401 from the peer).
+            Err(e) => Either::Right(std::future::ready(Err(e))),
         })
     }
 
