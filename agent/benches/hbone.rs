@@ -27,10 +27,20 @@ struct Sizes {
     connections: usize,
 }
 
-struct Workloads(HashMap<IpAddr, LocalWorkload>);
+struct Workloads {
+    by_ip: HashMap<IpAddr, LocalWorkload>,
+    /// The bench's workloads never change (the agent's epoch is its mesh state, replaced
+    /// on every change).
+    epoch: Arc<dyn std::any::Any + Send + Sync>,
+}
+
 impl LocalWorkloads for Workloads {
     fn by_ip(&self, ip: IpAddr) -> Option<LocalWorkload> {
-        self.0.get(&ip).cloned()
+        self.by_ip.get(&ip).cloned()
+    }
+
+    fn describe_epoch(&self) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        Some(self.epoch.clone())
     }
 }
 
@@ -167,14 +177,17 @@ impl Mesh {
     async fn start(pooling: bool) -> anyhow::Result<Self> {
         let ca = Arc::new(LocalCa::generate()?);
         let ttl = Duration::from_secs(3600);
-        let workloads = Arc::new(Workloads(HashMap::from([(
-            LOCALHOST,
-            LocalWorkload {
-                name: "server".into(),
-                namespace: "bench".into(),
-                identity: id("server")?,
-            },
-        )])));
+        let workloads = Arc::new(Workloads {
+            by_ip: HashMap::from([(
+                LOCALHOST,
+                LocalWorkload {
+                    name: "server".into(),
+                    namespace: "bench".into(),
+                    identity: id("server")?,
+                },
+            )]),
+            epoch: Arc::new(()),
+        });
         let mut inbound = Inbound::new(
             CertManager::new(ca.clone(), ttl),
             workloads,

@@ -178,6 +178,11 @@ impl LocalWorkloads for StateWorkloads {
     fn describe(&self, ip: IpAddr) -> Option<WorkloadMeta> {
         self.0.state().workload_by_ip(ip).map(|w| view::meta_of(w))
     }
+
+    /// Both answers come from the state in force, and a change swaps it whole.
+    fn describe_epoch(&self) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        Some(self.0.state())
+    }
 }
 
 /// Policies and workload labels from the one current state.

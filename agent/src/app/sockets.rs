@@ -22,17 +22,21 @@ use crate::tunnel::Dialer;
 /// Which kind of socket to create: the agent's outgoing connections carry its mark; its
 /// listeners must not, or their replies would follow the mark's routing (table 133 sends
 /// marked packets to lo for source preservation) instead of the normal routes.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Purpose {
     Connect,
+    /// A connection from a client's address with any port (inbound dials with source
+    /// preservation): also IP_TRANSPARENT and IP_BIND_ADDRESS_NO_PORT, set at creation so
+    /// a dial pays only for bind and connect.
+    ConnectAsClient,
     Listen,
 }
 
 enum Request {
     /// One socket, answered on the channel (listeners, and dials when the stock is empty).
     One(Domain, Purpose, oneshot::Sender<io::Result<Socket>>),
-    /// Top the stock of connect sockets for this domain up to [`STOCK_FILL`]; nobody waits.
-    Refill(Domain),
+    /// Top the stock of connect sockets of this kind up to [`STOCK_FILL`]; nobody waits.
+    Refill(Domain, Purpose),
 }
 
 /// Connect sockets created ahead of need, so that a dial takes one from here instead of
@@ -41,28 +45,35 @@ enum Request {
 const STOCK_FILL: usize = 16;
 const STOCK_LOW: usize = 4;
 
+/// One stock per domain and connect purpose (see [`Stock::slot`]).
+const STOCKS: usize = 4;
+
 #[derive(Default)]
 struct Stock {
-    v4: Mutex<Vec<Socket>>,
-    v6: Mutex<Vec<Socket>>,
-    /// A refill is queued or running: at most one at a time.
-    refilling: AtomicBool,
+    sockets: [Mutex<Vec<Socket>>; STOCKS],
+    /// A refill of that stock is queued or running: at most one at a time.
+    refilling: [AtomicBool; STOCKS],
 }
 
 impl Stock {
-    fn of(&self, domain: Domain) -> &Mutex<Vec<Socket>> {
-        if domain == Domain::IPV6 {
-            &self.v6
-        } else {
-            &self.v4
+    /// `None` for listeners, which are not stocked.
+    fn slot(domain: Domain, purpose: Purpose) -> Option<usize> {
+        let v6 = usize::from(domain == Domain::IPV6);
+        match purpose {
+            Purpose::Connect => Some(v6),
+            Purpose::ConnectAsClient => Some(2 + v6),
+            Purpose::Listen => None,
         }
     }
 
-    fn refill(&self, domain: Domain) {
-        let have = self.of(domain).lock().map_or(STOCK_FILL, |s| s.len());
+    fn refill(&self, domain: Domain, purpose: Purpose) {
+        let Some(slot) = Self::slot(domain, purpose) else {
+            return;
+        };
+        let have = self.sockets[slot].lock().map_or(STOCK_FILL, |s| s.len());
         let mut fresh = Vec::with_capacity(STOCK_FILL.saturating_sub(have));
         for _ in have..STOCK_FILL {
-            match new_socket(domain, Purpose::Connect) {
+            match new_socket(domain, purpose) {
                 Ok(socket) => fresh.push(socket),
                 // Dials fall back to asking the thread, which then reports the error.
                 Err(e) => {
@@ -71,10 +82,10 @@ impl Stock {
                 }
             }
         }
-        if let Ok(mut stock) = self.of(domain).lock() {
+        if let Ok(mut stock) = self.sockets[slot].lock() {
             stock.append(&mut fresh);
         }
-        self.refilling.store(false, Ordering::Release);
+        self.refilling[slot].store(false, Ordering::Release);
     }
 }
 
@@ -105,7 +116,7 @@ impl PodSockets {
                         Request::One(domain, purpose, reply) => {
                             let _ = reply.send(new_socket(domain, purpose));
                         }
-                        Request::Refill(domain) => thread_stock.refill(domain),
+                        Request::Refill(domain, purpose) => thread_stock.refill(domain, purpose),
                     }
                 }
             })?;
@@ -127,14 +138,14 @@ impl PodSockets {
     }
 
     async fn socket(&self, domain: Domain, purpose: Purpose) -> io::Result<Socket> {
-        if let Purpose::Connect = purpose {
-            let (taken, left) = match self.stock.of(domain).lock() {
+        if let Some(slot) = Stock::slot(domain, purpose) {
+            let (taken, left) = match self.stock.sockets[slot].lock() {
                 Ok(mut stock) => (stock.pop(), stock.len()),
                 Err(_) => (None, 0),
             };
             if left < STOCK_LOW
-                && !self.stock.refilling.swap(true, Ordering::AcqRel)
-                && let Err(e) = self.request(Request::Refill(domain))
+                && !self.stock.refilling[slot].swap(true, Ordering::AcqRel)
+                && let Err(e) = self.request(Request::Refill(domain, purpose))
                 && taken.is_none()
             {
                 return Err(e);
@@ -170,9 +181,12 @@ impl PodSockets {
 
 fn new_socket(domain: Domain, purpose: Purpose) -> io::Result<Socket> {
     let socket = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), None)?;
-    if let Purpose::Connect = purpose {
+    if purpose != Purpose::Listen {
         crate::sys::set_mark(&socket, AGENT_MARK)?;
         socket.set_tcp_nodelay(true)?;
+    }
+    if purpose == Purpose::ConnectAsClient {
+        crate::tunnel::prepare_for_client_source(&socket, true)?;
     }
     Ok(socket)
 }
@@ -184,12 +198,20 @@ impl Dialer for PodSockets {
         source: Option<SocketAddr>,
     ) -> BoxFuture<'_, io::Result<TcpStream>> {
         Box::pin(async move {
-            let socket = self
-                .socket(Domain::for_address(target), Purpose::Connect)
-                .await?;
-            let std_stream: std::net::TcpStream = socket.into();
-            crate::tunnel::connect_from(TcpSocket::from_std_stream(std_stream), target, source)
-                .await
+            // A client's address with any port (every inbound dial under source
+            // preservation) takes a socket already prepared for it.
+            let purpose = match source {
+                Some(source) if source.port() == 0 => Purpose::ConnectAsClient,
+                _ => Purpose::Connect,
+            };
+            let socket = self.socket(Domain::for_address(target), purpose).await?;
+            let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
+            match purpose {
+                Purpose::ConnectAsClient => {
+                    crate::tunnel::connect_prepared(socket, target, source).await
+                }
+                _ => crate::tunnel::connect_from(socket, target, source).await,
+            }
         })
     }
 }

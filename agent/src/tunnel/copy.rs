@@ -77,10 +77,11 @@ pub enum CopyError {
 /// Copies until both directions have finished. On an error of either side the other is
 /// torn down the matching way (RST_STREAM or TCP RST).
 ///
-/// `tcp` (the application's side) is armed to reset from the start and disarmed only once
-/// both directions ended cleanly: if the copy fails, or the agent dies mid-copy and the
-/// kernel closes the socket, the application sees a reset rather than a clean end of a
-/// truncated stream.
+/// `tcp` (the application's side) must come armed to reset ([`super::reset_on_close`]:
+/// both callers arm it when they accept or dial it, before any setup that can fail); it is
+/// disarmed only once both directions ended cleanly: if the copy fails, or the agent dies
+/// mid-copy and the kernel closes the socket, the application sees a reset rather than a
+/// clean end of a truncated stream.
 ///
 /// Owns what it copies between, and is `Unpin`: a caller can build it outside its own
 /// `async` block and await it by `&mut`, so none of it is stored twice in the task.
@@ -90,7 +91,6 @@ pub fn copy_bidirectional(
     recv: RecvStream,
     stats: CopyStats,
 ) -> CopyBidirectional {
-    super::reset_on_close(&tcp);
     CopyBidirectional {
         tcp,
         send,
@@ -164,11 +164,18 @@ impl CopyBidirectional {
                     // Allocated only once data is there: an idle connection then holds no
                     // buffer (thousands of idle connections would otherwise pin one each).
                     let mut buf = BytesMut::with_capacity(buf_size);
-                    let n = match self.tcp.try_read_buf(&mut buf) {
-                        Ok(n) => n,
-                        // The readiness was stale (try_read_buf cleared it): wait again.
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                        Err(e) => return Poll::Ready(Err(CopyError::Tcp(e))),
+                    // `poll_read` rather than `try_read`: tokio takes a short read as the
+                    // socket drained and clears its readiness, so the next wait goes to epoll
+                    // instead of a recvfrom that finds nothing (one syscall per message).
+                    let n = match tokio_util::io::poll_read_buf(
+                        Pin::new(&mut self.tcp),
+                        cx,
+                        &mut buf,
+                    ) {
+                        Poll::Ready(Ok(n)) => n,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(CopyError::Tcp(e))),
+                        // The readiness was stale: cleared, and the waker registered.
+                        Poll::Pending => return Poll::Pending,
                     };
                     if n == 0 {
                         // Client half-closed: END_STREAM, but keep receiving.

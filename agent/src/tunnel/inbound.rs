@@ -7,10 +7,12 @@
 //! an idle connection closed, a protocol error) is logged once with the peer's identity
 //! and counted in `ambit_hbone_refusals_total{reason}`.
 
+use std::any::Any;
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd as _;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
 use futures::FutureExt as _;
@@ -26,7 +28,8 @@ use tracing::{debug, info, warn};
 use super::access_log::{ABSENT, AccessKind, AccessLog, WorkloadName};
 use super::copy::{CopyStats, copy_bidirectional};
 use super::metrics::{
-    ConnectionLabels, ConnectionRecord, Metrics, RefusalReason, Reporter, WorkloadMeta,
+    ConnectionLabels, ConnectionRecord, ConnectionSeries, Metrics, RefusalReason, Reporter,
+    WorkloadMeta,
 };
 use super::outbound::handshake_failure;
 use super::tls::server_config_for;
@@ -48,6 +51,14 @@ pub trait LocalWorkloads: Send + Sync {
 
     /// Metric labels of any mesh workload with this IP (local or not); `None` when unknown.
     fn describe(&self, _ip: IpAddr) -> Option<WorkloadMeta> {
+        None
+    }
+
+    /// What [`Self::by_ip`] and [`Self::describe`] answer from, so an [`Inbound`] may keep
+    /// the metric series it resolved for a peer: while the same object (the same
+    /// allocation) is returned, both give the same answers. `None` (the default): nothing
+    /// is kept, every connection describes its peers anew.
+    fn describe_epoch(&self) -> Option<Arc<dyn Any + Send + Sync>> {
         None
     }
 }
@@ -111,7 +122,23 @@ pub struct Inbound {
     /// The addresses of the one pod this Inbound serves; `None` serves every local workload
     /// (tests on loopback).
     own_ips: Option<Vec<IpAddr>>,
+    /// Metric counters by peer. Only this Inbound's (this pod's) connections take the lock.
+    series: Mutex<SeriesCache>,
 }
+
+/// Metric counters resolved for the workloads' [`LocalWorkloads::describe_epoch`] in
+/// force, by (source IP, source identity, destination IP, destination identity): what the
+/// labels are made from. Emptied when the epoch changes; the weak reference keeps the old
+/// epoch's allocation from being reused, so its address identifies it.
+#[derive(Default)]
+struct SeriesCache {
+    epoch: Option<Weak<dyn Any + Send + Sync>>,
+    by_peer: HashMap<(IpAddr, Option<SpiffeId>, IpAddr, SpiffeId), ConnectionSeries>,
+}
+
+/// Peers kept per epoch at most; a client reaching the pod from ever new addresses (the
+/// plaintext port) empties the cache rather than growing it.
+const SERIES_CACHE_MAX: usize = 4096;
 
 /// A CONNECT stream that passed its checks and got its 200: what its copy phase needs.
 struct AcceptedStream {
@@ -190,6 +217,7 @@ impl Inbound {
             metrics: None,
             drain: None,
             own_ips: None,
+            series: Mutex::default(),
         }
     }
 
@@ -264,19 +292,73 @@ impl Inbound {
         tcp_is_source: bool,
     ) -> (Option<ConnectionRecord>, CopyStats) {
         let record = self.metrics.as_ref().map(|m| {
-            let labels = ConnectionLabels::new(
-                Reporter::Destination,
-                self.meta(source_addr.ip(), conn.source_identity.as_ref()),
-                self.meta(destination.ip(), Some(&conn.workload.identity)),
-                None,
-                conn.source_identity.is_some(),
-            );
-            m.open(labels, tcp_is_source)
+            let series = self.series(m, conn, source_addr.ip(), destination.ip());
+            m.open_series(&series, tcp_is_source)
         });
         let stats = record
             .as_ref()
             .map_or_else(CopyStats::default, |r| r.stats().clone());
         (record, stats)
+    }
+
+    /// The metric counters of `conn`, resolved once per peer while the workloads' epoch
+    /// stays: a connection then neither describes both ends (a dozen label strings) nor
+    /// hashes the labels again.
+    fn series(
+        &self,
+        metrics: &Metrics,
+        conn: &InboundConnection,
+        source_ip: IpAddr,
+        destination_ip: IpAddr,
+    ) -> ConnectionSeries {
+        let build = || {
+            metrics.series_of(ConnectionLabels::new(
+                Reporter::Destination,
+                self.meta(source_ip, conn.source_identity.as_ref()),
+                self.meta(destination_ip, Some(&conn.workload.identity)),
+                None,
+                conn.source_identity.is_some(),
+            ))
+        };
+        let Some(epoch) = self.workloads.describe_epoch() else {
+            return build();
+        };
+        let key = (
+            source_ip,
+            conn.source_identity.clone(),
+            destination_ip,
+            conn.workload.identity.clone(),
+        );
+        {
+            let Ok(mut cache) = self.series.lock() else {
+                return build();
+            };
+            let same_epoch = cache
+                .epoch
+                .as_ref()
+                .is_some_and(|known| std::ptr::addr_eq(known.as_ptr(), Arc::as_ptr(&epoch)));
+            if !same_epoch {
+                cache.epoch = Some(Arc::downgrade(&epoch));
+                cache.by_peer.clear();
+            }
+            if let Some(series) = cache.by_peer.get(&key) {
+                return series.clone();
+            }
+        }
+        // Described outside the lock: `describe` may take the workloads' own.
+        let series = build();
+        if let Ok(mut cache) = self.series.lock()
+            && cache
+                .epoch
+                .as_ref()
+                .is_some_and(|known| std::ptr::addr_eq(known.as_ptr(), Arc::as_ptr(&epoch)))
+        {
+            if cache.by_peer.len() >= SERIES_CACHE_MAX {
+                cache.by_peer.clear();
+            }
+            cache.by_peer.insert(key, series.clone());
+        }
+        series
     }
 
     fn meta(&self, ip: IpAddr, identity: Option<&SpiffeId>) -> WorkloadMeta {
@@ -994,4 +1076,122 @@ fn forwarded_source<B>(request: &Request<B>) -> Option<SocketAddr> {
         let v = part.trim().strip_prefix("for=")?;
         v.trim_matches('"').parse().ok()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::LocalCa;
+
+    /// Describes every IP with the current `app`; `epoch` is replaced when the test says
+    /// the description changed.
+    struct Described(Mutex<(Arc<dyn Any + Send + Sync>, &'static str)>);
+
+    impl Described {
+        fn set(&self, app: &'static str, new_epoch: bool) {
+            let mut state = self.0.lock().expect("lock");
+            if new_epoch {
+                state.0 = Arc::new(());
+            }
+            state.1 = app;
+        }
+    }
+
+    impl LocalWorkloads for Described {
+        fn by_ip(&self, _ip: IpAddr) -> Option<LocalWorkload> {
+            None
+        }
+
+        fn describe(&self, _ip: IpAddr) -> Option<WorkloadMeta> {
+            let app = self.0.lock().expect("lock").1;
+            Some(WorkloadMeta {
+                workload: "w".into(),
+                namespace: "ns".into(),
+                principal: "p".into(),
+                app: app.into(),
+                version: "v".into(),
+            })
+        }
+
+        fn describe_epoch(&self) -> Option<Arc<dyn Any + Send + Sync>> {
+            Some(self.0.lock().expect("lock").0.clone())
+        }
+    }
+
+    /// `istio_tcp_connections_opened_total` of the series whose source app is `app`.
+    fn opened(registry: &prometheus_client::registry::Registry, app: &str) -> u64 {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).expect("encode");
+        let label = format!("source_app=\"{app}\"");
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_opened_total{") && l.contains(&label))
+            .collect();
+        match lines.as_slice() {
+            [] => 0,
+            [line] => line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .expect("counter value"),
+            more => panic!("{} series with {label}: {text}", more.len()),
+        }
+    }
+
+    #[test]
+    fn metric_series_are_kept_per_peer_until_the_workloads_epoch_changes() {
+        let ca = Arc::new(LocalCa::generate().expect("CA"));
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let workloads = Arc::new(Described(Mutex::new((Arc::new(()), "a"))));
+        let inbound = Inbound::new(
+            CertManager::new(ca, std::time::Duration::from_secs(3600)),
+            workloads.clone(),
+            Arc::new(AllowAll),
+            Arc::new(super::super::DirectDialer),
+            TunnelConfig::default(),
+            false,
+        )
+        .with_metrics(metrics);
+        let id = |sa: &str| SpiffeId::new("cluster.local", "ns", sa).expect("id");
+        let conn = InboundConnection {
+            source_identity: Some(id("client")),
+            source_addr: "10.0.0.1:40000".parse().expect("addr"),
+            destination: "10.0.0.2:8080".parse().expect("addr"),
+            workload: LocalWorkload {
+                name: "server".into(),
+                namespace: "ns".into(),
+                identity: id("server"),
+            },
+        };
+        let open = |conn: &InboundConnection| {
+            drop(inbound.open_record(conn, conn.source_addr, conn.destination, false));
+        };
+        open(&conn);
+        open(&conn);
+        assert_eq!(opened(&registry, "a"), 2);
+        // Same epoch: the series resolved for this peer is reused, not described again.
+        workloads.set("b", false);
+        open(&conn);
+        assert_eq!((opened(&registry, "a"), opened(&registry, "b")), (3, 0));
+        // A new epoch: described anew.
+        workloads.set("b", true);
+        open(&conn);
+        assert_eq!((opened(&registry, "a"), opened(&registry, "b")), (3, 1));
+        // Another peer under the same epoch gets its own series.
+        let plaintext = InboundConnection {
+            source_identity: None,
+            ..conn.clone()
+        };
+        open(&plaintext);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                    && l.contains("connection_security_policy=\"none\"")
+                    && l.ends_with(" 1")),
+            "{text}"
+        );
+    }
 }

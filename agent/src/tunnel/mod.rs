@@ -172,10 +172,33 @@ pub async fn connect_from(
     source: Option<SocketAddr>,
 ) -> io::Result<TcpStream> {
     if let Some(source) = source {
-        crate::sys::set_ip_transparent(&socket)?;
-        if source.port() == 0 {
-            crate::sys::set_bind_address_no_port(&socket)?;
-        }
+        prepare_for_client_source(&socket, source.port() == 0)?;
+    }
+    connect_prepared(socket, target, source).await
+}
+
+/// What binding a socket to a client's address needs: IP_TRANSPARENT, and for port 0
+/// IP_BIND_ADDRESS_NO_PORT. A dialer that creates its sockets ahead sets it then, off the
+/// connection's path, and connects them with [`connect_prepared`].
+pub fn prepare_for_client_source(
+    socket: &impl std::os::fd::AsFd,
+    any_port: bool,
+) -> io::Result<()> {
+    crate::sys::set_ip_transparent(socket)?;
+    if any_port {
+        crate::sys::set_bind_address_no_port(socket)?;
+    }
+    Ok(())
+}
+
+/// [`connect_from`] for a socket already given [`prepare_for_client_source`] when `source`
+/// is set.
+pub async fn connect_prepared(
+    socket: TcpSocket,
+    target: SocketAddr,
+    source: Option<SocketAddr>,
+) -> io::Result<TcpStream> {
+    if let Some(source) = source {
         socket.bind(source)?;
     }
     socket.connect(target).await
