@@ -240,34 +240,22 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
 /// Fixes glibc malloc's mmap and trim thresholds (the agent calls it first thing, before
 /// any thread exists). Left alone, glibc raises both whenever a large block it had mmapped
 /// is freed (up to 32 and 64 MiB), and from then on memory freed in an arena stays resident;
-/// such blocks come and go with each eBPF object load (at start and for each pod's sk_lookup
-/// instance: aya's loader parses the kernel's BTF, ~20 MB of heap, every time).
-/// With fixed thresholds freed memory goes back to the kernel, all but the last 2 MiB of
+/// such blocks come and go with the eBPF object load at start (aya's loader parses the
+/// kernel's BTF, ~20 MB of heap). With fixed thresholds freed memory goes back to the kernel, all but the last 2 MiB of
 /// each arena's top and what lies below a block still in use: [`release_free_heap`] returns
 /// those after each load. Both thresholds stay above the largest buffer the data path
 /// allocates (the copy loop's 256 KiB reads, h2's frames up to 1 MiB), so those are reused
 /// from the heap instead of being mmapped, faulted in and unmapped each time.
-///
-/// It also keeps one arena for every thread (unless the operator set `MALLOC_ARENA_MAX`).
-/// glibc gives each thread that allocates an arena of its own, up to eight per core, and
-/// each keeps its own free space: an idle agent with pods enrolled (enrollment threads, a
-/// socket thread per pod) held ~1.9 MiB more with them (testbed: 15.2–16.1 → 14.2 MiB).
-/// The data path's small blocks come from each thread's cache (tcache) without the arena
-/// lock either way.
 #[cfg(target_env = "gnu")]
 pub fn tune_malloc() -> io::Result<()> {
     const THRESHOLD: libc::c_int = 2 << 20;
-    let mut settings = vec![
-        (libc::M_MMAP_THRESHOLD, "M_MMAP_THRESHOLD", THRESHOLD),
-        (libc::M_TRIM_THRESHOLD, "M_TRIM_THRESHOLD", THRESHOLD),
-    ];
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        settings.push((libc::M_ARENA_MAX, "M_ARENA_MAX", 1));
-    }
-    for (param, name, value) in settings {
+    for (param, name) in [
+        (libc::M_MMAP_THRESHOLD, "M_MMAP_THRESHOLD"),
+        (libc::M_TRIM_THRESHOLD, "M_TRIM_THRESHOLD"),
+    ] {
         // SAFETY: mallopt takes two integers and changes allocator settings only; glibc
         // serialises it against concurrent allocation itself.
-        if unsafe { libc::mallopt(param, value) } != 1 {
+        if unsafe { libc::mallopt(param, THRESHOLD) } != 1 {
             return Err(io::Error::other(format!("mallopt({name}) refused")));
         }
     }
