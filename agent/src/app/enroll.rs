@@ -97,9 +97,15 @@ impl Agent {
     /// `Arc`), then the enrolled pods are made to match and connections the new policies
     /// deny are closed.
     pub async fn apply(&mut self, state: Arc<MeshState>) {
-        if let Ok(mut current) = self.shared.state.write() {
-            *current = state.clone();
-        }
+        // Connections read the state under this lock: hold it for the pointer swap only and
+        // drop the old state (possibly the last reference to a large one) after it.
+        let previous = self
+            .shared
+            .state
+            .write()
+            .ok()
+            .map(|mut current| std::mem::replace(&mut *current, state.clone()));
+        drop(previous);
         self.shared
             .source
             .lock()
