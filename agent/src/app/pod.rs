@@ -2,11 +2,10 @@
 //! inbound :15006, HBONE :15008), its enrollment in the capture maps, and the tasks that
 //! serve them.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ambit_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_CAPTURE_PORT};
@@ -24,7 +23,7 @@ use crate::config::{MeshState, Route, ServiceEntry, WorkloadEntry};
 use crate::netns::NetNs;
 use crate::tunnel::{
     AcceptBackoff, ConnectionLabels, ConnectionSeries, CopyStats, Dialer as _, Inbound, Outbound,
-    OutboundRequest, Reporter, TunnelError, accept_loop, outcome,
+    OutboundRequest, Reporter, SeriesCache, TunnelError, accept_loop, outcome,
 };
 
 /// What identifies a running pod; a change to any part restarts it.
@@ -321,18 +320,10 @@ struct OutboundCtx {
     orig_dst: OrigDstTable,
     /// Spreads service connections over endpoints.
     picks: AtomicUsize,
-    /// Metric counters by destination, so a connection does not build and hash a dozen label
-    /// strings. This pod's connections are the only users of the lock.
-    series: Mutex<SeriesCache>,
-}
-
-/// Counters resolved for the state in force, keyed by the addresses of its destination
-/// workload and service entries; emptied when the state changes. The weak reference keeps
-/// the old state's allocation from being reused, so its address identifies it.
-#[derive(Default)]
-struct SeriesCache {
-    state: Weak<MeshState>,
-    by_destination: HashMap<(usize, usize), ConnectionSeries>,
+    /// Metric counters by destination: the addresses of the destination workload's and
+    /// service's entries in the state in force. This pod's connections are the only users of
+    /// the lock.
+    series: Mutex<SeriesCache<MeshState, (usize, usize)>>,
 }
 
 impl OutboundCtx {
@@ -361,15 +352,12 @@ impl OutboundCtx {
         let Ok(mut cache) = self.series.lock() else {
             return build();
         };
-        if cache.state.as_ptr() != Arc::as_ptr(state) {
-            cache.state = Arc::downgrade(state);
-            cache.by_destination.clear();
+        if let Some(series) = cache.get(state, &key) {
+            return series;
         }
-        cache
-            .by_destination
-            .entry(key)
-            .or_insert_with(build)
-            .clone()
+        let series = build();
+        cache.insert(state, key, series.clone());
+        series
     }
 }
 

@@ -8,11 +8,10 @@
 //! and counted in `ambit_hbone_refusals_total{reason}`.
 
 use std::any::Any;
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::FutureExt as _;
@@ -29,7 +28,7 @@ use super::access_log::{ABSENT, AccessKind, AccessLog, WorkloadName};
 use super::copy::{CopyStats, copy_bidirectional};
 use super::metrics::{
     ConnectionLabels, ConnectionRecord, ConnectionSeries, Metrics, RefusalReason, Reporter,
-    WorkloadMeta,
+    SeriesCache, WorkloadMeta,
 };
 use super::outbound::handshake_failure;
 use super::tls::server_config_for;
@@ -122,23 +121,13 @@ pub struct Inbound {
     /// The addresses of the one pod this Inbound serves; `None` serves every local workload
     /// (tests on loopback).
     own_ips: Option<Vec<IpAddr>>,
-    /// Metric counters by peer. Only this Inbound's (this pod's) connections take the lock.
-    series: Mutex<SeriesCache>,
+    /// Metric counters by peer: (source IP, source identity, destination IP, destination
+    /// identity), what the labels are made from. Only this Inbound's (this pod's)
+    /// connections take the lock.
+    series: Mutex<SeriesCache<dyn Any + Send + Sync, PeerKey>>,
 }
 
-/// Metric counters resolved for the workloads' [`LocalWorkloads::describe_epoch`] in
-/// force, by (source IP, source identity, destination IP, destination identity): what the
-/// labels are made from. Emptied when the epoch changes; the weak reference keeps the old
-/// epoch's allocation from being reused, so its address identifies it.
-#[derive(Default)]
-struct SeriesCache {
-    epoch: Option<Weak<dyn Any + Send + Sync>>,
-    by_peer: HashMap<(IpAddr, Option<SpiffeId>, IpAddr, SpiffeId), ConnectionSeries>,
-}
-
-/// Peers kept per epoch at most; a client reaching the pod from ever new addresses (the
-/// plaintext port) empties the cache rather than growing it.
-const SERIES_CACHE_MAX: usize = 4096;
+type PeerKey = (IpAddr, Option<SpiffeId>, IpAddr, SpiffeId);
 
 /// A CONNECT stream that passed its checks and got its 200: what its copy phase needs.
 struct AcceptedStream {
@@ -151,11 +140,14 @@ struct AcceptedStream {
 }
 
 /// Connections in flight, so a policy change can close the ones it no longer allows. The
-/// lock is held only for one insert or remove (a connection starting or ending), a length,
-/// or the revoker's copy of the entries: never across I/O, an await or a policy check.
+/// lock is held only for one insert or remove (a connection starting or ending) or the
+/// revoker's copy of the entries (pointer clones into a vector sized beforehand, once per
+/// policy change): never across I/O, an await or a policy check. Status reads the count,
+/// not the map.
 #[derive(Default)]
 struct LiveConnections {
     next_id: std::sync::atomic::AtomicU64,
+    count: AtomicUsize,
     map: std::sync::Mutex<std::collections::HashMap<u64, LiveEntry>>,
 }
 
@@ -179,6 +171,7 @@ impl LiveGuard {
         if let Ok(mut map) = live.map.lock() {
             map.insert(id, (conn.clone(), revoke.clone()));
         }
+        live.count.fetch_add(1, Ordering::Relaxed);
         let guard = Self {
             inbound: inbound.clone(),
             id,
@@ -189,9 +182,11 @@ impl LiveGuard {
 
 impl Drop for LiveGuard {
     fn drop(&mut self) {
-        if let Ok(mut map) = self.inbound.live.map.lock() {
+        let live = &self.inbound.live;
+        if let Ok(mut map) = live.map.lock() {
             map.remove(&self.id);
         }
+        live.count.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -329,34 +324,18 @@ impl Inbound {
             destination_ip,
             conn.workload.identity.clone(),
         );
+        if let Some(series) = self
+            .series
+            .lock()
+            .ok()
+            .and_then(|mut cache| cache.get(&epoch, &key))
         {
-            let Ok(mut cache) = self.series.lock() else {
-                return build();
-            };
-            let same_epoch = cache
-                .epoch
-                .as_ref()
-                .is_some_and(|known| std::ptr::addr_eq(known.as_ptr(), Arc::as_ptr(&epoch)));
-            if !same_epoch {
-                cache.epoch = Some(Arc::downgrade(&epoch));
-                cache.by_peer.clear();
-            }
-            if let Some(series) = cache.by_peer.get(&key) {
-                return series.clone();
-            }
+            return series;
         }
-        // Described outside the lock: `describe` may take the workloads' own.
+        // Described outside the lock: `describe` reads the workloads' state.
         let series = build();
-        if let Ok(mut cache) = self.series.lock()
-            && cache
-                .epoch
-                .as_ref()
-                .is_some_and(|known| std::ptr::addr_eq(known.as_ptr(), Arc::as_ptr(&epoch)))
-        {
-            if cache.by_peer.len() >= SERIES_CACHE_MAX {
-                cache.by_peer.clear();
-            }
-            cache.by_peer.insert(key, series.clone());
+        if let Ok(mut cache) = self.series.lock() {
+            cache.insert(&epoch, key, series.clone());
         }
         series
     }
@@ -897,10 +876,12 @@ impl Inbound {
         // connection takes to register and to leave: a policy change with many connections
         // in flight never holds up an accept or a close. A connection gone since the
         // snapshot gets a permit nobody waits for.
-        let live: Vec<LiveEntry> = match self.live.map.lock() {
-            Ok(map) => map.values().cloned().collect(),
+        let mut live: Vec<LiveEntry> =
+            Vec::with_capacity(self.live.count.load(Ordering::Relaxed) + 64);
+        match self.live.map.lock() {
+            Ok(map) => live.extend(map.values().cloned()),
             Err(_) => return 0,
-        };
+        }
         let mut revoked = 0;
         for (conn, revoke) in &live {
             if let Verdict::Deny { reason } = self.authorizer.authorize(conn) {
@@ -919,7 +900,7 @@ impl Inbound {
 
     /// Connections currently proxied to local workloads.
     pub fn live_connections(&self) -> usize {
-        self.live.map.lock().map_or(0, |m| m.len())
+        self.live.count.load(Ordering::Relaxed)
     }
 }
 

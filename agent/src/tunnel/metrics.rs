@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock, RwLock, Weak};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -201,6 +201,57 @@ pub struct Metrics {
 /// The counters of one label set, resolved ([`Metrics::series_of`]).
 #[derive(Clone, Debug)]
 pub struct ConnectionSeries(Arc<Series>);
+
+/// Metric counters a pod's connections resolved, by what their labels are made from, while
+/// one state (`E`, the workloads in force) lasts: a connection then neither builds a dozen
+/// label strings nor hashes them again. Emptied when another state comes; the weak reference
+/// keeps the old state's allocation from being reused, so its address identifies it. Kept
+/// under a lock only that pod's connections take.
+pub struct SeriesCache<E: ?Sized, K> {
+    state: Option<Weak<E>>,
+    by_key: HashMap<K, ConnectionSeries>,
+}
+
+/// Keys kept per state at most: a client reaching a pod from ever new addresses empties the
+/// cache rather than growing it.
+const SERIES_CACHE_MAX: usize = 4096;
+
+impl<E: ?Sized, K> Default for SeriesCache<E, K> {
+    fn default() -> Self {
+        Self {
+            state: None,
+            by_key: HashMap::new(),
+        }
+    }
+}
+
+impl<E: ?Sized, K: Eq + std::hash::Hash> SeriesCache<E, K> {
+    fn holds(&self, state: &Arc<E>) -> bool {
+        self.state
+            .as_ref()
+            .is_some_and(|known| std::ptr::addr_eq(known.as_ptr(), Arc::as_ptr(state)))
+    }
+
+    /// The counters cached for `key` under `state`; a new state empties the cache first.
+    pub fn get(&mut self, state: &Arc<E>, key: &K) -> Option<ConnectionSeries> {
+        if !self.holds(state) {
+            self.state = Some(Arc::downgrade(state));
+            self.by_key.clear();
+        }
+        self.by_key.get(key).cloned()
+    }
+
+    /// Keeps `series` for `key`, unless the cache moved on to another state meanwhile.
+    pub fn insert(&mut self, state: &Arc<E>, key: K, series: ConnectionSeries) {
+        if !self.holds(state) {
+            return;
+        }
+        if self.by_key.len() >= SERIES_CACHE_MAX {
+            self.by_key.clear();
+        }
+        self.by_key.insert(key, series);
+    }
+}
 
 /// One label set's counters, shared by every connection that carries it.
 #[derive(Debug)]

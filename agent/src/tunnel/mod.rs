@@ -31,7 +31,7 @@ pub use inbound::{
 };
 pub use metrics::{
     ConnectionLabels, ConnectionRecord, ConnectionSeries, Metrics, RefusalReason, Reporter,
-    UNKNOWN, WorkloadMeta,
+    SeriesCache, UNKNOWN, WorkloadMeta,
 };
 pub use outbound::{Outbound, OutboundRequest};
 pub use tls::{HandshakeFailure, client_config};
