@@ -75,7 +75,8 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // kube-rs logs every failed retry of a watch; the agent says it once per streak.
     let filter = std::env::var("AMBIT_LOG").unwrap_or_else(|_| "info,kube_client=off".into());
-    let log = observability::logging::init(cli.log_format, &filter);
+    // Lives to the end of main: dropping it writes out the queued log lines.
+    let (log, log_guard) = observability::logging::init(cli.log_format, &filter);
     if matches!(
         cli.command,
         Command::Status(_) | Command::ConfigDump(_) | Command::Certs { .. }
@@ -85,6 +86,7 @@ fn main() -> anyhow::Result<()> {
             eprintln!("error: {e}");
             1
         });
+        drop(log_guard);
         std::process::exit(code);
     }
     if let Command::Policy {
@@ -106,6 +108,7 @@ fn main() -> anyhow::Result<()> {
                 2
             }
         };
+        drop(log_guard);
         std::process::exit(code);
     }
     match cli.command {

@@ -269,6 +269,10 @@ impl AgentView for View {
                     maps_recreated: c.maps_recreated().len() as u64,
                 });
         }
+        if let Some(log) = &self.options.log {
+            self.agent_metrics
+                .set_log_lines_dropped(log.lines_dropped());
+        }
         self.policy_metrics
             .sync(&self.shared.authorizer.decision_counts());
         self.cert_metrics.sync(&self.shared.certs);

@@ -34,6 +34,7 @@ pub struct AgentMetrics {
     links_replaced: Counter,
     link_replace_failures: Counter,
     maps_recreated: Counter,
+    log_lines_dropped: Counter,
 }
 
 /// The sockmap shortcut's figures as read from the kernel at a scrape.
@@ -103,6 +104,11 @@ impl AgentMetrics {
             "Pinned maps whose definition changed and that were recreated empty at start",
             m.maps_recreated.clone(),
         );
+        registry.register(
+            "ambit_log_lines_dropped",
+            "Log lines dropped because stdout was not read fast enough (the log never blocks)",
+            m.log_lines_dropped.clone(),
+        );
         let build: Family<BuildLabels, Gauge> = Family::default();
         build
             .get_or_create(&BuildLabels {
@@ -153,6 +159,14 @@ impl AgentMetrics {
         ] {
             counter.inc_by(value.saturating_sub(counter.get()));
         }
+    }
+}
+
+impl AgentMetrics {
+    /// Brings the counter up to the log writer's total (which only grows).
+    pub fn set_log_lines_dropped(&self, total: u64) {
+        self.log_lines_dropped
+            .inc_by(total.saturating_sub(self.log_lines_dropped.get()));
     }
 }
 
@@ -221,6 +235,8 @@ mod tests {
             link_replace_failures: 1,
             maps_recreated: 2,
         });
+        m.set_log_lines_dropped(3);
+        m.set_log_lines_dropped(9);
         let text = encode(&registry);
         for line in [
             "ambit_enrolled_pods 3",
@@ -234,6 +250,7 @@ mod tests {
             "ambit_ebpf_links_replaced_total 7",
             "ambit_ebpf_link_replace_failures_total 1",
             "ambit_ebpf_maps_recreated_total 2",
+            "ambit_log_lines_dropped_total 9",
             &format!(
                 "ambit_build_info{{version=\"{}\"}} 1",
                 env!("CARGO_PKG_VERSION")
