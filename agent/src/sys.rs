@@ -197,6 +197,38 @@ pub fn bpf_link_update(
     sys_bpf(aya_obj::generated::bpf_cmd::BPF_LINK_UPDATE, &mut attr).map(drop)
 }
 
+/// Reads and removes one entry of a hash map in one call (BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+/// hash maps since Linux 5.14): `None` if the key is absent. The data path's lookup of a
+/// captured connection's original destination uses it: one syscall instead of a lookup and
+/// a delete, and no `&mut` (aya's `remove`), so no lock around the map.
+///
+/// Hand-written because aya 0.14 offers lookup-and-delete only for queues and stacks.
+pub fn bpf_map_lookup_and_delete<K: aya::Pod, V: aya::Pod>(
+    map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
+    key: &K,
+) -> io::Result<Option<V>> {
+    use aya::maps::IterableMap as _;
+    let mut value = std::mem::MaybeUninit::<V>::zeroed();
+    let mut attr = zeroed_bpf_attr();
+    // SAFETY: writing plain integers into the map-element member of a zeroed bpf_attr
+    // union; nothing is read from it.
+    let elem = unsafe { &mut attr.__bindgen_anon_2 };
+    elem.map_fd = map.map().fd().as_fd().as_raw_fd() as u32;
+    elem.key = std::ptr::from_ref(key) as u64;
+    elem.__bindgen_anon_1.value = std::ptr::from_mut(&mut value) as u64;
+    match sys_bpf(
+        aya_obj::generated::bpf_cmd::BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+        &mut attr,
+    ) {
+        // SAFETY: aya's HashMap checked at creation that the map's key and value sizes are
+        // those of K and V, so on success the kernel filled exactly `value`; V is Pod, so
+        // any bytes are a valid V.
+        Ok(_) => Ok(Some(unsafe { value.assume_init() })),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// The memory page size (for the ring buffer sizes the loader rounds up to).
 pub fn page_size() -> u32 {
     // SAFETY: sysconf only reads a system constant.

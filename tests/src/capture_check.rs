@@ -170,7 +170,15 @@ impl CaptureBed {
         let client_port = client.local_addr()?.port();
         if let Some(accepted_peer) = self.accept_captured(client_port)? {
             let cookie = self.pod_cookie;
-            let orig = self.capture()?.take_orig_dst(cookie, accepted_peer.port());
+            let capture = self.capture()?;
+            let orig = capture.take_orig_dst(cookie, accepted_peer.port());
+            anyhow::ensure!(
+                orig.is_none()
+                    || capture
+                        .take_orig_dst(cookie, accepted_peer.port())
+                        .is_none(),
+                "the original destination of {accepted_peer} is still recorded after it was taken"
+            );
             return Ok(Outcome::Captured(orig));
         }
         client.set_read_timeout(Some(IO_TIMEOUT))?;

@@ -234,27 +234,32 @@ impl LinkStats {
 
 /// The original-destination map as one pod's outbound side reads it ([`Capture::orig_dst_table`]).
 pub struct OrigDstTable {
-    /// aya's delete needs `&mut`; the lock is held for one lookup and one delete and is
-    /// shared only by the connections of one pod.
-    map: std::sync::Mutex<HashMap<MapData, FlowKey, OrigDst>>,
+    /// Read with lookup-and-delete, which needs no `&mut`: connections share no lock here.
+    map: HashMap<MapData, FlowKey, OrigDst>,
 }
 
 impl OrigDstTable {
     /// Takes the original destination of the connection from `netns_cookie`'s source
     /// port `client_port`.
     pub fn take(&self, netns_cookie: u64, client_port: u16) -> Option<SocketAddr> {
-        let key = FlowKey {
-            netns_cookie,
-            port: u32::from(client_port),
-            reserved: 0,
-        };
-        let mut map = self.map.lock().ok()?;
-        let orig = map.get(&key, 0).ok()?;
-        // Best effort: the map is LRU, so a failed delete only costs a slot until eviction.
-        let _ = map.remove(&key);
-        drop(map);
-        orig_dst_to_socket_addr(&orig)
+        take_orig_dst(&self.map, netns_cookie, client_port)
     }
+}
+
+/// Reads and removes a captured connection's entry (one syscall): the entry serves one
+/// accept, and the LRU map need not wait for eviction to reuse its slot.
+fn take_orig_dst(
+    map: &HashMap<MapData, FlowKey, OrigDst>,
+    netns_cookie: u64,
+    client_port: u16,
+) -> Option<SocketAddr> {
+    let key = FlowKey {
+        netns_cookie,
+        port: u32::from(client_port),
+        reserved: 0,
+    };
+    let orig = crate::sys::bpf_map_lookup_and_delete(map, &key).ok()??;
+    orig_dst_to_socket_addr(&orig)
 }
 
 /// Attached capture programs and handles on their maps.
@@ -566,16 +571,8 @@ impl Capture {
 
     /// Takes the original destination recorded for a captured connection, identified by the
     /// client's netns and source port (the peer port of the socket the agent accepted).
-    pub fn take_orig_dst(&mut self, netns_cookie: u64, client_port: u16) -> Option<SocketAddr> {
-        let key = FlowKey {
-            netns_cookie,
-            port: u32::from(client_port),
-            reserved: 0,
-        };
-        let orig = self.orig_dst.get(&key, 0).ok()?;
-        // Best effort: the map is LRU, so a failed delete only costs a slot until eviction.
-        let _ = self.orig_dst.remove(&key);
-        orig_dst_to_socket_addr(&orig)
+    pub fn take_orig_dst(&self, netns_cookie: u64, client_port: u16) -> Option<SocketAddr> {
+        take_orig_dst(&self.orig_dst, netns_cookie, client_port)
     }
 
     /// A handle of its own on the original-destination map, for the data path: looking up
@@ -587,9 +584,7 @@ impl Capture {
         let data = MapData::from_pin(self.pin_dir.join("maps").join(name)).map_err(err)?;
         let map =
             HashMap::try_from(aya::maps::Map::from_map_data(data).map_err(err)?).map_err(err)?;
-        Ok(OrigDstTable {
-            map: std::sync::Mutex::new(map),
-        })
+        Ok(OrigDstTable { map })
     }
 
     /// Detaches everything and removes the pins: plain networking for every pod.
