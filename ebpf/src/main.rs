@@ -514,6 +514,14 @@ pub fn ambit_tc_reply_to_lo(ctx: TcContext) -> i32 {
 }
 
 fn try_tc_reply_to_lo(ctx: &TcContext) -> Result<i32, i64> {
+    // The agent's own packets (the kernel stamps a socket's mark on what it sends) are never
+    // replies to its transparent sockets: most of the pod's HBONE traffic skips the socket
+    // lookup below, which misses through the listener path (and this netns's sk_lookup
+    // program) for every packet bound for the wire.
+    // SAFETY: `skb` is the program's context; reading `mark` is allowed in tc programs.
+    if unsafe { (*ctx.skb.skb).mark } == AGENT_MARK {
+        return Ok(TC_ACT_OK);
+    }
     let ethertype: u16 = ctx.load(12)?;
     if u16::from_be(ethertype) != ETH_P_IP {
         return Ok(TC_ACT_OK);
