@@ -533,12 +533,19 @@ fn try_tc_reply_to_lo(ctx: &TcContext) -> Result<i32, i64> {
     }
     let ihl = usize::from(version_ihl & 0x0f) * 4;
     let l4 = ETH_HLEN + ihl;
+    // From local port 15008: the agent's HBONE server side (its accepted sockets carry no
+    // mark). No app connection through the agent uses that port: the inbound side refuses
+    // a CONNECT to it, and sk_lookup gives every connection to it to the agent.
+    let sport: u16 = ctx.load(l4)?;
+    if u16::from_be(sport) == HBONE_PORT {
+        return Ok(TC_ACT_OK);
+    }
     // The tuple as the receiving socket would see this packet arrive: source = remote.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     tuple.__bindgen_anon_1.ipv4 = SockTupleV4 {
         saddr: ctx.load(ETH_HLEN + 12)?,
         daddr: ctx.load(ETH_HLEN + 16)?,
-        sport: ctx.load(l4)?,
+        sport,
         dport: ctx.load(l4 + 2)?,
     };
     // SAFETY: `tuple` is a stack buffer of the size passed; the result is released below.

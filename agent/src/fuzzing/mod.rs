@@ -123,8 +123,8 @@ const MAX_HEADER_LIST_SIZE: u32 = 512;
 type RawRequest = (Vec<u8>, Vec<u8>, Option<Vec<u8>>, Vec<(Vec<u8>, Vec<u8>)>);
 
 /// The inbound HBONE request check with arbitrary method, authority and header bytes: it
-/// never panics, accepts only a CONNECT to an `ip:port` within the header budget, and
-/// refuses everything else with the status its reason calls for. The bytes become a
+/// never panics, accepts only a CONNECT to an `ip:port` (not the HBONE port) within the
+/// header budget, and refuses everything else with the status its reason calls for. The bytes become a
 /// [`RawRequest`] the way libFuzzer's typed `fuzz_target!` builds one (`arbitrary`'s
 /// `arbitrary_take_rest`), so saved corpora keep their meaning.
 pub fn hbone_connect(data: &[u8]) {
@@ -146,6 +146,7 @@ pub fn hbone_connect(data: &[u8]) {
                 authority.as_str().parse::<SocketAddr>().ok(),
                 Some(checked.target)
             );
+            assert_ne!(checked.target.port(), crate::tunnel::HBONE_PORT);
         }
         Err(refusal) => {
             let expected = match refusal.reason {

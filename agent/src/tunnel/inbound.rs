@@ -923,7 +923,7 @@ pub struct ConnectRefusal {
 }
 
 /// The checks an inbound HBONE stream's request head must pass, in order: header-list size
-/// (431), method CONNECT (400), `:authority` an `ip:port` (400). Pure, so it can be fuzzed
+/// (431), method CONNECT (400), `:authority` an `ip:port` (400) on any port but 15008 (400). Pure, so it can be fuzzed
 /// without a connection.
 pub fn check_connect_request<B>(
     request: &Request<B>,
@@ -955,6 +955,20 @@ pub fn check_connect_request<B>(
             detail: format!("authority {:?} is not ip:port", request.uri().to_string()),
         });
     };
+    // A pod's 15008 belongs to the mesh (sk_lookup hands connections to it to the agent):
+    // a CONNECT there would loop back into the agent or reach an app on the mesh's port.
+    // The pod-interface tc program relies on this: a packet from local port 15008 is the
+    // agent's, never an app's reply, so it skips the socket lookup.
+    if target.port() == super::HBONE_PORT {
+        return Err(ConnectRefusal {
+            reason: RefusalReason::BadAuthority,
+            status: StatusCode::BAD_REQUEST,
+            detail: format!(
+                "authority {target} is the mesh's own port {}",
+                super::HBONE_PORT
+            ),
+        });
+    }
     Ok(ConnectRequest {
         target,
         forwarded: forwarded_source(request),

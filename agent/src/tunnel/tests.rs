@@ -1227,6 +1227,11 @@ fn connect_request_check_decides_each_refusal() {
         refusal(&connect("checkout.shop:8080"), 1024),
         (RefusalReason::BadAuthority, StatusCode::BAD_REQUEST)
     );
+    assert_eq!(
+        refusal(&connect("10.0.0.2:15008"), 1024),
+        (RefusalReason::BadAuthority, StatusCode::BAD_REQUEST),
+        "the mesh's own port is no CONNECT target"
+    );
 }
 
 /// Two ambit ends agree on AES-128-GCM with SHA-256 (the cheaper suite); a peer that offers
