@@ -8,6 +8,7 @@
 //! so a stuck log costs lines, not connections.
 
 use std::io::{BufWriter, IsTerminal as _, Write};
+use std::time::Duration;
 
 use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -25,8 +26,12 @@ pub enum LogFormat {
 }
 
 /// Lines the log holds for its writer thread before it drops new ones: about two seconds of
-/// access-log lines at 2,000 connections/s, at most ~2 MiB of queued text.
+/// access-log lines at 2,000 connections/s (an access-log line is ~500 bytes).
 const QUEUED_LINES: usize = 4096;
+
+/// How long the exit waits for queued lines to be written: a stalled stdout must not keep
+/// a finished process alive.
+const FLUSH_AT_EXIT: Duration = Duration::from_secs(2);
 
 /// What the logging thread gathers into one `write` when lines queue up.
 const WRITE_BATCH: usize = 64 * 1024;
@@ -38,10 +43,34 @@ pub struct LogControl {
     dropped: ErrorCounter,
 }
 
-/// Keeps the logging thread; dropping it writes out what is queued (waiting up to a
-/// second). Held by `main` until the process is about to exit.
+/// Keeps the logging thread; dropping it writes out what is queued, waiting at most
+/// [`FLUSH_AT_EXIT`]. Held by `main` until the process is about to exit (`let (_, _) =`
+/// would drop it at once, and every later line would be counted as dropped).
 #[must_use = "dropping the guard stops the log's writer thread"]
-pub struct LogGuard(#[allow(dead_code)] WorkerGuard);
+pub struct LogGuard {
+    worker: Option<WorkerGuard>,
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        let Some(worker) = self.worker.take() else {
+            return;
+        };
+        // tracing-appender's own drop waits for the writer thread, which may be stuck in a
+        // write to a stalled stdout (and then prints to stdout itself): wait on a thread of
+        // its own, for a bounded time.
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let flush = std::thread::Builder::new()
+            .name("ambit-log-flush".into())
+            .spawn(move || {
+                drop(worker);
+                let _ = done_tx.send(());
+            });
+        if flush.is_ok() {
+            let _ = done.recv_timeout(FLUSH_AT_EXIT);
+        }
+    }
+}
 
 impl std::fmt::Debug for LogControl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -113,14 +142,18 @@ pub fn init(format: LogFormat, filter: &str) -> (LogControl, LogGuard) {
         .with(filter)
         .with(output)
         .init();
-    (LogControl { handle, dropped }, LogGuard(guard))
+    (
+        LogControl { handle, dropped },
+        LogGuard {
+            worker: Some(guard),
+        },
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::mpsc;
     use std::sync::{Arc, Condvar, Mutex};
-    use std::time::Duration;
 
     use super::*;
 
@@ -193,11 +226,30 @@ mod tests {
         assert_eq!(dropped.dropped_lines(), LINES - QUEUED);
 
         out.release();
-        drop(guard); // waits for the queued lines to be written
-        let written = String::from_utf8(out.written.lock().expect("lock").clone()).expect("utf8");
         let expected: Vec<String> = std::iter::once("first".to_owned())
             .chain((0..QUEUED).map(|i| format!("line {i}")))
             .collect();
+        // The writer thread drains its queue once released; waiting for that (rather than
+        // on the guard's drop, which gives up after 100 ms on a busy machine) keeps the
+        // test free of timing.
+        let (drained_tx, drained) = mpsc::channel();
+        let written = out.written.clone();
+        let watcher = std::thread::spawn(move || {
+            loop {
+                let text = String::from_utf8(written.lock().expect("lock").clone());
+                if text.as_ref().map_or(0, |t| t.lines().count()) >= QUEUED + 1 {
+                    let _ = drained_tx.send(text);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let written = drained
+            .recv_timeout(BLOCKED)
+            .expect("the queued lines were never written")
+            .expect("utf8");
+        watcher.join().expect("watcher thread");
         assert_eq!(written.lines().collect::<Vec<_>>(), expected);
+        drop(guard);
     }
 }
