@@ -220,9 +220,10 @@ pub fn bpf_map_lookup_and_delete<K: aya::Pod, V: aya::Pod>(
         aya_obj::generated::bpf_cmd::BPF_MAP_LOOKUP_AND_DELETE_ELEM,
         &mut attr,
     ) {
-        // SAFETY: aya's HashMap checked at creation that the map's key and value sizes are
-        // those of K and V, so on success the kernel filled exactly `value`; V is Pod, so
-        // any bytes are a valid V.
+        // SAFETY: aya's HashMap (0.14: `TryFrom<Map>` runs `check_kv_size` against the
+        // kernel's map info; re-check on an aya upgrade) guarantees the map's key and value
+        // sizes are those of K and V, so on success the kernel filled exactly `value`; V is
+        // Pod, so any bytes are a valid V.
         Ok(_) => Ok(Some(unsafe { value.assume_init() })),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(e) => Err(e),

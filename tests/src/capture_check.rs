@@ -171,11 +171,11 @@ impl CaptureBed {
         if let Some(accepted_peer) = self.accept_captured(client_port)? {
             let cookie = self.pod_cookie;
             let capture = self.capture()?;
-            let orig = capture.take_orig_dst(cookie, accepted_peer.port());
+            let orig = capture.take_orig_dst(cookie, accepted_peer.port())?;
             anyhow::ensure!(
                 orig.is_none()
                     || capture
-                        .take_orig_dst(cookie, accepted_peer.port())
+                        .take_orig_dst(cookie, accepted_peer.port())?
                         .is_none(),
                 "the original destination of {accepted_peer} is still recorded after it was taken"
             );

@@ -388,9 +388,16 @@ fn handle_outbound(
     peer: SocketAddr,
 ) -> futures::future::BoxFuture<'static, ()> {
     // The pod's own handle on the map: no lock shared with the control plane.
-    let Some(orig) = ctx.orig_dst.take(ctx.netns_cookie, peer.port()) else {
-        warn!(%peer, "captured connection without an original destination; closing");
-        return Box::pin(std::future::ready(()));
+    let orig = match ctx.orig_dst.take(ctx.netns_cookie, peer.port()) {
+        Ok(Some(orig)) => orig,
+        Ok(None) => {
+            warn!(%peer, "captured connection without an original destination; closing");
+            return Box::pin(std::future::ready(()));
+        }
+        Err(e) => {
+            warn!(%peer, error = %e, "reading a captured connection's original destination failed; closing");
+            return Box::pin(std::future::ready(()));
+        }
     };
     let state = ctx.shared.state();
     let started = Instant::now();

@@ -13,6 +13,7 @@ mod inbound;
 mod rtnl;
 mod upgrade;
 
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
@@ -240,8 +241,8 @@ pub struct OrigDstTable {
 
 impl OrigDstTable {
     /// Takes the original destination of the connection from `netns_cookie`'s source
-    /// port `client_port`.
-    pub fn take(&self, netns_cookie: u64, client_port: u16) -> Option<SocketAddr> {
+    /// port `client_port`: `None` if none was recorded (or its family is unknown).
+    pub fn take(&self, netns_cookie: u64, client_port: u16) -> io::Result<Option<SocketAddr>> {
         take_orig_dst(&self.map, netns_cookie, client_port)
     }
 }
@@ -252,14 +253,13 @@ fn take_orig_dst(
     map: &HashMap<MapData, FlowKey, OrigDst>,
     netns_cookie: u64,
     client_port: u16,
-) -> Option<SocketAddr> {
+) -> io::Result<Option<SocketAddr>> {
     let key = FlowKey {
         netns_cookie,
         port: u32::from(client_port),
         reserved: 0,
     };
-    let orig = crate::sys::bpf_map_lookup_and_delete(map, &key).ok()??;
-    orig_dst_to_socket_addr(&orig)
+    Ok(crate::sys::bpf_map_lookup_and_delete(map, &key)?.and_then(|o| orig_dst_to_socket_addr(&o)))
 }
 
 /// Attached capture programs and handles on their maps.
@@ -571,7 +571,11 @@ impl Capture {
 
     /// Takes the original destination recorded for a captured connection, identified by the
     /// client's netns and source port (the peer port of the socket the agent accepted).
-    pub fn take_orig_dst(&self, netns_cookie: u64, client_port: u16) -> Option<SocketAddr> {
+    pub fn take_orig_dst(
+        &self,
+        netns_cookie: u64,
+        client_port: u16,
+    ) -> io::Result<Option<SocketAddr>> {
         take_orig_dst(&self.orig_dst, netns_cookie, client_port)
     }
 
