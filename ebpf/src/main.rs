@@ -514,14 +514,6 @@ pub fn ambit_tc_reply_to_lo(ctx: TcContext) -> i32 {
 }
 
 fn try_tc_reply_to_lo(ctx: &TcContext) -> Result<i32, i64> {
-    // The agent's own packets (the kernel stamps a socket's mark on what it sends) are never
-    // replies to its transparent sockets: most of the pod's HBONE traffic skips the socket
-    // lookup below, which misses through the listener path (and this netns's sk_lookup
-    // program) for every packet bound for the wire.
-    // SAFETY: `skb` is the program's context; reading `mark` is allowed in tc programs.
-    if unsafe { (*ctx.skb.skb).mark } == AGENT_MARK {
-        return Ok(TC_ACT_OK);
-    }
     let ethertype: u16 = ctx.load(12)?;
     if u16::from_be(ethertype) != ETH_P_IP {
         return Ok(TC_ACT_OK);
@@ -533,11 +525,22 @@ fn try_tc_reply_to_lo(ctx: &TcContext) -> Result<i32, i64> {
     }
     let ihl = usize::from(version_ihl & 0x0f) * 4;
     let l4 = ETH_HLEN + ihl;
-    // From local port 15008: the agent's HBONE server side (its accepted sockets carry no
-    // mark). No app connection through the agent uses that port: the inbound side refuses
-    // a CONNECT to it, and sk_lookup gives every connection to it to the agent.
+    // HBONE is never an app's reply to one of the agent's transparent sockets, so it skips
+    // the socket lookup below, which for nearly every packet misses through the listener
+    // path (running this netns's sk_lookup program too). From local port 15008: the
+    // agent's server side (its accepted sockets carry no mark); no app connection through
+    // the agent uses that port, as the inbound side refuses a CONNECT to it and sk_lookup
+    // gives every connection to it to the agent. To port 15008 with the agent's mark: its
+    // client side. The mark alone is not enough: with tcp_fwmark_accept an app's socket
+    // accepted from the agent's (marked) connection carries the mark too, and a reply to
+    // a transparent socket has that socket's port as destination, not 15008.
     let sport: u16 = ctx.load(l4)?;
-    if u16::from_be(sport) == HBONE_PORT {
+    let dport: u16 = ctx.load(l4 + 2)?;
+    // SAFETY: `skb` is the program's context; reading `mark` is allowed in tc programs.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if u16::from_be(sport) == HBONE_PORT
+        || (u16::from_be(dport) == HBONE_PORT && mark == AGENT_MARK)
+    {
         return Ok(TC_ACT_OK);
     }
     // The tuple as the receiving socket would see this packet arrive: source = remote.
@@ -546,7 +549,7 @@ fn try_tc_reply_to_lo(ctx: &TcContext) -> Result<i32, i64> {
         saddr: ctx.load(ETH_HLEN + 12)?,
         daddr: ctx.load(ETH_HLEN + 16)?,
         sport,
-        dport: ctx.load(l4 + 2)?,
+        dport,
     };
     // SAFETY: `tuple` is a stack buffer of the size passed; the result is released below.
     let sk = unsafe {
