@@ -124,9 +124,9 @@ type RawRequest = (Vec<u8>, Vec<u8>, Option<Vec<u8>>, Vec<(Vec<u8>, Vec<u8>)>);
 
 /// The inbound HBONE request check with arbitrary method, authority and header bytes: it
 /// never panics, accepts only a CONNECT to an `ip:port` (not the HBONE port) within the
-/// header budget, and refuses everything else with the status its reason calls for. The bytes become a
-/// [`RawRequest`] the way libFuzzer's typed `fuzz_target!` builds one (`arbitrary`'s
-/// `arbitrary_take_rest`), so saved corpora keep their meaning.
+/// header budget, and refuses everything else with the status its reason calls for. The
+/// bytes become a [`RawRequest`] the way libFuzzer's typed `fuzz_target!` builds one
+/// (`arbitrary`'s `arbitrary_take_rest`), so saved corpora keep their meaning.
 pub fn hbone_connect(data: &[u8]) {
     let Ok(raw) = RawRequest::arbitrary_take_rest(Unstructured::new(data)) else {
         return;

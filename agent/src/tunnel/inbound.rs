@@ -923,8 +923,8 @@ pub struct ConnectRefusal {
 }
 
 /// The checks an inbound HBONE stream's request head must pass, in order: header-list size
-/// (431), method CONNECT (400), `:authority` an `ip:port` (400) on any port but 15008 (400). Pure, so it can be fuzzed
-/// without a connection.
+/// (431), method CONNECT (400), `:authority` an `ip:port` (400) on any port but 15008
+/// (400). Pure, so it can be fuzzed without a connection.
 pub fn check_connect_request<B>(
     request: &Request<B>,
     max_header_list_size: u32,
