@@ -4,8 +4,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ambit_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_CAPTURE_PORT};
@@ -243,7 +243,7 @@ impl PodRuntime {
             sockets,
             orig_dst: listeners_orig_dst,
             picks: AtomicUsize::new(0),
-            series: Mutex::default(),
+            series: SeriesCache::default(),
         });
         let tasks = vec![
             tokio::spawn(serve_outbound(ctx, outbound_listener)).abort_handle(),
@@ -321,9 +321,8 @@ struct OutboundCtx {
     /// Spreads service connections over endpoints.
     picks: AtomicUsize,
     /// Metric counters by destination: the addresses of the destination workload's and
-    /// service's entries in the state in force. This pod's connections are the only users of
-    /// the lock.
-    series: Mutex<SeriesCache<MeshState, (usize, usize)>>,
+    /// service's entries in the state in force.
+    series: SeriesCache<MeshState, (usize, usize)>,
 }
 
 impl OutboundCtx {
@@ -349,15 +348,7 @@ impl OutboundCtx {
                 true,
             ))
         };
-        let Ok(mut cache) = self.series.lock() else {
-            return build();
-        };
-        if let Some(series) = cache.get(state, &key) {
-            return series;
-        }
-        let series = build();
-        cache.insert(state, key, series.clone());
-        series
+        self.series.get_or_build(state, key, build)
     }
 }
 

@@ -10,8 +10,8 @@
 use std::any::Any;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::FutureExt as _;
@@ -122,9 +122,8 @@ pub struct Inbound {
     /// (tests on loopback).
     own_ips: Option<Vec<IpAddr>>,
     /// Metric counters by peer: (source IP, source identity, destination IP, destination
-    /// identity), what the labels are made from. Only this Inbound's (this pod's)
-    /// connections take the lock.
-    series: Mutex<SeriesCache<dyn Any + Send + Sync, PeerKey>>,
+    /// identity), what the labels are made from.
+    series: SeriesCache<dyn Any + Send + Sync, PeerKey>,
 }
 
 type PeerKey = (IpAddr, Option<SpiffeId>, IpAddr, SpiffeId);
@@ -212,7 +211,7 @@ impl Inbound {
             metrics: None,
             drain: None,
             own_ips: None,
-            series: Mutex::default(),
+            series: SeriesCache::default(),
         }
     }
 
@@ -324,20 +323,7 @@ impl Inbound {
             destination_ip,
             conn.workload.identity.clone(),
         );
-        if let Some(series) = self
-            .series
-            .lock()
-            .ok()
-            .and_then(|mut cache| cache.get(&epoch, &key))
-        {
-            return series;
-        }
-        // Described outside the lock: `describe` reads the workloads' state.
-        let series = build();
-        if let Ok(mut cache) = self.series.lock() {
-            cache.insert(&epoch, key, series.clone());
-        }
-        series
+        self.series.get_or_build(&epoch, key, build)
     }
 
     fn meta(&self, ip: IpAddr, identity: Option<&SpiffeId>) -> WorkloadMeta {
@@ -1075,6 +1061,8 @@ fn forwarded_source<B>(request: &Request<B>) -> Option<SocketAddr> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
     use crate::identity::LocalCa;
 

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -205,9 +205,16 @@ pub struct ConnectionSeries(Arc<Series>);
 /// Metric counters a pod's connections resolved, by what their labels are made from, while
 /// one state (`E`, the workloads in force) lasts: a connection then neither builds a dozen
 /// label strings nor hashes them again. Emptied when another state comes; the weak reference
-/// keeps the old state's allocation from being reused, so its address identifies it. Kept
-/// under a lock only that pod's connections take.
+/// keeps the old state's allocation from being reused, so its address identifies it.
+///
+/// The lock is the pod's own: only that pod's connections take it, each for one map get or
+/// insert (never while building a series, which may read the workloads' state), and no
+/// control-plane or scrape code touches it.
 pub struct SeriesCache<E: ?Sized, K> {
+    cached: Mutex<Cached<E, K>>,
+}
+
+struct Cached<E: ?Sized, K> {
     state: Option<Weak<E>>,
     by_key: HashMap<K, ConnectionSeries>,
 }
@@ -219,37 +226,50 @@ const SERIES_CACHE_MAX: usize = 4096;
 impl<E: ?Sized, K> Default for SeriesCache<E, K> {
     fn default() -> Self {
         Self {
-            state: None,
-            by_key: HashMap::new(),
+            cached: Mutex::new(Cached {
+                state: None,
+                by_key: HashMap::new(),
+            }),
         }
     }
 }
 
-impl<E: ?Sized, K: Eq + std::hash::Hash> SeriesCache<E, K> {
+impl<E: ?Sized, K: Eq + std::hash::Hash> Cached<E, K> {
     fn holds(&self, state: &Arc<E>) -> bool {
         self.state
             .as_ref()
             .is_some_and(|known| std::ptr::addr_eq(known.as_ptr(), Arc::as_ptr(state)))
     }
+}
 
-    /// The counters cached for `key` under `state`; a new state empties the cache first.
-    pub fn get(&mut self, state: &Arc<E>, key: &K) -> Option<ConnectionSeries> {
-        if !self.holds(state) {
-            self.state = Some(Arc::downgrade(state));
-            self.by_key.clear();
+impl<E: ?Sized, K: Eq + std::hash::Hash> SeriesCache<E, K> {
+    /// The counters for `key` under `state`: cached, or made by `build` (outside the lock)
+    /// and kept unless the cache moved on to another state meanwhile.
+    pub fn get_or_build(
+        &self,
+        state: &Arc<E>,
+        key: K,
+        build: impl FnOnce() -> ConnectionSeries,
+    ) -> ConnectionSeries {
+        if let Ok(mut cached) = self.cached.lock() {
+            if !cached.holds(state) {
+                cached.state = Some(Arc::downgrade(state));
+                cached.by_key.clear();
+            }
+            if let Some(series) = cached.by_key.get(&key) {
+                return series.clone();
+            }
         }
-        self.by_key.get(key).cloned()
-    }
-
-    /// Keeps `series` for `key`, unless the cache moved on to another state meanwhile.
-    pub fn insert(&mut self, state: &Arc<E>, key: K, series: ConnectionSeries) {
-        if !self.holds(state) {
-            return;
+        let series = build();
+        if let Ok(mut cached) = self.cached.lock()
+            && cached.holds(state)
+        {
+            if cached.by_key.len() >= SERIES_CACHE_MAX {
+                cached.by_key.clear();
+            }
+            cached.by_key.insert(key, series.clone());
         }
-        if self.by_key.len() >= SERIES_CACHE_MAX {
-            self.by_key.clear();
-        }
-        self.by_key.insert(key, series);
+        series
     }
 }
 
@@ -657,5 +677,39 @@ mod metrics_tests {
             sent.contains("reporter=\"destination\"") && sent.ends_with(" 5"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn series_cache_serves_one_state_and_starts_over_with_the_next() {
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry);
+        let series = |name: &str| {
+            m.series_of(ConnectionLabels::new(
+                Reporter::Source,
+                meta("client"),
+                meta(name),
+                None,
+                true,
+            ))
+        };
+        let cache = SeriesCache::<u32, &str>::default();
+        let (one, two) = (Arc::new(1), Arc::new(2));
+        let builds = std::cell::Cell::new(0);
+        let get = |state: &Arc<u32>, key| {
+            cache.get_or_build(state, key, || {
+                builds.set(builds.get() + 1);
+                series(key)
+            })
+        };
+        let first = get(&one, "server");
+        let again = get(&one, "server");
+        assert_eq!(builds.get(), 1, "a second connection finds the counters");
+        assert!(Arc::ptr_eq(&first.0, &again.0));
+        get(&one, "other");
+        assert_eq!(builds.get(), 2, "another key builds its own");
+        get(&two, "server");
+        assert_eq!(builds.get(), 3, "a new state empties the cache");
+        get(&one, "server");
+        assert_eq!(builds.get(), 4, "and the old state's entries are gone");
     }
 }
