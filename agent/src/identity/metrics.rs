@@ -10,6 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use super::CertManager;
+use crate::observability::metrics::raise_counter_to;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IdentityLabels {
@@ -60,12 +61,7 @@ impl Metrics {
                 .set(i64::try_from(secs).unwrap_or(i64::MAX));
         }
         let stats = certs.stats();
-        self.renewals
-            .inc_by(stats.renewals.saturating_sub(self.renewals.get()));
-        self.renewal_failures.inc_by(
-            stats
-                .renewal_failures
-                .saturating_sub(self.renewal_failures.get()),
-        );
+        raise_counter_to(&self.renewals, stats.renewals);
+        raise_counter_to(&self.renewal_failures, stats.renewal_failures);
     }
 }

@@ -6,6 +6,16 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+/// Raises a counter that mirrors a total kept elsewhere (kernel map, log writer, cert
+/// manager, authorizer) to that total. One atomic max, so two scrapes syncing at once
+/// cannot both add the same difference (a read, then an add, could); a smaller total
+/// (a restarted source) leaves the counter where it is, as counters never go down.
+pub fn raise_counter_to(counter: &Counter, total: u64) {
+    counter
+        .inner()
+        .fetch_max(total, std::sync::atomic::Ordering::Relaxed);
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProgramLabels {
     pub program: String,
@@ -157,7 +167,7 @@ impl AgentMetrics {
             (&self.sockmap_redirected_bytes, figures.redirected_bytes),
             (&self.sockmap_tcp_fallbacks, figures.tcp_fallbacks),
         ] {
-            counter.inc_by(value.saturating_sub(counter.get()));
+            raise_counter_to(counter, value);
         }
     }
 }
@@ -165,8 +175,7 @@ impl AgentMetrics {
 impl AgentMetrics {
     /// Brings the counter up to the log writer's total (which only grows).
     pub fn set_log_lines_dropped(&self, total: u64) {
-        self.log_lines_dropped
-            .inc_by(total.saturating_sub(self.log_lines_dropped.get()));
+        raise_counter_to(&self.log_lines_dropped, total);
     }
 }
 
@@ -187,7 +196,7 @@ impl AgentMetrics {
             (&self.link_replace_failures, figures.link_replace_failures),
             (&self.maps_recreated, figures.maps_recreated),
         ] {
-            counter.inc_by(value.saturating_sub(counter.get()));
+            raise_counter_to(counter, value);
         }
     }
 }
@@ -205,6 +214,28 @@ pub fn encode(registry: &Registry) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raising_to_a_total_never_overcounts_under_concurrent_syncs() {
+        let counter = Counter::default();
+        // Four "scrapes" bring the counter up to the same growing totals at once; with a
+        // read then an add, two of them can add the same difference (seen here about one
+        // run in three).
+        let start = std::sync::Barrier::new(4);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    start.wait();
+                    for total in 1..=200_000 {
+                        raise_counter_to(&counter, total);
+                    }
+                });
+            }
+        });
+        assert_eq!(counter.get(), 200_000);
+        raise_counter_to(&counter, 7);
+        assert_eq!(counter.get(), 200_000, "a smaller total must not lower it");
+    }
 
     #[test]
     fn agent_gauges_encode_with_their_labels() {

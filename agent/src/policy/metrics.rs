@@ -8,6 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
 use super::authorizer::DecisionKey;
+use crate::observability::metrics::raise_counter_to;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
@@ -49,7 +50,7 @@ impl Metrics {
             };
             let counter = self.decisions.get_or_create(&labels);
             // Counts only grow; a smaller one would mean a new authorizer, so keep ours.
-            counter.inc_by(count.saturating_sub(counter.get()));
+            raise_counter_to(&counter, count);
         }
     }
 }
