@@ -123,6 +123,7 @@ fn main() -> anyhow::Result<()> {
             }
             let options = args.into_options(Some(log))?;
             tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(options.worker_threads)
                 .enable_all()
                 .build()?
                 .block_on(ambit_agent::app::run(options))

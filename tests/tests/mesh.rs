@@ -178,12 +178,24 @@ fn killed_agent_fails_closed_and_restart_restores_traffic() -> anyhow::Result<()
         "nothing leaks in plaintext while the agent is down"
     );
 
+    // Restarted with one worker thread (the others keep the default, 2 on a machine with
+    // two CPUs or more): the whole data path must work on one.
+    bed.agent_args = vec!["--worker-threads".into(), "1".into()];
     bed.start_agent(0)?;
     let reply = bed.pod("client").request(b_addr, b"back")?;
     assert!(
         reply.ends_with("back"),
         "traffic works again without touching the pod: {reply}"
     );
+    let workers = |i: usize| -> anyhow::Result<u64> {
+        let status: serde_json::Value = serde_json::from_str(&bed.agent(i).admin_get("/status")?)?;
+        status["workerThreads"]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("no workerThreads in /status: {status}"))
+    };
+    assert_eq!(workers(0)?, 1, "the runtime runs the threads asked for");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(2)) as u64;
+    assert_eq!(workers(1)?, cpus, "default: 2, or 1 with one CPU");
     Ok(())
 }
 

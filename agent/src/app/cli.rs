@@ -133,6 +133,12 @@ pub struct RunArgs {
     /// applications that use blocking sockets.
     #[arg(long)]
     pub sockmap: bool,
+    /// Threads that run the data path (the async runtime's workers). Default: 2, or 1 on a
+    /// machine (or CPU quota) with one CPU. More spreads many busy connections over more
+    /// cores; fewer means fewer hand-offs between threads for each byte and each
+    /// connection, which is cheaper where the agent shares a few cores with the apps.
+    #[arg(long, env = "AMBIT_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
 }
 
 impl RunArgs {
@@ -212,10 +218,20 @@ impl RunArgs {
             drain_deadline: Duration::from_millis(args.drain_deadline_ms),
             ebpf_log_level: args.ebpf_log_level,
             sockmap: args.sockmap,
+            worker_threads: args
+                .worker_threads
+                .map_or_else(default_worker_threads, usize::from),
             log,
         };
         Ok(options)
     }
+}
+
+/// Two workers, like ztunnel's default: a node agent should not claim a thread per core of
+/// a large node unasked. `available_parallelism` counts the CPUs this process may use,
+/// including a cgroup CPU quota.
+fn default_worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(2))
 }
 
 #[cfg(test)]
@@ -268,6 +284,7 @@ mod tests {
         ("ebpf-log-level", Some("debug"), Mode::Both, "/ebpfLogLevel", Some(r#""DEBUG""#)),
         ("no-pool", None, Mode::Both, "/tunnel/pooling", Some("false")),
         ("sockmap", None, Mode::Both, "/sockmap", Some("true")),
+        ("worker-threads", Some("3"), Mode::Both, "/workerThreads", Some("3")),
         ("config", Some("/s/mesh.yaml"), Mode::File, "/source/file/config", Some(r#""/s/mesh.yaml""#)),
         ("reload-interval-ms", Some("333"), Mode::File, "/source/file/reloadInterval", Some(r#""333ms""#)),
         ("ca-cert", Some("/s/ca.pem"), Mode::File, "/caCert", Some(r#""/s/ca.pem""#)),

@@ -72,6 +72,8 @@ pub struct AgentOptions {
     /// Local legs (app <-> agent inside a pod) move their bytes through the sockmap
     /// rather than loopback TCP.
     pub sockmap: bool,
+    /// The async runtime's worker threads (the binary builds the runtime from this).
+    pub worker_threads: usize,
 }
 
 /// Where the mesh state comes from.
