@@ -71,6 +71,15 @@ pub struct Settings {
     pub connect_workers: usize,
     /// Idle proxied connections held open for the memory figure.
     pub idle_connections: usize,
+    /// Each agent's `--worker-threads`: the testbed's two nodes share this machine's cores,
+    /// so each agent gets its node's share (1 on a 2-core machine; `ambit-bench
+    /// --agent-workers N` overrides it).
+    pub agent_worker_threads: usize,
+}
+
+/// One worker per simulated node's share of the cores (both nodes share this machine).
+fn worker_threads_per_node() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
 impl Settings {
@@ -83,6 +92,7 @@ impl Settings {
             connect_secs: 5,
             connect_workers: 4,
             idle_connections: 10_000,
+            agent_worker_threads: worker_threads_per_node(),
         }
     }
 
@@ -96,6 +106,7 @@ impl Settings {
             connect_secs: 1,
             connect_workers: 2,
             idle_connections: 1_000,
+            agent_worker_threads: worker_threads_per_node(),
         }
     }
 }
@@ -316,6 +327,11 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
     ];
     let mut bed = Testbed::build(2, &pods, Vec::new())?;
     tune_for_many_connections(&bed)?;
+    let workers = vec![
+        "--worker-threads".to_owned(),
+        settings.agent_worker_threads.to_string(),
+    ];
+    bed.agent_args.clone_from(&workers);
     let _iperf: Vec<iperf::IperfServer> = ["server-a", "server-b"]
         .iter()
         .map(|p| iperf::IperfServer::start(&bed.pod(p).ns.path(), IPERF_PORT))
@@ -380,7 +396,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
     // A full TCP + TLS + HTTP/2 handshake per connection: node 1's agent (the client's,
     // which dials HBONE) restarted without pooling.
     bed.kill_agent(0);
-    bed.agent_args = vec!["--no-pool".into()];
+    bed.agent_args = [workers, vec!["--no-pool".into()]].concat();
     bed.start_agent(0)?;
     for place in [Place::Cross, Place::Same] {
         check_meshed(&bed, place)?;

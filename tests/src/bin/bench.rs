@@ -9,6 +9,8 @@ use std::fmt::Debug;
 use std::path::Path;
 use std::time::Instant;
 
+use anyhow::Context as _;
+
 use ambit_e2e::bench::{control_plane, kube, scale, soak};
 
 fn main() -> anyhow::Result<()> {
@@ -20,8 +22,17 @@ fn main() -> anyhow::Result<()> {
             "the testbed benchmark creates network namespaces and loads eBPF: run it as root"
         );
     }
+    let agent_workers = match args.iter().position(|a| a == "--agent-workers") {
+        Some(i) => Some(
+            args.get(i + 1)
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|&n| n > 0)
+                .context("--agent-workers needs a number of threads (1 or more)")?,
+        ),
+        None => None,
+    };
     if flag("--testbed-only") {
-        return testbed(quick);
+        return testbed(quick, agent_workers);
     }
     if flag("--kubernetes-only") {
         return kubernetes(quick);
@@ -35,7 +46,7 @@ fn main() -> anyhow::Result<()> {
     if flag("--soak-only") {
         return soak(quick);
     }
-    testbed(quick)?;
+    testbed(quick, agent_workers)?;
     control_plane(quick)?;
     scale(quick)?;
     soak(quick)?;
@@ -60,20 +71,24 @@ fn show(
     Ok(())
 }
 
-fn testbed(quick: bool) -> anyhow::Result<()> {
-    let settings = if quick {
+fn testbed(quick: bool, agent_workers: Option<usize>) -> anyhow::Result<()> {
+    let mut settings = if quick {
         ambit_e2e::bench::Settings::quick()
     } else {
         ambit_e2e::bench::Settings::full()
     };
+    if let Some(n) = agent_workers {
+        settings.agent_worker_threads = n;
+    }
     let started = Instant::now();
     let report = ambit_e2e::bench::run(&settings)?;
     let path = ambit_e2e::bench::write(&report)?;
     show(
         format!(
-            "Testbed benchmark ({}; agent {}; {:.0?})",
+            "Testbed benchmark ({}; agent {}, {} worker thread(s) each; {:.0?})",
             report.machine,
             report.agent_binary.display(),
+            report.settings.agent_worker_threads,
             started.elapsed()
         ),
         report.markdown(),
