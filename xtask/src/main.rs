@@ -39,6 +39,10 @@ enum Task {
         /// A short run that only checks the benchmark still works.
         #[arg(long)]
         quick: bool,
+        /// Run the testbed part this many times and report each aim's min, median and max
+        /// (single runs on a shared VM move by ±15-25 %).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        repeat: u32,
     },
     /// Run the cargo-fuzz targets in agent/fuzz one after the other (nightly); fails on a
     /// crash and names the saved input.
@@ -90,7 +94,7 @@ fn main() -> anyhow::Result<()> {
         }),
         Task::Test { unprivileged } => test(unprivileged),
         Task::Demo => demo(),
-        Task::Bench { quick } => bench(quick),
+        Task::Bench { quick, repeat } => bench(quick, repeat),
         Task::Image { tag } => cluster::image(tag.as_deref()).map(drop),
         Task::Kind {
             keep,
@@ -228,7 +232,7 @@ fn demo() -> anyhow::Result<()> {
     cargo_cmd(&["run", "--quiet", "-p", "ambit-e2e", "--bin", "ambit-demo"])
 }
 
-fn bench(quick: bool) -> anyhow::Result<()> {
+fn bench(quick: bool, repeat: u32) -> anyhow::Result<()> {
     let privileged = setup::is_root();
     setup::run(if privileged {
         setup::Need::All
@@ -268,8 +272,10 @@ fn bench(quick: bool) -> anyhow::Result<()> {
         "--bin",
         "ambit-bench",
     ];
+    let repeat = repeat.to_string();
+    args.extend(["--", "--repeat", &repeat]);
     if quick {
-        args.extend(["--", "--quick"]);
+        args.push("--quick");
     }
     let status = Command::new(&cargo)
         .args(&args)

@@ -32,7 +32,7 @@ pub(crate) fn output_path(file: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// Writes `report` as pretty JSON to `target/bench/<file>` and returns the path.
-pub(crate) fn write_json(file: &str, report: &impl Serialize) -> anyhow::Result<PathBuf> {
+pub fn write_json(file: &str, report: &impl Serialize) -> anyhow::Result<PathBuf> {
     let path = output_path(file)?;
     std::fs::write(&path, serde_json::to_string_pretty(report)? + "\n")
         .with_context(|| format!("writing {}", path.display()))?;
@@ -746,4 +746,142 @@ pub(crate) fn machine() -> String {
         "{model}, {cores} cores, {mem_gib:.0} GiB, Linux {}",
         kernel.trim()
     )
+}
+
+/// One aim over repeated runs of the testbed part (`ambit-bench --repeat N`): this VM moves
+/// single runs by ±15–25 %, so commits are compared on medians and spreads, not one run.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct AimSpread {
+    pub aim: String,
+    pub runs: usize,
+    pub min: Option<f64>,
+    pub median: Option<f64>,
+    pub max: Option<f64>,
+    /// In how many of the runs the aim was met.
+    pub met_in: usize,
+}
+
+/// Each aim's spread over the runs (aims matched by name; a run without a value for one
+/// counts in `runs` but not in the figures).
+pub fn aim_spread(reports: &[Report]) -> Vec<AimSpread> {
+    let Some(first) = reports.first() else {
+        return Vec::new();
+    };
+    first
+        .aims
+        .iter()
+        .map(|aim| {
+            let of_this = || {
+                reports
+                    .iter()
+                    .filter_map(|r| r.aims.iter().find(|a| a.aim == aim.aim))
+            };
+            let mut values: Vec<f64> = of_this().filter_map(|a| a.value).collect();
+            values.sort_by(f64::total_cmp);
+            let median = match values.len() {
+                0 => None,
+                n if n % 2 == 1 => Some(values[n / 2]),
+                n => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+            };
+            AimSpread {
+                aim: aim.aim.clone(),
+                runs: reports.len(),
+                min: values.first().copied(),
+                median,
+                max: values.last().copied(),
+                met_in: of_this().filter(|a| a.met == Some(true)).count(),
+            }
+        })
+        .collect()
+}
+
+/// The spread as a Markdown table.
+pub fn spread_markdown(spread: &[AimSpread]) -> String {
+    let mut s = String::from(
+        "| aim | min | median | max | met in |\n| --- | ---: | ---: | ---: | ---: |\n",
+    );
+    let f = |v: Option<f64>| v.map_or_else(|| "–".to_string(), fmt);
+    for a in spread {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} of {} |\n",
+            a.aim,
+            f(a.min),
+            f(a.median),
+            f(a.max),
+            a.met_in,
+            a.runs
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(aims: &[(&str, Option<f64>, Option<bool>)]) -> Report {
+        Report {
+            settings: Settings::quick(),
+            idle_connections: IdleCounts::new(10, 1024),
+            nofile_limit: 1024,
+            agent_binary: PathBuf::from("ambit"),
+            machine: "test".into(),
+            rows: Vec::new(),
+            aims: aims
+                .iter()
+                .map(|&(aim, value, met)| Aim {
+                    aim: aim.into(),
+                    value,
+                    met,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn spread_takes_min_median_max_and_counts_runs_that_met_each_aim() {
+        let runs = [
+            report(&[
+                ("cpu", Some(2.0), Some(false)),
+                ("bulk", Some(0.4), Some(false)),
+            ]),
+            report(&[("cpu", Some(1.4), Some(true)), ("bulk", None, None)]),
+            report(&[
+                ("cpu", Some(1.8), Some(false)),
+                ("bulk", Some(0.6), Some(true)),
+            ]),
+            report(&[
+                ("cpu", Some(1.5), Some(true)),
+                ("bulk", Some(0.5), Some(true)),
+            ]),
+        ];
+        let spread = aim_spread(&runs);
+        assert_eq!(
+            spread,
+            vec![
+                AimSpread {
+                    aim: "cpu".into(),
+                    runs: 4,
+                    min: Some(1.4),
+                    median: Some(1.65),
+                    max: Some(2.0),
+                    met_in: 2,
+                },
+                AimSpread {
+                    aim: "bulk".into(),
+                    runs: 4,
+                    min: Some(0.4),
+                    median: Some(0.5),
+                    max: Some(0.6),
+                    met_in: 2,
+                },
+            ]
+        );
+        let table = spread_markdown(&spread);
+        assert!(
+            table.contains("| cpu | 1.40 | 1.65 | 2.00 | 2 of 4 |"),
+            "{table}"
+        );
+        assert!(aim_spread(&[]).is_empty());
+    }
 }

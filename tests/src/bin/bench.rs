@@ -31,8 +31,16 @@ fn main() -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let repeat = match args.iter().position(|a| a == "--repeat") {
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .context("--repeat needs a number of runs (1 or more)")?,
+        None => 1,
+    };
     if flag("--testbed-only") {
-        return testbed(quick, agent_workers);
+        return testbed(quick, agent_workers, repeat);
     }
     if flag("--kubernetes-only") {
         return kubernetes(quick);
@@ -46,7 +54,7 @@ fn main() -> anyhow::Result<()> {
     if flag("--soak-only") {
         return soak(quick);
     }
-    testbed(quick, agent_workers)?;
+    testbed(quick, agent_workers, repeat)?;
     control_plane(quick)?;
     scale(quick)?;
     soak(quick)?;
@@ -71,7 +79,7 @@ fn show(
     Ok(())
 }
 
-fn testbed(quick: bool, agent_workers: Option<usize>) -> anyhow::Result<()> {
+fn testbed(quick: bool, agent_workers: Option<usize>, repeat: usize) -> anyhow::Result<()> {
     let mut settings = if quick {
         ambit_e2e::bench::Settings::quick()
     } else {
@@ -80,21 +88,45 @@ fn testbed(quick: bool, agent_workers: Option<usize>) -> anyhow::Result<()> {
     if let Some(n) = agent_workers {
         settings.agent_worker_threads = n;
     }
-    let started = Instant::now();
-    let report = ambit_e2e::bench::run(&settings)?;
-    let path = ambit_e2e::bench::write(&report)?;
-    show(
-        format!(
-            "Testbed benchmark ({}; agent {}, {} worker thread(s) each; {:.0?})",
-            report.machine,
-            report.agent_binary.display(),
-            report.settings.agent_worker_threads,
-            started.elapsed()
-        ),
-        report.markdown(),
-        &[("JSON", &path)],
-        &report.missing(),
-    )
+    let mut reports = Vec::with_capacity(repeat);
+    for run in 1..=repeat {
+        let started = Instant::now();
+        let report = ambit_e2e::bench::run(&settings)?;
+        let path = ambit_e2e::bench::write(&report)?;
+        let mut files = vec![("JSON", path)];
+        if repeat > 1 {
+            files.push((
+                "this run's JSON",
+                ambit_e2e::bench::write_json(&format!("testbed-run{run}.json"), &report)?,
+            ));
+        }
+        let files: Vec<(&str, &Path)> = files.iter().map(|(w, p)| (*w, p.as_path())).collect();
+        show(
+            format!(
+                "Testbed benchmark, run {run} of {repeat} ({}; agent {}, {} worker thread(s) \
+                 each; {:.0?})",
+                report.machine,
+                report.agent_binary.display(),
+                report.settings.agent_worker_threads,
+                started.elapsed()
+            ),
+            report.markdown(),
+            &files,
+            &report.missing(),
+        )?;
+        reports.push(report);
+    }
+    if repeat > 1 {
+        let spread = ambit_e2e::bench::aim_spread(&reports);
+        let path = ambit_e2e::bench::write_json("testbed-spread.json", &spread)?;
+        show(
+            format!("Testbed aims over {repeat} runs"),
+            ambit_e2e::bench::spread_markdown(&spread),
+            &[("JSON", &path)],
+            &Vec::<String>::new(),
+        )?;
+    }
+    Ok(())
 }
 
 fn control_plane(quick: bool) -> anyhow::Result<()> {
