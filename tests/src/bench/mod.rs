@@ -71,15 +71,12 @@ pub struct Settings {
     pub connect_workers: usize,
     /// Idle proxied connections held open for the memory figure.
     pub idle_connections: usize,
-    /// Each agent's `--worker-threads`: the testbed's two nodes share this machine's cores,
-    /// so each agent gets its node's share (1 on a 2-core machine; `ambit-bench
-    /// --agent-workers N` overrides it).
-    pub agent_worker_threads: usize,
-}
-
-/// One worker per simulated node's share of the cores (both nodes share this machine).
-fn worker_threads_per_node() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+    /// Each agent's `--worker-threads` (`ambit-bench --agent-workers N`); `None`: the
+    /// agent's default, what users run. Both testbed nodes share this machine's cores, so
+    /// fewer workers model a node's share of them; on this 2-core VM one worker per agent
+    /// costs less CPU per byte across nodes but halves same-node bulk (one agent, one
+    /// thread, both ends).
+    pub agent_worker_threads: Option<usize>,
 }
 
 impl Settings {
@@ -92,7 +89,7 @@ impl Settings {
             connect_secs: 5,
             connect_workers: 4,
             idle_connections: 10_000,
-            agent_worker_threads: worker_threads_per_node(),
+            agent_worker_threads: None,
         }
     }
 
@@ -106,7 +103,7 @@ impl Settings {
             connect_secs: 1,
             connect_workers: 2,
             idle_connections: 1_000,
-            agent_worker_threads: worker_threads_per_node(),
+            agent_worker_threads: None,
         }
     }
 }
@@ -327,10 +324,10 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
     ];
     let mut bed = Testbed::build(2, &pods, Vec::new())?;
     tune_for_many_connections(&bed)?;
-    let workers = vec![
-        "--worker-threads".to_owned(),
-        settings.agent_worker_threads.to_string(),
-    ];
+    let workers: Vec<String> = match settings.agent_worker_threads {
+        Some(n) => vec!["--worker-threads".into(), n.to_string()],
+        None => Vec::new(),
+    };
     bed.agent_args.clone_from(&workers);
     let _iperf: Vec<iperf::IperfServer> = ["server-a", "server-b"]
         .iter()

@@ -85,9 +85,7 @@ fn testbed(quick: bool, agent_workers: Option<usize>, repeat: usize) -> anyhow::
     } else {
         ambit_e2e::bench::Settings::full()
     };
-    if let Some(n) = agent_workers {
-        settings.agent_worker_threads = n;
-    }
+    settings.agent_worker_threads = agent_workers;
     let mut reports = Vec::with_capacity(repeat);
     for run in 1..=repeat {
         let started = Instant::now();
@@ -103,11 +101,14 @@ fn testbed(quick: bool, agent_workers: Option<usize>, repeat: usize) -> anyhow::
         let files: Vec<(&str, &Path)> = files.iter().map(|(w, p)| (*w, p.as_path())).collect();
         show(
             format!(
-                "Testbed benchmark, run {run} of {repeat} ({}; agent {}, {} worker thread(s) \
-                 each; {:.0?})",
+                "Testbed benchmark, run {run} of {repeat} ({}; agent {}, worker threads: {}; \
+                 {:.0?})",
                 report.machine,
                 report.agent_binary.display(),
-                report.settings.agent_worker_threads,
+                report
+                    .settings
+                    .agent_worker_threads
+                    .map_or_else(|| "the agent's default".to_owned(), |n| n.to_string()),
                 started.elapsed()
             ),
             report.markdown(),
