@@ -548,6 +548,8 @@ impl Testbed {
             .args(["--readiness-addr", "127.0.0.1:0"])
             .args(&self.agent_args)
             .env("AMBIT_LOG", "info")
+            // Settings come from the flags above and `agent_args`, not the caller's shell.
+            .env_remove("AMBIT_WORKER_THREADS")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

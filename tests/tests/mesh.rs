@@ -187,15 +187,20 @@ fn killed_agent_fails_closed_and_restart_restores_traffic() -> anyhow::Result<()
         reply.ends_with("back"),
         "traffic works again without touching the pod: {reply}"
     );
+    let json = |i: usize, path: &str| -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_str(&bed.agent(i).admin_get(path)?)?)
+    };
     let workers = |i: usize| -> anyhow::Result<u64> {
-        let status: serde_json::Value = serde_json::from_str(&bed.agent(i).admin_get("/status")?)?;
-        status["workerThreads"]
+        let status = json(i, "/status")?;
+        status["worker_threads"]
             .as_u64()
-            .ok_or_else(|| anyhow::anyhow!("no workerThreads in /status: {status}"))
+            .ok_or_else(|| anyhow::anyhow!("no worker_threads in /status: {status}"))
     };
     assert_eq!(workers(0)?, 1, "the runtime runs the threads asked for");
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(2)) as u64;
-    assert_eq!(workers(1)?, cpus, "default: 2, or 1 with one CPU");
+    let default = json(1, "/config_dump")?["config"]["workerThreads"].as_u64();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    assert_eq!(default, Some(cpus.min(2)), "default: 2, or 1 with one CPU");
+    assert_eq!(Some(workers(1)?), default, "the runtime runs the default");
     Ok(())
 }
 

@@ -133,10 +133,10 @@ pub struct RunArgs {
     /// applications that use blocking sockets.
     #[arg(long)]
     pub sockmap: bool,
-    /// Threads that run the data path (the async runtime's workers). Default: 2, or 1 on a
-    /// machine (or CPU quota) with one CPU. More spreads many busy connections over more
-    /// cores; fewer means fewer hand-offs between threads for each byte and each
-    /// connection, which is cheaper where the agent shares a few cores with the apps.
+    /// Threads that run the data path (the async runtime's workers; TOKIO_WORKER_THREADS is
+    /// not read). Default: 2, or 1 where the process may use only one CPU. More spreads many
+    /// busy connections over more cores; fewer means fewer cross-thread wake-ups, cheaper
+    /// where the agent shares a few cores with the apps, but caps the agent at that many cores.
     #[arg(long, env = "AMBIT_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
 }
@@ -228,8 +228,9 @@ impl RunArgs {
 }
 
 /// Two workers, like ztunnel's default: a node agent should not claim a thread per core of
-/// a large node unasked. `available_parallelism` counts the CPUs this process may use,
-/// including a cgroup CPU quota.
+/// a large node unasked. `available_parallelism` counts the CPUs this process may use (its
+/// affinity mask, and a cgroup CPU quota where its own cgroup's files are visible: not
+/// under the DaemonSet, which mounts the host's cgroup tree).
 fn default_worker_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(2))
 }

@@ -116,7 +116,7 @@ impl Admin {
                     // The runtime's own count, not the flag: what the data path really runs on.
                     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                         map.insert(
-                            "workerThreads".into(),
+                            "worker_threads".into(),
                             runtime.metrics().num_workers().into(),
                         );
                     }

@@ -758,9 +758,50 @@ pub struct AimSpread {
     pub met_in: usize,
 }
 
+/// The aims over repeated runs, with what was measured and where.
+#[derive(Clone, Debug, Serialize)]
+pub struct Spread {
+    pub machine: String,
+    pub agent_binary: PathBuf,
+    pub settings: Option<Settings>,
+    pub aims: Vec<AimSpread>,
+}
+
+impl Spread {
+    pub fn of(reports: &[Report]) -> Self {
+        let first = reports.first();
+        Self {
+            machine: first.map(|r| r.machine.clone()).unwrap_or_default(),
+            agent_binary: first.map(|r| r.agent_binary.clone()).unwrap_or_default(),
+            settings: first.map(|r| r.settings.clone()),
+            aims: aim_spread(reports),
+        }
+    }
+
+    /// The aims as a Markdown table.
+    pub fn markdown(&self) -> String {
+        let mut s = String::from(
+            "| aim | min | median | max | met in |\n| --- | ---: | ---: | ---: | ---: |\n",
+        );
+        let f = |v: Option<f64>| v.map_or_else(|| "–".to_string(), fmt);
+        for a in &self.aims {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} of {} |\n",
+                a.aim,
+                f(a.min),
+                f(a.median),
+                f(a.max),
+                a.met_in,
+                a.runs
+            ));
+        }
+        s
+    }
+}
+
 /// Each aim's spread over the runs (aims matched by name; a run without a value for one
 /// counts in `runs` but not in the figures).
-pub fn aim_spread(reports: &[Report]) -> Vec<AimSpread> {
+fn aim_spread(reports: &[Report]) -> Vec<AimSpread> {
     let Some(first) = reports.first() else {
         return Vec::new();
     };
@@ -790,26 +831,6 @@ pub fn aim_spread(reports: &[Report]) -> Vec<AimSpread> {
             }
         })
         .collect()
-}
-
-/// The spread as a Markdown table.
-pub fn spread_markdown(spread: &[AimSpread]) -> String {
-    let mut s = String::from(
-        "| aim | min | median | max | met in |\n| --- | ---: | ---: | ---: | ---: |\n",
-    );
-    let f = |v: Option<f64>| v.map_or_else(|| "–".to_string(), fmt);
-    for a in spread {
-        s.push_str(&format!(
-            "| {} | {} | {} | {} | {} of {} |\n",
-            a.aim,
-            f(a.min),
-            f(a.median),
-            f(a.max),
-            a.met_in,
-            a.runs
-        ));
-    }
-    s
 }
 
 #[cfg(test)]
@@ -852,9 +873,9 @@ mod tests {
                 ("bulk", Some(0.5), Some(true)),
             ]),
         ];
-        let spread = aim_spread(&runs);
+        let spread = Spread::of(&runs);
         assert_eq!(
-            spread,
+            spread.aims,
             vec![
                 AimSpread {
                     aim: "cpu".into(),
@@ -874,7 +895,7 @@ mod tests {
                 },
             ]
         );
-        let table = spread_markdown(&spread);
+        let table = spread.markdown();
         assert!(
             table.contains("| cpu | 1.40 | 1.65 | 2.00 | 2 of 4 |"),
             "{table}"

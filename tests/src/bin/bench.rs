@@ -2,8 +2,11 @@
 //! testbed, the data path under control-plane load, the scale curves, the soak, and the
 //! Kubernetes mode against the fake API server. Needs root. `--quick` runs the smoke-sized
 //! settings; `--testbed-only`, `--kubernetes-only`, `--control-plane-only`, `--scale-only`
-//! and `--soak-only` run one part. Use a release agent (`AMBIT_BIN=target/release/ambit`, as
-//! xtask does): the figures are about the agent.
+//! and `--soak-only` run one part. For the testbed part only: `--repeat N` runs it N times
+//! and adds each aim's min, median and max over the runs (`target/bench/testbed-spread.json`;
+//! also `cargo xtask bench --repeat N`), `--agent-workers N` gives its agents N worker
+//! threads instead of their default. Use a release agent (`AMBIT_BIN=target/release/ambit`,
+//! as xtask does): the figures are about the agent.
 
 use std::fmt::Debug;
 use std::path::Path;
@@ -87,6 +90,7 @@ fn testbed(quick: bool, agent_workers: Option<usize>, repeat: usize) -> anyhow::
     };
     settings.agent_worker_threads = agent_workers;
     let mut reports = Vec::with_capacity(repeat);
+    let mut gaps = Vec::new();
     for run in 1..=repeat {
         let started = Instant::now();
         let report = ambit_e2e::bench::run(&settings)?;
@@ -99,34 +103,38 @@ fn testbed(quick: bool, agent_workers: Option<usize>, repeat: usize) -> anyhow::
             ));
         }
         let files: Vec<(&str, &Path)> = files.iter().map(|(w, p)| (*w, p.as_path())).collect();
-        show(
-            format!(
-                "Testbed benchmark, run {run} of {repeat} ({}; agent {}, worker threads: {}; \
-                 {:.0?})",
-                report.machine,
-                report.agent_binary.display(),
-                report
-                    .settings
-                    .agent_worker_threads
-                    .map_or_else(|| "the agent's default".to_owned(), |n| n.to_string()),
-                started.elapsed()
-            ),
-            report.markdown(),
-            &files,
-            &report.missing(),
-        )?;
+        let heading = format!(
+            "Testbed benchmark, run {run} of {repeat} ({}; agent {}, worker threads: {}; {:.0?})",
+            report.machine,
+            report.agent_binary.display(),
+            report
+                .settings
+                .agent_worker_threads
+                .map_or_else(|| "the agent's default".to_owned(), |n| n.to_string()),
+            started.elapsed()
+        );
+        // A gap in one run must not throw the other runs away: reported after the spread.
+        let missing = report.missing();
+        show(heading, report.markdown(), &files, &Vec::<String>::new())?;
+        if !missing.is_empty() {
+            gaps.push(format!("run {run}: {missing:?}"));
+        }
         reports.push(report);
     }
     if repeat > 1 {
-        let spread = ambit_e2e::bench::aim_spread(&reports);
+        let spread = ambit_e2e::bench::Spread::of(&reports);
         let path = ambit_e2e::bench::write_json("testbed-spread.json", &spread)?;
         show(
             format!("Testbed aims over {repeat} runs"),
-            ambit_e2e::bench::spread_markdown(&spread),
+            spread.markdown(),
             &[("JSON", &path)],
             &Vec::<String>::new(),
         )?;
     }
+    anyhow::ensure!(
+        gaps.is_empty(),
+        "testbed benchmark: figures not produced: {gaps:?}"
+    );
     Ok(())
 }
 
