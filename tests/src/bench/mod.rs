@@ -193,18 +193,17 @@ impl Report {
             "| figure | no mesh, cross-node | mesh, cross-node | mesh / no mesh | no mesh, same node | mesh, same node | mesh / no mesh |\n\
              | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         );
-        let f = |v: Option<f64>| v.map_or_else(|| "–".to_string(), fmt);
         for r in &self.rows {
             s.push_str(&format!(
                 "| {} | {} | {} | {} | {} | {} | {} |\n",
                 r.figure,
-                f(r.cross_node.no_mesh),
-                f(r.cross_node.mesh),
+                cell(r.cross_node.no_mesh),
+                cell(r.cross_node.mesh),
                 r.cross_node
                     .ratio()
                     .map_or("–".into(), |x| format!("{x:.2}")),
-                f(r.same_node.no_mesh),
-                f(r.same_node.mesh),
+                cell(r.same_node.no_mesh),
+                cell(r.same_node.mesh),
                 r.same_node
                     .ratio()
                     .map_or("–".into(), |x| format!("{x:.2}")),
@@ -215,7 +214,7 @@ impl Report {
             s.push_str(&format!(
                 "| {} | {} | {} |\n",
                 a.aim,
-                f(a.value),
+                cell(a.value),
                 match a.met {
                     Some(true) => "yes",
                     Some(false) => "**no**",
@@ -225,6 +224,11 @@ impl Report {
         }
         s
     }
+}
+
+/// A table cell: the figure by [`fmt`], or a dash where there is none.
+pub(crate) fn cell(v: Option<f64>) -> String {
+    v.map_or_else(|| "–".to_owned(), fmt)
 }
 
 pub(crate) fn fmt(v: f64) -> String {
@@ -783,14 +787,13 @@ impl Spread {
         let mut s = String::from(
             "| aim | min | median | max | met in |\n| --- | ---: | ---: | ---: | ---: |\n",
         );
-        let f = |v: Option<f64>| v.map_or_else(|| "–".to_string(), fmt);
         for a in &self.aims {
             s.push_str(&format!(
                 "| {} | {} | {} | {} | {} of {} |\n",
                 a.aim,
-                f(a.min),
-                f(a.median),
-                f(a.max),
+                cell(a.min),
+                cell(a.median),
+                cell(a.max),
                 a.met_in,
                 a.runs
             ));

@@ -197,12 +197,13 @@ impl ScaleReport {
         let s = &self.settings;
         // No ratio where the baseline is nil by construction (the agents carry nothing
         // without the mesh).
-        let cell = |p: &Pair, comparable: bool| {
-            let f = |v: Option<f64>| v.map_or_else(|| "–".to_string(), super::fmt);
-            match p.ratio().filter(|_| comparable) {
-                Some(r) => format!("{} / {} (×{r:.2})", f(p.no_mesh), f(p.mesh)),
-                None => format!("{} / {}", f(p.no_mesh), f(p.mesh)),
-            }
+        let pair_cell = |p: &Pair, comparable: bool| match p.ratio().filter(|_| comparable) {
+            Some(r) => format!(
+                "{} / {} (×{r:.2})",
+                super::cell(p.no_mesh),
+                super::cell(p.mesh)
+            ),
+            None => format!("{} / {}", super::cell(p.no_mesh), super::cell(p.mesh)),
         };
         let mut out = format!(
             "Held connections, each echoing 1 KiB every {:?} (offered load: connections / {:?} \
@@ -230,26 +231,25 @@ impl ScaleReport {
             out.push_str(&format!(
                 "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 p.connections,
-                cell(&p.round_trips_per_sec, true),
-                cell(&p.p99_ms, true),
-                cell(&p.agents_cpu_pct, false),
-                cell(&p.path_cpu_pct, true),
-                cell(&p.node1_rss_mib, true),
-                cell(&p.node2_rss_mib, true),
-                cell(&p.stalled, false),
+                pair_cell(&p.round_trips_per_sec, true),
+                pair_cell(&p.p99_ms, true),
+                pair_cell(&p.agents_cpu_pct, false),
+                pair_cell(&p.path_cpu_pct, true),
+                pair_cell(&p.node1_rss_mib, true),
+                pair_cell(&p.node2_rss_mib, true),
+                pair_cell(&p.stalled, false),
             ));
         }
         let rate_table = |out: &mut String, x: &str, unit: &str, points: &[RatePoint]| {
             out.push_str(&format!(
                 "\n| {x} | {unit}, no mesh | {unit}, mesh | mesh / no mesh |\n| ---: | ---: | ---: | ---: |\n"
             ));
-            let f = |v: Option<f64>| v.map_or_else(|| "–".to_string(), super::fmt);
             for p in points {
                 out.push_str(&format!(
                     "| {} | {} | {} | {} |\n",
                     p.x,
-                    f(p.value.no_mesh),
-                    f(p.value.mesh),
+                    super::cell(p.value.no_mesh),
+                    super::cell(p.value.mesh),
                     p.value.ratio().map_or("–".into(), |r| format!("{r:.2}"))
                 ));
             }

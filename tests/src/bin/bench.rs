@@ -25,23 +25,8 @@ fn main() -> anyhow::Result<()> {
             "the testbed benchmark creates network namespaces and loads eBPF: run it as root"
         );
     }
-    let agent_workers = match args.iter().position(|a| a == "--agent-workers") {
-        Some(i) => Some(
-            args.get(i + 1)
-                .and_then(|n| n.parse::<usize>().ok())
-                .filter(|&n| n > 0)
-                .context("--agent-workers needs a number of threads (1 or more)")?,
-        ),
-        None => None,
-    };
-    let repeat = match args.iter().position(|a| a == "--repeat") {
-        Some(i) => args
-            .get(i + 1)
-            .and_then(|n| n.parse::<usize>().ok())
-            .filter(|&n| n > 0)
-            .context("--repeat needs a number of runs (1 or more)")?,
-        None => 1,
-    };
+    let agent_workers = count_after(&args, "--agent-workers", "threads")?;
+    let repeat = count_after(&args, "--repeat", "runs")?.unwrap_or(1);
     if flag("--testbed-only") {
         return testbed(quick, agent_workers, repeat);
     }
@@ -62,6 +47,19 @@ fn main() -> anyhow::Result<()> {
     scale(quick)?;
     soak(quick)?;
     kubernetes(quick)
+}
+
+/// The count after `flag` (1 or more), if the flag is there.
+fn count_after(args: &[String], flag: &str, what: &str) -> anyhow::Result<Option<usize>> {
+    let Some(i) = args.iter().position(|a| a == flag) else {
+        return Ok(None);
+    };
+    let count = args
+        .get(i + 1)
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .with_context(|| format!("{flag} needs a number of {what} (1 or more)"))?;
+    Ok(Some(count))
 }
 
 /// Prints one part's heading, table and output files; fails when a figure is missing.
