@@ -122,8 +122,9 @@ fn main() -> anyhow::Result<()> {
                 Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
             }
             let options = args.into_options(Some(log))?;
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(options.worker_threads)
+            // The control plane's runtime, on this thread; connections run on the data
+            // path's own threads (`options.worker_threads` of them, tunnel::Shards).
+            tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
                 .block_on(ambit_agent::app::run(options))

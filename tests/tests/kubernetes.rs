@@ -376,6 +376,11 @@ fn the_cni_plugin_enrolls_a_new_pod_before_it_starts_and_fails_closed() -> anyho
             .phase("Pending")
             .build(),
     )?;
+    let enrolled = || -> anyhow::Result<serde_json::Value> {
+        let status: serde_json::Value = serde_json::from_str(&bed.agent(0).admin_get("/status")?)?;
+        Ok(status["enrolled_pods"].clone())
+    };
+    assert_eq!(enrolled()?, 0, "no pod of node 0 is enrolled before ADD");
     let (ok, stdout) = cni(
         "ADD",
         &socket,
@@ -390,14 +395,11 @@ fn the_cni_plugin_enrolls_a_new_pod_before_it_starts_and_fails_closed() -> anyho
         stdout.contains("\"ips\""),
         "prevResult passed through: {stdout}"
     );
-    // Enrolled before ADD returned: the log line is already there.
-    assert!(
-        bed.agent(0)
-            .logs()
-            .iter()
-            .any(|l| l.contains("pod enrolled") && l.contains("mesh/newcomer")),
-        "the pod was enrolled before ADD returned"
-    );
+    // Enrolled before ADD returned: the pod's netns is in ENROLLED already (the log line is
+    // written by the agent's log thread, which may come later).
+    assert_eq!(enrolled()?, 1, "the pod was enrolled before ADD returned");
+    bed.agent(0)
+        .wait_for_log(&["pod enrolled", "mesh/newcomer"], LOG_WAIT)?;
     let server = bed.pod("server").addr(APP_PORT);
     assert!(
         !marker_on_wire(&bed, "newcomer", server)?,

@@ -133,10 +133,11 @@ pub struct RunArgs {
     /// applications that use blocking sockets.
     #[arg(long)]
     pub sockmap: bool,
-    /// Threads that run the data path (the async runtime's workers; TOKIO_WORKER_THREADS is
-    /// not read). Default: 2, or 1 where the process may use only one CPU. More spreads many
-    /// busy connections over more cores; fewer means fewer cross-thread wake-ups, cheaper
-    /// where the agent shares a few cores with the apps, but caps the agent at that many cores.
+    /// Threads that run the data path, each a single-threaded runtime that keeps a
+    /// connection from accept to close (TOKIO_WORKER_THREADS is not read). Default: 2, or 1
+    /// where the process may use only one CPU. More spreads many busy connections over more
+    /// cores; the agent uses at most this many cores for proxying (the control plane has a
+    /// thread of its own).
     #[arg(long, env = "AMBIT_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
 }

@@ -72,7 +72,7 @@ pub struct AgentOptions {
     /// Local legs (app <-> agent inside a pod) move their bytes through the sockmap
     /// rather than loopback TCP.
     pub sockmap: bool,
-    /// The async runtime's worker threads (the binary builds the runtime from this).
+    /// Threads that run connections (`tunnel::Shards`).
     pub worker_threads: usize,
 }
 
@@ -141,6 +141,8 @@ pub(crate) struct Shared {
     pub metrics: Arc<crate::tunnel::Metrics>,
     /// Turns true when the agent drains.
     pub drain: watch::Receiver<bool>,
+    /// The threads that run connections.
+    pub shards: Arc<crate::tunnel::Shards>,
 }
 
 impl Shared {
@@ -338,6 +340,10 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         tunnel: options.tunnel.clone(),
         metrics: tunnel_metrics.clone(),
         drain: drain_rx.clone(),
+        shards: Arc::new(
+            crate::tunnel::Shards::start(options.worker_threads)
+                .context("starting the data path's threads")?,
+        ),
     });
     let mut agent = enroll::Agent::new(
         shared.clone(),

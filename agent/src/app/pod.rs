@@ -68,7 +68,7 @@ struct Listeners {
     /// How long the pod waited for the capture lock (other pods' enrollments).
     capture_wait: std::time::Duration,
     orig_dst: OrigDstTable,
-    outbound: TcpListener,
+    outbound: std::net::TcpListener,
     plaintext: std::net::TcpListener,
     hbone: std::net::TcpListener,
 }
@@ -136,7 +136,7 @@ impl PodRuntime {
     ) -> anyhow::Result<Listeners> {
         let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
         let outbound_listener = sockets
-            .listen(SocketAddr::new(
+            .listen_std(SocketAddr::new(
                 Ipv4Addr::LOCALHOST.into(),
                 OUTBOUND_CAPTURE_PORT,
             ))
@@ -229,6 +229,7 @@ impl PodRuntime {
             )
             .with_metrics(shared.metrics.clone())
             .with_drain(shared.drain.clone())
+            .with_shards(shared.shards.clone())
             .for_pod(workload.ips.clone()),
         );
         let outbound = Arc::new(
@@ -245,18 +246,11 @@ impl PodRuntime {
             picks: AtomicUsize::new(0),
             series: SeriesCache::default(),
         });
+        let shards = &shared.shards;
         let tasks = vec![
-            tokio::spawn(serve_outbound(ctx, outbound_listener)).abort_handle(),
-            tokio::spawn(serve_hbone(
-                inbound.clone(),
-                TcpListener::from_std(hbone_listener)?,
-            ))
-            .abort_handle(),
-            tokio::spawn(serve_plaintext(
-                inbound.clone(),
-                TcpListener::from_std(plaintext_listener)?,
-            ))
-            .abort_handle(),
+            shards.spawn_listener(outbound_listener, |l| serve_outbound(ctx, l))?,
+            shards.spawn_listener(hbone_listener, |l| serve_hbone(inbound.clone(), l))?,
+            shards.spawn_listener(plaintext_listener, |l| serve_plaintext(inbound.clone(), l))?,
         ];
         Ok(Self {
             workload,
@@ -362,7 +356,11 @@ async fn serve_outbound(ctx: Arc<OutboundCtx>, listener: TcpListener) {
         std::future::pending(),
         // The client comes with TCP_NODELAY and armed to reset (the listener's options).
         |client, peer| {
-            tokio::spawn(handle_outbound(ctx.clone(), client, peer));
+            let ctx = ctx.clone();
+            ctx.shared
+                .shards
+                .clone()
+                .spawn_connection(client, move |client| handle_outbound(ctx, client, peer));
         },
     )
     .await;
@@ -514,16 +512,18 @@ async fn serve_plaintext(inbound: Arc<Inbound>, listener: TcpListener) {
         std::future::pending(),
         // The client comes with TCP_NODELAY and armed to reset (the listener's options).
         |client, peer| {
-            let inbound = inbound.clone();
-            tokio::spawn(async move {
-                // Under sk_lookup the accepted socket's local address is what the client dialled.
-                let Ok(destination) = client.local_addr() else {
-                    return;
-                };
-                if let Err(e) = inbound.handle_plaintext(client, destination).await {
-                    debug!(%peer, error = %e, "plaintext connection ended with an error");
-                }
-            });
+            let this = inbound.clone();
+            inbound
+                .shards()
+                .spawn_connection(client, move |client| async move {
+                    // Under sk_lookup the accepted socket's local address is what the client dialled.
+                    let Ok(destination) = client.local_addr() else {
+                        return;
+                    };
+                    if let Err(e) = this.handle_plaintext(client, destination).await {
+                        debug!(%peer, error = %e, "plaintext connection ended with an error");
+                    }
+                });
         },
     )
     .await;

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use ambit_common::AGENT_MARK;
 use futures::future::BoxFuture;
 use socket2::{Domain, Socket, Type};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 
 use crate::netns::NetNs;
@@ -161,13 +161,8 @@ impl PodSockets {
             .map_err(|_| io::Error::other("pod socket thread is gone"))?
     }
 
-    /// A listener inside the pod on `addr`.
-    pub async fn listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
-        TcpListener::from_std(self.listen_std(addr).await?)
-    }
-
-    /// The same as a std listener, for handing to the kernel (sk_lookup's socket map)
-    /// before the runtime takes it.
+    /// A listener inside the pod on `addr`, not yet registered with a runtime: the
+    /// kernel (sk_lookup's socket map) and the shard that will serve it take it from here.
     pub async fn listen_std(&self, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
         let socket = self
             .socket(Domain::for_address(addr), Purpose::Listen)

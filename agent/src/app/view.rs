@@ -245,6 +245,10 @@ impl AgentView for View {
         json!({ "certificates": certs })
     }
 
+    fn worker_threads(&self) -> Option<usize> {
+        Some(self.shared.shards.count())
+    }
+
     fn refresh_metrics(&self) {
         self.agent_metrics.set_ready(self.readiness().ready);
         if let Ok(c) = self.shared.capture.lock() {

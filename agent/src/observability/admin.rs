@@ -113,12 +113,8 @@ impl Admin {
                 if let Some(map) = value.as_object_mut() {
                     map.insert("version".into(), env!("CARGO_PKG_VERSION").into());
                     map.insert("draining".into(), (*self.drain.borrow()).into());
-                    // The runtime's own count, not the flag: what the data path really runs on.
-                    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                        map.insert(
-                            "worker_threads".into(),
-                            runtime.metrics().num_workers().into(),
-                        );
+                    if let Some(threads) = self.view.worker_threads() {
+                        map.insert("worker_threads".into(), threads.into());
                     }
                 }
                 Reply::json(&value)

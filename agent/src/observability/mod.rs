@@ -72,6 +72,10 @@ pub trait AgentView: Send + Sync {
     fn certs(&self) -> serde_json::Value;
     /// Brings metrics that are read from components (rather than pushed) up to date.
     fn refresh_metrics(&self);
+    /// The threads that run connections, as started (not as configured).
+    fn worker_threads(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// PEM for a DER certificate (RFC 7468: base64 in 64-column lines).

@@ -124,6 +124,8 @@ pub struct Inbound {
     /// Metric counters by peer: (source IP, source identity, destination IP, destination
     /// identity), what the labels are made from.
     series: SeriesCache<dyn Any + Send + Sync, PeerKey>,
+    /// Where accepted connections run.
+    shards: Arc<super::Shards>,
 }
 
 type PeerKey = (IpAddr, Option<SpiffeId>, IpAddr, SpiffeId);
@@ -212,7 +214,14 @@ impl Inbound {
             drain: None,
             own_ips: None,
             series: SeriesCache::default(),
+            shards: Arc::new(super::Shards::inline()),
         }
+    }
+
+    /// Runs accepted connections on these shards (default: the caller's runtime).
+    pub fn with_shards(mut self, shards: Arc<super::Shards>) -> Self {
+        self.shards = shards;
+        self
     }
 
     /// Serves only the pod with these addresses: its listeners live in its netns, so a
@@ -262,6 +271,11 @@ impl Inbound {
     }
 
     /// Where accept loops count their errors (a throwaway counter without metrics).
+    /// Where this Inbound runs its accepted connections.
+    pub fn shards(&self) -> &Arc<super::Shards> {
+        &self.shards
+    }
+
     pub fn accept_errors(&self) -> prometheus_client::metrics::counter::Counter {
         self.metrics
             .as_ref()
@@ -358,7 +372,7 @@ impl Inbound {
                 // HTTP/2 writes small frames (WINDOW_UPDATE, headers): never hold them back.
                 let _ = tcp.set_nodelay(true);
                 let this = self.clone();
-                tokio::spawn(async move {
+                self.shards.spawn_connection(tcp, move |tcp| async move {
                     if let Err(e) = this.handle_hbone(tcp).await {
                         debug!(%peer, error = %e, "HBONE connection ended with an error");
                     }

@@ -12,6 +12,7 @@ mod inbound;
 mod metrics;
 mod outbound;
 mod pool;
+mod shards;
 mod tls;
 
 use std::io;
@@ -34,6 +35,7 @@ pub use metrics::{
     SeriesCache, UNKNOWN, WorkloadMeta,
 };
 pub use outbound::{Outbound, OutboundRequest};
+pub use shards::{Shards, current_shard};
 pub use tls::{HandshakeFailure, client_config};
 
 use crate::identity::IdentityError;

@@ -112,8 +112,13 @@ impl KeyEntry {
     }
 }
 
+/// Which data-path shard ([`super::shards`]) a pooled connection belongs to: its driver
+/// task runs there, so a stream from another shard would wake that shard's thread for
+/// every frame. Each shard pools its own connections; off the shards it is 0.
+type ShardIndex = usize;
+
 pub struct Pool {
-    entries: Mutex<HashMap<PoolKey, Arc<KeyEntry>>>,
+    entries: Mutex<HashMap<(ShardIndex, PoolKey), Arc<KeyEntry>>>,
     max_streams: usize,
     idle_timeout: Duration,
     epoch: Instant,
@@ -145,7 +150,8 @@ impl Pool {
         self.ensure_reaper();
         let entry = {
             let mut entries = self.entries.lock().map_err(poisoned)?;
-            entries.entry(key.clone()).or_default().clone()
+            let shard = super::shards::current_shard().unwrap_or(0);
+            entries.entry((shard, key.clone())).or_default().clone()
         };
         if let Some(lease) = entry.try_lease(self.max_streams, self.epoch) {
             return Ok(lease);

@@ -1,0 +1,287 @@
+//! The data path's threads: one single-threaded tokio runtime per thread (a "shard"), each
+//! with its own epoll and timers. A connection stays on the shard it is handed to from
+//! accept to close, with every task it spawns (its HTTP/2 driver, its streams) and the
+//! pooled HBONE connections it dials. With one multi-threaded runtime the tasks of one
+//! connection woke each other across threads (a futex wake and a steal per hand-off); on
+//! this layout a hand-off between them is a queue push on the same thread, and the cores
+//! are still all used: different connections run on different shards.
+//!
+//! The control plane (enrollment, config, certificates, admin) runs on its own runtime; a
+//! shard never waits on it.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
+use tokio::task::AbortHandle;
+use tracing::warn;
+
+thread_local! {
+    /// The index of the shard this thread runs, if it runs one.
+    static CURRENT: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// The shard the calling thread runs; `None` off the shards (control plane, tests).
+pub fn current_shard() -> Option<usize> {
+    CURRENT.with(Cell::get)
+}
+
+struct Shard {
+    handle: Handle,
+    /// Connections handed to this shard and not yet finished.
+    live: Arc<AtomicUsize>,
+}
+
+/// Where connections and listeners run.
+pub struct Shards {
+    shards: Vec<Shard>,
+    /// Round-robin placement of listeners.
+    next_listener: AtomicUsize,
+}
+
+impl Shards {
+    /// Starts `count` shard threads, each running its runtime until the process exits.
+    pub fn start(count: usize) -> io::Result<Self> {
+        let mut shards = Vec::with_capacity(count);
+        for index in 0..count {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let handle = runtime.handle().clone();
+            std::thread::Builder::new()
+                .name(format!("ambit-shard-{index}"))
+                .spawn(move || {
+                    CURRENT.with(|c| c.set(Some(index)));
+                    runtime.block_on(std::future::pending::<()>());
+                })?;
+            shards.push(Shard {
+                handle,
+                live: Arc::new(AtomicUsize::new(0)),
+            });
+        }
+        Ok(Self {
+            shards,
+            next_listener: AtomicUsize::new(0),
+        })
+    }
+
+    /// No threads of its own: everything runs on the caller's runtime (tests, tools).
+    pub fn inline() -> Self {
+        Self {
+            shards: Vec::new(),
+            next_listener: AtomicUsize::new(0),
+        }
+    }
+
+    /// Threads that run connections (0 when inline).
+    pub fn count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Connections each shard runs now, by shard index.
+    pub fn live_connections(&self) -> Vec<usize> {
+        self.shards
+            .iter()
+            .map(|s| s.live.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Registers `listener` with the next shard (round-robin) and runs `serve` on it there.
+    /// Fails only if the listener cannot be registered, before anything runs.
+    pub fn spawn_listener<F, Fut>(
+        &self,
+        listener: std::net::TcpListener,
+        serve: F,
+    ) -> io::Result<AbortHandle>
+    where
+        F: FnOnce(TcpListener) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        if self.shards.is_empty() {
+            return Ok(tokio::spawn(serve(TcpListener::from_std(listener)?)).abort_handle());
+        }
+        let index = self.next_listener.fetch_add(1, Ordering::Relaxed) % self.shards.len();
+        let handle = &self.shards[index].handle;
+        // Entering the shard's runtime makes the listener register with its epoll, from
+        // this thread.
+        let listener = {
+            let _entered = handle.enter();
+            TcpListener::from_std(listener)?
+        };
+        Ok(handle.spawn(serve(listener)).abort_handle())
+    }
+
+    /// Runs `handle_connection` for an accepted connection on the shard with the fewest live
+    /// connections; on a tie the current shard, where the connection already is. Moving it
+    /// to another shard moves its epoll registration (two `epoll_ctl`s). A connection that
+    /// cannot be moved is dropped, which resets it: accepted sockets are armed to reset
+    /// until they finish cleanly.
+    pub fn spawn_connection<F, Fut>(&self, stream: TcpStream, handle_connection: F)
+    where
+        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let Some(target) = self.least_busy() else {
+            tokio::spawn(handle_connection(stream));
+            return;
+        };
+        let shard = &self.shards[target];
+        let live = LiveConnection::new(&shard.live);
+        if current_shard() == Some(target) {
+            tokio::spawn(async move {
+                handle_connection(stream).await;
+                drop(live);
+            });
+            return;
+        }
+        let moved = stream.into_std().and_then(|std| {
+            let _entered = shard.handle.enter();
+            TcpStream::from_std(std)
+        });
+        match moved {
+            Ok(stream) => {
+                shard.handle.spawn(async move {
+                    handle_connection(stream).await;
+                    drop(live);
+                });
+            }
+            Err(e) => {
+                warn!(shard = target, error = %e, "could not move a connection to its shard; resetting it")
+            }
+        }
+    }
+
+    fn least_busy(&self) -> Option<usize> {
+        let here = current_shard();
+        let mut best: Option<(usize, usize)> = None;
+        for (index, shard) in self.shards.iter().enumerate() {
+            let live = shard.live.load(Ordering::Relaxed);
+            let better = match best {
+                None => true,
+                Some((_, best_live)) => {
+                    live < best_live || (live == best_live && Some(index) == here)
+                }
+            };
+            if better {
+                best = Some((index, live));
+            }
+        }
+        best.map(|(index, _)| index)
+    }
+}
+
+/// One live connection on a shard, until dropped.
+struct LiveConnection(Arc<AtomicUsize>);
+
+impl LiveConnection {
+    fn new(live: &Arc<AtomicUsize>) -> Self {
+        live.fetch_add(1, Ordering::Relaxed);
+        Self(live.clone())
+    }
+}
+
+impl Drop for LiveConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    /// Accepts `n` connections on a listener run by the shards, each handled on a shard that
+    /// reports its index and echoes one byte; the client side runs on the test's runtime.
+    #[tokio::test]
+    async fn connections_spread_over_shards_and_run_on_the_shard_they_were_given() {
+        let shards = Arc::new(Shards::start(2).expect("shards"));
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let addr = std_listener.local_addr().expect("addr");
+        let (report_tx, mut reports) = mpsc::unbounded_channel::<(Option<usize>, Vec<usize>)>();
+        let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+        let listener_shards = shards.clone();
+        shards
+            .spawn_listener(std_listener, move |listener| async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let report_tx = report_tx.clone();
+                    let mut release = release_rx.clone();
+                    let live_view = listener_shards.clone();
+                    listener_shards.spawn_connection(stream, move |mut stream| async move {
+                        let mut byte = [0u8; 1];
+                        if stream.read_exact(&mut byte).await.is_err() {
+                            return;
+                        }
+                        let _ = report_tx.send((current_shard(), live_view.live_connections()));
+                        let _ = stream.write_all(&byte).await;
+                        // Stays live until the test lets go, so that the next connection
+                        // sees this one's load.
+                        let _ = release.wait_for(|released| *released).await;
+                    });
+                }
+            })
+            .expect("listener registers");
+
+        let mut clients = Vec::new();
+        let mut seen = Vec::new();
+        for i in 0..4u8 {
+            let mut client = TcpStream::connect(addr).await.expect("connect");
+            client.write_all(&[i]).await.expect("write");
+            let mut echo = [0u8; 1];
+            tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut echo))
+                .await
+                .expect("echo in time")
+                .expect("echo");
+            assert_eq!(echo, [i]);
+            let (shard, live) = reports.recv().await.expect("report");
+            seen.push(shard.expect("handled on a shard thread"));
+            assert_eq!(live.iter().sum::<usize>(), usize::from(i) + 1, "{live:?}");
+            clients.push(client);
+        }
+        // Least busy first: the four connections split two and two.
+        assert_eq!(seen.iter().filter(|&&s| s == 0).count(), 2, "{seen:?}");
+        assert_eq!(seen.iter().filter(|&&s| s == 1).count(), 2, "{seen:?}");
+
+        // A finished connection no longer counts.
+        release_tx.send(true).expect("release");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while shards.live_connections().iter().sum::<usize>() != 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "live counts never fell"
+            );
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn inline_shards_run_on_the_callers_runtime() {
+        let shards = Shards::inline();
+        assert_eq!(shards.count(), 0);
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let addr = std_listener.local_addr().expect("addr");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        shards
+            .spawn_listener(std_listener, move |listener| async move {
+                let accepted = listener.accept().await.map(|_| current_shard());
+                let _ = tx.send(accepted.ok());
+            })
+            .expect("listener");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        assert_eq!(rx.await.expect("accepted"), Some(None));
+    }
+}
