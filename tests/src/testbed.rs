@@ -550,6 +550,7 @@ impl Testbed {
             .env("AMBIT_LOG", "info")
             // Settings come from the flags above and `agent_args`, not the caller's shell.
             .env_remove("AMBIT_WORKER_THREADS")
+            .env_remove("AMBIT_CPU_LIMIT_MILLIS")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

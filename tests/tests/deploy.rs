@@ -410,6 +410,16 @@ fn agent_daemonset_runs_kubernetes_mode_with_the_documented_mounts() {
     let f = flags(&args);
     assert_eq!(f["kubernetes"], "");
     assert_eq!(env_field(agent, "NODE_NAME"), "spec.nodeName");
+    // Its CPU limit reaches it through the downward API, in millicores (it cannot read its
+    // own cgroup quota under the host's cgroup mount).
+    let cpu_limit = agent["env"]
+        .as_sequence()
+        .and_then(|e| e.iter().find(|x| x["name"] == "AMBIT_CPU_LIMIT_MILLIS"))
+        .map(|x| &x["valueFrom"]["resourceFieldRef"])
+        .expect("env AMBIT_CPU_LIMIT_MILLIS from a resourceFieldRef");
+    assert_eq!(cpu_limit["containerName"], "agent");
+    assert_eq!(cpu_limit["resource"], "limits.cpu");
+    assert_eq!(cpu_limit["divisor"], "1m");
 
     let mounts = volume_mounts(agent);
     let host_paths: BTreeMap<String, String> = pod["volumes"]

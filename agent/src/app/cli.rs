@@ -140,6 +140,13 @@ pub struct RunArgs {
     /// thread of its own).
     #[arg(long, env = "AMBIT_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
+    /// The container's CPU limit in millicores, which lowers the default of
+    /// --worker-threads to the cores it allows (rounded up). The DaemonSet passes
+    /// `limits.cpu` here through the downward API: the agent cannot see its own quota, as
+    /// it mounts the host's cgroup tree. Without a limit Kubernetes passes the node's
+    /// allocatable CPUs, which leaves the default as it is.
+    #[arg(long, env = "AMBIT_CPU_LIMIT_MILLIS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub cpu_limit_millis: Option<u64>,
 }
 
 impl RunArgs {
@@ -219,21 +226,32 @@ impl RunArgs {
             drain_deadline: Duration::from_millis(args.drain_deadline_ms),
             ebpf_log_level: args.ebpf_log_level,
             sockmap: args.sockmap,
-            worker_threads: args
-                .worker_threads
-                .map_or_else(default_worker_threads, usize::from),
+            worker_threads: args.worker_threads.map_or_else(
+                || {
+                    default_worker_threads(
+                        std::thread::available_parallelism().map_or(1, usize::from),
+                        args.cpu_limit_millis,
+                    )
+                },
+                usize::from,
+            ),
+            cpu_limit_millis: args.cpu_limit_millis,
             log,
         };
         Ok(options)
     }
 }
 
-/// Two workers, like ztunnel's default: a node agent should not claim a thread per core of
-/// a large node unasked. `available_parallelism` counts the CPUs this process may use (its
-/// affinity mask, and a cgroup CPU quota where its own cgroup's files are visible: not
-/// under the DaemonSet, which mounts the host's cgroup tree).
-fn default_worker_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(2))
+/// Two threads, like ztunnel's default: a node agent should not claim a thread per core of
+/// a large node unasked; fewer where the process may use fewer CPUs. `cpus` is
+/// `available_parallelism` (the affinity mask, and a cgroup CPU quota where the process's
+/// own cgroup files are visible: not under the DaemonSet); `cpu_limit_millis` the
+/// container's limit as the downward API gives it.
+fn default_worker_threads(cpus: usize, cpu_limit_millis: Option<u64>) -> usize {
+    let by_limit = cpu_limit_millis.map_or(usize::MAX, |m| {
+        usize::try_from(m.div_ceil(1000)).unwrap_or(usize::MAX)
+    });
+    cpus.min(by_limit).clamp(1, 2)
 }
 
 #[cfg(test)]
@@ -287,6 +305,7 @@ mod tests {
         ("no-pool", None, Mode::Both, "/tunnel/pooling", Some("false")),
         ("sockmap", None, Mode::Both, "/sockmap", Some("true")),
         ("worker-threads", Some("3"), Mode::Both, "/workerThreads", Some("3")),
+        ("cpu-limit-millis", Some("1500"), Mode::Both, "/cpuLimitMillis", Some("1500")),
         ("config", Some("/s/mesh.yaml"), Mode::File, "/source/file/config", Some(r#""/s/mesh.yaml""#)),
         ("reload-interval-ms", Some("333"), Mode::File, "/source/file/reloadInterval", Some(r#""333ms""#)),
         ("ca-cert", Some("/s/ca.pem"), Mode::File, "/caCert", Some(r#""/s/ca.pem""#)),
@@ -460,5 +479,46 @@ mod tests {
         }
         std::fs::remove_dir_all(&dir).expect("remove temp dir");
         outcome.expect("no secrets, paths shown");
+    }
+
+    #[test]
+    fn worker_threads_default_to_two_or_fewer_when_cpus_or_the_limit_allow_fewer() {
+        // (CPUs the process may use, CPU limit in millicores, threads)
+        for (cpus, limit, threads) in [
+            (64, None, 2),
+            (2, None, 2),
+            (1, None, 1),
+            (64, Some(500), 1),
+            (64, Some(1000), 1),
+            (64, Some(1001), 2),
+            (64, Some(64_000), 2),
+            (1, Some(4000), 1),
+        ] {
+            assert_eq!(
+                default_worker_threads(cpus, limit),
+                threads,
+                "{cpus} CPUs, limit {limit:?}"
+            );
+        }
+        // An explicit --worker-threads wins over the limit.
+        let run = |extra: &[&str]| {
+            let mut args = vec!["run", "--node", "n", "--config", "/m.yaml"];
+            args.extend_from_slice(extra);
+            Run::try_parse_from(args)
+                .expect("flags")
+                .args
+                .into_options(None)
+                .expect("options")
+                .worker_threads
+        };
+        assert_eq!(run(&["--cpu-limit-millis", "250"]), 1);
+        assert_eq!(
+            run(&["--cpu-limit-millis", "250", "--worker-threads", "4"]),
+            4
+        );
+        assert!(
+            Run::try_parse_from(["run", "--node", "n", "--cpu-limit-millis", "0"]).is_err(),
+            "a zero limit is refused"
+        );
     }
 }

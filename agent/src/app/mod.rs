@@ -74,6 +74,9 @@ pub struct AgentOptions {
     pub sockmap: bool,
     /// Threads that run connections (`tunnel::Shards`).
     pub worker_threads: usize,
+    /// The container's CPU limit as given (`--cpu-limit-millis`), which lowered the
+    /// default of `worker_threads`.
+    pub cpu_limit_millis: Option<u64>,
 }
 
 /// Where the mesh state comes from.
