@@ -94,7 +94,7 @@ impl Agent {
                 kube.source
                     .set_hint(&request.pod_namespace, &request.pod_name, None);
                 if let Some(netns) = self.cni_netns.remove(&key) {
-                    self.stop_netns(&netns);
+                    self.stop_netns(&netns).await;
                 }
                 let _ = reply.send(CniResponse::removed());
             }
@@ -126,6 +126,10 @@ impl Agent {
             let response = match state.workload_by_name(namespace, name) {
                 // Not shown by the API server yet: keep waiting.
                 None => None,
+                // Shown, but from a state built before this ADD's addresses arrived (a pod
+                // without an IP is never in the mesh): answering now would let an opted-in
+                // pod start unenrolled. The state with the addresses follows.
+                Some(w) if w.ips.is_empty() => None,
                 Some(w) if !w.in_mesh || w.node != state.node => Some(CniResponse::not_in_mesh()),
                 Some(_) if self.is_enrolled(&waiter.key) => Some(CniResponse::enrolled()),
                 Some(_) => self.problem(&waiter.key).map(CniResponse::error),
