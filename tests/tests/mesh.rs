@@ -196,11 +196,19 @@ fn killed_agent_fails_closed_and_restart_restores_traffic() -> anyhow::Result<()
             .as_u64()
             .ok_or_else(|| anyhow::anyhow!("no worker_threads in /status: {status}"))
     };
-    assert_eq!(workers(0)?, 1, "the runtime runs the threads asked for");
+    assert_eq!(
+        workers(0)?,
+        1,
+        "the agent runs the data-path threads asked for"
+    );
     let default = json(1, "/config_dump")?["config"]["workerThreads"].as_u64();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
     assert_eq!(default, Some(cpus.min(2)), "default: 2, or 1 with one CPU");
-    assert_eq!(Some(workers(1)?), default, "the runtime runs the default");
+    assert_eq!(
+        Some(workers(1)?),
+        default,
+        "the agent runs the default number of data-path threads"
+    );
     Ok(())
 }
 

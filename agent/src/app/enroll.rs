@@ -154,7 +154,7 @@ impl Agent {
             .collect();
         for key in gone {
             if let Some(runtime) = self.pods.remove(&key) {
-                runtime.stop(&self.shared);
+                self.stop_pod(runtime).await;
             }
         }
         // Pods held closed after a failed start that are no longer wanted are released.
@@ -403,7 +403,7 @@ impl Agent {
     }
 
     /// Stops a running pod whose netns is `netns` (its sandbox is going away).
-    pub(super) fn stop_netns(&mut self, netns: &Path) {
+    pub(super) async fn stop_netns(&mut self, netns: &Path) {
         let keys: Vec<PodKey> = self
             .pods
             .iter()
@@ -412,8 +412,17 @@ impl Agent {
             .collect();
         for key in keys {
             if let Some(runtime) = self.pods.remove(&key) {
-                runtime.stop(&self.shared);
+                self.stop_pod(runtime).await;
             }
+        }
+    }
+
+    /// Unenrolling waits on the capture lock and does netlink work in the pod's netns: off
+    /// the control plane's one thread, which also answers probes, the admin API and CNI.
+    async fn stop_pod(&self, runtime: PodRuntime) {
+        let shared = self.shared.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || runtime.stop(&shared)).await {
+            warn!(error = %e, "stopping a pod failed");
         }
     }
 

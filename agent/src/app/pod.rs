@@ -88,7 +88,7 @@ impl PodRuntime {
         netns_path: PathBuf,
     ) -> anyhow::Result<Self> {
         let started = Instant::now();
-        // Entering the netns and the capture maps' updates block: off the async workers.
+        // Entering the netns and the capture maps' updates block: off the runtime's thread.
         let path = netns_path.clone();
         let (netns, netns_cookie, sockets) = tokio::task::spawn_blocking(move || {
             let netns = NetNs::open(&path)?;
@@ -247,11 +247,24 @@ impl PodRuntime {
             series: SeriesCache::default(),
         });
         let shards = &shared.shards;
-        let tasks = vec![
-            shards.spawn_listener(outbound_listener, |l| serve_outbound(ctx, l))?,
-            shards.spawn_listener(hbone_listener, |l| serve_hbone(inbound.clone(), l))?,
-            shards.spawn_listener(plaintext_listener, |l| serve_plaintext(inbound.clone(), l))?,
-        ];
+        let mut tasks = Vec::with_capacity(3);
+        // A listener that fails to register stops those already running: nothing keeps a
+        // port of a pod that did not start.
+        let mut started = |task: std::io::Result<AbortHandle>| match task {
+            Ok(task) => {
+                tasks.push(task);
+                Ok(())
+            }
+            Err(e) => {
+                tasks.iter().for_each(AbortHandle::abort);
+                Err(e)
+            }
+        };
+        started(shards.spawn_listener(outbound_listener, |l| serve_outbound(ctx, l)))?;
+        started(shards.spawn_listener(hbone_listener, |l| serve_hbone(inbound.clone(), l)))?;
+        started(
+            shards.spawn_listener(plaintext_listener, |l| serve_plaintext(inbound.clone(), l)),
+        )?;
         Ok(Self {
             workload,
             netns_path,

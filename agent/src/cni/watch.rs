@@ -71,7 +71,7 @@ impl ChainMetrics {
 
 impl ChainWatch {
     /// Looks at the chain once and repairs it. Blocking file I/O: run it off the async
-    /// workers. `may_write` is asked right before writing (false: the agent is stopping).
+    /// runtime's thread. `may_write` is asked right before writing (false: the agent is stopping).
     pub fn check(&self, may_write: &dyn Fn() -> bool) -> ChainCheck {
         let binary = self.bin_dir.join(PLUGIN_TYPE);
         if !binary.is_file() {

@@ -87,6 +87,9 @@ struct Inner {
     clock: Arc<dyn Clock>,
     entries: Mutex<HashMap<SpiffeId, Arc<Entry>>>,
     counters: Arc<Counters>,
+    /// The runtime the manager was made on (the agent's control plane): renewals run there
+    /// even when a connection's first `get` comes from a data-path thread.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 struct Entry {
@@ -129,6 +132,7 @@ impl CertManager {
                 clock,
                 entries: Mutex::new(HashMap::new()),
                 counters: Arc::new(Counters::default()),
+                runtime: tokio::runtime::Handle::try_current().ok(),
             }),
         }
     }
@@ -267,13 +271,17 @@ impl Inner {
         if renewer.forgotten || renewer.task.is_some() {
             return;
         }
-        let task = tokio::spawn(renew_loop(
+        let renewal = renew_loop(
             Arc::clone(&self.ca),
             self.ttl,
             Arc::clone(&self.clock),
             Arc::clone(entry),
             Arc::clone(&self.counters),
-        ));
+        );
+        let task = match &self.runtime {
+            Some(runtime) => runtime.spawn(renewal),
+            None => tokio::spawn(renewal),
+        };
         renewer.task = Some(task.abort_handle());
     }
 }

@@ -475,7 +475,7 @@ fn read(path: &Path) -> Result<Vec<u8>> {
     })
 }
 
-/// The token, read afresh (off the async workers): the kubelet rewrites the file as it
+/// The token, read afresh (off the async threads): the kubelet rewrites the file as it
 /// rotates the token.
 async fn read_token(path: &Path) -> Result<String> {
     let text = tokio::fs::read_to_string(path)

@@ -270,12 +270,12 @@ impl Inbound {
         self
     }
 
-    /// Where accept loops count their errors (a throwaway counter without metrics).
     /// Where this Inbound runs its accepted connections.
     pub fn shards(&self) -> &Arc<super::Shards> {
         &self.shards
     }
 
+    /// Where accept loops count their errors (a throwaway counter without metrics).
     pub fn accept_errors(&self) -> prometheus_client::metrics::counter::Counter {
         self.metrics
             .as_ref()

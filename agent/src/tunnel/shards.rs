@@ -6,14 +6,16 @@
 //! this layout a hand-off between them is a queue push on the same thread, and the cores
 //! are still all used: different connections run on different shards.
 //!
-//! The control plane (enrollment, config, certificates, admin) runs on its own runtime; a
-//! shard never waits on it.
+//! The control plane (enrollment, config, certificates, admin) runs on its own runtime on
+//! the main thread: blocking or slow control work never holds a shard's thread. A
+//! connection still reads what the control plane publishes (the mesh state, certificates).
 
 use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
@@ -118,8 +120,7 @@ impl Shards {
     /// Runs `handle_connection` for an accepted connection on the shard with the fewest live
     /// connections; on a tie the current shard, where the connection already is. Moving it
     /// to another shard moves its epoll registration (two `epoll_ctl`s). A connection that
-    /// cannot be moved is dropped, which resets it: accepted sockets are armed to reset
-    /// until they finish cleanly.
+    /// cannot be moved is reset.
     pub fn spawn_connection<F, Fut>(&self, stream: TcpStream, handle_connection: F)
     where
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
@@ -138,10 +139,9 @@ impl Shards {
             });
             return;
         }
-        let moved = stream.into_std().and_then(|std| {
-            let _entered = shard.handle.enter();
-            TcpStream::from_std(std)
-        });
+        let moved = stream
+            .into_std()
+            .and_then(|std| register_on(&shard.handle, std));
         match moved {
             Ok(stream) => {
                 shard.handle.spawn(async move {
@@ -174,6 +174,24 @@ impl Shards {
     }
 }
 
+/// `stream` registered with `handle`'s runtime. If that fails the connection is reset, not
+/// closed cleanly: the HBONE listener's sockets are not armed to reset (a clean HBONE end is
+/// a FIN), so a duplicate descriptor keeps the socket open long enough to arm it. Costs a
+/// `dup` and a `close` per moved connection.
+fn register_on(handle: &Handle, stream: std::net::TcpStream) -> io::Result<TcpStream> {
+    let spare = match stream.try_clone() {
+        Ok(spare) => socket2::Socket::from(spare),
+        Err(e) => {
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            return Err(e);
+        }
+    };
+    let _entered = handle.enter();
+    TcpStream::from_std(stream).inspect_err(|_| {
+        let _ = spare.set_linger(Some(Duration::ZERO));
+    })
+}
+
 /// One live connection on a shard, until dropped.
 struct LiveConnection(Arc<AtomicUsize>);
 
@@ -192,79 +210,105 @@ impl Drop for LiveConnection {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::sync::mpsc;
 
     use super::*;
 
-    /// Accepts `n` connections on a listener run by the shards, each handled on a shard that
-    /// reports its index and echoes one byte; the client side runs on the test's runtime.
+    const IN_TIME: Duration = Duration::from_secs(10);
+
+    /// Echoes byte by byte, reporting the shard it runs on before each echo.
+    async fn echo(mut stream: TcpStream, report: mpsc::UnboundedSender<Option<usize>>) {
+        let mut byte = [0u8; 1];
+        while stream.read_exact(&mut byte).await.is_ok() {
+            let _ = report.send(current_shard());
+            if stream.write_all(&byte).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn round_trip(
+        client: &mut TcpStream,
+        reports: &mut mpsc::UnboundedReceiver<Option<usize>>,
+        byte: u8,
+    ) -> usize {
+        client.write_all(&[byte]).await.expect("write");
+        let mut echo = [0u8; 1];
+        tokio::time::timeout(IN_TIME, client.read_exact(&mut echo))
+            .await
+            .expect("echo in time")
+            .expect("echo");
+        assert_eq!(echo, [byte]);
+        reports
+            .recv()
+            .await
+            .expect("report")
+            .expect("handled on a shard thread")
+    }
+
+    /// The listener runs on shard 1 (round-robin: a first listener takes shard 0). The
+    /// client side runs on the test's own runtime.
     #[tokio::test]
-    async fn connections_spread_over_shards_and_run_on_the_shard_they_were_given() {
+    async fn connections_go_to_the_least_busy_shard_and_keep_working_there() {
         let shards = Arc::new(Shards::start(2).expect("shards"));
-        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        std_listener.set_nonblocking(true).expect("nonblocking");
+        let bind = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.set_nonblocking(true).expect("nonblocking");
+            l
+        };
+        let idle = shards
+            .spawn_listener(bind(), |_listener| std::future::pending())
+            .expect("first listener");
+        let std_listener = bind();
         let addr = std_listener.local_addr().expect("addr");
-        let (report_tx, mut reports) = mpsc::unbounded_channel::<(Option<usize>, Vec<usize>)>();
-        let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+        let (report_tx, mut reports) = mpsc::unbounded_channel();
         let listener_shards = shards.clone();
-        shards
+        let accepting = shards
             .spawn_listener(std_listener, move |listener| async move {
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        return;
-                    };
-                    let report_tx = report_tx.clone();
-                    let mut release = release_rx.clone();
-                    let live_view = listener_shards.clone();
-                    listener_shards.spawn_connection(stream, move |mut stream| async move {
-                        let mut byte = [0u8; 1];
-                        if stream.read_exact(&mut byte).await.is_err() {
-                            return;
-                        }
-                        let _ = report_tx.send((current_shard(), live_view.live_connections()));
-                        let _ = stream.write_all(&byte).await;
-                        // Stays live until the test lets go, so that the next connection
-                        // sees this one's load.
-                        let _ = release.wait_for(|released| *released).await;
-                    });
+                while let Ok((stream, _)) = listener.accept().await {
+                    let report = report_tx.clone();
+                    listener_shards.spawn_connection(stream, move |s| echo(s, report));
                 }
             })
             .expect("listener registers");
 
-        let mut clients = Vec::new();
-        let mut seen = Vec::new();
-        for i in 0..4u8 {
-            let mut client = TcpStream::connect(addr).await.expect("connect");
-            client.write_all(&[i]).await.expect("write");
-            let mut echo = [0u8; 1];
-            tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut echo))
-                .await
-                .expect("echo in time")
-                .expect("echo");
-            assert_eq!(echo, [i]);
-            let (shard, live) = reports.recv().await.expect("report");
-            seen.push(shard.expect("handled on a shard thread"));
-            assert_eq!(live.iter().sum::<usize>(), usize::from(i) + 1, "{live:?}");
-            clients.push(client);
-        }
-        // Least busy first: the four connections split two and two.
-        assert_eq!(seen.iter().filter(|&&s| s == 0).count(), 2, "{seen:?}");
-        assert_eq!(seen.iter().filter(|&&s| s == 1).count(), 2, "{seen:?}");
+        // A tie: the connection stays on the accepting shard.
+        let mut first = TcpStream::connect(addr).await.expect("connect");
+        assert_eq!(round_trip(&mut first, &mut reports, 1).await, 1);
+        assert_eq!(shards.live_connections(), [0, 1]);
+        // Shard 1 is busier: the next one moves to shard 0.
+        let mut second = TcpStream::connect(addr).await.expect("connect");
+        assert_eq!(round_trip(&mut second, &mut reports, 2).await, 0);
+        assert_eq!(shards.live_connections(), [1, 1]);
 
-        // A finished connection no longer counts.
-        release_tx.send(true).expect("release");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while shards.live_connections().iter().sum::<usize>() != 0 {
+        // The moved connection's socket is registered with shard 0's own event loop: it
+        // keeps working while shard 1, where it was accepted, is blocked.
+        let (unblock, blocked) = std::sync::mpsc::channel::<()>();
+        let (is_blocked, mut shard1_blocked) = mpsc::unbounded_channel();
+        shards.shards[1].handle.spawn(async move {
+            let _ = is_blocked.send(());
+            // Blocks shard 1's thread on purpose.
+            let _ = blocked.recv_timeout(IN_TIME * 3);
+        });
+        shard1_blocked.recv().await.expect("shard 1 blocked");
+        assert_eq!(round_trip(&mut second, &mut reports, 3).await, 0);
+        unblock.send(()).expect("unblock shard 1");
+        assert_eq!(round_trip(&mut first, &mut reports, 4).await, 1);
+
+        // A closed connection no longer counts.
+        drop(first);
+        drop(second);
+        let deadline = tokio::time::Instant::now() + IN_TIME;
+        while shards.live_connections() != [0, 0] {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "live counts never fell"
             );
-            tokio::task::yield_now().await;
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        idle.abort();
+        accepting.abort();
     }
 
     #[tokio::test]

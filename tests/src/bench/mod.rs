@@ -73,9 +73,8 @@ pub struct Settings {
     pub idle_connections: usize,
     /// Each agent's `--worker-threads` (`ambit-bench --agent-workers N`); `None`: the
     /// agent's default, what users run. Both testbed nodes share this machine's cores, so
-    /// fewer workers model a node's share of them; on this 2-core VM one worker per agent
-    /// costs less CPU per byte across nodes but halves same-node bulk (one agent, one
-    /// thread, both ends).
+    /// fewer threads model a node's share of them; one thread per agent caps same-node bulk
+    /// (one agent, one thread, both ends).
     pub agent_worker_threads: Option<usize>,
 }
 
