@@ -135,9 +135,9 @@ pub struct RunArgs {
     pub sockmap: bool,
     /// Threads that run the data path, each a single-threaded runtime that keeps a
     /// connection from accept to close (TOKIO_WORKER_THREADS is not read). Default: 2, or 1
-    /// where the process may use only one CPU (see --cpu-limit-millis). More spreads many busy connections over more
-    /// cores; the agent uses at most this many cores for proxying (the control plane has a
-    /// thread of its own).
+    /// where the process may use only one CPU (see --cpu-limit-millis). More spreads many
+    /// busy connections over more cores; the agent uses at most this many cores for
+    /// proxying (the control plane has a thread of its own).
     #[arg(long, env = "AMBIT_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
     /// The container's CPU limit in millicores, which lowers the default of

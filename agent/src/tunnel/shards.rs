@@ -13,8 +13,9 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::io;
+use std::os::fd::AsFd as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -43,6 +44,8 @@ pub struct Shards {
     shards: Vec<Shard>,
     /// Round-robin placement of listeners.
     next_listener: AtomicUsize,
+    /// Connections reset because they could not be moved to their shard.
+    move_failures: AtomicU64,
 }
 
 impl Shards {
@@ -68,6 +71,7 @@ impl Shards {
         Ok(Self {
             shards,
             next_listener: AtomicUsize::new(0),
+            move_failures: AtomicU64::new(0),
         })
     }
 
@@ -76,6 +80,7 @@ impl Shards {
         Self {
             shards: Vec::new(),
             next_listener: AtomicUsize::new(0),
+            move_failures: AtomicU64::new(0),
         }
     }
 
@@ -119,8 +124,10 @@ impl Shards {
 
     /// Runs `handle_connection` for an accepted connection on the shard with the fewest live
     /// connections; on a tie the current shard, where the connection already is. Moving it
-    /// to another shard moves its epoll registration (two `epoll_ctl`s). A connection that
-    /// cannot be moved is reset.
+    /// to another shard moves its epoll registration (two `epoll_ctl`s) and costs a spare
+    /// descriptor (a `dup` and a `close`): if registering fails the connection is reset with
+    /// it rather than closed cleanly (the HBONE listener's sockets are not armed to reset: a
+    /// clean HBONE end is a FIN). With no descriptor to spare the connection stays here.
     pub fn spawn_connection<F, Fut>(&self, stream: TcpStream, handle_connection: F)
     where
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
@@ -130,29 +137,41 @@ impl Shards {
             tokio::spawn(handle_connection(stream));
             return;
         };
-        let shard = &self.shards[target];
-        let live = LiveConnection::new(&shard.live);
-        if current_shard() == Some(target) {
-            tokio::spawn(async move {
-                handle_connection(stream).await;
-                drop(live);
+        let here = current_shard();
+        if here != Some(target)
+            && let Ok(spare) = stream.as_fd().try_clone_to_owned()
+        {
+            let shard = &self.shards[target];
+            let moved = stream.into_std().and_then(|std| {
+                let _entered = shard.handle.enter();
+                TcpStream::from_std(std)
             });
+            match moved {
+                Ok(stream) => {
+                    let live = LiveConnection::new(&shard.live);
+                    shard.handle.spawn(async move {
+                        handle_connection(stream).await;
+                        drop(live);
+                    });
+                }
+                Err(e) => {
+                    let _ = socket2::SockRef::from(&spare).set_linger(Some(Duration::ZERO));
+                    let failures = self.move_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                    // Logged at 1, 2, 4, 8, ... failures: a persistent cause does not flood.
+                    if failures.is_power_of_two() {
+                        warn!(shard = target, error = %e, failures, "could not move a connection to its shard; reset it");
+                    }
+                }
+            }
+            // Closes the duplicate only, or, after a failure, the connection with a reset.
+            drop(spare);
             return;
         }
-        let moved = stream
-            .into_std()
-            .and_then(|std| register_on(&shard.handle, std));
-        match moved {
-            Ok(stream) => {
-                shard.handle.spawn(async move {
-                    handle_connection(stream).await;
-                    drop(live);
-                });
-            }
-            Err(e) => {
-                warn!(shard = target, error = %e, "could not move a connection to its shard; resetting it")
-            }
-        }
+        let live = here.map(|i| LiveConnection::new(&self.shards[i].live));
+        tokio::spawn(async move {
+            handle_connection(stream).await;
+            drop(live);
+        });
     }
 
     fn least_busy(&self) -> Option<usize> {
@@ -172,24 +191,6 @@ impl Shards {
         }
         best.map(|(index, _)| index)
     }
-}
-
-/// `stream` registered with `handle`'s runtime. If that fails the connection is reset, not
-/// closed cleanly: the HBONE listener's sockets are not armed to reset (a clean HBONE end is
-/// a FIN), so a duplicate descriptor keeps the socket open long enough to arm it. Costs a
-/// `dup` and a `close` per moved connection.
-fn register_on(handle: &Handle, stream: std::net::TcpStream) -> io::Result<TcpStream> {
-    let spare = match stream.try_clone() {
-        Ok(spare) => socket2::Socket::from(spare),
-        Err(e) => {
-            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-            return Err(e);
-        }
-    };
-    let _entered = handle.enter();
-    TcpStream::from_std(stream).inspect_err(|_| {
-        let _ = spare.set_linger(Some(Duration::ZERO));
-    })
 }
 
 /// One live connection on a shard, until dropped.
