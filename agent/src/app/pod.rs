@@ -369,11 +369,10 @@ async fn serve_outbound(ctx: Arc<OutboundCtx>, listener: TcpListener) {
         std::future::pending(),
         // The client comes with TCP_NODELAY and armed to reset (the listener's options).
         |client, peer| {
-            let ctx = ctx.clone();
+            let this = ctx.clone();
             ctx.shared
                 .shards
-                .clone()
-                .spawn_connection(client, move |client| handle_outbound(ctx, client, peer));
+                .spawn_connection(client, move |client| handle_outbound(this, client, peer));
         },
     )
     .await;
@@ -529,7 +528,8 @@ async fn serve_plaintext(inbound: Arc<Inbound>, listener: TcpListener) {
             inbound
                 .shards()
                 .spawn_connection(client, move |client| async move {
-                    // Under sk_lookup the accepted socket's local address is what the client dialled.
+                    // Under sk_lookup the accepted socket's local address is what the
+                    // client dialled.
                     let Ok(destination) = client.local_addr() else {
                         return;
                     };

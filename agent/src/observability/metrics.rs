@@ -7,9 +7,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// Raises a counter that mirrors a total kept elsewhere (kernel map, capture layer, log
-/// writer, cert manager, authorizer) to that total. One atomic max, so two scrapes syncing at once
-/// cannot both add the same difference (a read, then an add, could); a smaller total
-/// (a restarted source) leaves the counter where it is, as counters never go down.
+/// writer, cert manager, authorizer) to that total. One atomic max, so two scrapes syncing
+/// at once cannot both add the same difference (a read, then an add, could); a smaller
+/// total (a restarted source) leaves the counter where it is, as counters never go down.
 pub fn raise_counter_to(counter: &Counter, total: u64) {
     counter
         .inner()

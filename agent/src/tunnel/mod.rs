@@ -35,7 +35,7 @@ pub use metrics::{
     SeriesCache, UNKNOWN, WorkloadMeta,
 };
 pub use outbound::{Outbound, OutboundRequest};
-pub use shards::{Shards, current_shard};
+pub use shards::Shards;
 pub use tls::{HandshakeFailure, client_config};
 
 use crate::identity::IdentityError;

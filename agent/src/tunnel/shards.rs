@@ -90,7 +90,8 @@ impl Shards {
     }
 
     /// Connections each shard runs now, by shard index.
-    pub fn live_connections(&self) -> Vec<usize> {
+    #[cfg(test)]
+    fn live_connections(&self) -> Vec<usize> {
         self.shards
             .iter()
             .map(|s| s.live.load(Ordering::Relaxed))

@@ -4,7 +4,7 @@
 //! settings; `--testbed-only`, `--kubernetes-only`, `--control-plane-only`, `--scale-only`
 //! and `--soak-only` run one part. For the testbed part only: `--repeat N` runs it N times
 //! and adds each aim's min, median and max over the runs (`target/bench/testbed-spread.json`;
-//! also `cargo xtask bench --repeat N`), `--agent-workers N` gives its agents N worker
+//! also `cargo xtask bench --repeat N`), `--agent-workers N` gives its agents N data-path
 //! threads instead of their default. Use a release agent (`AMBIT_BIN=target/release/ambit`,
 //! as xtask does): the figures are about the agent.
 
