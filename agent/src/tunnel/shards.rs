@@ -37,6 +37,29 @@ struct Shard {
     handle: Handle,
     /// Connections handed to this shard and not yet finished.
     live: Arc<AtomicUsize>,
+    /// Times the shard's thread woke from waiting for events.
+    #[cfg(test)]
+    wakes: Arc<AtomicUsize>,
+}
+
+/// How often an otherwise idle shard wakes (see [`keep_timer_deadline_near`]).
+const TIMER_TICK: Duration = Duration::from_secs(1);
+
+/// Runs forever on a shard: a timer that fires every [`TIMER_TICK`]. Tokio writes the
+/// runtime's eventfd whenever a timer is registered with a deadline earlier than the one
+/// the driver last waited for, or with no timer pending at all, even on a current-thread
+/// runtime whose own thread, busy registering it, is not waiting (tokio-rs/tokio#5207,
+/// fix not released). Every connection registers timers (dial, handshake and stream
+/// deadlines): each was a `write` and, later, an `epoll_wait` woken for nothing. With this
+/// tick pending, the deadline the driver waits for is never more than a second away, so
+/// per-connection deadlines (10 s and more by default) register without a wake-up. Costs
+/// one wake-up per second on an idle shard.
+async fn keep_timer_deadline_near() {
+    let mut tick = tokio::time::interval(TIMER_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+    }
 }
 
 /// Where connections and listeners run.
@@ -53,19 +76,30 @@ impl Shards {
     pub fn start(count: usize) -> io::Result<Self> {
         let mut shards = Vec::with_capacity(count);
         for index in 0..count {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let mut builder = tokio::runtime::Builder::new_current_thread();
+            builder.enable_all();
+            #[cfg(test)]
+            let wakes = Arc::new(AtomicUsize::new(0));
+            #[cfg(test)]
+            {
+                let wakes = wakes.clone();
+                builder.on_thread_unpark(move || {
+                    wakes.fetch_add(1, Ordering::Relaxed);
+                });
+            }
+            let runtime = builder.build()?;
             let handle = runtime.handle().clone();
             std::thread::Builder::new()
                 .name(format!("ambit-shard-{index}"))
                 .spawn(move || {
                     CURRENT.with(|c| c.set(Some(index)));
-                    runtime.block_on(std::future::pending::<()>());
+                    runtime.block_on(keep_timer_deadline_near());
                 })?;
             shards.push(Shard {
                 handle,
                 live: Arc::new(AtomicUsize::new(0)),
+                #[cfg(test)]
+                wakes,
             });
         }
         Ok(Self {
@@ -311,6 +345,43 @@ mod tests {
         }
         idle.abort();
         accepting.abort();
+    }
+
+    /// A shard woken by a message registers a 10 s deadline and cancels it (as every
+    /// connection does) and waits again: with the timer tick pending, one wake-up per
+    /// message. Without it tokio's timer wrote the shard's eventfd at each registration and
+    /// the shard woke a second time for nothing: two per message (checked: 100 for 50).
+    #[tokio::test]
+    async fn registering_a_connection_deadline_does_not_wake_the_shard() {
+        const ROUNDS: usize = 50;
+        let shards = Shards::start(1).expect("shards");
+        let shard = &shards.shards[0];
+        let (tx, mut rx) = mpsc::unbounded_channel::<tokio::sync::oneshot::Sender<()>>();
+        shard.handle.spawn(async move {
+            while let Some(done) = rx.recv().await {
+                let mut deadline = Box::pin(tokio::time::sleep(Duration::from_secs(10)));
+                // Polling registers the deadline with the shard's timer; dropping it
+                // cancels it, as a connection that finishes in time does.
+                assert!(futures::poll!(deadline.as_mut()).is_pending());
+                drop(deadline);
+                let _ = done.send(());
+            }
+        });
+        // Let the shard start and register its tick.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let before = shard.wakes.load(Ordering::Relaxed);
+        for _ in 0..ROUNDS {
+            let (done, registered) = tokio::sync::oneshot::channel();
+            tx.send(done).expect("shard task runs");
+            registered.await.expect("deadline registered");
+            // Give the shard time to go back to waiting (and to wake for nothing, if it does).
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let wakes = shard.wakes.load(Ordering::Relaxed) - before;
+        assert!(
+            wakes < ROUNDS * 3 / 2,
+            "{wakes} wake-ups for {ROUNDS} messages: registering a deadline woke the shard"
+        );
     }
 
     #[tokio::test]
