@@ -2,15 +2,19 @@
 //!
 //! Lines are written to stdout by a thread of their own, never by the thread that logs: a
 //! container runtime that reads the agent's stdout slowly (or not at all) fills the pipe,
-//! and a `write` to a full pipe blocks — on an async worker that would stall every
+//! and a `write` to a full pipe blocks — on a data-path thread that would stall every
 //! connection it serves. The logging thread batches what queued up into one `write`; when
 //! its queue is full, new lines are dropped and counted (`ambit_log_lines_dropped_total`),
 //! so a stuck log costs lines, not connections.
 
 use std::io::{BufWriter, IsTerminal as _, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _, Registry, reload};
@@ -36,11 +40,15 @@ const FLUSH_AT_EXIT: Duration = Duration::from_secs(2);
 /// What the logging thread gathers into one `write` when lines queue up.
 const WRITE_BATCH: usize = 64 * 1024;
 
+/// How long the logging thread lets lines gather after writing some, before it looks
+/// again (see [`write_lines`]).
+const GATHER: Duration = Duration::from_millis(10);
+
 /// Reads and replaces the live log filter.
 #[derive(Clone)]
 pub struct LogControl {
     handle: reload::Handle<EnvFilter, Registry>,
-    dropped: ErrorCounter,
+    dropped: Arc<AtomicU64>,
 }
 
 /// Keeps the logging thread; dropping it writes out what is queued, waiting at most
@@ -48,7 +56,7 @@ pub struct LogControl {
 /// would drop it at once, and every later line would be counted as dropped).
 #[must_use = "dropping the guard stops the log's writer thread"]
 pub struct LogGuard {
-    worker: Option<WorkerGuard>,
+    worker: Option<LogWorker>,
 }
 
 impl Drop for LogGuard {
@@ -56,20 +64,117 @@ impl Drop for LogGuard {
         let Some(worker) = self.worker.take() else {
             return;
         };
-        // tracing-appender's own drop waits for the writer thread, which may be stuck in a
-        // write to a stalled stdout (and then prints to stdout itself): wait on a thread of
-        // its own, for a bounded time.
+        // The writer thread may be stuck in a write to a stalled stdout: wait for it on a
+        // thread of its own, for a bounded time.
         let (done_tx, done) = std::sync::mpsc::channel();
         let flush = std::thread::Builder::new()
             .name("ambit-log-flush".into())
             .spawn(move || {
-                drop(worker);
+                worker.finish();
                 let _ = done_tx.send(());
             });
         if flush.is_ok() {
             let _ = done.recv_timeout(FLUSH_AT_EXIT);
         }
     }
+}
+
+enum Message {
+    Line(Vec<u8>),
+    /// Write out what is queued and stop.
+    Finish,
+}
+
+/// The logging thread and the way to stop it.
+struct LogWorker {
+    queue: SyncSender<Message>,
+    thread: JoinHandle<()>,
+}
+
+impl LogWorker {
+    /// Writes out what is queued, then returns once the thread has stopped.
+    fn finish(self) {
+        if self.queue.send(Message::Finish).is_ok() {
+            let _ = self.thread.join();
+        }
+    }
+}
+
+/// Where log lines go: each `write` (one formatted line) is queued for the logging thread,
+/// without blocking; a full queue drops the line and counts it.
+///
+/// Written here rather than taken from tracing-appender because of how its writer thread
+/// waits: it blocks on the queue whenever it ran empty, so at thousands of access-log lines
+/// a second every line cost the thread that logged it a futex wake-up and the two cores a
+/// switch to the logging thread and back. This writer's thread lets lines gather instead
+/// (see [`write_lines`]), and a sender only enqueues.
+struct OffThreadWriter {
+    queue: SyncSender<Message>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl OffThreadWriter {
+    fn dropped_lines(&self) -> Arc<AtomicU64> {
+        self.dropped.clone()
+    }
+}
+
+impl Write for &OffThreadWriter {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        match self.queue.try_send(Message::Line(line.to_vec())) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for OffThreadWriter {
+    type Writer = &'a OffThreadWriter;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self
+    }
+}
+
+/// The logging thread's loop. It waits on the queue only when the queue has stayed empty
+/// for [`GATHER`] after the last lines it wrote: a waiting thread is woken by the next
+/// sender, once per line if lines come one at a time. While lines keep coming it writes
+/// what gathered, calls `pause` ([`GATHER`] in the agent), and looks again: one write and
+/// one wake-up per pause however many lines arrived, none of them woken by a sender. A lone
+/// line is still written at once.
+fn write_lines(queue: &Receiver<Message>, out: &mut impl Write, mut pause: impl FnMut()) {
+    while let Ok(Message::Line(line)) = queue.recv() {
+        let _ = out.write_all(&line);
+        loop {
+            let _ = out.flush();
+            pause();
+            let mut gathered = 0usize;
+            loop {
+                match queue.try_recv() {
+                    Ok(Message::Line(line)) => {
+                        let _ = out.write_all(&line);
+                        gathered += 1;
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Ok(Message::Finish) | Err(TryRecvError::Disconnected) => {
+                        let _ = out.flush();
+                        return;
+                    }
+                }
+            }
+            if gathered == 0 {
+                break;
+            }
+        }
+    }
+    let _ = out.flush();
 }
 
 impl std::fmt::Debug for LogControl {
@@ -91,7 +196,7 @@ impl LogControl {
     /// Lines dropped because the writer thread's queue was full (stdout not read fast
     /// enough).
     pub fn lines_dropped(&self) -> u64 {
-        u64::try_from(self.dropped.dropped_lines()).unwrap_or(u64::MAX)
+        self.dropped.load(Ordering::Relaxed)
     }
 
     pub fn set_level(&self, spec: &str) -> Result<(), ObservabilityError> {
@@ -105,16 +210,32 @@ impl LogControl {
 }
 
 /// A writer that hands each line to a thread writing to `out`: never blocks the caller;
-/// drops (and counts) lines once `queued` are waiting.
+/// drops (and counts) lines once `queued` are waiting. Without a thread (it could not be
+/// started) every line is dropped and counted.
 fn off_thread_writer(
     out: impl Write + Send + 'static,
     queued: usize,
-) -> (NonBlocking, WorkerGuard) {
-    NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(queued)
-        .thread_name("ambit-log")
-        .finish(BufWriter::with_capacity(WRITE_BATCH, out))
+    pause: impl FnMut() + Send + 'static,
+) -> (OffThreadWriter, Option<LogWorker>) {
+    let (queue, lines) = std::sync::mpsc::sync_channel(queued);
+    let writer = OffThreadWriter {
+        queue: queue.clone(),
+        dropped: Arc::default(),
+    };
+    let started = std::thread::Builder::new()
+        .name("ambit-log".into())
+        .spawn(move || {
+            let mut out = BufWriter::with_capacity(WRITE_BATCH, out);
+            write_lines(&lines, &mut out, pause);
+        });
+    match started {
+        Ok(thread) => (writer, Some(LogWorker { queue, thread })),
+        Err(e) => {
+            // The queue's receiving end went with the thread's closure.
+            eprintln!("ambit: could not start the logging thread, every line is dropped: {e}");
+            (writer, None)
+        }
+    }
 }
 
 /// Installs the global subscriber; `filter` is `AMBIT_LOG`'s value or the default.
@@ -125,8 +246,10 @@ pub fn init(format: LogFormat, filter: &str) -> (LogControl, LogGuard) {
     // carry escape codes, and writing them costs ~13 K instructions per access-log line.
     let ansi = std::io::stdout().is_terminal()
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let (writer, guard) = off_thread_writer(std::io::stdout(), QUEUED_LINES);
-    let dropped = writer.error_counter();
+    let (writer, worker) = off_thread_writer(std::io::stdout(), QUEUED_LINES, || {
+        std::thread::sleep(GATHER)
+    });
+    let dropped = writer.dropped_lines();
     let output = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_ansi(ansi)
@@ -142,12 +265,7 @@ pub fn init(format: LogFormat, filter: &str) -> (LogControl, LogGuard) {
         .with(filter)
         .with(output)
         .init();
-    (
-        LogControl { handle, dropped },
-        LogGuard {
-            worker: Some(guard),
-        },
-    )
+    (LogControl { handle, dropped }, LogGuard { worker })
 }
 
 #[cfg(test)]
@@ -204,9 +322,9 @@ mod tests {
             open: Arc::default(),
             written: Arc::default(),
         };
-        let (mut writer, guard) = off_thread_writer(out.clone(), QUEUED);
-        let dropped = writer.error_counter();
-        writer.write_all(b"first\n").expect("write");
+        let (writer, worker) = off_thread_writer(out.clone(), QUEUED, || {});
+        let dropped = writer.dropped_lines();
+        (&writer).write_all(b"first\n").expect("write");
         started
             .recv_timeout(BLOCKED)
             .expect("the logging thread never wrote the first line");
@@ -214,7 +332,7 @@ mod tests {
         let (done_tx, done) = mpsc::channel();
         let logger = std::thread::spawn(move || {
             for i in 0..LINES {
-                writer
+                (&writer)
                     .write_all(format!("line {i}\n").as_bytes())
                     .expect("write");
             }
@@ -223,7 +341,7 @@ mod tests {
         done.recv_timeout(BLOCKED)
             .expect("logging blocked on a stalled stdout");
         logger.join().expect("logger thread");
-        assert_eq!(dropped.dropped_lines(), LINES - QUEUED);
+        assert_eq!(dropped.load(Ordering::Relaxed), (LINES - QUEUED) as u64);
 
         out.release();
         let expected: Vec<String> = std::iter::once("first".to_owned())
@@ -251,6 +369,65 @@ mod tests {
             .expect("utf8");
         watcher.join().expect("watcher thread");
         assert_eq!(written.lines().collect::<Vec<_>>(), expected);
-        drop(guard);
+        worker.expect("logging thread").finish();
+    }
+
+    /// Records each `write` the logging thread makes.
+    #[derive(Clone, Default)]
+    struct Writes(Arc<Mutex<Vec<String>>>);
+
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let text = String::from_utf8_lossy(buf).into_owned();
+            self.0.lock().expect("lock").push(text);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Lines that arrive while the logging thread pauses are written together after the
+    /// pause, and the thread goes back to waiting on the queue (where the next sender must
+    /// wake it) only after a pause in which nothing arrived. The pause is the test's: it
+    /// reports each one and holds the thread until told to go on.
+    #[test]
+    fn lines_that_keep_coming_gather_into_one_write_per_pause() {
+        let (paused_tx, paused) = mpsc::channel::<()>();
+        let (go, go_rx) = mpsc::channel::<()>();
+        let writes = Writes::default();
+        let (writer, worker) = off_thread_writer(writes.clone(), 64, move || {
+            let _ = paused_tx.send(());
+            let _ = go_rx.recv_timeout(BLOCKED);
+        });
+        let line = |i: usize| (&writer).write_all(format!("line {i}\n").as_bytes());
+        let wait_pause = || paused.recv_timeout(BLOCKED).expect("the thread paused");
+        let written = || writes.0.lock().expect("lock").clone();
+
+        // A lone line is written before the thread pauses.
+        line(0).expect("write");
+        wait_pause();
+        assert_eq!(written(), ["line 0\n"]);
+        // Lines arriving during the pause: one write after it, then another pause.
+        for i in 1..=10 {
+            line(i).expect("write");
+        }
+        go.send(()).expect("go");
+        wait_pause();
+        let gathered: String = (1..=10).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(written(), ["line 0\n".to_owned(), gathered.clone()]);
+        // Nothing arrived in this pause: the thread waits on the queue, and the next line
+        // is again written before a pause.
+        go.send(()).expect("go");
+        line(11).expect("write");
+        wait_pause();
+        assert_eq!(
+            written(),
+            ["line 0\n".to_owned(), gathered, "line 11\n".to_owned()]
+        );
+        go.send(()).expect("go");
+        assert_eq!(writer.dropped_lines().load(Ordering::Relaxed), 0);
+        worker.expect("logging thread").finish();
     }
 }
