@@ -149,7 +149,7 @@ impl KubeBed {
             .uid(&uid)
             .node(&bed.nodes[pod.spec.node].name)
             .ip(&pod.ip.to_string())
-            .service_account(pod.spec.name);
+            .service_account(pod.spec.service_account);
         for (k, v) in &pod.spec.labels {
             builder = builder.label(k, v);
         }

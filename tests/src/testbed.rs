@@ -27,6 +27,8 @@ pub struct PodSpec {
     pub namespace: &'static str,
     pub node: usize,
     pub labels: Vec<(&'static str, &'static str)>,
+    /// The pod's name unless set.
+    pub service_account: &'static str,
 }
 
 impl PodSpec {
@@ -36,7 +38,14 @@ impl PodSpec {
             namespace,
             node,
             labels: vec![("app", name)],
+            service_account: name,
         }
+    }
+
+    /// Runs as `service_account` (so with its identity) instead of its own name.
+    pub fn with_service_account(mut self, service_account: &'static str) -> Self {
+        self.service_account = service_account;
+        self
     }
 }
 
@@ -54,7 +63,7 @@ impl Pod {
     pub fn identity(&self) -> String {
         format!(
             "spiffe://cluster.local/ns/{}/sa/{}",
-            self.spec.namespace, self.spec.name
+            self.spec.namespace, self.spec.service_account
         )
     }
 
@@ -469,7 +478,7 @@ impl Testbed {
                 "  - name: {}\n    namespace: {}\n    serviceAccount: {}\n    labels: {{{}}}\n    ips: [{}]\n    node: {}\n    netns: {}",
                 pod.spec.name,
                 pod.spec.namespace,
-                pod.spec.name,
+                pod.spec.service_account,
                 labels.join(", "),
                 pod.ip,
                 self.nodes[pod.spec.node].name,

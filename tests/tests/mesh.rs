@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use ambit_e2e::testbed::{APP_PORT, MESH_NS, PLAIN_NS, PodSpec, Service, Testbed};
 use ambit_e2e::unique_name;
+use anyhow::Context as _;
 
 const LOG_WAIT: Duration = Duration::from_secs(10);
 const VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 10);
@@ -250,6 +251,68 @@ fn namespace_label_change_unenrolls_and_reenrolls_pods_live() -> anyhow::Result<
         wire.hbone_bytes
     );
     assert!(!wire.contains(marker.as_bytes()), "encrypted again");
+    Ok(())
+}
+
+/// The serial of the certificate agent `agent` holds for `identity`, if it holds one.
+fn certificate_serial(
+    bed: &Testbed,
+    agent: usize,
+    identity: &str,
+) -> anyhow::Result<Option<String>> {
+    let certs: serde_json::Value = serde_json::from_str(&bed.agent(agent).admin_get("/certs")?)?;
+    Ok(certs["certificates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["identity"] == identity)
+        .and_then(|c| c["serial"].as_str())
+        .map(str::to_owned))
+}
+
+/// Two pods of one service account on a node share its certificate. One of them leaving
+/// the mesh must not take the certificate from the other: its next connection would wait
+/// for a new one from the CA.
+#[test]
+fn a_pod_leaving_keeps_the_certificate_its_service_account_shares() -> anyhow::Result<()> {
+    let pods = [
+        PodSpec::new("client", MESH_NS, 0),
+        PodSpec::new("client-2", MESH_NS, 0).with_service_account("client"),
+        PodSpec::new("server", MESH_NS, 1),
+    ];
+    let mut bed = Testbed::build(2, &pods, Vec::new())?;
+    bed.start_agents()?;
+    let server = bed.pod("server").addr(APP_PORT);
+    let identity = bed.pod("client").identity();
+    assert_eq!(bed.pod("client-2").identity(), identity);
+    let reply = bed.pod("client-2").request(server, b"first")?;
+    assert!(reply.ends_with("first"), "{reply}");
+    let serial = certificate_serial(&bed, 0, &identity)?
+        .context("no certificate for the service account after a connection")?;
+
+    let leaving = bed
+        .pods
+        .iter_mut()
+        .find(|p| p.spec.name == "client-2")
+        .context("client-2")?;
+    leaving.spec.labels.push(("ambit.dev/mesh", "disabled"));
+    bed.write_config()?;
+    bed.agent(0)
+        .wait_for_log(&["pod unenrolled", "mesh/client-2"], LOG_WAIT)?;
+    let reply = bed.pod("client").request(server, b"second")?;
+    assert!(reply.ends_with("second"), "{reply}");
+    assert_eq!(
+        certificate_serial(&bed, 0, &identity)?,
+        Some(serial),
+        "the remaining pod kept the shared certificate"
+    );
+    let client_left = bed.agent(0).logs().iter().any(|l| {
+        l.contains("pod unenrolled") && l.split_whitespace().any(|w| w == "pod=mesh/client")
+    });
+    assert!(
+        !client_left,
+        "the other pod of the service account stayed enrolled"
+    );
     Ok(())
 }
 

@@ -419,10 +419,18 @@ impl Agent {
 
     /// Unenrolling waits on the capture lock and does netlink work in the pod's netns: off
     /// the control plane's one thread, which also answers probes, the admin API and CNI.
+    /// `runtime` is no longer among the running pods.
     async fn stop_pod(&self, runtime: PodRuntime) {
+        let identity = runtime.identity().clone();
         let shared = self.shared.clone();
         if let Err(e) = tokio::task::spawn_blocking(move || runtime.stop(&shared)).await {
             warn!(error = %e, "stopping a pod failed");
+        }
+        // Pods of one service account share its certificate: it stays cached and renewed
+        // while another of them runs here, or that pod's next connection would wait for a
+        // new one from the CA.
+        if !self.pods.values().any(|p| *p.identity() == identity) {
+            self.shared.certs.forget(&identity);
         }
     }
 

@@ -20,6 +20,7 @@ use super::view::meta_of;
 use super::{Shared, StateWorkloads};
 use crate::capture::OrigDstTable;
 use crate::config::{MeshState, Route, ServiceEntry, WorkloadEntry};
+use crate::identity::SpiffeId;
 use crate::netns::NetNs;
 use crate::tunnel::{
     AcceptBackoff, ConnectionLabels, ConnectionSeries, CopyStats, Dialer as _, Inbound, Outbound,
@@ -274,6 +275,10 @@ impl PodRuntime {
         })
     }
 
+    pub fn identity(&self) -> &SpiffeId {
+        &self.workload.identity
+    }
+
     pub fn netns_cookie(&self) -> u64 {
         self.netns_cookie
     }
@@ -313,7 +318,6 @@ impl PodRuntime {
         for task in &self.tasks {
             task.abort();
         }
-        shared.certs.forget(&self.workload.identity);
         info!(pod = %format!("{}/{}", self.workload.namespace, self.workload.name), "pod unenrolled");
     }
 }
