@@ -98,18 +98,24 @@ impl PodRuntime {
             anyhow::Ok((netns, cookie, Arc::new(sockets)))
         })
         .await??;
-        match Self::listen_and_steer(&shared, &workload, netns, netns_cookie, &sockets).await {
-            Ok(runtime_parts) => {
+        // Failing once capture may have started, the pod is held closed (`StartError`).
+        let steered = Self::listen_and_steer(&shared, &workload, netns, netns_cookie, &sockets)
+            .await
+            .and_then(|runtime_parts| {
                 let (capture_time, capture_wait) =
                     (runtime_parts.capture_time, runtime_parts.capture_wait);
                 let runtime = Self::serve(
                     shared,
                     workload,
-                    netns_path,
+                    netns_path.clone(),
                     netns_cookie,
                     sockets,
                     runtime_parts,
                 )?;
+                Ok((runtime, capture_time, capture_wait))
+            });
+        match steered {
+            Ok((runtime, capture_time, capture_wait)) => {
                 let w = &runtime.workload;
                 info!(pod = %format!("{}/{}", w.namespace, w.name), identity = %w.identity,
                     netns_cookie, setup_ms = started.elapsed().as_millis() as u64,
