@@ -14,6 +14,7 @@ use tracing::info;
 
 use super::enroll::Agent;
 use crate::cni::{CniCommand, CniHandler, CniRequest, CniResponse};
+use crate::config::WorkloadEntry;
 use crate::k8s::CniHint;
 
 /// How long an ADD waits for the pod to be enrolled before failing (the kubelet retries).
@@ -123,17 +124,15 @@ impl Agent {
                 continue;
             }
             let (namespace, name) = waiter.key.split_once('/').unwrap_or_default();
-            let response = match state.workload_by_name(namespace, name) {
-                // Not shown by the API server yet: keep waiting.
-                None => None,
-                // Shown, but from a state built before this ADD's addresses arrived (a pod
-                // without an IP is never in the mesh): answering now would let an opted-in
-                // pod start unenrolled. The state with the addresses follows.
-                Some(w) if w.ips.is_empty() => None,
-                Some(w) if !w.in_mesh || w.node != state.node => Some(CniResponse::not_in_mesh()),
-                Some(_) if self.is_enrolled(&waiter.key) => Some(CniResponse::enrolled()),
-                Some(_) => self.problem(&waiter.key).map(CniResponse::error),
-            };
+            let workload = state.workload_by_name(namespace, name);
+            let response = add_answer(workload.map(|w| &**w), &state.node, || {
+                if self.is_enrolled(&waiter.key) {
+                    Ok(())
+                } else {
+                    self.problem(&waiter.key)
+                        .map_or(Err(None), |p| Err(Some(p)))
+                }
+            });
             match response {
                 Some(response) => {
                     let _ = waiter.reply.send(response);
@@ -141,5 +140,93 @@ impl Agent {
                 None => self.waiters.push(waiter),
             }
         }
+    }
+}
+
+/// The answer to an ADD for `workload` as the state in force on `node` shows it, or `None`
+/// to keep the ADD waiting. `enrollment` is asked only for a pod of the mesh on this node:
+/// `Ok` once enrolled, `Err(Some(problem))` if enrolling it failed, `Err(None)` while it is
+/// still being enrolled.
+fn add_answer(
+    workload: Option<&WorkloadEntry>,
+    node: &str,
+    enrollment: impl FnOnce() -> Result<(), Option<String>>,
+) -> Option<CniResponse> {
+    match workload {
+        // Not shown by the API server yet: keep waiting.
+        None => None,
+        // Shown, but from a state built before this ADD's addresses arrived (a pod without
+        // an IP is never in the mesh): answering now would let an opted-in pod start
+        // unenrolled. The state with the addresses follows.
+        Some(w) if w.ips.is_empty() => None,
+        Some(w) if !w.in_mesh || w.node != node => Some(CniResponse::not_in_mesh()),
+        Some(_) => match enrollment() {
+            Ok(()) => Some(CniResponse::enrolled()),
+            Err(Some(problem)) => Some(CniResponse::error(problem)),
+            Err(None) => None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cni::CniResult;
+
+    fn workload(ips: &[&str], in_mesh: bool, node: &str) -> WorkloadEntry {
+        WorkloadEntry {
+            name: "app".into(),
+            namespace: "mesh".into(),
+            service_account: "app".into(),
+            identity: crate::identity::SpiffeId::new("cluster.local", "mesh", "app")
+                .expect("identity"),
+            labels: Default::default(),
+            ips: ips.iter().map(|ip| ip.parse().expect("ip")).collect(),
+            node: node.to_owned(),
+            uid: None,
+            netns: None,
+            interface: "eth0".into(),
+            in_mesh,
+        }
+    }
+
+    fn result(answer: Option<CniResponse>) -> Option<CniResult> {
+        answer.map(|a| a.result)
+    }
+
+    #[test]
+    fn an_add_is_answered_only_from_a_state_that_shows_the_pod_with_its_addresses() {
+        let enrolled = || Ok(());
+        let pending = || Err(None);
+        let failed = || Err(Some("no netns".to_owned()));
+        let here = "node-a";
+        let meshed = workload(&["10.0.0.5"], true, here);
+        // Unknown, or known without addresses yet (the fail-open race): wait, whatever
+        // enrollment says.
+        assert_eq!(result(add_answer(None, here, enrolled)), None);
+        let no_ip = workload(&[], true, here);
+        assert_eq!(result(add_answer(Some(&no_ip), here, enrolled)), None);
+        let no_ip_out = workload(&[], false, here);
+        assert_eq!(result(add_answer(Some(&no_ip_out), here, enrolled)), None);
+        // Out of the mesh, or on another node: not ours to enroll.
+        let out = workload(&["10.0.0.5"], false, here);
+        assert_eq!(
+            result(add_answer(Some(&out), here, enrolled)),
+            Some(CniResult::NotInMesh)
+        );
+        let elsewhere = workload(&["10.0.0.5"], true, "node-b");
+        assert_eq!(
+            result(add_answer(Some(&elsewhere), here, enrolled)),
+            Some(CniResult::NotInMesh)
+        );
+        // In the mesh here: enrolled, failed (named), or still going.
+        assert_eq!(
+            result(add_answer(Some(&meshed), here, enrolled)),
+            Some(CniResult::Enrolled)
+        );
+        let answer = add_answer(Some(&meshed), here, failed).expect("an answer");
+        assert_eq!(answer.result, CniResult::Error);
+        assert!(answer.message.contains("no netns"), "{}", answer.message);
+        assert_eq!(result(add_answer(Some(&meshed), here, pending)), None);
     }
 }
