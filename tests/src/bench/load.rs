@@ -134,12 +134,19 @@ pub fn round_trips(
 /// New connections per second for `duration`, `workers` at a time, each connection doing
 /// one request/response: connect, send 64 bytes, half-close, read the greeting and echo to
 /// the end.
+/// Connections made by [`connection_rate`].
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionRate {
+    pub per_sec: f64,
+    pub connections: u64,
+}
+
 pub fn connection_rate(
     client_netns: &Path,
     to: SocketAddr,
     duration: Duration,
     workers: usize,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<ConnectionRate> {
     let started = Instant::now();
     let deadline = started + duration;
     let mut handles = Vec::new();
@@ -166,7 +173,10 @@ pub fn connection_rate(
     for h in handles {
         total += join(h)?;
     }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+    Ok(ConnectionRate {
+        per_sec: total as f64 / started.elapsed().as_secs_f64(),
+        connections: total,
+    })
 }
 
 /// A listener inside a pod that never accepts: connections complete their handshake and

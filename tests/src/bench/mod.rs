@@ -305,6 +305,9 @@ struct Figures {
     full: Option<load::Latency>,
     conns_pooled: Option<f64>,
     conns_handshake: Option<f64>,
+    /// Both agents' CPU time per connection of the two figures above.
+    cpu_us_per_conn_pooled: Option<f64>,
+    cpu_us_per_conn_handshake: Option<f64>,
     /// RSS growth per held connection, client node's agent and server node's agent.
     per_conn_bytes: [Option<f64>; 2],
     rss_with_conns_mib: [Option<f64>; 2],
@@ -361,6 +364,8 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
     // Without the mesh there is no HBONE connection to pool or not.
     base_cross.conns_handshake = base_cross.conns_pooled;
     base_same.conns_handshake = base_same.conns_pooled;
+    base_cross.cpu_us_per_conn_handshake = base_cross.cpu_us_per_conn_pooled;
+    base_same.cpu_us_per_conn_handshake = base_same.cpu_us_per_conn_pooled;
 
     // The mesh: enroll live, check the path goes through both agents.
     bed.mesh_enabled = true;
@@ -400,16 +405,20 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
     bed.start_agent(0)?;
     for place in [Place::Cross, Place::Same] {
         check_meshed(&bed, place)?;
+        let cpu_before = agents_cpu(&bed)?;
         let rate = load::connection_rate(
             &bed.pod("client").ns.path(),
             bed.pod(place.server()).addr(APP_PORT),
             Duration::from_secs(settings.connect_secs),
             settings.connect_workers,
         )?;
-        match place {
-            Place::Cross => mesh_cross.conns_handshake = Some(rate),
-            Place::Same => mesh_same.conns_handshake = Some(rate),
-        }
+        let cpu = agents_cpu(&bed)? - cpu_before;
+        let figs = match place {
+            Place::Cross => &mut mesh_cross,
+            Place::Same => &mut mesh_same,
+        };
+        figs.conns_handshake = Some(rate.per_sec);
+        figs.cpu_us_per_conn_handshake = cpu_per_connection(cpu, rate);
     }
     drop(holders);
 
@@ -481,6 +490,12 @@ fn agents_rss(bed: &Testbed) -> anyhow::Result<[f64; 2]> {
         procfs::rss_bytes(bed.agent(0).pid())? as f64,
         procfs::rss_bytes(bed.agent(1).pid())? as f64,
     ])
+}
+
+/// Both agents' CPU microseconds per connection made (near 0 without the mesh); `None`
+/// without connections.
+fn cpu_per_connection(cpu_s: f64, rate: load::ConnectionRate) -> Option<f64> {
+    (rate.connections > 0).then(|| cpu_s * 1e6 / rate.connections as f64)
 }
 
 fn agents_cpu(bed: &Testbed) -> anyhow::Result<f64> {
@@ -568,12 +583,16 @@ fn measure(
     figs.full = Some(load::round_trips(&client, app, latency, None)?);
 
     // New connections.
-    figs.conns_pooled = Some(load::connection_rate(
+    let cpu_before = agents_cpu(bed)?;
+    let rate = load::connection_rate(
         &client,
         app,
         Duration::from_secs(settings.connect_secs),
         settings.connect_workers,
-    )?);
+    )?;
+    let cpu = agents_cpu(bed)? - cpu_before;
+    figs.conns_pooled = Some(rate.per_sec);
+    figs.cpu_us_per_conn_pooled = cpu_per_connection(cpu, rate);
 
     Ok(())
 }
@@ -588,7 +607,7 @@ fn rows(
 ) -> Vec<Row> {
     let mut rows = Vec::new();
     let mut add = |figure: String, get: &dyn Fn(&Figures) -> Option<f64>| {
-        let comparable = !figure.contains("CPU s per GiB") && !figure.contains("bytes per idle");
+        let comparable = !figure.contains("agents' CPU") && !figure.contains("bytes per idle");
         rows.push(Row {
             cross_node: Pair::new(get(cross[0]), get(cross[1]), comparable),
             same_node: Pair::new(get(same[0]), get(same[1]), comparable),
@@ -628,6 +647,14 @@ fn rows(
     add("agents' CPU s per GiB (both agents)".into(), &|f| {
         f.cpu_s_per_gib
     });
+    add(
+        "agents' CPU µs per new connection, pooled HBONE (both agents)".into(),
+        &|f| f.cpu_us_per_conn_pooled,
+    );
+    add(
+        "agents' CPU µs per new connection, full handshake each (both agents)".into(),
+        &|f| f.cpu_us_per_conn_handshake,
+    );
     let n = idle.describe();
     add(
         format!("node 1 agent (client side): bytes per idle connection ({n})"),

@@ -434,7 +434,8 @@ fn measure(
             server.addr(APP_PORT),
             Duration::from_secs_f64(settings.connect_secs),
             point.x,
-        )?;
+        )?
+        .per_sec;
         check_path(bed, &format!("{} clients", point.x), before, 1)?;
         point.value.set(mesh, rate);
     }
