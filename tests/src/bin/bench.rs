@@ -12,34 +12,63 @@ use std::fmt::Debug;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::Context as _;
-
 use ambit_e2e::bench::{control_plane, kube, scale, soak};
 
+/// `cargo xtask bench`'s testbed parts; all of them without a `--…-only`. Needs root; use a
+/// release agent (`AMBIT_BIN=target/release/ambit`).
+#[derive(clap::Parser)]
+#[command(name = "ambit-bench")]
+struct Args {
+    /// Smoke-sized settings.
+    #[arg(long)]
+    quick: bool,
+    /// Only the mesh against no mesh on the testbed.
+    #[arg(long, group = "part")]
+    testbed_only: bool,
+    /// Only Kubernetes mode against the fake API server.
+    #[arg(long, group = "part")]
+    kubernetes_only: bool,
+    /// Only the data path under control-plane load.
+    #[arg(long, group = "part")]
+    control_plane_only: bool,
+    /// Only the scale curves.
+    #[arg(long, group = "part")]
+    scale_only: bool,
+    /// Only the soak.
+    #[arg(long, group = "part")]
+    soak_only: bool,
+    /// Testbed part: runs it N times and writes each aim's min, median and max.
+    #[arg(long, value_name = "N", default_value_t = 1,
+        value_parser = clap::value_parser!(u16).range(1..))]
+    repeat: u16,
+    /// Testbed part: N data-path threads per agent instead of their default.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    agent_workers: Option<u16>,
+}
+
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let flag = |name: &str| args.iter().any(|a| a == name);
-    let quick = flag("--quick");
+    let args = <Args as clap::Parser>::parse();
     if !ambit_e2e::is_root() {
         anyhow::bail!(
             "the testbed benchmark creates network namespaces and loads eBPF: run it as root"
         );
     }
-    let agent_workers = count_after(&args, "--agent-workers", "threads")?;
-    let repeat = count_after(&args, "--repeat", "runs")?.unwrap_or(1);
-    if flag("--testbed-only") {
+    let quick = args.quick;
+    let agent_workers = args.agent_workers.map(usize::from);
+    let repeat = usize::from(args.repeat);
+    if args.testbed_only {
         return testbed(quick, agent_workers, repeat);
     }
-    if flag("--kubernetes-only") {
+    if args.kubernetes_only {
         return kubernetes(quick);
     }
-    if flag("--control-plane-only") {
+    if args.control_plane_only {
         return control_plane(quick);
     }
-    if flag("--scale-only") {
+    if args.scale_only {
         return scale(quick);
     }
-    if flag("--soak-only") {
+    if args.soak_only {
         return soak(quick);
     }
     testbed(quick, agent_workers, repeat)?;
@@ -47,19 +76,6 @@ fn main() -> anyhow::Result<()> {
     scale(quick)?;
     soak(quick)?;
     kubernetes(quick)
-}
-
-/// The count after `flag` (1 or more), if the flag is there.
-fn count_after(args: &[String], flag: &str, what: &str) -> anyhow::Result<Option<usize>> {
-    let Some(i) = args.iter().position(|a| a == flag) else {
-        return Ok(None);
-    };
-    let count = args
-        .get(i + 1)
-        .and_then(|n| n.parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .with_context(|| format!("{flag} needs a number of {what} (1 or more)"))?;
-    Ok(Some(count))
 }
 
 /// Prints one part's heading, table and output files; fails when a figure is missing.
