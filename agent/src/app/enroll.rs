@@ -3,18 +3,19 @@
 //! enrolled yet, and (in Kubernetes mode) the status annotation and the namespaces file
 //! the CNI plugin reads.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::pod::{PodKey, PodRuntime, StartError};
 use super::{Shared, now_unix};
 use crate::config::{MeshState, WorkloadEntry};
+use crate::identity::SpiffeId;
 use crate::k8s::{KubeSource, StatusWriter};
 
 /// Pods that should be enrolled but are not, by `namespace/name`, with the reason.
@@ -146,6 +147,8 @@ impl Agent {
         for w in state.local_pods() {
             desired.insert(PodKey::of(w, self.cni_netns.get(&pod_name(w))), w.clone());
         }
+        let wanted_identities: HashSet<SpiffeId> =
+            desired.values().map(|w| w.identity.clone()).collect();
         let gone: Vec<PodKey> = self
             .pods
             .keys()
@@ -222,6 +225,7 @@ impl Agent {
             self.backoff = (self.backoff * 2).min(LAST_RETRY);
         }
         *self.problems.lock().unwrap_or_else(PoisonError::into_inner) = problems;
+        self.forget_unused_certificates(&wanted_identities);
         self.write_statuses(state);
         self.answer_waiters();
     }
@@ -419,18 +423,29 @@ impl Agent {
 
     /// Unenrolling waits on the capture lock and does netlink work in the pod's netns: off
     /// the control plane's one thread, which also answers probes, the admin API and CNI.
-    /// `runtime` is no longer among the running pods.
+    /// Its certificate is left to [`Self::forget_unused_certificates`].
     async fn stop_pod(&self, runtime: PodRuntime) {
-        let identity = runtime.identity().clone();
         let shared = self.shared.clone();
         if let Err(e) = tokio::task::spawn_blocking(move || runtime.stop(&shared)).await {
             warn!(error = %e, "stopping a pod failed");
         }
-        // Pods of one service account share its certificate: it stays cached and renewed
-        // while another of them runs here, or that pod's next connection would wait for a
-        // new one from the CA.
-        if !self.pods.values().any(|p| *p.identity() == identity) {
-            self.shared.certs.forget(&identity);
+    }
+
+    /// Stops caching and renewing the certificates of identities no pod here runs as or is
+    /// wanted as (`wanted`: this node's pods in the state in force). Pods of one service
+    /// account share a certificate; a pod replacing another of its identity reuses it; a
+    /// pod held closed keeps it for its retry. Forgetting any of those would make that
+    /// pod's next connection wait on its data-path thread for a new one from the CA.
+    fn forget_unused_certificates(&self, wanted: &HashSet<SpiffeId>) {
+        let forgotten = self
+            .shared
+            .certs
+            .retain(|id| wanted.contains(id) || self.pods.values().any(|p| p.identity() == id));
+        if forgotten > 0 {
+            debug!(
+                forgotten,
+                "certificates of identities that left this node forgotten"
+            );
         }
     }
 

@@ -199,6 +199,19 @@ impl CertManager {
         }
     }
 
+    /// Forgets (as [`Self::forget`]) every identity `keep` refuses; returns how many.
+    pub fn retain(&self, mut keep: impl FnMut(&SpiffeId) -> bool) -> usize {
+        let removed: Vec<Arc<Entry>> = {
+            let mut entries = lock(&self.inner.entries);
+            let gone: Vec<SpiffeId> = entries.keys().filter(|id| !keep(id)).cloned().collect();
+            gone.iter().filter_map(|id| entries.remove(id)).collect()
+        };
+        for entry in &removed {
+            entry.stop_renewing();
+        }
+        removed.len()
+    }
+
     /// The CA's current bundle, shared (no copy per connection).
     pub fn trust_bundle(&self) -> Arc<TrustBundle> {
         self.inner.ca.trust_bundle()
@@ -647,6 +660,22 @@ mod tests {
         let fresh = mgr.get(&a).await.unwrap();
         assert_ne!(fresh.serial, first.serial);
         assert!(ca.now() < fresh.not_after);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retain_forgets_the_identities_not_kept_and_stops_their_renewal() {
+        let ca = FakeCa::new(Duration::ZERO);
+        let mgr = ca.manager(Duration::from_secs(2));
+        let (kept, dropped) = (id("kept"), id("dropped"));
+        mgr.get(&kept).await.unwrap();
+        mgr.get(&dropped).await.unwrap();
+        assert_eq!(mgr.retain(|id| *id == kept), 1);
+        let left: Vec<SpiffeId> = mgr.snapshot().into_iter().map(|c| c.identity).collect();
+        assert_eq!(left, std::slice::from_ref(&kept));
+        // Renewal comes at half-life (1 s): only the kept identity renews.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(ca.calls(), 3, "two issuances and one renewal");
+        assert_eq!(mgr.retain(|_| true), 0);
     }
 
     #[tokio::test(start_paused = true)]
