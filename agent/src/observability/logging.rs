@@ -146,16 +146,26 @@ impl<'a> MakeWriter<'a> for OffThreadWriter {
 /// The logging thread's loop. It waits on the queue only when the queue has stayed empty
 /// for [`GATHER`] after the last lines it wrote: a waiting thread is woken by the next
 /// sender, once per line if lines come one at a time. While lines keep coming it writes
-/// what gathered, calls `pause` ([`GATHER`] in the agent), and looks again: one write and
-/// one wake-up per pause however many lines arrived, none of them woken by a sender. A lone
-/// line is still written at once.
-fn write_lines(queue: &Receiver<Message>, out: &mut impl Write, mut pause: impl FnMut()) {
+/// what gathered, calls `pause` ([`GATHER`] in the agent), and looks again: one wake-up
+/// per pause however many lines arrived (written in 64 KiB writes), none of them woken by
+/// a sender. A lone line is still written at once; after a drain of `no_pause_from` lines
+/// or more it looks again without pausing, so a burst does not fill the queue (and drop
+/// lines) while stdout keeps up.
+fn write_lines(
+    queue: &Receiver<Message>,
+    out: &mut impl Write,
+    mut pause: impl FnMut(),
+    no_pause_from: usize,
+) {
     while let Ok(Message::Line(line)) = queue.recv() {
         let _ = out.write_all(&line);
+        let mut gathered = 0usize;
         loop {
             let _ = out.flush();
-            pause();
-            let mut gathered = 0usize;
+            if gathered < no_pause_from {
+                pause();
+            }
+            gathered = 0;
             loop {
                 match queue.try_recv() {
                     Ok(Message::Line(line)) => {
@@ -194,7 +204,8 @@ impl LogControl {
     }
 
     /// Lines dropped because the writer thread's queue was full (stdout not read fast
-    /// enough).
+    /// enough, or a burst of more lines than the queue holds), or because the thread had
+    /// stopped (at exit).
     pub fn lines_dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
@@ -226,7 +237,7 @@ fn off_thread_writer(
         .name("ambit-log".into())
         .spawn(move || {
             let mut out = BufWriter::with_capacity(WRITE_BATCH, out);
-            write_lines(&lines, &mut out, pause);
+            write_lines(&lines, &mut out, pause, (queued / 4).max(1));
         });
     match started {
         Ok(thread) => (writer, Some(LogWorker { queue, thread })),
@@ -347,9 +358,8 @@ mod tests {
         let expected: Vec<String> = std::iter::once("first".to_owned())
             .chain((0..QUEUED).map(|i| format!("line {i}")))
             .collect();
-        // The writer thread drains its queue once released; waiting for that (rather than
-        // on the guard's drop, which gives up after 100 ms on a busy machine) keeps the
-        // test free of timing.
+        // The writer thread drains its queue once released; the test waits for that
+        // itself, with its own generous bound.
         let (drained_tx, drained) = mpsc::channel();
         let written = out.written.clone();
         let watcher = std::thread::spawn(move || {
@@ -369,7 +379,19 @@ mod tests {
             .expect("utf8");
         watcher.join().expect("watcher thread");
         assert_eq!(written.lines().collect::<Vec<_>>(), expected);
-        worker.expect("logging thread").finish();
+        finish_in_time(worker);
+    }
+
+    /// Stops the logging thread; fails rather than hangs if it does not stop.
+    fn finish_in_time(worker: Option<LogWorker>) {
+        let worker = worker.expect("logging thread");
+        let (done_tx, done) = mpsc::channel();
+        std::thread::spawn(move || {
+            worker.finish();
+            let _ = done_tx.send(());
+        });
+        done.recv_timeout(BLOCKED)
+            .expect("the logging thread did not stop");
     }
 
     /// Records each `write` the logging thread makes.
@@ -417,9 +439,13 @@ mod tests {
         wait_pause();
         let gathered: String = (1..=10).map(|i| format!("line {i}\n")).collect();
         assert_eq!(written(), ["line 0\n".to_owned(), gathered.clone()]);
-        // Nothing arrived in this pause: the thread waits on the queue, and the next line
-        // is again written before a pause.
+        // Nothing arrived in this pause: the thread waits on the queue (no more pauses
+        // without a line), and the next line is again written before a pause.
         go.send(()).expect("go");
+        assert!(
+            paused.recv_timeout(Duration::from_millis(100)).is_err(),
+            "the thread kept pausing with nothing queued instead of waiting on the queue"
+        );
         line(11).expect("write");
         wait_pause();
         assert_eq!(
@@ -428,6 +454,45 @@ mod tests {
         );
         go.send(()).expect("go");
         assert_eq!(writer.dropped_lines().load(Ordering::Relaxed), 0);
-        worker.expect("logging thread").finish();
+        finish_in_time(worker);
+    }
+
+    /// A drain that found a quarter of the queue or more is followed at once by another:
+    /// pausing then could fill the queue and drop lines that stdout would have taken.
+    #[test]
+    fn a_burst_is_drained_again_without_a_pause() {
+        const QUEUED: usize = 8;
+        let (paused_tx, paused) = mpsc::channel::<()>();
+        let (go, go_rx) = mpsc::channel::<()>();
+        let writes = Writes::default();
+        let (writer, worker) = off_thread_writer(writes.clone(), QUEUED, move || {
+            let _ = paused_tx.send(());
+            let _ = go_rx.recv_timeout(BLOCKED);
+        });
+        let line = |i: usize| (&writer).write_all(format!("line {i}\n").as_bytes());
+        line(0).expect("write");
+        paused.recv_timeout(BLOCKED).expect("the thread paused");
+        // A burst of a quarter of the queue (2 lines) during the pause.
+        line(1).expect("write");
+        line(2).expect("write");
+        go.send(()).expect("go");
+        let deadline = std::time::Instant::now() + BLOCKED;
+        while writes.0.lock().expect("lock").len() < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the burst was never written"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            writes.0.lock().expect("lock").clone(),
+            ["line 0\n", "line 1\nline 2\n"]
+        );
+        // Looked again at once, found nothing, and waits on the queue: no pause.
+        assert!(
+            paused.recv_timeout(Duration::from_millis(100)).is_err(),
+            "the thread paused after a burst instead of looking again at once"
+        );
+        finish_in_time(worker);
     }
 }
