@@ -304,14 +304,14 @@ fn a_pod_leaving_keeps_the_certificate_its_service_account_shares() -> anyhow::R
     assert_eq!(
         certificate_serial(&bed, 0, &identity)?,
         Some(serial),
-        "the remaining pod kept the shared certificate"
+        "the remaining pod's certificate was forgotten and issued again"
     );
     let client_left = bed.agent(0).logs().iter().any(|l| {
         l.contains("pod unenrolled") && l.split_whitespace().any(|w| w == "pod=mesh/client")
     });
     assert!(
         !client_left,
-        "the other pod of the service account stayed enrolled"
+        "the other pod of the service account was unenrolled too"
     );
     Ok(())
 }

@@ -131,9 +131,6 @@ pub fn round_trips(
     })?)
 }
 
-/// New connections per second for `duration`, `workers` at a time, each connection doing
-/// one request/response: connect, send 64 bytes, half-close, read the greeting and echo to
-/// the end.
 /// Connections made by [`connection_rate`].
 #[derive(Clone, Copy, Debug)]
 pub struct ConnectionRate {
@@ -141,6 +138,9 @@ pub struct ConnectionRate {
     pub connections: u64,
 }
 
+/// New connections per second for `duration`, `workers` at a time, each connection doing
+/// one request/response: connect, send 64 bytes, half-close, read the greeting and echo to
+/// the end.
 pub fn connection_rate(
     client_netns: &Path,
     to: SocketAddr,

@@ -39,8 +39,8 @@ struct Args {
     soak_only: bool,
     /// Testbed part: runs it N times and writes each aim's min, median and max.
     #[arg(long, value_name = "N", default_value_t = 1,
-        value_parser = clap::value_parser!(u16).range(1..))]
-    repeat: u16,
+        value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
     /// Testbed part: N data-path threads per agent instead of their default.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     agent_workers: Option<u16>,
@@ -55,7 +55,7 @@ fn main() -> anyhow::Result<()> {
     }
     let quick = args.quick;
     let agent_workers = args.agent_workers.map(usize::from);
-    let repeat = usize::from(args.repeat);
+    let repeat = usize::try_from(args.repeat)?;
     if args.testbed_only {
         return testbed(quick, agent_workers, repeat);
     }
