@@ -437,10 +437,11 @@ impl Agent {
     /// pod held closed keeps it for its retry. Forgetting any of those would make that
     /// pod's next connection wait on its data-path thread for a new one from the CA.
     fn forget_unused_certificates(&self, wanted: &HashSet<SpiffeId>) {
-        let forgotten = self
-            .shared
-            .certs
-            .retain(|id| wanted.contains(id) || self.pods.values().any(|p| p.identity() == id));
+        // Built first: `retain` holds the lock a connection takes to find its certificate,
+        // so under it only one lookup per cached identity.
+        let mut keep: HashSet<&SpiffeId> = wanted.iter().collect();
+        keep.extend(self.pods.values().map(PodRuntime::identity));
+        let forgotten = self.shared.certs.retain(|id| keep.contains(id));
         if forgotten > 0 {
             debug!(
                 forgotten,

@@ -109,7 +109,7 @@ struct Entry {
 
 #[derive(Default)]
 struct Renewer {
-    /// Set by `forget`; no renewal task may start afterwards.
+    /// Set when the identity is forgotten (`retain`); no renewal task may start afterwards.
     forgotten: bool,
     task: Option<AbortHandle>,
 }
@@ -185,21 +185,9 @@ impl CertManager {
         }
     }
 
-    /// Stops caching and renewing `id` (its workload is gone). Holders of its
-    /// certificate keep it; a later `get` starts from scratch. Returns whether
-    /// the identity was known.
-    pub fn forget(&self, id: &SpiffeId) -> bool {
-        let removed = lock(&self.inner.entries).remove(id);
-        match removed {
-            Some(entry) => {
-                entry.stop_renewing();
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Forgets (as [`Self::forget`]) every identity `keep` refuses; returns how many.
+    /// Stops caching and renewing every identity `keep` refuses (their workloads are
+    /// gone); returns how many. Holders of their certificates keep them; a later `get`
+    /// starts from scratch.
     pub fn retain(&self, mut keep: impl FnMut(&SpiffeId) -> bool) -> usize {
         let removed: Vec<Arc<Entry>> = {
             let mut entries = lock(&self.inner.entries);
@@ -279,8 +267,8 @@ impl Inner {
 
     fn ensure_renewer(&self, entry: &Arc<Entry>) {
         let mut renewer = lock(&entry.renewer);
-        // Checked under the same lock `forget` takes, so a `get` racing with
-        // `forget` cannot leave a renewal task behind for a gone workload.
+        // Checked under the same lock forgetting takes, so a `get` racing with
+        // `retain` cannot leave a renewal task behind for a gone workload.
         if renewer.forgotten || renewer.task.is_some() {
             return;
         }
@@ -684,8 +672,8 @@ mod tests {
         let mgr = ca.manager(Duration::from_secs(2));
         let a = id("a");
         mgr.get(&a).await.unwrap();
-        assert!(mgr.forget(&a));
-        assert!(!mgr.forget(&a));
+        assert_eq!(mgr.retain(|id| *id != a), 1);
+        assert_eq!(mgr.retain(|id| *id != a), 0);
         assert!(mgr.snapshot().is_empty());
         // Renewal would have come at 1 s, and again every second after.
         tokio::time::sleep(Duration::from_secs(10)).await;
