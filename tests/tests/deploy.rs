@@ -107,12 +107,19 @@ fn volume_mounts(container: &Value) -> BTreeMap<String, (String, bool, Option<St
 }
 
 fn env_field(container: &Value, name: &str) -> String {
+    env_value_from(container, name)["fieldRef"]["fieldPath"]
+        .as_str()
+        .unwrap_or_else(|| panic!("env {name} from a fieldRef"))
+        .to_owned()
+}
+
+/// The `valueFrom` of the container's env variable `name`.
+fn env_value_from<'a>(container: &'a Value, name: &str) -> &'a Value {
     container["env"]
         .as_sequence()
         .and_then(|e| e.iter().find(|x| x["name"] == name))
-        .and_then(|x| x["valueFrom"]["fieldRef"]["fieldPath"].as_str())
-        .unwrap_or_else(|| panic!("env {name} from a fieldRef"))
-        .to_owned()
+        .map(|x| &x["valueFrom"])
+        .unwrap_or_else(|| panic!("env {name} from a valueFrom"))
 }
 
 /// `--flag=value` arguments as a map (flags without a value map to "").
@@ -412,11 +419,7 @@ fn agent_daemonset_runs_kubernetes_mode_with_the_documented_mounts() {
     assert_eq!(env_field(agent, "NODE_NAME"), "spec.nodeName");
     // Its CPU limit reaches it through the downward API, in millicores (it cannot read its
     // own cgroup quota under the host's cgroup mount).
-    let cpu_limit = agent["env"]
-        .as_sequence()
-        .and_then(|e| e.iter().find(|x| x["name"] == "AMBIT_CPU_LIMIT_MILLIS"))
-        .map(|x| &x["valueFrom"]["resourceFieldRef"])
-        .expect("env AMBIT_CPU_LIMIT_MILLIS from a resourceFieldRef");
+    let cpu_limit = &env_value_from(agent, "AMBIT_CPU_LIMIT_MILLIS")["resourceFieldRef"];
     assert_eq!(cpu_limit["containerName"], "agent");
     assert_eq!(cpu_limit["resource"], "limits.cpu");
     assert_eq!(cpu_limit["divisor"], "1m");

@@ -405,20 +405,18 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
     bed.start_agent(0)?;
     for place in [Place::Cross, Place::Same] {
         check_meshed(&bed, place)?;
-        let cpu_before = agents_cpu(&bed)?;
-        let rate = load::connection_rate(
+        let (rate, cpu_us) = connections_with_cpu(
+            &bed,
+            settings,
             &bed.pod("client").ns.path(),
             bed.pod(place.server()).addr(APP_PORT),
-            Duration::from_secs(settings.connect_secs),
-            settings.connect_workers,
         )?;
-        let cpu = agents_cpu(&bed)? - cpu_before;
         let figs = match place {
             Place::Cross => &mut mesh_cross,
             Place::Same => &mut mesh_same,
         };
-        figs.conns_handshake = Some(rate.per_sec);
-        figs.cpu_us_per_conn_handshake = cpu_per_connection(cpu, rate);
+        figs.conns_handshake = Some(rate);
+        figs.cpu_us_per_conn_handshake = cpu_us;
     }
     drop(holders);
 
@@ -492,10 +490,25 @@ fn agents_rss(bed: &Testbed) -> anyhow::Result<[f64; 2]> {
     ])
 }
 
-/// Both agents' CPU microseconds per connection made (near 0 without the mesh); `None`
-/// without connections.
-fn cpu_per_connection(cpu_s: f64, rate: load::ConnectionRate) -> Option<f64> {
-    (rate.connections > 0).then(|| cpu_s * 1e6 / rate.connections as f64)
+/// New connections per second from `client_netns` to `to`, and both agents' CPU
+/// microseconds per connection made meanwhile (near 0 without the mesh; `None` without
+/// connections).
+fn connections_with_cpu(
+    bed: &Testbed,
+    settings: &Settings,
+    client_netns: &Path,
+    to: std::net::SocketAddr,
+) -> anyhow::Result<(f64, Option<f64>)> {
+    let cpu_before = agents_cpu(bed)?;
+    let rate = load::connection_rate(
+        client_netns,
+        to,
+        Duration::from_secs(settings.connect_secs),
+        settings.connect_workers,
+    )?;
+    let cpu_s = agents_cpu(bed)? - cpu_before;
+    let cpu_us = (rate.connections > 0).then(|| cpu_s * 1e6 / rate.connections as f64);
+    Ok((rate.per_sec, cpu_us))
 }
 
 fn agents_cpu(bed: &Testbed) -> anyhow::Result<f64> {
@@ -583,16 +596,9 @@ fn measure(
     figs.full = Some(load::round_trips(&client, app, latency, None)?);
 
     // New connections.
-    let cpu_before = agents_cpu(bed)?;
-    let rate = load::connection_rate(
-        &client,
-        app,
-        Duration::from_secs(settings.connect_secs),
-        settings.connect_workers,
-    )?;
-    let cpu = agents_cpu(bed)? - cpu_before;
-    figs.conns_pooled = Some(rate.per_sec);
-    figs.cpu_us_per_conn_pooled = cpu_per_connection(cpu, rate);
+    let (rate, cpu_us) = connections_with_cpu(bed, settings, &client, app)?;
+    figs.conns_pooled = Some(rate);
+    figs.cpu_us_per_conn_pooled = cpu_us;
 
     Ok(())
 }
