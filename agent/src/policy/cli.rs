@@ -492,17 +492,33 @@ spec:
   - from: [{source: {principals: [cluster.local/ns/shop/sa/frontend]}}]
 ";
 
-    fn local_file(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("ambit-cli-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("local.yaml");
-        std::fs::write(&path, LOCAL).expect("write");
-        path
+    /// A scratch directory removed when dropped, so a failing test leaves nothing behind.
+    struct ScratchDir(PathBuf);
+
+    impl ScratchDir {
+        fn new(tag: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("ambit-cli-{tag}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            Self(dir)
+        }
+
+        fn file(&self, name: &str, content: &str) -> PathBuf {
+            let path = self.0.join(name);
+            std::fs::write(&path, content).expect("write");
+            path
+        }
+    }
+
+    impl Drop for ScratchDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 
     #[test]
     fn local_mode_file_uses_the_workload_and_root_namespace() {
-        let path = local_file("local");
+        let scratch = ScratchDir::new("local");
+        let path = scratch.file("local.yaml", LOCAL);
         // The workload's label `app: checkout` brings in the ALLOW policy
         // (whose namespace is the file's defaultNamespace): another identity is denied.
         let other = check(&args(
@@ -542,12 +558,12 @@ spec:
         let by_ip = check(&by_ip).expect("check runs");
         assert!(!by_ip.allowed, "{}", by_ip.text);
         assert!(by_ip.text.contains("app\": \"checkout"), "{}", by_ip.text);
-        let _ = std::fs::remove_file(&path);
     }
 
     #[test]
     fn flags_override_the_local_mode_file() {
-        let path = local_file("override");
+        let scratch = ScratchDir::new("override");
+        let path = scratch.file("local.yaml", LOCAL);
         // --label replaces the workload's label: the ALLOW policy no longer selects it.
         let relabelled = check(&args(
             path.clone(),
@@ -567,21 +583,20 @@ spec:
             .expect_err("unknown workload");
         assert!(matches!(err, CheckError::Usage(_)), "{err}");
         assert!(err.to_string().contains("shop/nope"), "{err}");
-        let _ = std::fs::remove_file(&path);
     }
 
     #[test]
     fn malformed_file_error_names_file() {
-        let dir = std::env::temp_dir().join(format!("ambit-cli-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("broken.yaml");
-        std::fs::write(&path, "kind: PeerAuthentication\nmetadata: [unclosed\n").expect("write");
+        let scratch = ScratchDir::new("broken");
+        let path = scratch.file(
+            "broken.yaml",
+            "kind: PeerAuthentication\nmetadata: [unclosed\n",
+        );
         let err = check(&args(path.clone(), "10.0.0.9", "default", &[])).expect_err("must fail");
         let msg = err.to_string();
         assert!(matches!(err, CheckError::Policy { .. }), "{msg}");
         assert!(msg.contains("broken.yaml"), "{msg}");
         assert!(msg.contains("invalid YAML"), "{msg}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
