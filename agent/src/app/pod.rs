@@ -551,3 +551,36 @@ async fn serve_plaintext(inbound: Arc<Inbound>, listener: TcpListener) {
     )
     .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The outbound path arms no socket itself (`Outbound::proxy`): it relies on Linux
+    /// copying the listener's options into every accepted socket.
+    #[test]
+    fn accepted_sockets_come_with_the_listeners_nodelay_and_reset_on_close() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        set_accepted_socket_options(&listener).expect("listener options");
+        let _client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+        let accepted = socket2::SockRef::from(&accepted);
+        assert_eq!(
+            accepted.linger().expect("SO_LINGER"),
+            Some(std::time::Duration::ZERO)
+        );
+        assert!(accepted.tcp_nodelay().expect("TCP_NODELAY"));
+        // A socket accepted from a listener without the options has neither.
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let _client =
+            std::net::TcpStream::connect(plain.local_addr().expect("addr")).expect("connect");
+        let (accepted, _) = plain.accept().expect("accept");
+        assert_eq!(
+            socket2::SockRef::from(&accepted)
+                .linger()
+                .expect("SO_LINGER"),
+            None
+        );
+    }
+}

@@ -134,8 +134,10 @@ impl Outbound {
     }
 
     /// Tunnels `client` to the destination and copies until both sides are done. `client`
-    /// is armed to reset on close at once ([`super::reset_on_close`]): a setup that fails,
-    /// a copy that fails or an agent that dies ends it with a reset, never a clean close.
+    /// must come armed to reset on close ([`super::reset_on_close`]; the outbound
+    /// listener's options arm every socket it accepts, which saves a `setsockopt` per
+    /// connection here): a setup that fails, a copy that fails or an agent that dies ends
+    /// it with a reset, never a clean close.
     ///
     /// Not an `async fn`: its arguments would keep their space in the future for the whole
     /// connection. The request lives only in the boxed setup future, freed (with its
@@ -148,7 +150,6 @@ impl Outbound {
         client: TcpStream,
         stats: CopyStats,
     ) -> impl Future<Output = Result<(), TunnelError>> + Send + 'static {
-        super::reset_on_close(&client);
         let this = self.clone();
         let setup = Box::pin(async move { this.open_stream(&request).await });
         // `then` replaces the setup with the copy rather than nesting the two, and the copy

@@ -208,6 +208,8 @@ impl Env {
             .await
             .expect("connect");
         let (accepted, _) = capture.accept().await.expect("accept");
+        // As the outbound listener's options arm every socket it accepts.
+        super::reset_on_close(&accepted);
         let task = tokio::spawn(async move {
             outbound
                 .proxy(request, accepted, CopyStats::default())
@@ -1060,6 +1062,8 @@ async fn policy_change_revokes_live_connections_it_denies() {
         .await
         .expect("connect");
     let (accepted, _) = capture.accept().await.expect("accept");
+    // As the outbound listener's options arm every socket it accepts.
+    super::reset_on_close(&accepted);
     let request = OutboundRequest {
         source: id("client"),
         source_addr: "127.0.0.1:40000".parse().expect("addr"),
