@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use ambit_agent::identity::{CertManager, LocalCa, SpiffeId};
 use ambit_agent::tunnel::{
-    AllowAll, CopyStats, DirectDialer, Inbound, LocalWorkload, LocalWorkloads, Metrics, Outbound,
-    OutboundRequest, TunnelConfig,
+    AllowAll, CopyStats, DirectDialer, Inbound, Listener, LocalWorkload, LocalWorkloads, Metrics,
+    Outbound, OutboundRequest, TunnelConfig,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -201,7 +201,7 @@ impl Mesh {
             inbound = inbound.with_metrics(Arc::new(Metrics::new(&mut registry)));
         }
         let inbound = Arc::new(inbound);
-        let listener = TcpListener::bind((LOCALHOST, 0)).await?;
+        let listener = Listener::from_std(std::net::TcpListener::bind((LOCALHOST, 0))?)?;
         let hbone_addr = listener.local_addr()?;
         tokio::spawn(inbound.serve(listener));
         let outbound = Arc::new(Outbound::new(

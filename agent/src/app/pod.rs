@@ -11,7 +11,7 @@ use std::time::Instant;
 use ambit_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_CAPTURE_PORT};
 use anyhow::Context as _;
 use futures::FutureExt as _;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
@@ -23,8 +23,8 @@ use crate::config::{MeshState, Route, ServiceEntry, WorkloadEntry};
 use crate::identity::SpiffeId;
 use crate::netns::NetNs;
 use crate::tunnel::{
-    AcceptBackoff, ConnectionLabels, ConnectionSeries, CopyStats, Dialer as _, Inbound, Outbound,
-    OutboundRequest, Reporter, SeriesCache, TunnelError, accept_loop, outcome,
+    AcceptBackoff, ConnectionLabels, ConnectionSeries, CopyStats, Dialer as _, Inbound, Listener,
+    Outbound, OutboundRequest, Reporter, SeriesCache, TunnelError, accept_loop, outcome,
 };
 
 /// What identifies a running pod; a change to any part restarts it.
@@ -369,7 +369,7 @@ impl OutboundCtx {
     }
 }
 
-async fn serve_outbound(ctx: Arc<OutboundCtx>, listener: TcpListener) {
+async fn serve_outbound(ctx: Arc<OutboundCtx>, listener: Listener) {
     // Ends only when the pod's tasks are aborted.
     accept_loop(
         &listener,
@@ -518,13 +518,13 @@ fn set_accepted_socket_options(listener: &impl std::os::fd::AsFd) -> std::io::Re
     socket.set_linger(Some(std::time::Duration::ZERO))
 }
 
-async fn serve_hbone(inbound: Arc<Inbound>, listener: TcpListener) {
+async fn serve_hbone(inbound: Arc<Inbound>, listener: Listener) {
     if let Err(e) = inbound.serve(listener).await {
         warn!(error = %e, "HBONE listener failed");
     }
 }
 
-async fn serve_plaintext(inbound: Arc<Inbound>, listener: TcpListener) {
+async fn serve_plaintext(inbound: Arc<Inbound>, listener: Listener) {
     // Ends only when the pod's tasks are aborted.
     accept_loop(
         &listener,

@@ -17,7 +17,7 @@ use futures::FutureExt as _;
 use futures::future::Either;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -360,7 +360,11 @@ impl Inbound {
     }
 
     /// Accepts HBONE connections until the task is aborted; accept errors are retried.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+    pub async fn serve(self: Arc<Self>, listener: super::Listener) -> std::io::Result<()> {
+        // HTTP/2 writes small frames (WINDOW_UPDATE, headers): never hold them back. Set on
+        // the listener, every accepted socket inherits it (one syscall, not one per
+        // connection).
+        socket2::SockRef::from(&listener).set_tcp_nodelay(true)?;
         super::accept_loop(
             &listener,
             "HBONE :15008",
@@ -368,8 +372,6 @@ impl Inbound {
             self.accept_errors(),
             std::future::pending(),
             |tcp, peer| {
-                // HTTP/2 writes small frames (WINDOW_UPDATE, headers): never hold them back.
-                let _ = tcp.set_nodelay(true);
                 let this = self.clone();
                 self.shards.spawn_connection(tcp, move |tcp| async move {
                     if let Err(e) = this.handle_hbone(tcp).await {
