@@ -201,7 +201,10 @@ impl Mesh {
             inbound = inbound.with_metrics(Arc::new(Metrics::new(&mut registry)));
         }
         let inbound = Arc::new(inbound);
-        let listener = Listener::from_std(std::net::TcpListener::bind((LOCALHOST, 0))?)?;
+        let listener = std::net::TcpListener::bind((LOCALHOST, 0))?;
+        // As the agent's HBONE listeners: accepted sockets inherit it.
+        socket2::SockRef::from(&listener).set_tcp_nodelay(true)?;
+        let listener = Listener::from_std(listener)?;
         let hbone_addr = listener.local_addr()?;
         tokio::spawn(inbound.serve(listener));
         let outbound = Arc::new(Outbound::new(

@@ -159,6 +159,12 @@ impl PodRuntime {
             .listen_std(SocketAddr::new(any, HBONE_PORT))
             .await
             .context("HBONE listener :15008")?;
+        // HTTP/2 writes small frames (WINDOW_UPDATE, headers): never hold them back. Set
+        // before the listener is steered to, or a connection completed in between would not
+        // inherit it (and a pooled HBONE connection lives long).
+        socket2::SockRef::from(&hbone_listener)
+            .set_tcp_nodelay(true)
+            .context("HBONE listener options")?;
         // Have the certificate before traffic arrives.
         shared.certs.get(&workload.identity).await?;
         let shared = shared.clone();

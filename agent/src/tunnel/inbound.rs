@@ -359,12 +359,10 @@ impl Inbound {
         &self.counters
     }
 
-    /// Accepts HBONE connections until the task is aborted; accept errors are retried.
+    /// Accepts HBONE connections until the task is aborted; accept errors are retried. The
+    /// listener should have TCP_NODELAY set before connections can reach it: its accepted
+    /// sockets inherit it (`app/pod.rs` sets it when it opens the pod's listener).
     pub async fn serve(self: Arc<Self>, listener: super::Listener) -> std::io::Result<()> {
-        // HTTP/2 writes small frames (WINDOW_UPDATE, headers): never hold them back. Set on
-        // the listener, every accepted socket inherits it (one syscall, not one per
-        // connection).
-        socket2::SockRef::from(&listener).set_tcp_nodelay(true)?;
         super::accept_loop(
             &listener,
             "HBONE :15008",

@@ -219,9 +219,12 @@ impl Env {
     }
 }
 
-/// A listener for `Inbound::serve`, on the test's runtime.
+/// A listener for `Inbound::serve`, on the test's runtime, with TCP_NODELAY as the agent's.
 fn hbone_listener(addr: (IpAddr, u16)) -> super::Listener {
     let listener = std::net::TcpListener::bind(addr).expect("bind hbone");
+    socket2::SockRef::from(&listener)
+        .set_tcp_nodelay(true)
+        .expect("TCP_NODELAY");
     super::Listener::from_std(listener).expect("listener registers")
 }
 
