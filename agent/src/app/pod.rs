@@ -159,12 +159,7 @@ impl PodRuntime {
             .listen_std(SocketAddr::new(any, HBONE_PORT))
             .await
             .context("HBONE listener :15008")?;
-        // HTTP/2 writes small frames (WINDOW_UPDATE, headers): never hold them back. Set
-        // before the listener is steered to, or a connection completed in between would not
-        // inherit it (and a pooled HBONE connection lives long).
-        socket2::SockRef::from(&hbone_listener)
-            .set_tcp_nodelay(true)
-            .context("HBONE listener options")?;
+        set_hbone_socket_options(&hbone_listener).context("HBONE listener options")?;
         // Have the certificate before traffic arrives.
         shared.certs.get(&workload.identity).await?;
         let shared = shared.clone();
@@ -524,6 +519,14 @@ fn set_accepted_socket_options(listener: &impl std::os::fd::AsFd) -> std::io::Re
     socket.set_linger(Some(std::time::Duration::ZERO))
 }
 
+/// The HBONE listener's counterpart of [`set_accepted_socket_options`]: TCP_NODELAY only
+/// (HTTP/2 writes small frames, WINDOW_UPDATE and headers, that must not wait; a clean HBONE
+/// end is a FIN, so no reset on close). Set before the listener is steered to: a connection
+/// completed earlier would not inherit it, and a pooled HBONE connection lives long.
+fn set_hbone_socket_options(listener: &impl std::os::fd::AsFd) -> std::io::Result<()> {
+    socket2::SockRef::from(listener).set_tcp_nodelay(true)
+}
+
 async fn serve_hbone(inbound: Arc<Inbound>, listener: Listener) {
     if let Err(e) = inbound.serve(listener).await {
         warn!(error = %e, "HBONE listener failed");
@@ -562,10 +565,10 @@ async fn serve_plaintext(inbound: Arc<Inbound>, listener: Listener) {
 mod tests {
     use super::*;
 
-    /// The outbound path arms no socket itself (`Outbound::proxy`): it relies on Linux
-    /// copying the listener's options into every accepted socket.
+    /// No accepted socket gets its options one by one (`Outbound::proxy` arms nothing, the
+    /// HBONE accept sets nothing): Linux copies the listener's into every accepted socket.
     #[test]
-    fn accepted_sockets_come_with_the_listeners_nodelay_and_reset_on_close() {
+    fn accepted_sockets_come_with_their_listeners_options() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         set_accepted_socket_options(&listener).expect("listener options");
         let _client =
@@ -577,16 +580,22 @@ mod tests {
             Some(std::time::Duration::ZERO)
         );
         assert!(accepted.tcp_nodelay().expect("TCP_NODELAY"));
+        // HBONE sockets: TCP_NODELAY, and a plain close.
+        let hbone = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        set_hbone_socket_options(&hbone).expect("HBONE listener options");
+        let _client =
+            std::net::TcpStream::connect(hbone.local_addr().expect("addr")).expect("connect");
+        let (accepted, _) = hbone.accept().expect("accept");
+        let accepted = socket2::SockRef::from(&accepted);
+        assert!(accepted.tcp_nodelay().expect("TCP_NODELAY"));
+        assert_eq!(accepted.linger().expect("SO_LINGER"), None);
         // A socket accepted from a listener without the options has neither.
         let plain = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let _client =
             std::net::TcpStream::connect(plain.local_addr().expect("addr")).expect("connect");
         let (accepted, _) = plain.accept().expect("accept");
-        assert_eq!(
-            socket2::SockRef::from(&accepted)
-                .linger()
-                .expect("SO_LINGER"),
-            None
-        );
+        let accepted = socket2::SockRef::from(&accepted);
+        assert_eq!(accepted.linger().expect("SO_LINGER"), None);
+        assert!(!accepted.tcp_nodelay().expect("TCP_NODELAY"));
     }
 }
