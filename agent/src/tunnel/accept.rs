@@ -14,10 +14,9 @@ use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
 /// A listening socket registered with the runtime it was made on, whose accepted sockets
-/// are not registered anywhere yet. Tokio's `TcpListener` registers each accepted socket
-/// with the accepting thread's event loop; a connection that then runs on another shard
-/// had to be moved (`epoll_ctl` DEL + ADD, and a `dup` and a `close` to reset it if the move
-/// failed). From here it is registered once, where it runs.
+/// are not registered anywhere yet, so that each is registered once, with the event loop
+/// of the shard it will run on. Tokio's `TcpListener` registers them with the accepting
+/// thread's: one run elsewhere had to be moved (`epoll_ctl` DEL and ADD).
 pub struct Listener(AsyncFd<mio::net::TcpListener>);
 
 impl Listener {

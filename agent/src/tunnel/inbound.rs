@@ -399,8 +399,7 @@ impl Inbound {
             return Ok(());
         };
         // The handshakes and the connection borrow the socket, which stays here: a handshake
-        // abandoned at the deadline can still be made to end in a reset (a duplicate
-        // descriptor did this before, a `dup` and a `close` per connection).
+        // abandoned at the deadline can still be made to end in a reset.
         // Boxed: the handshakes' state is large and only lives during setup; inline it would
         // size every connection's task for it while the connection idles.
         let Ok(established) = tokio::time::timeout(
