@@ -226,6 +226,8 @@ impl Mesh {
         let capture = TcpListener::bind((LOCALHOST, 0)).await?;
         let client = TcpStream::connect(capture.local_addr()?).await?;
         let (accepted, source_addr) = capture.accept().await?;
+        // As the agent's outbound listener's options arm every socket it accepts.
+        ambit_agent::tunnel::reset_on_close(&accepted);
         let request = OutboundRequest {
             source: id("client")?,
             source_addr,

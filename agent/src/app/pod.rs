@@ -143,23 +143,23 @@ impl PodRuntime {
     ) -> anyhow::Result<Listeners> {
         let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
         let outbound_listener = sockets
-            .listen_std(SocketAddr::new(
-                Ipv4Addr::LOCALHOST.into(),
-                OUTBOUND_CAPTURE_PORT,
-            ))
+            .listen_std(
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_CAPTURE_PORT),
+                set_accepted_socket_options,
+            )
             .await
             .context("outbound listener 127.0.0.1:15001")?;
-        set_accepted_socket_options(&outbound_listener).context("outbound listener options")?;
         let plaintext_listener = sockets
-            .listen_std(SocketAddr::new(any, INBOUND_PLAINTEXT_PORT))
+            .listen_std(
+                SocketAddr::new(any, INBOUND_PLAINTEXT_PORT),
+                set_accepted_socket_options,
+            )
             .await
             .context("plaintext listener :15006")?;
-        set_accepted_socket_options(&plaintext_listener).context("plaintext listener options")?;
         let hbone_listener = sockets
-            .listen_std(SocketAddr::new(any, HBONE_PORT))
+            .listen_std(SocketAddr::new(any, HBONE_PORT), set_hbone_socket_options)
             .await
             .context("HBONE listener :15008")?;
-        set_hbone_socket_options(&hbone_listener).context("HBONE listener options")?;
         // Have the certificate before traffic arrives.
         shared.certs.get(&workload.identity).await?;
         let shared = shared.clone();
@@ -521,8 +521,9 @@ fn set_accepted_socket_options(listener: &impl std::os::fd::AsFd) -> std::io::Re
 
 /// The HBONE listener's counterpart of [`set_accepted_socket_options`]: TCP_NODELAY only
 /// (HTTP/2 writes small frames, WINDOW_UPDATE and headers, that must not wait; a clean HBONE
-/// end is a FIN, so no reset on close). Set before the listener is steered to: a connection
-/// completed earlier would not inherit it, and a pooled HBONE connection lives long.
+/// end is a FIN, so no reset on close). Set before `listen()`: peers dial the pod's :15008
+/// directly, and a connection completed before the option would keep Nagle's algorithm for
+/// its whole pooled life.
 fn set_hbone_socket_options(listener: &impl std::os::fd::AsFd) -> std::io::Result<()> {
     socket2::SockRef::from(listener).set_tcp_nodelay(true)
 }

@@ -171,8 +171,8 @@ impl Outbound {
                 )
             }
             // The client's connect() already succeeded against the capture listener; its
-            // reset (armed above, closed with it here) is the closest it can see to
-            // "refused" (e.g. a 401 from the peer).
+            // reset (armed by the listener's options, closed with it here) is the closest it
+            // can see to "refused" (e.g. a 401 from the peer).
             Err(e) => Either::Right(std::future::ready(Err(e))),
         })
     }
@@ -322,6 +322,8 @@ impl<T: AsyncWrite + Unpin> FirstWriteHeld<T> {
             }
             self.held.drain(..n);
         }
+        // Its capacity would stay with the connection for its whole life.
+        self.held = Vec::new();
         Poll::Ready(Ok(()))
     }
 }
@@ -379,7 +381,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FirstWriteHeld<T> {
             ready!(this.poll_release(cx))?;
             return Pin::new(&mut this.inner).poll_write(cx, buf);
         }
-        this.held.clear();
+        this.held = Vec::new();
         Poll::Ready(Ok(n - held))
     }
 

@@ -305,12 +305,12 @@ mod tests {
         let mut first = TcpStream::connect(addr).await.expect("connect");
         assert_eq!(round_trip(&mut first, &mut reports, 1).await, 1);
         assert_eq!(shards.live_connections(), [0, 1]);
-        // Shard 1 is busier: the next one moves to shard 0.
+        // Shard 1 is busier: the next one, accepted there, runs on shard 0.
         let mut second = TcpStream::connect(addr).await.expect("connect");
         assert_eq!(round_trip(&mut second, &mut reports, 2).await, 0);
         assert_eq!(shards.live_connections(), [1, 1]);
 
-        // The moved connection's socket is registered with shard 0's own event loop: it
+        // The second connection's socket is registered with shard 0's own event loop: it
         // keeps working while shard 1, where it was accepted, is blocked.
         let (unblock, blocked) = std::sync::mpsc::channel::<()>();
         let (is_blocked, mut shard1_blocked) = mpsc::unbounded_channel();
