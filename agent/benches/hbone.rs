@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use ambit_agent::identity::{CertManager, LocalCa, SpiffeId};
 use ambit_agent::tunnel::{
-    AllowAll, CopyStats, DirectDialer, Inbound, LocalWorkload, LocalWorkloads, Metrics, Outbound,
-    OutboundRequest, TunnelConfig,
+    AllowAll, CopyStats, DirectDialer, Inbound, Listener, LocalWorkload, LocalWorkloads, Metrics,
+    Outbound, OutboundRequest, TunnelConfig,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -201,7 +201,10 @@ impl Mesh {
             inbound = inbound.with_metrics(Arc::new(Metrics::new(&mut registry)));
         }
         let inbound = Arc::new(inbound);
-        let listener = TcpListener::bind((LOCALHOST, 0)).await?;
+        let listener = std::net::TcpListener::bind((LOCALHOST, 0))?;
+        // As the agent's HBONE listeners: accepted sockets inherit it.
+        socket2::SockRef::from(&listener).set_tcp_nodelay(true)?;
+        let listener = Listener::from_std(listener)?;
         let hbone_addr = listener.local_addr()?;
         tokio::spawn(inbound.serve(listener));
         let outbound = Arc::new(Outbound::new(
@@ -223,6 +226,8 @@ impl Mesh {
         let capture = TcpListener::bind((LOCALHOST, 0)).await?;
         let client = TcpStream::connect(capture.local_addr()?).await?;
         let (accepted, source_addr) = capture.accept().await?;
+        // As the agent's outbound listener's options arm every socket it accepts.
+        ambit_agent::tunnel::reset_on_close(&accepted);
         let request = OutboundRequest {
             source: id("client")?,
             source_addr,

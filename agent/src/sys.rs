@@ -240,7 +240,7 @@ pub fn page_size() -> u32 {
 /// Registers an owned fd-backed object with tokio's reactor for readability.
 ///
 /// `T` must own its fd for its whole life and always report the same one (true of the
-/// aya map handles this is used for: the fd is an `OwnedFd` inside them).
+/// aya map handles and mio listeners this is used for: the fd is an `OwnedFd` inside them).
 pub fn async_readable<T: std::os::fd::AsRawFd>(
     inner: T,
 ) -> io::Result<tokio::io::unix::AsyncFd<T>> {

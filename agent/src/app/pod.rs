@@ -11,7 +11,7 @@ use std::time::Instant;
 use ambit_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_CAPTURE_PORT};
 use anyhow::Context as _;
 use futures::FutureExt as _;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
@@ -23,8 +23,8 @@ use crate::config::{MeshState, Route, ServiceEntry, WorkloadEntry};
 use crate::identity::SpiffeId;
 use crate::netns::NetNs;
 use crate::tunnel::{
-    AcceptBackoff, ConnectionLabels, ConnectionSeries, CopyStats, Dialer as _, Inbound, Outbound,
-    OutboundRequest, Reporter, SeriesCache, TunnelError, accept_loop, outcome,
+    AcceptBackoff, ConnectionLabels, ConnectionSeries, CopyStats, Dialer as _, Inbound, Listener,
+    Outbound, OutboundRequest, Reporter, SeriesCache, TunnelError, accept_loop, outcome,
 };
 
 /// What identifies a running pod; a change to any part restarts it.
@@ -143,20 +143,21 @@ impl PodRuntime {
     ) -> anyhow::Result<Listeners> {
         let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
         let outbound_listener = sockets
-            .listen_std(SocketAddr::new(
-                Ipv4Addr::LOCALHOST.into(),
-                OUTBOUND_CAPTURE_PORT,
-            ))
+            .listen_std(
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_CAPTURE_PORT),
+                set_accepted_socket_options,
+            )
             .await
             .context("outbound listener 127.0.0.1:15001")?;
-        set_accepted_socket_options(&outbound_listener).context("outbound listener options")?;
         let plaintext_listener = sockets
-            .listen_std(SocketAddr::new(any, INBOUND_PLAINTEXT_PORT))
+            .listen_std(
+                SocketAddr::new(any, INBOUND_PLAINTEXT_PORT),
+                set_accepted_socket_options,
+            )
             .await
             .context("plaintext listener :15006")?;
-        set_accepted_socket_options(&plaintext_listener).context("plaintext listener options")?;
         let hbone_listener = sockets
-            .listen_std(SocketAddr::new(any, HBONE_PORT))
+            .listen_std(SocketAddr::new(any, HBONE_PORT), set_hbone_socket_options)
             .await
             .context("HBONE listener :15008")?;
         // Have the certificate before traffic arrives.
@@ -369,7 +370,7 @@ impl OutboundCtx {
     }
 }
 
-async fn serve_outbound(ctx: Arc<OutboundCtx>, listener: TcpListener) {
+async fn serve_outbound(ctx: Arc<OutboundCtx>, listener: Listener) {
     // Ends only when the pod's tasks are aborted.
     accept_loop(
         &listener,
@@ -518,13 +519,22 @@ fn set_accepted_socket_options(listener: &impl std::os::fd::AsFd) -> std::io::Re
     socket.set_linger(Some(std::time::Duration::ZERO))
 }
 
-async fn serve_hbone(inbound: Arc<Inbound>, listener: TcpListener) {
+/// The HBONE listener's counterpart of [`set_accepted_socket_options`]: TCP_NODELAY only
+/// (HTTP/2 writes small frames, WINDOW_UPDATE and headers, that must not wait; a clean HBONE
+/// end is a FIN, so no reset on close). Set before `listen()`: peers dial the pod's :15008
+/// directly, and a connection completed before the option would keep Nagle's algorithm for
+/// its whole pooled life.
+fn set_hbone_socket_options(listener: &impl std::os::fd::AsFd) -> std::io::Result<()> {
+    socket2::SockRef::from(listener).set_tcp_nodelay(true)
+}
+
+async fn serve_hbone(inbound: Arc<Inbound>, listener: Listener) {
     if let Err(e) = inbound.serve(listener).await {
         warn!(error = %e, "HBONE listener failed");
     }
 }
 
-async fn serve_plaintext(inbound: Arc<Inbound>, listener: TcpListener) {
+async fn serve_plaintext(inbound: Arc<Inbound>, listener: Listener) {
     // Ends only when the pod's tasks are aborted.
     accept_loop(
         &listener,
@@ -550,4 +560,43 @@ async fn serve_plaintext(inbound: Arc<Inbound>, listener: TcpListener) {
         },
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// No accepted socket gets its options one by one (`Outbound::proxy` arms nothing, the
+    /// HBONE accept sets nothing): Linux copies the listener's into every accepted socket.
+    #[test]
+    fn accepted_sockets_come_with_their_listeners_options() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        set_accepted_socket_options(&listener).expect("listener options");
+        let _client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+        let accepted = socket2::SockRef::from(&accepted);
+        assert_eq!(
+            accepted.linger().expect("SO_LINGER"),
+            Some(std::time::Duration::ZERO)
+        );
+        assert!(accepted.tcp_nodelay().expect("TCP_NODELAY"));
+        // HBONE sockets: TCP_NODELAY, and a plain close.
+        let hbone = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        set_hbone_socket_options(&hbone).expect("HBONE listener options");
+        let _client =
+            std::net::TcpStream::connect(hbone.local_addr().expect("addr")).expect("connect");
+        let (accepted, _) = hbone.accept().expect("accept");
+        let accepted = socket2::SockRef::from(&accepted);
+        assert!(accepted.tcp_nodelay().expect("TCP_NODELAY"));
+        assert_eq!(accepted.linger().expect("SO_LINGER"), None);
+        // A socket accepted from a listener without the options has neither.
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let _client =
+            std::net::TcpStream::connect(plain.local_addr().expect("addr")).expect("connect");
+        let (accepted, _) = plain.accept().expect("accept");
+        let accepted = socket2::SockRef::from(&accepted);
+        assert_eq!(accepted.linger().expect("SO_LINGER"), None);
+        assert!(!accepted.tcp_nodelay().expect("TCP_NODELAY"));
+    }
 }

@@ -163,10 +163,17 @@ impl PodSockets {
 
     /// A listener inside the pod on `addr`, not yet registered with a runtime: the
     /// kernel (sk_lookup's socket map) and the shard that will serve it take it from here.
-    pub async fn listen_std(&self, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    /// `options` runs before `listen()`: every connection it accepts inherits them, none
+    /// can complete before they are set.
+    pub async fn listen_std(
+        &self,
+        addr: SocketAddr,
+        options: impl FnOnce(&Socket) -> io::Result<()>,
+    ) -> io::Result<std::net::TcpListener> {
         let socket = self
             .socket(Domain::for_address(addr), Purpose::Listen)
             .await?;
+        options(&socket)?;
         socket.set_reuse_address(true)?;
         socket.bind(&addr.into())?;
         socket.listen(1024)?;

@@ -5,12 +5,43 @@
 //! logged once per streak, and retried with back-off; only the caller ends the loop.
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
+
+/// A listening socket registered with the runtime it was made on, whose accepted sockets
+/// are not registered anywhere yet, so that each is registered once, with the event loop
+/// of the shard it will run on. Tokio's `TcpListener` registers them with the accepting
+/// thread's: one run elsewhere had to be moved (`epoll_ctl` DEL and ADD).
+pub struct Listener(AsyncFd<mio::net::TcpListener>);
+
+impl Listener {
+    /// Registers `listener` with the current runtime (it is made non-blocking).
+    pub fn from_std(listener: std::net::TcpListener) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        crate::sys::async_readable(mio::net::TcpListener::from_std(listener)).map(Self)
+    }
+
+    /// The next connection, non-blocking (mio accepts with `SOCK_NONBLOCK`) and registered
+    /// nowhere.
+    pub async fn accept(&self) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+        loop {
+            let mut ready = self.0.readable().await?;
+            // `WouldBlock` clears the readiness and waits again.
+            if let Ok(accepted) = ready.try_io(|listener| listener.get_ref().accept()) {
+                return accepted.map(|(stream, peer)| (stream.into(), peer));
+            }
+        }
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.get_ref().local_addr()
+    }
+}
 
 /// Delays between retries after accept errors: doubling from `initial` up to `max`, back to
 /// `initial` after the next success.
@@ -34,12 +65,12 @@ impl Default for AcceptBackoff {
 /// Accepts connections on `listener` and hands each to `on_accept` until `stop` resolves.
 /// `name` identifies the listener in logs; every accept error increments `errors`.
 pub async fn accept_loop(
-    listener: &TcpListener,
+    listener: &Listener,
     name: &'static str,
     backoff: AcceptBackoff,
     errors: Counter,
     stop: impl Future<Output = ()>,
-    mut on_accept: impl FnMut(TcpStream, SocketAddr),
+    mut on_accept: impl FnMut(std::net::TcpStream, SocketAddr),
 ) {
     tokio::pin!(stop);
     let mut delay = backoff.initial;
@@ -87,6 +118,7 @@ mod tests {
     use std::time::Instant;
 
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpStream;
 
     use super::*;
 
@@ -131,7 +163,9 @@ mod tests {
             .build()
             .expect("runtime");
         rt.block_on(async {
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let listener =
+                Listener::from_std(std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+                    .expect("listener registers");
             let addr = listener.local_addr().expect("local addr");
             let errors = Counter::<u64>::default();
             let accepted = Arc::new(AtomicUsize::new(0));
@@ -150,9 +184,10 @@ mod tests {
                         },
                         move |stream, _| {
                             accepted.fetch_add(1, Ordering::SeqCst);
-                            let _ = stream.try_write(b"hi");
-                            // Kept open until the reply is read: leak into a task.
+                            let mut stream = TcpStream::from_std(stream).expect("registers");
+                            // Kept open until the reply is read.
                             tokio::spawn(async move {
+                                let _ = stream.write_all(b"hi").await;
                                 let _ = stream.readable().await;
                             });
                         },

@@ -9,7 +9,6 @@
 
 use std::any::Any;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsFd as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -18,7 +17,7 @@ use futures::FutureExt as _;
 use futures::future::Either;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -360,8 +359,10 @@ impl Inbound {
         &self.counters
     }
 
-    /// Accepts HBONE connections until the task is aborted; accept errors are retried.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+    /// Accepts HBONE connections until the task is aborted; accept errors are retried. The
+    /// listener should have TCP_NODELAY set before connections can reach it: its accepted
+    /// sockets inherit it (`app/pod.rs` sets it when it opens the pod's listener).
+    pub async fn serve(self: Arc<Self>, listener: super::Listener) -> std::io::Result<()> {
         super::accept_loop(
             &listener,
             "HBONE :15008",
@@ -369,8 +370,6 @@ impl Inbound {
             self.accept_errors(),
             std::future::pending(),
             |tcp, peer| {
-                // HTTP/2 writes small frames (WINDOW_UPDATE, headers): never hold them back.
-                let _ = tcp.set_nodelay(true);
                 let this = self.clone();
                 self.shards.spawn_connection(tcp, move |tcp| async move {
                     if let Err(e) = this.handle_hbone(tcp).await {
@@ -385,7 +384,7 @@ impl Inbound {
 
     /// One HBONE connection: TLS as the workload that owns the local address, then every
     /// CONNECT stream on it.
-    pub async fn handle_hbone(self: &Arc<Self>, tcp: TcpStream) -> Result<(), TunnelError> {
+    pub async fn handle_hbone(self: &Arc<Self>, mut tcp: TcpStream) -> Result<(), TunnelError> {
         let local = tcp.local_addr()?;
         let peer = tcp.peer_addr()?;
         let Some(workload) = self.own_workload(local.ip()) else {
@@ -399,36 +398,32 @@ impl Inbound {
             );
             return Ok(());
         };
-        // A second descriptor for the socket, so that a handshake abandoned at the deadline
-        // (its future owns the stream) can still be made to end in a reset.
-        let socket = tcp.as_fd().try_clone_to_owned()?;
+        // The handshakes and the connection borrow the socket, which stays here: a handshake
+        // abandoned at the deadline can still be made to end in a reset.
         // Boxed: the handshakes' state is large and only lives during setup; inline it would
         // size every connection's task for it while the connection idles.
-        let established = tokio::time::timeout(
+        let Ok(established) = tokio::time::timeout(
             self.config.tls_handshake_timeout,
-            Box::pin(self.establish(tcp, &workload, peer)),
+            Box::pin(self.establish(&mut tcp, &workload, peer)),
         )
-        .await;
-        let (mut connection, source_identity) = match established {
-            Ok(result) => result?,
-            Err(_) => {
-                // The abandoned handshake closed its descriptor; this one is the last, so
-                // with a zero linger its close is the reset.
-                let _ = socket2::SockRef::from(&socket).set_linger(Some(std::time::Duration::ZERO));
-                self.refuse(
-                    RefusalReason::HandshakeTimeout,
-                    peer,
-                    None,
-                    Some(local),
-                    &format_args!(
-                        "TLS and HTTP/2 handshakes not finished within {:?}",
-                        self.config.tls_handshake_timeout
-                    ),
-                );
-                return Ok(());
-            }
+        .await
+        else {
+            // The abandoned handshake no longer holds the socket: with a zero linger its
+            // close (when this returns) is the reset.
+            super::reset_on_close(&tcp);
+            self.refuse(
+                RefusalReason::HandshakeTimeout,
+                peer,
+                None,
+                Some(local),
+                &format_args!(
+                    "TLS and HTTP/2 handshakes not finished within {:?}",
+                    self.config.tls_handshake_timeout
+                ),
+            );
+            return Ok(());
         };
-        drop(socket);
+        let (mut connection, source_identity) = established?;
         let streams = Arc::new(StreamCount::default());
         let idle = tokio::time::sleep(self.config.hbone_idle_timeout);
         tokio::pin!(idle);
@@ -487,12 +482,12 @@ impl Inbound {
 
     /// TLS as `workload`, the client's verified identity, then the HTTP/2 handshake; the
     /// caller bounds it all with the handshake deadline.
-    async fn establish(
+    async fn establish<'tcp>(
         &self,
-        tcp: TcpStream,
+        tcp: &'tcp mut TcpStream,
         workload: &LocalWorkload,
         peer: SocketAddr,
-    ) -> Result<(h2::server::Connection<HboneTls, Bytes>, SpiffeId), TunnelError> {
+    ) -> Result<(h2::server::Connection<HboneTls<'tcp>, Bytes>, SpiffeId), TunnelError> {
         let cert = self.certs.get(&workload.identity).await?;
         let bundle = self.certs.trust_bundle();
         let (tls, anchors) = self.tls_configs.get_or_build(
@@ -976,7 +971,7 @@ pub fn check_connect_request<B>(
 }
 
 /// The TLS stream an HBONE server connection runs on.
-type HboneTls = tokio_rustls::server::TlsStream<TcpStream>;
+type HboneTls<'tcp> = tokio_rustls::server::TlsStream<&'tcp mut TcpStream>;
 
 /// h2's hard header-list bound is this multiple of the configured limit: between the two,
 /// the stream reaches us and its 431 is logged and counted.

@@ -23,7 +23,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::net::{TcpSocket, TcpStream};
 
-pub use accept::{AcceptBackoff, accept_loop};
+pub use accept::{AcceptBackoff, Listener, accept_loop};
 pub use access_log::{ABSENT, AccessKind, AccessLog, WorkloadName, outcome};
 pub use copy::{CopyStats, copy_tcp};
 pub use inbound::{

@@ -13,15 +13,16 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::io;
-use std::os::fd::AsFd as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 use tokio::task::AbortHandle;
 use tracing::warn;
+
+use super::accept::Listener;
 
 thread_local! {
     /// The index of the shard this thread runs, if it runs one.
@@ -68,8 +69,8 @@ pub struct Shards {
     shards: Vec<Shard>,
     /// Round-robin placement of listeners.
     next_listener: AtomicUsize,
-    /// Connections reset because they could not be moved to their shard.
-    move_failures: AtomicU64,
+    /// Connections closed because they could not be registered on their shard.
+    register_failures: AtomicU64,
 }
 
 impl Shards {
@@ -106,7 +107,7 @@ impl Shards {
         Ok(Self {
             shards,
             next_listener: AtomicUsize::new(0),
-            move_failures: AtomicU64::new(0),
+            register_failures: AtomicU64::new(0),
         })
     }
 
@@ -115,7 +116,7 @@ impl Shards {
         Self {
             shards: Vec::new(),
             next_listener: AtomicUsize::new(0),
-            move_failures: AtomicU64::new(0),
+            register_failures: AtomicU64::new(0),
         }
     }
 
@@ -141,11 +142,11 @@ impl Shards {
         serve: F,
     ) -> io::Result<AbortHandle>
     where
-        F: FnOnce(TcpListener) -> Fut,
+        F: FnOnce(Listener) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
         if self.shards.is_empty() {
-            return Ok(tokio::spawn(serve(TcpListener::from_std(listener)?)).abort_handle());
+            return Ok(tokio::spawn(serve(Listener::from_std(listener)?)).abort_handle());
         }
         let index = self.next_listener.fetch_add(1, Ordering::Relaxed) % self.shards.len();
         let handle = &self.shards[index].handle;
@@ -153,61 +154,51 @@ impl Shards {
         // this thread.
         let listener = {
             let _entered = handle.enter();
-            TcpListener::from_std(listener)?
+            Listener::from_std(listener)?
         };
         Ok(handle.spawn(serve(listener)).abort_handle())
     }
 
     /// Runs `handle_connection` for an accepted connection on the shard with the fewest live
-    /// connections; on a tie the current shard, where the connection already is. Moving it
-    /// to another shard moves its epoll registration (two `epoll_ctl`s) and costs a spare
-    /// descriptor (a `dup` and a `close`): if registering fails the connection is reset with
-    /// it rather than closed cleanly (the HBONE listener's sockets are not armed to reset: a
-    /// clean HBONE end is a FIN). With no descriptor to spare the connection stays here.
-    pub fn spawn_connection<F, Fut>(&self, stream: TcpStream, handle_connection: F)
+    /// connections; on a tie the current shard. The socket is registered with that shard's
+    /// event loop only (one `epoll_ctl`), from this thread. If registering fails the socket
+    /// is closed: the sockets toward applications come armed to reset (their listeners'
+    /// options), so their applications see a reset; an HBONE peer sees its handshake end.
+    pub fn spawn_connection<F, Fut>(&self, stream: std::net::TcpStream, handle_connection: F)
     where
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let Some(target) = self.least_busy() else {
-            tokio::spawn(handle_connection(stream));
+            match TcpStream::from_std(stream) {
+                Ok(stream) => drop(tokio::spawn(handle_connection(stream))),
+                Err(e) => self.register_failed(None, &e),
+            }
             return;
         };
-        let here = current_shard();
-        if here != Some(target)
-            && let Ok(spare) = stream.as_fd().try_clone_to_owned()
-        {
-            let shard = &self.shards[target];
-            let moved = stream.into_std().and_then(|std| {
-                let _entered = shard.handle.enter();
-                TcpStream::from_std(std)
-            });
-            match moved {
-                Ok(stream) => {
-                    let live = LiveConnection::new(&shard.live);
-                    shard.handle.spawn(async move {
-                        handle_connection(stream).await;
-                        drop(live);
-                    });
-                }
-                Err(e) => {
-                    let _ = socket2::SockRef::from(&spare).set_linger(Some(Duration::ZERO));
-                    let failures = self.move_failures.fetch_add(1, Ordering::Relaxed) + 1;
-                    // Logged at 1, 2, 4, 8, ... failures: a persistent cause does not flood.
-                    if failures.is_power_of_two() {
-                        warn!(shard = target, error = %e, failures, "could not move a connection to its shard; reset it");
-                    }
-                }
-            }
-            // Closes the duplicate only, or, after a failure, the connection with a reset.
-            drop(spare);
-            return;
-        }
-        let live = here.map(|i| LiveConnection::new(&self.shards[i].live));
-        tokio::spawn(async move {
+        let shard = &self.shards[target];
+        let registered = {
+            let _entered = shard.handle.enter();
+            TcpStream::from_std(stream)
+        };
+        let stream = match registered {
+            Ok(stream) => stream,
+            Err(e) => return self.register_failed(Some(target), &e),
+        };
+        let live = LiveConnection::new(&shard.live);
+        // From the shard's own thread this is a local queue push, as `tokio::spawn` is.
+        shard.handle.spawn(async move {
             handle_connection(stream).await;
             drop(live);
         });
+    }
+
+    fn register_failed(&self, shard: Option<usize>, error: &io::Error) {
+        let failures = self.register_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        // Logged at 1, 2, 4, 8, ... failures: a persistent cause does not flood.
+        if failures.is_power_of_two() {
+            warn!(?shard, %error, failures, "could not register a connection with its shard's event loop; closed it");
+        }
     }
 
     fn least_busy(&self) -> Option<usize> {
@@ -314,12 +305,12 @@ mod tests {
         let mut first = TcpStream::connect(addr).await.expect("connect");
         assert_eq!(round_trip(&mut first, &mut reports, 1).await, 1);
         assert_eq!(shards.live_connections(), [0, 1]);
-        // Shard 1 is busier: the next one moves to shard 0.
+        // Shard 1 is busier: the next one, accepted there, runs on shard 0.
         let mut second = TcpStream::connect(addr).await.expect("connect");
         assert_eq!(round_trip(&mut second, &mut reports, 2).await, 0);
         assert_eq!(shards.live_connections(), [1, 1]);
 
-        // The moved connection's socket is registered with shard 0's own event loop: it
+        // The second connection's socket is registered with shard 0's own event loop: it
         // keeps working while shard 1, where it was accepted, is blocked.
         let (unblock, blocked) = std::sync::mpsc::channel::<()>();
         let (is_blocked, mut shard1_blocked) = mpsc::unbounded_channel();

@@ -163,7 +163,7 @@ impl Env {
             inbound = inbound.for_pod(ips);
         }
         let inbound = Arc::new(inbound);
-        let listener = TcpListener::bind((LOCALHOST, 0)).await.expect("bind hbone");
+        let listener = hbone_listener((LOCALHOST, 0));
         let hbone_addr = listener.local_addr().expect("addr");
         tokio::spawn(inbound.clone().serve(listener));
         let echo_addr = spawn_echo().await;
@@ -208,6 +208,8 @@ impl Env {
             .await
             .expect("connect");
         let (accepted, _) = capture.accept().await.expect("accept");
+        // As the outbound listener's options arm every socket it accepts.
+        super::reset_on_close(&accepted);
         let task = tokio::spawn(async move {
             outbound
                 .proxy(request, accepted, CopyStats::default())
@@ -215,6 +217,15 @@ impl Env {
         });
         (client, task)
     }
+}
+
+/// A listener for `Inbound::serve`, on the test's runtime, with TCP_NODELAY as the agent's.
+fn hbone_listener(addr: (IpAddr, u16)) -> super::Listener {
+    let listener = std::net::TcpListener::bind(addr).expect("bind hbone");
+    socket2::SockRef::from(&listener)
+        .set_tcp_nodelay(true)
+        .expect("TCP_NODELAY");
+    super::Listener::from_std(listener).expect("listener registers")
 }
 
 /// Echoes every byte back and half-closes after the client does.
@@ -612,7 +623,7 @@ async fn without_a_pod_the_inbound_serves_every_local_workload() {
 async fn hbone_connection_to_an_address_the_pod_does_not_own_is_reset() {
     let env = Env::for_pod(TunnelConfig::default()).await;
     // The same Inbound, listening on pod B's address.
-    let listener = TcpListener::bind((OTHER_POD, 0)).await.expect("bind");
+    let listener = hbone_listener((OTHER_POD, 0));
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(env.inbound.clone().serve(listener));
     let mut tcp = TcpStream::connect(addr).await.expect("connect");
@@ -1046,7 +1057,7 @@ async fn policy_change_revokes_live_connections_it_denies() {
         TunnelConfig::default(),
         false,
     ));
-    let listener = TcpListener::bind((LOCALHOST, 0)).await.expect("bind");
+    let listener = hbone_listener((LOCALHOST, 0));
     let hbone_addr = listener.local_addr().expect("addr");
     tokio::spawn(inbound.clone().serve(listener));
     let echo_addr = spawn_echo().await;
@@ -1060,6 +1071,8 @@ async fn policy_change_revokes_live_connections_it_denies() {
         .await
         .expect("connect");
     let (accepted, _) = capture.accept().await.expect("accept");
+    // As the outbound listener's options arm every socket it accepts.
+    super::reset_on_close(&accepted);
     let request = OutboundRequest {
         source: id("client"),
         source_addr: "127.0.0.1:40000".parse().expect("addr"),
