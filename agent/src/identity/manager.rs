@@ -8,9 +8,10 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use arc_swap::{ArcSwap, ArcSwapOption};
 use rand::Rng;
 use serde::Serialize;
 use tokio::task::AbortHandle;
@@ -85,7 +86,9 @@ struct Inner {
     ca: Arc<dyn CertificateAuthority>,
     ttl: Duration,
     clock: Arc<dyn Clock>,
-    entries: Mutex<HashMap<SpiffeId, Arc<Entry>>>,
+    /// Read by every new HBONE connection, changed by the control plane (`retain`) and by
+    /// the first `get` of an identity: copied on change, so a lookup takes no lock.
+    entries: ArcSwap<HashMap<SpiffeId, Arc<Entry>>>,
     counters: Arc<Counters>,
     /// The runtime the manager was made on (the agent's control plane): renewals run there
     /// even when a connection's first `get` comes from a data-path thread.
@@ -94,9 +97,9 @@ struct Inner {
 
 struct Entry {
     id: SpiffeId,
-    /// The certificate new callers get. A std lock: held only to clone an Arc,
-    /// so the hot path never waits on an issuance in progress.
-    current: RwLock<Option<Arc<WorkloadCertificate>>>,
+    /// The certificate new callers get; loaded without a lock, so the hot path never
+    /// waits on an issuance or renewal in progress.
+    current: ArcSwapOption<WorkloadCertificate>,
     /// Serialises issuance for this identity (single flight). Holds the
     /// error of the last attempt so callers that queued behind a failed
     /// attempt share its result instead of each retrying at once.
@@ -130,7 +133,7 @@ impl CertManager {
                 ca,
                 ttl,
                 clock,
-                entries: Mutex::new(HashMap::new()),
+                entries: ArcSwap::default(),
                 counters: Arc::new(Counters::default()),
                 runtime: tokio::runtime::Handle::try_current().ok(),
             }),
@@ -189,11 +192,20 @@ impl CertManager {
     /// gone); returns how many. Holders of their certificates keep them; a later `get`
     /// starts from scratch.
     pub fn retain(&self, mut keep: impl FnMut(&SpiffeId) -> bool) -> usize {
-        let removed: Vec<Arc<Entry>> = {
-            let mut entries = lock(&self.inner.entries);
-            let gone: Vec<SpiffeId> = entries.keys().filter(|id| !keep(id)).cloned().collect();
-            gone.iter().filter_map(|id| entries.remove(id)).collect()
-        };
+        let mut removed: Vec<Arc<Entry>> = Vec::new();
+        self.inner.entries.rcu(|entries| {
+            // `rcu` runs this again if a first `get` changed the map meanwhile.
+            removed.clear();
+            let mut kept = HashMap::with_capacity(entries.len());
+            for (id, entry) in entries.iter() {
+                if keep(id) {
+                    kept.insert(id.clone(), Arc::clone(entry));
+                } else {
+                    removed.push(Arc::clone(entry));
+                }
+            }
+            kept
+        });
         for entry in &removed {
             entry.stop_renewing();
         }
@@ -207,9 +219,11 @@ impl CertManager {
 
     /// Cached certificates, sorted by identity.
     pub fn snapshot(&self) -> Vec<CertSummary> {
-        let entries: Vec<Arc<Entry>> = lock(&self.inner.entries).values().cloned().collect();
-        let mut out: Vec<CertSummary> = entries
-            .iter()
+        let mut out: Vec<CertSummary> = self
+            .inner
+            .entries
+            .load()
+            .values()
             .filter_map(|entry| entry.current())
             .map(|cert| CertSummary {
                 identity: cert.identity.clone(),
@@ -224,8 +238,9 @@ impl CertManager {
 
     /// Cached certificates (chain included), sorted by identity; for the admin endpoint.
     pub fn certificates(&self) -> Vec<Arc<WorkloadCertificate>> {
-        let entries: Vec<Arc<Entry>> = lock(&self.inner.entries).values().cloned().collect();
-        let mut out: Vec<_> = entries.iter().filter_map(|e| e.current()).collect();
+        let mut out: Vec<_> = (self.inner.entries.load().values())
+            .filter_map(|e| e.current())
+            .collect();
         out.sort_by(|a, b| a.identity.cmp(&b.identity));
         out
     }
@@ -245,7 +260,7 @@ impl std::fmt::Debug for CertManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CertManager")
             .field("ttl", &self.inner.ttl)
-            .field("identities", &lock(&self.inner.entries).len())
+            .field("identities", &self.inner.entries.load().len())
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
@@ -253,16 +268,29 @@ impl std::fmt::Debug for CertManager {
 
 impl Inner {
     fn entry(&self, id: &SpiffeId) -> Arc<Entry> {
-        let mut entries = lock(&self.entries);
-        Arc::clone(entries.entry(id.clone()).or_insert_with(|| {
-            Arc::new(Entry {
-                id: id.clone(),
-                current: RwLock::new(None),
-                flight: tokio::sync::Mutex::new(None),
-                attempts: AtomicU64::new(0),
-                renewer: Mutex::new(Renewer::default()),
-            })
-        }))
+        if let Some(entry) = self.entries.load().get(id) {
+            return Arc::clone(entry);
+        }
+        // An identity's first use: a new map with it (identities per node are few).
+        let fresh = Arc::new(Entry {
+            id: id.clone(),
+            current: ArcSwapOption::empty(),
+            flight: tokio::sync::Mutex::new(None),
+            attempts: AtomicU64::new(0),
+            renewer: Mutex::new(Renewer::default()),
+        });
+        let mut found = None;
+        self.entries.rcu(|entries| {
+            // Another caller may have added it meanwhile: theirs is the one.
+            found = entries.get(id).cloned();
+            if found.is_some() {
+                return Arc::clone(entries);
+            }
+            let mut with = HashMap::clone(entries);
+            with.insert(id.clone(), Arc::clone(&fresh));
+            Arc::new(with)
+        });
+        found.unwrap_or(fresh)
     }
 
     fn ensure_renewer(&self, entry: &Arc<Entry>) {
@@ -291,7 +319,7 @@ impl Drop for Inner {
     /// Renewal tasks hold no reference back to the manager, so without this
     /// they would outlive it and renew certificates nobody can read.
     fn drop(&mut self) {
-        for entry in lock(&self.entries).values() {
+        for entry in self.entries.load().values() {
             entry.stop_renewing();
         }
     }
@@ -299,10 +327,7 @@ impl Drop for Inner {
 
 impl Entry {
     fn current(&self) -> Option<Arc<WorkloadCertificate>> {
-        self.current
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.current.load_full()
     }
 
     fn unexpired(&self, now: SystemTime) -> Option<Arc<WorkloadCertificate>> {
@@ -310,7 +335,7 @@ impl Entry {
     }
 
     fn set(&self, cert: Arc<WorkloadCertificate>) {
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(cert);
+        self.current.store(Some(cert));
     }
 
     fn is_current(&self, cert: &Arc<WorkloadCertificate>) -> bool {
@@ -422,7 +447,7 @@ fn jittered(d: Duration) -> Duration {
 }
 
 /// Locks a std mutex, ignoring poisoning: no code path panics while holding
-/// these locks, and the data (a map, a flag) stays consistent regardless.
+/// these locks, and the data (a flag, a task handle) stays consistent regardless.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -559,6 +584,49 @@ mod tests {
         );
         assert_eq!(snapshot[0].serial, certs[0].serial);
         assert_eq!(mgr.trust_bundle(), ca.trust_bundle());
+    }
+
+    /// First uses of many identities at once, from several threads, while the control
+    /// plane retains: the copy-on-write map loses no identity and makes no second entry
+    /// (which would be a second issuance) for any.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn first_gets_racing_on_threads_make_one_entry_per_identity() {
+        let ca = FakeCa::new(Duration::ZERO);
+        let mgr = ca.manager(Duration::from_secs(3600));
+        let ids: Arc<Vec<SpiffeId>> = Arc::new((0..40).map(|i| id(&format!("sa{i}"))).collect());
+        let getters = (0..8).map(|t| {
+            let (mgr, ids) = (mgr.clone(), ids.clone());
+            tokio::spawn(async move {
+                // Each task walks the identities from its own starting point.
+                for i in 0..ids.len() {
+                    mgr.get(&ids[(i + t * 5) % ids.len()])
+                        .await
+                        .expect("issued");
+                }
+            })
+        });
+        let retainer = {
+            let mgr = mgr.clone();
+            tokio::spawn(async move {
+                for _ in 0..200 {
+                    assert_eq!(mgr.retain(|_| true), 0);
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        for task in futures::future::join_all(getters).await {
+            task.expect("getter");
+        }
+        retainer.await.expect("retainer");
+        assert_eq!(ca.calls(), ids.len());
+        assert_eq!(mgr.snapshot().len(), ids.len());
+        // Every identity's certificate is the one cached: no caller got an orphan entry's.
+        for id in ids.iter() {
+            let cached = mgr.get(id).await.expect("cached");
+            let listed = mgr.certificates();
+            assert!(listed.iter().any(|c| Arc::ptr_eq(c, &cached)));
+        }
+        assert_eq!(ca.calls(), ids.len());
     }
 
     #[tokio::test(start_paused = true)]
