@@ -98,15 +98,9 @@ impl Agent {
     /// `Arc`), then the enrolled pods are made to match and connections the new policies
     /// deny are closed.
     pub async fn apply(&mut self, state: Arc<MeshState>) {
-        // Connections read the state under this lock: hold it for the pointer swap only and
-        // drop the old state (possibly the last reference to a large one) after it.
-        let previous = self
-            .shared
-            .state
-            .write()
-            .ok()
-            .map(|mut current| std::mem::replace(&mut *current, state.clone()));
-        drop(previous);
+        // Connections load the state without a lock; the old one is freed by whoever lets go
+        // of it last, here or a connection still using it.
+        self.shared.state.store(state.clone());
         self.shared
             .source
             .lock()

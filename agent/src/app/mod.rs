@@ -16,10 +16,11 @@ mod view;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -138,7 +139,8 @@ pub(crate) struct Shared {
     pub certs: CertManager,
     pub authorizer: Arc<PolicyAuthorizer>,
     /// The one current mesh state; the authorizer reads its policies and labels from it.
-    pub state: Arc<RwLock<Arc<MeshState>>>,
+    /// Connections load it without a lock, so a state swap never makes one wait.
+    pub state: Arc<ArcSwap<MeshState>>,
     pub source: Mutex<SourceInfo>,
     pub tunnel: TunnelConfig,
     pub metrics: Arc<crate::tunnel::Metrics>,
@@ -150,7 +152,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub fn state(&self) -> Arc<MeshState> {
-        read_state(&self.state)
+        self.state.load_full()
     }
 
     pub fn source(&self) -> SourceInfo {
@@ -159,13 +161,6 @@ impl Shared {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
-}
-
-fn read_state(state: &RwLock<Arc<MeshState>>) -> Arc<MeshState> {
-    state
-        .read()
-        .map(|s| s.clone())
-        .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
 }
 
 /// The mesh state's local workloads, as the tunnel's inbound side asks for them.
@@ -193,18 +188,18 @@ impl LocalWorkloads for StateWorkloads {
 }
 
 /// Policies and workload labels from the one current state.
-struct StatePolicies(Arc<RwLock<Arc<MeshState>>>);
+struct StatePolicies(Arc<ArcSwap<MeshState>>);
 
 impl PolicySource for StatePolicies {
     fn policies(&self) -> Arc<PolicySet> {
-        read_state(&self.0).policies().clone()
+        self.0.load().policies().clone()
     }
 
     fn policies_and_labels(
         &self,
         workload: &LocalWorkload,
     ) -> (Arc<PolicySet>, BTreeMap<String, String>) {
-        let state = read_state(&self.0);
+        let state = self.0.load();
         let labels = state
             .workload_by_name(&workload.namespace, &workload.name)
             .map(|w| w.labels.clone())
@@ -330,7 +325,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
         tokio::spawn((*chain).run(metrics, drain_rx.clone()));
     }
 
-    let current_state: Arc<RwLock<Arc<MeshState>>> = Arc::new(RwLock::new(state.clone()));
+    let current_state = Arc::new(ArcSwap::new(state.clone()));
     let authorizer = Arc::new(PolicyAuthorizer::from_source(Arc::new(StatePolicies(
         current_state.clone(),
     ))));

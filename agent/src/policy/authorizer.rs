@@ -3,7 +3,10 @@
 //! current [`PolicySet`] and counts the outcome.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
 
 use super::{Connection, Decision, DecisionReason, PolicyName, PolicySet, Workload};
 use crate::tunnel::{Authorizer, InboundConnection, LocalWorkload, Verdict};
@@ -34,18 +37,15 @@ pub trait PolicySource: Send + Sync {
 
 /// A policy set of its own, swapped by [`PolicyAuthorizer::replace`] (tools and tests).
 struct OwnedPolicies {
-    /// Readers clone the `Arc` and drop the lock at once, so a `replace`
-    /// never waits on an evaluation and in-flight checks keep their snapshot.
-    set: RwLock<Arc<PolicySet>>,
+    /// Loaded without a lock: a `replace` never waits on an evaluation and in-flight
+    /// checks keep their snapshot.
+    set: ArcSwap<PolicySet>,
     labels: LabelLookup,
 }
 
 impl PolicySource for OwnedPolicies {
     fn policies(&self) -> Arc<PolicySet> {
-        self.set
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.set.load_full()
     }
 
     fn policies_and_labels(
@@ -60,7 +60,9 @@ impl PolicySource for OwnedPolicies {
 pub struct PolicyAuthorizer {
     source: Arc<dyn PolicySource>,
     owned: Option<Arc<OwnedPolicies>>,
-    counters: Mutex<BTreeMap<DecisionKey, u64>>,
+    /// Counted by every new connection and read by every scrape: a counter per decision,
+    /// found without a lock (the map is copied only when a decision is first seen).
+    counters: ArcSwap<BTreeMap<DecisionKey, Arc<AtomicU64>>>,
 }
 
 impl std::fmt::Debug for PolicyAuthorizer {
@@ -75,13 +77,13 @@ impl PolicyAuthorizer {
     /// An authorizer with a policy set of its own and a label lookup.
     pub fn new(set: PolicySet, labels: LabelLookup) -> Self {
         let owned = Arc::new(OwnedPolicies {
-            set: RwLock::new(Arc::new(set)),
+            set: ArcSwap::from_pointee(set),
             labels,
         });
         Self {
             source: owned.clone(),
             owned: Some(owned),
-            counters: Mutex::new(BTreeMap::new()),
+            counters: ArcSwap::default(),
         }
     }
 
@@ -90,7 +92,7 @@ impl PolicyAuthorizer {
         Self {
             source,
             owned: None,
-            counters: Mutex::new(BTreeMap::new()),
+            counters: ArcSwap::default(),
         }
     }
 
@@ -98,9 +100,7 @@ impl PolicyAuthorizer {
     /// authorized afterwards uses them. One reading a [`PolicySource`] follows its source.
     pub fn replace(&self, set: PolicySet) {
         if let Some(owned) = &self.owned {
-            // A poisoned lock only means a writer panicked; the Arc inside is
-            // still a complete set, so keep going rather than fail open/closed.
-            *owned.set.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(set);
+            owned.set.store(Arc::new(set));
         }
     }
 
@@ -128,10 +128,9 @@ impl PolicyAuthorizer {
 
     /// Decision counts so far, by (allowed, reason, policy).
     pub fn decision_counts(&self) -> BTreeMap<DecisionKey, u64> {
-        self.counters
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        (self.counters.load().iter())
+            .map(|(key, count)| (key.clone(), count.load(Ordering::Relaxed)))
+            .collect()
     }
 
     fn count(&self, decision: &Decision) {
@@ -140,12 +139,27 @@ impl PolicyAuthorizer {
             reason: decision.reason,
             policy: decision.policy.clone(),
         };
-        *self
-            .counters
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(key)
-            .or_insert(0) += 1;
+        if let Some(count) = self.counters.load().get(&key) {
+            count.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        // A decision not counted before (their kinds are bounded by the policies' names).
+        let mut counter = None;
+        self.counters.rcu(|counters| {
+            // Another connection may have added it meanwhile: theirs is the one.
+            counter = counters.get(&key).cloned();
+            if counter.is_some() {
+                return Arc::clone(counters);
+            }
+            let fresh = Arc::new(AtomicU64::new(0));
+            counter = Some(Arc::clone(&fresh));
+            let mut with = BTreeMap::clone(counters);
+            with.insert(key.clone(), fresh);
+            Arc::new(with)
+        });
+        if let Some(count) = counter {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -181,6 +195,8 @@ fn verdict(decision: &Decision) -> Verdict {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
     use crate::identity::SpiffeId;
 
@@ -341,5 +357,29 @@ spec: {mtls: {mode: PERMISSIVE}}
         assert_eq!(counts.get(&denied), Some(&2));
         assert_eq!(counts.get(&allowed), Some(&1));
         assert_eq!(counts.values().sum::<u64>(), 3);
+    }
+
+    /// Decisions first seen on several threads at once: the copy-on-write counter map
+    /// loses no count (each new kind of decision copies it).
+    #[test]
+    fn decisions_counted_on_many_threads_at_once_are_all_counted() {
+        let a = Arc::new(authorizer(&format!("{STRICT}---{ALLOW_WEB}")));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let a = a.clone();
+                std::thread::spawn(move || {
+                    for i in 0..500 {
+                        let source = ((i + t) % 2 == 0).then_some(WEB);
+                        a.authorize_explained(&conn(source));
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().expect("counting thread");
+        }
+        let counts = a.decision_counts();
+        assert_eq!(counts.values().sum::<u64>(), 2000);
+        assert_eq!(counts.values().copied().collect::<Vec<_>>(), [1000, 1000]);
     }
 }
