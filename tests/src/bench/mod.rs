@@ -8,10 +8,12 @@
 //! agents keep running but enroll nothing, so the traffic is plain pod-to-pod routing.
 
 pub mod control_plane;
+pub mod crypto;
 pub mod iperf;
 pub mod kube;
 pub mod load;
 pub mod procfs;
+pub mod relay;
 pub mod scale;
 pub mod soak;
 
@@ -53,6 +55,8 @@ pub(crate) fn tune_for_many_connections(bed: &Testbed) -> anyhow::Result<()> {
 
 const IPERF_PORT: u16 = 5201;
 const HOLD_PORT: u16 = 9090;
+/// The plain relays' port in the client's and the server's pods (floors only, no mesh).
+const RELAY_PORT: u16 = 9191;
 const LOG_WAIT: Duration = Duration::from_secs(20);
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 const MIB: f64 = 1024.0 * 1024.0;
@@ -153,6 +157,18 @@ pub struct Report {
     pub rows: Vec<Row>,
     /// The project's aims, each with the figure compared and whether it is met.
     pub aims: Vec<Aim>,
+    /// What bounds some aims on this machine whatever the agent does, measured in the run.
+    pub floors: Vec<Floor>,
+}
+
+/// A figure of work any mesh with the agents' TCP legs or HBONE's handshake does, next to
+/// the aim it bounds.
+#[derive(Clone, Debug, Serialize)]
+pub struct Floor {
+    pub figure: String,
+    pub value: Option<f64>,
+    /// The aim or figure it is set beside.
+    pub beside: String,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -182,6 +198,11 @@ impl Report {
         for a in &self.aims {
             if a.value.is_none() {
                 missing.push(format!("aim: {}", a.aim));
+            }
+        }
+        for f in &self.floors {
+            if !f.value.is_some_and(f64::is_finite) {
+                missing.push(format!("floor: {}", f.figure));
             }
         }
         missing
@@ -219,6 +240,17 @@ impl Report {
                     Some(false) => "**no**",
                     None => "–",
                 }
+            ));
+        }
+        s.push_str(
+            "\n| floor (cross-node, this machine) | measured | beside |\n| --- | ---: | --- |\n",
+        );
+        for f in &self.floors {
+            s.push_str(&format!(
+                "| {} | {} | {} |\n",
+                f.figure,
+                cell(f.value),
+                f.beside
             ));
         }
         s
@@ -361,6 +393,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
     ] {
         measure(&bed, settings, idle, place, &holders, figs)?;
     }
+    let floors = floors(&bed, settings, &base_cross)?;
     // Without the mesh there is no HBONE connection to pool or not.
     base_cross.conns_handshake = base_cross.conns_pooled;
     base_same.conns_handshake = base_same.conns_pooled;
@@ -436,6 +469,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
         machine: machine(),
         rows,
         aims: Vec::new(),
+        floors,
     };
     report.aims = aims(&report);
     Ok(report)
@@ -444,6 +478,72 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
 /// Prints the table and writes `target/bench/testbed.json`.
 pub fn write(report: &Report) -> anyhow::Result<PathBuf> {
     write_json("testbed.json", report)
+}
+
+/// The floors, on the no-mesh testbed (nothing enrolled): a plain relay pair with the mesh's
+/// three TCP legs between the client and the server on the other node, and one full
+/// handshake's public-key work.
+fn floors(bed: &Testbed, settings: &Settings, no_mesh: &Figures) -> anyhow::Result<Vec<Floor>> {
+    let client = bed.pod("client").ns.path();
+    let server = bed.pod(Place::Cross.server());
+    let far = relay::Relay::start(
+        &server.ns.path(),
+        server.addr(RELAY_PORT),
+        server.addr(APP_PORT),
+    )?;
+    let near = relay::Relay::start(
+        &client,
+        (std::net::Ipv4Addr::LOCALHOST, RELAY_PORT).into(),
+        far.addr,
+    )?;
+    let relays_cpu =
+        || -> anyhow::Result<f64> { Ok((near.cpu_time()? + far.cpu_time()?).as_secs_f64()) };
+    let cpu_before = relays_cpu()?;
+    let rate = load::connection_rate(
+        &client,
+        near.addr,
+        Duration::from_secs(settings.connect_secs),
+        settings.connect_workers,
+    )?;
+    let cpu_us = (relays_cpu()? - cpu_before) * 1e6 / rate.connections.max(1) as f64;
+    let latency = load::round_trips(
+        &client,
+        near.addr,
+        Duration::from_secs(settings.latency_secs),
+        None,
+    )?;
+    drop((near, far));
+    let handshake_us = crypto::handshake_us(if settings.quick { 50 } else { 400 })?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    Ok(vec![
+        Floor {
+            figure: "plain 3-leg relay (no TLS, HTTP/2, capture): new connections/s, / no mesh"
+                .into(),
+            value: no_mesh.conns_pooled.map(|base| rate.per_sec / base),
+            beside: "new connections/s, pooled, mesh / no mesh ≥ 0.50".into(),
+        },
+        Floor {
+            figure: "plain 3-leg relay: CPU µs per connection, both relays".into(),
+            value: Some(cpu_us),
+            beside: "agents' CPU µs per new connection, pooled HBONE".into(),
+        },
+        Floor {
+            figure: "plain 3-leg relay: p50 added per 1 KiB round trip, full speed (µs)".into(),
+            value: no_mesh.full.map(|base| latency.p50_us - base.p50_us),
+            beside: "p50 added per round trip ≤ 60".into(),
+        },
+        Floor {
+            figure: "one full handshake's X25519 and ECDSA P-256 work, both ends (µs of one core)"
+                .into(),
+            value: Some(handshake_us),
+            beside: "agents' CPU µs per new connection, full handshake each".into(),
+        },
+        Floor {
+            figure: format!("full handshakes/s with {cores:.0} cores doing only that work"),
+            value: Some(cores * 1e6 / handshake_us),
+            beside: "new connections/s, full handshake each ≥ 2000".into(),
+        },
+    ])
 }
 
 /// Lets the agents finish what enrolling started before memory is read.
@@ -888,6 +988,7 @@ mod tests {
                     met,
                 })
                 .collect(),
+            floors: Vec::new(),
         }
     }
 

@@ -21,6 +21,11 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
 pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    cpu_time_of_stat(&stat)
+}
+
+/// User + system CPU time in a `/proc/<pid>/stat` or `/proc/<pid>/task/<tid>/stat` text.
+pub fn cpu_time_of_stat(stat: &str) -> anyhow::Result<Duration> {
     // The command name (field 2) may contain spaces: fields are counted after its ')'.
     let rest = stat
         .rsplit_once(')')

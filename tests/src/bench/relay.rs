@@ -1,0 +1,116 @@
+//! A plain TCP relay pair with the mesh's three TCP legs and nothing else: the client's
+//! connection to a relay in its own pod (127.0.0.1, like the agent's 15001), that relay's
+//! connection across nodes to a relay in the server's pod, and that one's connection to the
+//! app. No capture, TLS, HTTP/2, policy or logs; each relay is one thread with a
+//! single-threaded runtime, so nothing is handed between threads either. Whatever a mesh
+//! with these legs does in user space, it pays at least what this pays in the kernel: its
+//! connections/s and added latency against no mesh are the floor the bench reports beside
+//! the aims.
+
+use std::fs::File;
+use std::io::{Read as _, Seek as _};
+use std::net::SocketAddr;
+use std::os::fd::AsFd as _;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::oneshot;
+
+/// One relay: accepts in a pod's netns and copies each connection to `upstream`, both ways,
+/// half-closes carried across. Stops when dropped.
+pub struct Relay {
+    pub addr: SocketAddr,
+    /// `/proc/thread-self/stat` of the relay's thread, opened by the thread itself.
+    thread_stat: Mutex<File>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    pub fn start(netns: &Path, listen: SocketAddr, upstream: SocketAddr) -> anyhow::Result<Self> {
+        let ns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (ready_tx, ready) = std::sync::mpsc::channel::<anyhow::Result<(SocketAddr, File)>>();
+        let thread = std::thread::Builder::new()
+            .name("bench-relay".into())
+            .spawn(move || {
+                // Entered first, so the listener and every upstream socket are the pod's.
+                let setup = || -> anyhow::Result<_> {
+                    ambit_agent::sys::setns_net(ns.as_fd()).context("setns")?;
+                    let stat = File::open("/proc/thread-self/stat")?;
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    let listener = runtime
+                        .block_on(async { tokio::net::TcpListener::bind(listen).await })
+                        .with_context(|| format!("relay listening on {listen}"))?;
+                    Ok((runtime, listener, stat))
+                };
+                let (runtime, listener, stat) = match setup() {
+                    Ok(parts) => parts,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let addr = listener.local_addr().map_err(anyhow::Error::from);
+                if ready_tx.send(addr.map(|a| (a, stat))).is_err() {
+                    return;
+                }
+                runtime.block_on(async move {
+                    let accept_loop = async {
+                        while let Ok((mut client, _)) = listener.accept().await {
+                            tokio::spawn(async move {
+                                let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await
+                                else {
+                                    return;
+                                };
+                                let _ = client.set_nodelay(true);
+                                let _ = server.set_nodelay(true);
+                                let _ =
+                                    tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                            });
+                        }
+                    };
+                    tokio::select! {
+                        () = accept_loop => {}
+                        _ = stopped => {}
+                    }
+                });
+            })?;
+        let (addr, stat) = ready
+            .recv()
+            .map_err(|_| anyhow::anyhow!("relay thread ended before listening"))??;
+        Ok(Self {
+            addr,
+            thread_stat: Mutex::new(stat),
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// CPU time of the relay's thread so far.
+    pub fn cpu_time(&self) -> anyhow::Result<Duration> {
+        let mut stat = self
+            .thread_stat
+            .lock()
+            .map_err(|_| anyhow::anyhow!("relay stat lock poisoned"))?;
+        let mut text = String::new();
+        stat.rewind()?;
+        stat.read_to_string(&mut text)?;
+        super::procfs::cpu_time_of_stat(&text)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
