@@ -63,6 +63,11 @@ fn agent_down_fails_closed_and_restart_reuses_pins() -> anyhow::Result<()> {
         "enrollment survives in the pinned map"
     );
     assert_eq!(
+        capture.maps_recreated(),
+        &[] as &[&str],
+        "the same agent finds every pinned map as it creates them (the log ring's own size included)"
+    );
+    assert_eq!(
         bed.connect_from_pod(peer, false)?,
         Outcome::Captured(Some(peer))
     );

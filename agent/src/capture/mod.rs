@@ -147,6 +147,18 @@ const CGROUP_PROGRAMS: [&str; 5] = [
 /// The tc programs attached per pod (see `inbound.rs`), loaded once by [`Capture::attach`].
 const TC_PROGRAMS: [&str; 2] = [programs::TC_AGENT_LO, programs::TC_REPLY_TO_LO];
 
+/// Size of aya-log's ring, instead of the 128 KiB aya-log-ebpf declares. The programs log
+/// warnings only unless asked for debug records, and the agent reads the ring as records
+/// arrive; a ring buffer's data pages are mapped twice into its reader, so 128 KiB held
+/// 256 KiB of every agent's resident memory. 32 KiB still holds a few hundred records
+/// between two reads. A power-of-two number of pages, which the kernel requires.
+const EBPF_LOG_RING_BYTES: u32 = 32 * 1024;
+
+/// The maps this agent creates with another size than the object declares.
+pub(crate) fn max_entries_override(map: &str) -> Option<u32> {
+    (map == maps::AYA_LOGS).then_some(EBPF_LOG_RING_BYTES)
+}
+
 /// A loader that reuses (or creates) the pinned maps under `maps_dir` (aya-log's ring
 /// included, so one reader serves every loaded instance and survives agent restarts) and
 /// sets the programs' log level.
@@ -154,6 +166,9 @@ fn pinned_loader<'a>(maps_dir: &Path, log_level: &'a u8) -> EbpfLoader<'a> {
     let mut loader = EbpfLoader::new();
     for name in PINNED_MAPS {
         loader.map_pin_path(name, maps_dir.join(name));
+        if let Some(entries) = max_entries_override(name) {
+            loader.map_max_entries(name, entries);
+        }
     }
     loader.override_global(globals::AYA_LOG_LEVEL, log_level, false);
     loader

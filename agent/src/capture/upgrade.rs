@@ -241,7 +241,10 @@ pub(super) fn check_pinned_maps(maps_dir: &Path) -> Result<Vec<&'static str>> {
             .maps
             .get(name)
             .ok_or(CaptureError::MissingMap(name))?;
-        let expected = MapDefinition::of_object(map, page_size);
+        let mut expected = MapDefinition::of_object(map, page_size);
+        if let Some(entries) = super::max_entries_override(name) {
+            expected.max_entries = entries;
+        }
         let info = MapInfo::from_pin(&pin).map_err(|source| CaptureError::Map { name, source })?;
         let differences = expected.differences(&MapDefinition::of_pinned(&info));
         if differences.is_empty() {
@@ -362,6 +365,23 @@ mod tests {
         let expected = MapDefinition::of_object(&ring, 4096);
         assert_eq!(expected.max_entries, 8192, "two pages, a power of two");
         assert_eq!(expected.value_size, 0);
+    }
+
+    #[test]
+    fn the_log_ring_is_created_at_its_own_size_which_the_kernel_accepts() {
+        let entries = super::super::max_entries_override(maps::AYA_LOGS).expect("overridden");
+        let page_size = crate::sys::page_size();
+        assert!(entries < 128 * 1024, "smaller than aya-log-ebpf's 128 KiB");
+        assert!(
+            entries.is_power_of_two() && entries.is_multiple_of(page_size),
+            "a ring buffer is a power-of-two number of pages: {entries}"
+        );
+        for name in PINNED_MAPS.into_iter().filter(|n| *n != maps::AYA_LOGS) {
+            assert!(
+                super::super::max_entries_override(name).is_none(),
+                "{name} keeps its declared size"
+            );
+        }
     }
 
     #[test]
