@@ -334,6 +334,9 @@ struct Figures {
     bulk4_gbps: Option<f64>,
     cpu_s_per_gib: Option<f64>,
     fixed: Option<load::Latency>,
+    /// TCP's retransmissions and delayed ACKs in the client's and the server's pods during
+    /// the fixed-rate run: whether TCP saw trouble when its latency stalls.
+    fixed_tcp: Option<procfs::TcpTrouble>,
     full: Option<load::Latency>,
     conns_pooled: Option<f64>,
     conns_handshake: Option<f64>,
@@ -687,12 +690,24 @@ fn measure(
     // Latency on one long-lived connection.
     let app = server.addr(APP_PORT);
     let latency = Duration::from_secs(settings.latency_secs);
+    let pods_tcp = || -> anyhow::Result<procfs::TcpTrouble> {
+        let mut both = procfs::TcpTrouble::default();
+        for ns in [client.clone(), server.ns.path()] {
+            let of_pod = load::spawn_in_netns(&ns, procfs::TcpTrouble::of_current_netns)?
+                .join()
+                .map_err(|_| anyhow::anyhow!("TCP counter thread panicked"))??;
+            both = both.plus(of_pod);
+        }
+        Ok(both)
+    };
+    let tcp_before = pods_tcp()?;
     figs.fixed = Some(load::round_trips(
         &client,
         app,
         latency,
         Some(settings.fixed_rate),
     )?);
+    figs.fixed_tcp = Some(tcp_before.since(pods_tcp()?));
     figs.full = Some(load::round_trips(&client, app, latency, None)?);
 
     // New connections.
@@ -713,7 +728,9 @@ fn rows(
 ) -> Vec<Row> {
     let mut rows = Vec::new();
     let mut add = |figure: String, get: &dyn Fn(&Figures) -> Option<f64>| {
-        let comparable = !figure.contains("agents' CPU") && !figure.contains("bytes per idle");
+        let comparable = !figure.contains("agents' CPU")
+            && !figure.contains("bytes per idle")
+            && !figure.contains(" during the ");
         rows.push(Row {
             cross_node: Pair::new(get(cross[0]), get(cross[1]), comparable),
             same_node: Pair::new(get(same[0]), get(same[1]), comparable),
@@ -732,6 +749,14 @@ fn rows(
     add(format!("1 KiB round trip p99 at {rate}/s (µs)"), &|f| {
         f.fixed.map(|l| l.p99_us)
     });
+    add(
+        format!("TCP segments retransmitted in both pods during the {rate}/s run"),
+        &|f| f.fixed_tcp.map(|t| t.retransmitted as f64),
+    );
+    add(
+        format!("TCP delayed ACKs in both pods during the {rate}/s run"),
+        &|f| f.fixed_tcp.map(|t| t.delayed_acks as f64),
+    );
     add("1 KiB round trip p50, full speed (µs)".into(), &|f| {
         f.full.map(|l| l.p50_us)
     });

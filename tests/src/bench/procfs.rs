@@ -63,3 +63,99 @@ pub fn open_fds(pid: u32) -> anyhow::Result<usize> {
         .with_context(|| format!("reading {dir}"))?
         .count())
 }
+
+/// TCP's own account of trouble in one network namespace (`/proc/net/snmp` and `netstat`):
+/// what a latency stall leaves behind if TCP caused it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TcpTrouble {
+    /// Segments sent again, by fast retransmit, tail loss probe or timeout: Tcp RetransSegs.
+    pub retransmitted: u64,
+    /// ACKs the kernel held back: TcpExt DelayedACKs.
+    pub delayed_acks: u64,
+}
+
+impl TcpTrouble {
+    /// The counters of the netns the calling thread is in.
+    pub fn of_current_netns() -> anyhow::Result<Self> {
+        let mut counters = std::collections::HashMap::new();
+        for file in [
+            "/proc/thread-self/net/snmp",
+            "/proc/thread-self/net/netstat",
+        ] {
+            let text = std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
+            parse_counter_pairs(&text, &mut counters);
+        }
+        let get = |name: &str| counters.get(name).copied().unwrap_or(0);
+        Ok(Self {
+            retransmitted: get("Tcp:RetransSegs"),
+            delayed_acks: get("TcpExt:DelayedACKs"),
+        })
+    }
+
+    /// What happened between `self` (earlier) and `later`.
+    pub fn since(self, later: Self) -> Self {
+        Self {
+            retransmitted: later.retransmitted.saturating_sub(self.retransmitted),
+            delayed_acks: later.delayed_acks.saturating_sub(self.delayed_acks),
+        }
+    }
+
+    pub fn plus(self, other: Self) -> Self {
+        Self {
+            retransmitted: self.retransmitted + other.retransmitted,
+            delayed_acks: self.delayed_acks + other.delayed_acks,
+        }
+    }
+}
+
+/// `/proc/net/snmp`-style text: a line of names then a line of values, each starting with the
+/// same `Prefix:`; adds `Prefix:Name` → value.
+fn parse_counter_pairs(text: &str, into: &mut std::collections::HashMap<String, u64>) {
+    let lines: Vec<&str> = text.lines().collect();
+    for pair in lines.chunks(2) {
+        let [names, values] = pair else { continue };
+        let mut names = names.split_whitespace();
+        let mut values = values.split_whitespace();
+        let (Some(prefix), Some(same)) = (names.next(), values.next()) else {
+            continue;
+        };
+        if prefix != same {
+            continue;
+        }
+        for (name, value) in names.zip(values) {
+            if let Ok(value) = value.parse() {
+                into.insert(format!("{prefix}{name}"), value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_pairs_are_read_by_prefix_and_name() {
+        let text = "Tcp: RtoMin RetransSegs\nTcp: 200 17\nTcpExt: DelayedACKs TCPLossProbes\nTcpExt: 5 -\n";
+        let mut counters = std::collections::HashMap::new();
+        parse_counter_pairs(text, &mut counters);
+        assert_eq!(counters.get("Tcp:RetransSegs"), Some(&17));
+        assert_eq!(counters.get("TcpExt:DelayedACKs"), Some(&5));
+        assert_eq!(counters.get("TcpExt:TCPLossProbes"), None, "not a number");
+        let before = TcpTrouble {
+            retransmitted: 3,
+            delayed_acks: 9,
+        };
+        let after = TcpTrouble {
+            retransmitted: 5,
+            delayed_acks: 10,
+        };
+        assert_eq!(
+            before.since(after),
+            TcpTrouble {
+                retransmitted: 2,
+                delayed_acks: 1
+            }
+        );
+    }
+}
