@@ -919,6 +919,17 @@ pub struct AimSpread {
     pub met_in: usize,
 }
 
+/// One floor over repeated runs: it moves with the machine, so it tells which runs of two
+/// agents were made in the same state of it.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct FloorSpread {
+    pub figure: String,
+    pub runs: usize,
+    pub min: Option<f64>,
+    pub median: Option<f64>,
+    pub max: Option<f64>,
+}
+
 /// The aims over repeated runs, with what was measured and where.
 #[derive(Clone, Debug, Serialize)]
 pub struct Spread {
@@ -926,6 +937,7 @@ pub struct Spread {
     pub agent_binary: PathBuf,
     pub settings: Option<Settings>,
     pub aims: Vec<AimSpread>,
+    pub floors: Vec<FloorSpread>,
 }
 
 impl Spread {
@@ -936,6 +948,7 @@ impl Spread {
             agent_binary: first.map(|r| r.agent_binary.clone()).unwrap_or_default(),
             settings: first.map(|r| r.settings.clone()),
             aims: aim_spread(reports),
+            floors: floor_spread(reports),
         }
     }
 
@@ -953,6 +966,16 @@ impl Spread {
                 cell(a.max),
                 a.met_in,
                 a.runs
+            ));
+        }
+        s.push_str("\n| floor | min | median | max |\n| --- | ---: | ---: | ---: |\n");
+        for f in &self.floors {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                f.figure,
+                cell(f.min),
+                cell(f.median),
+                cell(f.max)
             ));
         }
         s
@@ -974,23 +997,53 @@ fn aim_spread(reports: &[Report]) -> Vec<AimSpread> {
                     .iter()
                     .filter_map(|r| r.aims.iter().find(|a| a.aim == aim.aim))
             };
-            let mut values: Vec<f64> = of_this().filter_map(|a| a.value).collect();
-            values.sort_by(f64::total_cmp);
-            let median = match values.len() {
-                0 => None,
-                n if n % 2 == 1 => Some(values[n / 2]),
-                n => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
-            };
+            let (min, median, max) = min_median_max(of_this().filter_map(|a| a.value).collect());
             AimSpread {
                 aim: aim.aim.clone(),
                 runs: reports.len(),
-                min: values.first().copied(),
+                min,
                 median,
-                max: values.last().copied(),
+                max,
                 met_in: of_this().filter(|a| a.met == Some(true)).count(),
             }
         })
         .collect()
+}
+
+/// Each floor's spread over the runs, matched by name like the aims.
+fn floor_spread(reports: &[Report]) -> Vec<FloorSpread> {
+    let Some(first) = reports.first() else {
+        return Vec::new();
+    };
+    first
+        .floors
+        .iter()
+        .map(|floor| {
+            let values = reports
+                .iter()
+                .filter_map(|r| r.floors.iter().find(|f| f.figure == floor.figure))
+                .filter_map(|f| f.value)
+                .collect();
+            let (min, median, max) = min_median_max(values);
+            FloorSpread {
+                figure: floor.figure.clone(),
+                runs: reports.len(),
+                min,
+                median,
+                max,
+            }
+        })
+        .collect()
+}
+
+fn min_median_max(mut values: Vec<f64>) -> (Option<f64>, Option<f64>, Option<f64>) {
+    values.sort_by(f64::total_cmp);
+    let median = match values.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(values[n / 2]),
+        n => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    };
+    (values.first().copied(), median, values.last().copied())
 }
 
 #[cfg(test)]
@@ -1062,5 +1115,37 @@ mod tests {
             "{table}"
         );
         assert!(aim_spread(&[]).is_empty());
+    }
+
+    #[test]
+    fn spread_carries_each_floor_by_name() {
+        let floor = |value: Option<f64>| Floor {
+            figure: "crypto".into(),
+            value,
+            beside: "handshakes".into(),
+        };
+        let runs: Vec<Report> = [Some(249.0), Some(355.0), None, Some(250.0)]
+            .into_iter()
+            .map(|value| Report {
+                floors: vec![floor(value)],
+                ..report(&[])
+            })
+            .collect();
+        let spread = Spread::of(&runs);
+        assert_eq!(
+            spread.floors,
+            vec![FloorSpread {
+                figure: "crypto".into(),
+                runs: 4,
+                min: Some(249.0),
+                median: Some(250.0),
+                max: Some(355.0),
+            }]
+        );
+        assert!(
+            spread.markdown().contains("| crypto | 249 | 250 | 355 |"),
+            "{}",
+            spread.markdown()
+        );
     }
 }
