@@ -98,10 +98,15 @@ fn both_agents_count_the_connection_with_their_reporter_and_live_bytes() -> anyh
     s.write_all(&[b'x'; 1000])?;
     read_echo(&mut s, 1000)?;
     let src = ["reporter=\"source\"", to_server[0], to_server[1]];
+    // The echo can reach the client before the agent's copy has counted the write that
+    // carried it, so both directions are waited for, not read from the first scrape.
     let live = wait_metric(
         || a0.metrics(),
-        "client agent counts request bytes of the open connection",
-        |t| sample(t, "istio_tcp_received_bytes_total", &src).unwrap_or(0.0) >= 1000.0,
+        "client agent counts request and response bytes of the open connection",
+        |t| {
+            sample(t, "istio_tcp_received_bytes_total", &src).unwrap_or(0.0) >= 1000.0
+                && sample(t, "istio_tcp_sent_bytes_total", &src).unwrap_or(0.0) >= 1000.0
+        },
     )?;
     assert_eq!(
         sample(&live, "istio_tcp_connections_opened_total", &src),
@@ -112,7 +117,6 @@ fn both_agents_count_the_connection_with_their_reporter_and_live_bytes() -> anyh
         None,
         "{live}"
     );
-    assert!(sample(&live, "istio_tcp_sent_bytes_total", &src).unwrap_or(0.0) >= 1000.0);
     let dst = [
         "reporter=\"destination\"",
         "source_workload=\"client\"",
