@@ -35,7 +35,8 @@ where
         })?)
 }
 
-fn join<T>(handle: std::thread::JoinHandle<anyhow::Result<T>>) -> anyhow::Result<T> {
+/// The result of a thread started by [`spawn_in_netns`]; a panic is an error.
+pub(crate) fn join<T>(handle: std::thread::JoinHandle<anyhow::Result<T>>) -> anyhow::Result<T> {
     handle
         .join()
         .map_err(|_| anyhow::anyhow!("bench thread panicked"))?

@@ -693,9 +693,10 @@ fn measure(
     let pods_tcp = || -> anyhow::Result<procfs::TcpTrouble> {
         let mut both = procfs::TcpTrouble::default();
         for ns in [client.clone(), server.ns.path()] {
-            let of_pod = load::spawn_in_netns(&ns, procfs::TcpTrouble::of_current_netns)?
-                .join()
-                .map_err(|_| anyhow::anyhow!("TCP counter thread panicked"))??;
+            let of_pod = load::join(load::spawn_in_netns(
+                &ns,
+                procfs::TcpTrouble::of_current_netns,
+            )?)?;
             both = both.plus(of_pod);
         }
         Ok(both)

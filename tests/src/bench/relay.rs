@@ -10,82 +10,70 @@
 use std::fs::File;
 use std::io::{Read as _, Seek as _};
 use std::net::SocketAddr;
-use std::os::fd::AsFd as _;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::sync::oneshot;
+
+use super::load;
 
 /// One relay: accepts in a pod's netns and copies each connection to `upstream`, both ways,
 /// half-closes carried across. Stops when dropped.
 pub struct Relay {
     pub addr: SocketAddr,
     /// `/proc/thread-self/stat` of the relay's thread, opened by the thread itself.
-    thread_stat: Mutex<File>,
+    thread_stat: File,
     stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Relay {
     pub fn start(netns: &Path, listen: SocketAddr, upstream: SocketAddr) -> anyhow::Result<Self> {
-        let ns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let (ready_tx, ready) = std::sync::mpsc::channel::<anyhow::Result<(SocketAddr, File)>>();
-        let thread = std::thread::Builder::new()
-            .name("bench-relay".into())
-            .spawn(move || {
-                // Entered first, so the listener and every upstream socket are the pod's.
-                let setup = || -> anyhow::Result<_> {
-                    ambit_agent::sys::setns_net(ns.as_fd()).context("setns")?;
-                    let stat = File::open("/proc/thread-self/stat")?;
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()?;
-                    let listener = runtime
-                        .block_on(async { tokio::net::TcpListener::bind(listen).await })
-                        .with_context(|| format!("relay listening on {listen}"))?;
-                    Ok((runtime, listener, stat))
-                };
-                let (runtime, listener, stat) = match setup() {
-                    Ok(parts) => parts,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
+        let (ready_tx, ready) = std::sync::mpsc::channel::<(SocketAddr, File)>();
+        // The thread is in the pod's netns: the listener and every upstream socket are the
+        // pod's.
+        let thread = load::spawn_in_netns(netns, move || {
+            let listener = std::net::TcpListener::bind(listen)
+                .with_context(|| format!("relay listening on {listen}"))?;
+            listener.set_nonblocking(true)?;
+            let stat = File::open("/proc/thread-self/stat")?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            // Nothing left to fail before serving: tell the caller where to connect.
+            let _ = ready_tx.send((listener.local_addr()?, stat));
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                let accept_loop = async {
+                    while let Ok((mut client, _)) = listener.accept().await {
+                        tokio::spawn(async move {
+                            let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await
+                            else {
+                                return;
+                            };
+                            let _ = client.set_nodelay(true);
+                            let _ = server.set_nodelay(true);
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        });
                     }
                 };
-                let addr = listener.local_addr().map_err(anyhow::Error::from);
-                if ready_tx.send(addr.map(|a| (a, stat))).is_err() {
-                    return;
+                tokio::select! {
+                    () = accept_loop => {}
+                    _ = stopped => {}
                 }
-                runtime.block_on(async move {
-                    let accept_loop = async {
-                        while let Ok((mut client, _)) = listener.accept().await {
-                            tokio::spawn(async move {
-                                let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await
-                                else {
-                                    return;
-                                };
-                                let _ = client.set_nodelay(true);
-                                let _ = server.set_nodelay(true);
-                                let _ =
-                                    tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                            });
-                        }
-                    };
-                    tokio::select! {
-                        () = accept_loop => {}
-                        _ = stopped => {}
-                    }
-                });
-            })?;
-        let (addr, stat) = ready
-            .recv()
-            .map_err(|_| anyhow::anyhow!("relay thread ended before listening"))??;
+                anyhow::Ok(())
+            })
+        })?;
+        let Ok((addr, thread_stat)) = ready.recv() else {
+            // The thread ended before listening: its error says why.
+            load::join(thread)?;
+            anyhow::bail!("relay thread ended before listening");
+        };
         Ok(Self {
             addr,
-            thread_stat: Mutex::new(stat),
+            thread_stat,
             stop: Some(stop),
             thread: Some(thread),
         })
@@ -93,10 +81,7 @@ impl Relay {
 
     /// CPU time of the relay's thread so far.
     pub fn cpu_time(&self) -> anyhow::Result<Duration> {
-        let mut stat = self
-            .thread_stat
-            .lock()
-            .map_err(|_| anyhow::anyhow!("relay stat lock poisoned"))?;
+        let mut stat = &self.thread_stat;
         let mut text = String::new();
         stat.rewind()?;
         stat.read_to_string(&mut text)?;
