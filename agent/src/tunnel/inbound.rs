@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 
 use super::access_log::{ABSENT, AccessKind, AccessLog, WorkloadName};
 use super::copy::{CopyStats, copy_bidirectional};
+use super::held_writes::HeldWrites;
 use super::metrics::{
     ConnectionLabels, ConnectionRecord, ConnectionSeries, Metrics, RefusalReason, Reporter,
     SeriesCache, WorkloadMeta,
@@ -496,8 +497,16 @@ impl Inbound {
             &bundle,
             |anchors| server_config_for(&cert, anchors, workload.identity.trust_domain()),
         )?;
-        let tls_stream = match TlsAcceptor::from(tls).accept(tcp).await {
-            Ok(s) => s,
+        // The server's one TLS flight leaves at once; its HTTP/2 SETTINGS then waits to
+        // leave with the SETTINGS ACK (see held_writes).
+        let tls_stream = match TlsAcceptor::from(tls)
+            .accept(HeldWrites::passing(tcp))
+            .await
+        {
+            Ok(mut s) => {
+                s.get_mut().0.hold_until_next_write();
+                s
+            }
             Err(e) => {
                 let reason = handshake_failure(&e);
                 self.counters.record_handshake_failure(&reason);
@@ -971,7 +980,7 @@ pub fn check_connect_request<B>(
 }
 
 /// The TLS stream an HBONE server connection runs on.
-type HboneTls<'tcp> = tokio_rustls::server::TlsStream<&'tcp mut TcpStream>;
+type HboneTls<'tcp> = tokio_rustls::server::TlsStream<HeldWrites<&'tcp mut TcpStream>>;
 
 /// h2's hard header-list bound is this multiple of the configured limit: between the two,
 /// the stream reaches us and its 431 is logged and counted.

@@ -8,6 +8,7 @@
 mod accept;
 mod access_log;
 mod copy;
+mod held_writes;
 mod inbound;
 mod metrics;
 mod outbound;

@@ -3,9 +3,7 @@
 //! workload's certificate.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use futures::FutureExt as _;
@@ -13,13 +11,13 @@ use futures::future::Either;
 use http::header::{HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri};
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
 
 use super::access_log::AddrText;
 use super::copy::{CopyStats, copy_bidirectional};
+use super::held_writes::HeldWrites;
 use super::metrics::Metrics;
 use super::pool::{Pool, PoolKey, StreamLease};
 use super::tls::{HandshakeFailure, client_config_for};
@@ -249,9 +247,17 @@ impl Outbound {
         // No SNI is sent (HBONE peers select the certificate by local address); rustls still
         // wants a name, and the IP is the honest one.
         let name = ServerName::IpAddress(key.address.ip().into());
-        let tls_stream = match TlsConnector::from(tls).connect(name, tcp).await {
-            Ok(s) => s,
-            Err(e) => {
+        // Holding from the start lets the last TLS flight leave with the HTTP/2 preface,
+        // SETTINGS and the first CONNECT (see held_writes).
+        let connecting = TlsConnector::from(tls).connect(name, HeldWrites::holding(tcp));
+        let tls_stream = match connecting.into_fallible().await {
+            Ok(mut s) => {
+                s.get_mut().0.hold_until_release();
+                s
+            }
+            Err((e, mut tcp)) => {
+                // The alert naming the reason, for the peer's own logs.
+                tcp.release_without_waiting();
                 let reason = handshake_failure(&e);
                 self.counters.record_handshake_failure(&reason);
                 if let Some(m) = &self.metrics {
@@ -264,15 +270,12 @@ impl Outbound {
                 });
             }
         };
-        // h2 writes the connection preface on its own and its SETTINGS (and the first
-        // CONNECT, already queued) with the next flush: held together they are one TLS
-        // record and one TCP segment, and the peer wakes once for them instead of twice.
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(self.config.stream_window)
             .initial_connection_window_size(self.config.connection_window)
             .max_frame_size(self.config.max_frame_size)
             .max_concurrent_reset_streams(1024)
-            .handshake::<_, Bytes>(FirstWriteHeld::new(tls_stream))
+            .handshake::<_, Bytes>(tls_stream)
             .await?;
         let address = key.address;
         let driver = tokio::spawn(async move {
@@ -281,140 +284,6 @@ impl Outbound {
             }
         });
         Ok((send, driver))
-    }
-}
-
-/// Holds the first write back and sends it joined to the next one (or at the next flush or
-/// shutdown); everything after passes straight through. tokio-rustls turns every write
-/// into its own TLS record and socket write.
-///
-/// h2's connection task reads before it writes what it has queued (and then flushes): a
-/// read that finds nothing therefore keeps holding, once, and asks for the task to be
-/// polled again; a later read while something is still held writes it out first, so the
-/// peer is never left waiting for bytes held here.
-struct FirstWriteHeld<T> {
-    inner: T,
-    /// Accepted from the caller, not yet written to `inner`.
-    held: Vec<u8>,
-    first: bool,
-    /// A read found nothing while something was held.
-    read_waited: bool,
-}
-
-impl<T> FirstWriteHeld<T> {
-    fn new(inner: T) -> Self {
-        Self {
-            inner,
-            held: Vec::new(),
-            first: true,
-            read_waited: false,
-        }
-    }
-}
-
-impl<T: AsyncWrite + Unpin> FirstWriteHeld<T> {
-    /// Writes out what is held.
-    fn poll_release(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        while !self.held.is_empty() {
-            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.held))?;
-            if n == 0 {
-                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
-            }
-            self.held.drain(..n);
-        }
-        // Its capacity would stay with the connection for its whole life.
-        self.held = Vec::new();
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for FirstWriteHeld<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if !this.held.is_empty() {
-            if this.read_waited {
-                ready!(this.poll_release(cx))?;
-            } else {
-                let read = Pin::new(&mut this.inner).poll_read(cx, buf);
-                if read.is_pending() {
-                    this.read_waited = true;
-                    cx.waker().wake_by_ref();
-                }
-                return read;
-            }
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for FirstWriteHeld<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        if std::mem::take(&mut this.first) {
-            this.held.extend_from_slice(buf);
-            return Poll::Ready(Ok(buf.len()));
-        }
-        if this.held.is_empty() || buf.is_empty() {
-            return Pin::new(&mut this.inner).poll_write(cx, buf);
-        }
-        // One write of what is held and `buf`; `held` gets its own length back whatever
-        // happens, and only bytes of `buf` that went out are reported as written.
-        let held = this.held.len();
-        this.held.extend_from_slice(buf);
-        let written = Pin::new(&mut this.inner).poll_write(cx, &this.held);
-        this.held.truncate(held);
-        let n = ready!(written)?;
-        if n == 0 {
-            return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
-        }
-        if n <= held {
-            this.held.drain(..n);
-            // Nothing of `buf` went out yet: write the rest of what is held first.
-            ready!(this.poll_release(cx))?;
-            return Pin::new(&mut this.inner).poll_write(cx, buf);
-        }
-        this.held = Vec::new();
-        Poll::Ready(Ok(n - held))
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        if this.first || !this.held.is_empty() {
-            let buf = bufs
-                .iter()
-                .find(|b| !b.is_empty())
-                .map_or(&[][..], |b| &**b);
-            return Pin::new(this).poll_write(cx, buf);
-        }
-        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        ready!(this.poll_release(cx))?;
-        Pin::new(&mut this.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        ready!(this.poll_release(cx))?;
-        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
@@ -428,144 +297,7 @@ pub(super) fn handshake_failure(err: &std::io::Error) -> HandshakeFailure {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::Ordering;
-
-    use tokio::io::AsyncWriteExt as _;
-
     use super::*;
-
-    /// Records each write it is given, taking at most `max_write` bytes of each; its reads
-    /// find nothing yet, or the end of the stream.
-    #[derive(Default)]
-    struct Recorder {
-        writes: Vec<Vec<u8>>,
-        max_write: Option<usize>,
-        reads_pending: bool,
-    }
-
-    impl AsyncWrite for Recorder {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            let n = self.max_write.map_or(buf.len(), |max| buf.len().min(max));
-            self.get_mut().writes.push(buf[..n].to_vec());
-            Poll::Ready(Ok(n))
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    impl AsyncRead for Recorder {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            _: &mut ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            if self.reads_pending {
-                Poll::Pending
-            } else {
-                Poll::Ready(Ok(()))
-            }
-        }
-    }
-
-    fn joined(writes: &[Vec<u8>]) -> Vec<u8> {
-        writes.concat()
-    }
-
-    #[tokio::test]
-    async fn the_first_write_goes_out_with_the_second_then_writes_pass_through() {
-        let mut io = FirstWriteHeld::new(Recorder::default());
-        io.write_all(b"PREFACE").await.expect("write");
-        assert!(io.inner.writes.is_empty(), "the first write is held");
-        io.write_all(b"SETTINGS").await.expect("write");
-        io.write_all(b"HEADERS").await.expect("write");
-        io.flush().await.expect("flush");
-        assert_eq!(
-            io.inner.writes,
-            [b"PREFACESETTINGS".to_vec(), b"HEADERS".to_vec()]
-        );
-    }
-
-    #[tokio::test]
-    async fn what_is_held_goes_out_at_a_flush_a_shutdown_or_before_a_read() {
-        let mut flushed = FirstWriteHeld::new(Recorder::default());
-        flushed.write_all(b"PREFACE").await.expect("write");
-        flushed.flush().await.expect("flush");
-        assert_eq!(flushed.inner.writes, [b"PREFACE".to_vec()]);
-
-        let mut shut = FirstWriteHeld::new(Recorder::default());
-        shut.write_all(b"PREFACE").await.expect("write");
-        shut.shutdown().await.expect("shutdown");
-        assert_eq!(shut.inner.writes, [b"PREFACE".to_vec()]);
-    }
-
-    /// h2 reads before it writes its queued frames: the first read that finds nothing keeps
-    /// holding (and has the task polled again); a second one sends what is held, so a task
-    /// that never writes again does not leave its peer waiting.
-    #[test]
-    fn a_read_that_finds_nothing_holds_once_then_sends() {
-        let wakes = Arc::new(WakeCount::default());
-        let waker = futures::task::waker(wakes.clone());
-        let mut cx = Context::from_waker(&waker);
-        let mut io = FirstWriteHeld::new(Recorder {
-            reads_pending: true,
-            ..Recorder::default()
-        });
-        let mut bytes = [0u8; 8];
-        let mut buf = ReadBuf::new(&mut bytes);
-        assert!(Pin::new(&mut io).poll_read(&mut cx, &mut buf).is_pending());
-        assert_eq!(wakes.0.load(Ordering::Relaxed), 0, "nothing held, no wake");
-
-        assert!(Pin::new(&mut io).poll_write(&mut cx, b"PREFACE").is_ready());
-        let mut buf = ReadBuf::new(&mut bytes);
-        assert!(Pin::new(&mut io).poll_read(&mut cx, &mut buf).is_pending());
-        assert!(
-            io.inner.writes.is_empty(),
-            "the first empty read keeps holding"
-        );
-        assert_eq!(
-            wakes.0.load(Ordering::Relaxed),
-            1,
-            "and asks to be polled again"
-        );
-        let mut buf = ReadBuf::new(&mut bytes);
-        assert!(Pin::new(&mut io).poll_read(&mut cx, &mut buf).is_pending());
-        assert_eq!(io.inner.writes, [b"PREFACE".to_vec()]);
-        assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
-    }
-
-    #[derive(Default)]
-    struct WakeCount(std::sync::atomic::AtomicUsize);
-
-    impl futures::task::ArcWake for WakeCount {
-        fn wake_by_ref(arc_self: &Arc<Self>) {
-            arc_self.0.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// A transport that takes a few bytes at a time still gets every byte once, in order.
-    #[tokio::test]
-    async fn short_writes_lose_and_repeat_nothing() {
-        let mut io = FirstWriteHeld::new(Recorder {
-            max_write: Some(3),
-            ..Recorder::default()
-        });
-        io.write_all(b"PREFACE").await.expect("write");
-        io.write_all(b"SETTINGS").await.expect("write");
-        io.write_all(b"HEADERS").await.expect("write");
-        io.flush().await.expect("flush");
-        assert_eq!(joined(&io.inner.writes), b"PREFACESETTINGSHEADERS");
-        assert!(io.inner.writes.iter().all(|w| w.len() <= 3));
-    }
 
     #[test]
     fn the_connect_request_carries_the_target_forwarded_and_baggage_as_hbone_peers_expect() {

@@ -1,0 +1,646 @@
+//! Joins a new HBONE connection's handshake writes into fewer socket writes.
+//!
+//! tokio-rustls writes each handshake flight the moment it is ready and flushes it, and
+//! h2 writes its preface and its first frames apart; on a socket with `TCP_NODELAY` each
+//! of those writes is a syscall and a segment that wakes the peer's agent on its own. The
+//! two that matter: the client's last TLS flight (Certificate, CertificateVerify,
+//! Finished) can leave with its HTTP/2 preface, SETTINGS and first CONNECT, and the
+//! server's SETTINGS with its SETTINGS ACK. Neither end needs to wait for those bytes
+//! before it sends its own (an HTTP/2 client sends its preface without waiting for the
+//! server's SETTINGS; the TLS 1.3 client's Finished is its last flight; the client's
+//! SETTINGS, part of its preface, always draws the server's ACK), so holding them (the
+//! client's until its task is about to sleep, the server's until its ACK) changes when
+//! they leave, never whether.
+//!
+//! Neither crate offers this (tokio-rustls flushes after every flight; h2 exposes no
+//! hook between its handshake writes), hence a wrapper under the TLS stream.
+
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Bytes held at most; a larger write goes out at once with what is held. Handshake
+/// flights are a few KiB.
+const MAX_HELD: usize = 16 * 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Holding {
+    /// During the TLS handshake: every write is held until the task is about to sleep.
+    Every,
+    /// After it, on the client: writes are held until the next release, then pass
+    /// straight through.
+    UntilRelease,
+    /// After it, on the server: what is written next is held until the write after it,
+    /// whatever the reads find, then writes pass straight through.
+    UntilNextWrite,
+    /// Writes pass straight through.
+    Off,
+}
+
+/// Holds writes back and sends them joined. While the client holds, they leave when the
+/// task that made them is about to wait for its peer: at a write after a read that found nothing, or at the second read that
+/// finds nothing while something is held (the first asks for the task to be polled again,
+/// so a task that writes after reading still joins its write). A flush does not send what
+/// is held while holding (tokio-rustls flushes after each flight); a shutdown does.
+///
+/// The client holds from the start (its last TLS flight is written inside tokio-rustls)
+/// and calls [`HeldWrites::hold_until_release`] once TLS is done, so its HTTP/2 preface
+/// joins the flight and both leave with h2's first frames. The server holds nothing
+/// during TLS (its one flight must not wait) and calls [`HeldWrites::hold_until_next_write`]
+/// after it. Then everything passes straight through: the data path sees two branch
+/// checks per call.
+pub(super) struct HeldWrites<T> {
+    inner: T,
+    /// Accepted from the caller, not yet written to `inner`.
+    held: Vec<u8>,
+    holding: Holding,
+    /// A read found nothing while something was held.
+    read_waited: bool,
+}
+
+impl<T> HeldWrites<T> {
+    /// Holds every write until told otherwise.
+    pub(super) fn holding(inner: T) -> Self {
+        Self::with(inner, Holding::Every)
+    }
+
+    /// Holds nothing until told otherwise.
+    pub(super) fn passing(inner: T) -> Self {
+        Self::with(inner, Holding::Off)
+    }
+
+    fn with(inner: T, holding: Holding) -> Self {
+        Self {
+            inner,
+            held: Vec::new(),
+            holding,
+            read_waited: false,
+        }
+    }
+
+    /// The client's TLS handshake is done: hold what follows (its HTTP/2 preface) until
+    /// the next release, then hold nothing more.
+    pub(super) fn hold_until_release(&mut self) {
+        self.holding = Holding::UntilRelease;
+    }
+
+    /// The server's TLS handshake is done: hold its next write (its HTTP/2 SETTINGS) and
+    /// send it with the one after (the ACK of the client's SETTINGS, which every HTTP/2
+    /// client sends unasked as part of its preface), then hold nothing more. Reads do not
+    /// release it: tokio-rustls may need more than one poll to hand over records that
+    /// arrived with the client's last TLS flight, and a read that finds nothing says only
+    /// that, not that the server has nothing more to write.
+    pub(super) fn hold_until_next_write(&mut self) {
+        self.holding = Holding::UntilNextWrite;
+    }
+
+    fn takes(&self, len: usize) -> bool {
+        let room = self.held.len() + len <= MAX_HELD;
+        match self.holding {
+            Holding::Every | Holding::UntilRelease => !self.read_waited && room,
+            Holding::UntilNextWrite => self.held.is_empty() && room,
+            Holding::Off => false,
+        }
+    }
+
+    fn hold(&mut self, bufs: &[IoSlice<'_>]) -> usize {
+        let len = bufs.iter().map(|b| b.len()).sum();
+        for buf in bufs {
+            self.held.extend_from_slice(buf);
+        }
+        len
+    }
+
+    /// Everything held has been written.
+    fn released(&mut self) {
+        // Its capacity would otherwise stay with the connection for its whole life.
+        self.held = Vec::new();
+        self.read_waited = false;
+        if matches!(
+            self.holding,
+            Holding::UntilRelease | Holding::UntilNextWrite
+        ) {
+            self.holding = Holding::Off;
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> HeldWrites<T> {
+    /// Writes out what is held.
+    fn poll_release(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while !self.held.is_empty() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.held))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.held.drain(..n);
+        }
+        self.released();
+        Poll::Ready(Ok(()))
+    }
+
+    /// Sends what is held if the socket takes it at once, without waiting: a failed TLS
+    /// handshake's alert, which the peer should still get to read its reason.
+    pub(super) fn release_without_waiting(&mut self) {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let _ = self.poll_release(&mut cx);
+    }
+
+    /// One write of what is held followed by `bufs`; only bytes of `bufs` that went out
+    /// are reported as written.
+    fn poll_write_joined(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let held = self.held.len();
+        let mut slices = Vec::with_capacity(bufs.len() + 1);
+        slices.push(IoSlice::new(&self.held));
+        slices.extend_from_slice(bufs);
+        let n = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, &slices))?;
+        if n == 0 {
+            return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+        }
+        if n <= held {
+            self.held.drain(..n);
+            // Nothing of `bufs` went out yet: the rest of what is held goes first.
+            ready!(self.poll_release(cx))?;
+            return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        }
+        self.released();
+        Poll::Ready(Ok(n - held))
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeldWrites<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.held.is_empty() && this.holding != Holding::UntilNextWrite {
+            if this.read_waited {
+                ready!(this.poll_release(cx))?;
+            } else {
+                let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+                if read.is_pending() {
+                    this.read_waited = true;
+                    cx.waker().wake_by_ref();
+                }
+                return read;
+            }
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for HeldWrites<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.holding == Holding::Off && this.held.is_empty() {
+            return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        }
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        if len == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        if this.takes(len) {
+            return Poll::Ready(Ok(this.hold(bufs)));
+        }
+        if this.held.is_empty() {
+            return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        }
+        this.poll_write_joined(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.holding == Holding::Off {
+            ready!(this.poll_release(cx))?;
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_release(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, SystemTime};
+
+    use bytes::Bytes;
+    use rustls::pki_types::ServerName;
+    use tokio::io::{AsyncWriteExt as _, DuplexStream};
+
+    use super::*;
+    use crate::identity::{CertificateAuthority as _, LocalCa, SpiffeId};
+    use crate::tunnel::tls::{TrustAnchors, client_config_for, server_config_for};
+
+    /// Records each write it is given (a vectored write is one), taking at most
+    /// `max_write` bytes of each; its reads find nothing yet, or the end of the stream.
+    #[derive(Default)]
+    struct Recorder {
+        writes: Vec<Vec<u8>>,
+        max_write: Option<usize>,
+        reads_pending: bool,
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let n = self.max_write.map_or(buf.len(), |max| buf.len().min(max));
+            self.get_mut().writes.push(buf[..n].to_vec());
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            let joined: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            self.poll_write(cx, &joined)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncRead for Recorder {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            if self.reads_pending {
+                Poll::Pending
+            } else {
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+
+    #[derive(Default)]
+    struct WakeCount(AtomicUsize);
+
+    impl futures::task::ArcWake for WakeCount {
+        fn wake_by_ref(arc_self: &Arc<Self>) {
+            arc_self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn pending_reads() -> Recorder {
+        Recorder {
+            reads_pending: true,
+            ..Recorder::default()
+        }
+    }
+
+    fn write(io: &mut HeldWrites<Recorder>, cx: &mut Context<'_>, bytes: &[u8]) {
+        match Pin::new(io).poll_write(cx, bytes) {
+            Poll::Ready(Ok(n)) => assert_eq!(n, bytes.len(), "the whole write is taken"),
+            other => panic!("write of {bytes:?}: {other:?}"),
+        }
+    }
+
+    fn read_is_pending(io: &mut HeldWrites<Recorder>, cx: &mut Context<'_>) -> bool {
+        let mut bytes = [0u8; 8];
+        let mut buf = ReadBuf::new(&mut bytes);
+        Pin::new(io).poll_read(cx, &mut buf).is_pending()
+    }
+
+    /// The client's last TLS flight, flushed by tokio-rustls, then h2's preface: both held
+    /// until the task has read and found nothing, then sent with h2's next write in one.
+    #[test]
+    fn writes_wait_for_an_empty_read_and_leave_with_the_next_write() {
+        let wakes = Arc::new(WakeCount::default());
+        let waker = futures::task::waker(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut io = HeldWrites::holding(pending_reads());
+        write(&mut io, &mut cx, b"FINISHED");
+        assert!(Pin::new(&mut io).poll_flush(&mut cx).is_ready());
+        io.hold_until_release();
+        write(&mut io, &mut cx, b"PREFACE");
+        assert!(
+            io.inner.writes.is_empty(),
+            "a flush while holding sends nothing"
+        );
+
+        assert!(read_is_pending(&mut io, &mut cx));
+        assert!(
+            io.inner.writes.is_empty(),
+            "the first empty read keeps holding"
+        );
+        assert_eq!(
+            wakes.0.load(Ordering::Relaxed),
+            1,
+            "and asks to be polled again"
+        );
+        write(&mut io, &mut cx, b"SETTINGS");
+        assert_eq!(io.inner.writes, [b"FINISHEDPREFACESETTINGS".to_vec()]);
+
+        write(&mut io, &mut cx, b"DATA");
+        assert!(Pin::new(&mut io).poll_flush(&mut cx).is_ready());
+        assert_eq!(
+            io.inner.writes.len(),
+            2,
+            "after the release writes pass through"
+        );
+        assert_eq!(io.inner.writes[1], b"DATA");
+        assert!(read_is_pending(&mut io, &mut cx));
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 1, "nothing held, no wake");
+    }
+
+    /// A task that does not write after its empty read still sends what it holds at its
+    /// next read, so its peer is never left waiting; while holding every write (the TLS
+    /// handshake) the next write is held again.
+    #[test]
+    fn a_second_empty_read_sends_what_is_held() {
+        let waker = futures::task::waker(Arc::new(WakeCount::default()));
+        let mut cx = Context::from_waker(&waker);
+        let mut io = HeldWrites::holding(pending_reads());
+        write(&mut io, &mut cx, b"CLIENTHELLO");
+        assert!(read_is_pending(&mut io, &mut cx));
+        assert!(io.inner.writes.is_empty());
+        assert!(read_is_pending(&mut io, &mut cx));
+        assert_eq!(io.inner.writes, [b"CLIENTHELLO".to_vec()]);
+
+        write(&mut io, &mut cx, b"FINISHED");
+        assert_eq!(
+            io.inner.writes.len(),
+            1,
+            "still holding during the handshake"
+        );
+        assert!(read_is_pending(&mut io, &mut cx));
+        assert!(read_is_pending(&mut io, &mut cx));
+        assert_eq!(io.inner.writes[1], b"FINISHED");
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_sends_what_is_held_and_the_server_holds_its_settings_for_the_next_write() {
+        let mut shut = HeldWrites::holding(Recorder::default());
+        shut.write_all(b"ALERT").await.expect("write");
+        shut.shutdown().await.expect("shutdown");
+        assert_eq!(shut.inner.writes, [b"ALERT".to_vec()]);
+
+        let waker = futures::task::waker(Arc::new(WakeCount::default()));
+        let mut cx = Context::from_waker(&waker);
+        let mut passing = HeldWrites::passing(pending_reads());
+        write(&mut passing, &mut cx, b"FLIGHT");
+        assert_eq!(passing.inner.writes, [b"FLIGHT".to_vec()]);
+        passing.hold_until_next_write();
+        write(&mut passing, &mut cx, b"SETTINGS");
+        assert!(Pin::new(&mut passing).poll_flush(&mut cx).is_ready());
+        assert!(read_is_pending(&mut passing, &mut cx));
+        assert!(read_is_pending(&mut passing, &mut cx));
+        assert_eq!(
+            passing.inner.writes.len(),
+            1,
+            "reads and flushes do not release"
+        );
+        write(&mut passing, &mut cx, b"ACK");
+        write(&mut passing, &mut cx, b"HEADERS");
+        assert_eq!(
+            passing.inner.writes,
+            [
+                b"FLIGHT".to_vec(),
+                b"SETTINGSACK".to_vec(),
+                b"HEADERS".to_vec()
+            ]
+        );
+
+        let mut alert = HeldWrites::holding(Recorder::default());
+        alert.write_all(b"ALERT").await.expect("write");
+        alert.release_without_waiting();
+        assert_eq!(alert.inner.writes, [b"ALERT".to_vec()]);
+    }
+
+    /// More than a handshake's worth is not held: it goes out at once, with what is held.
+    #[tokio::test]
+    async fn a_large_write_goes_out_at_once() {
+        let mut io = HeldWrites::holding(Recorder::default());
+        io.write_all(b"HELD").await.expect("write");
+        let large = vec![7u8; MAX_HELD];
+        io.write_all(&large).await.expect("write");
+        assert_eq!(io.inner.writes.len(), 1);
+        assert_eq!(io.inner.writes[0].len(), 4 + MAX_HELD);
+        assert!(io.held.is_empty());
+    }
+
+    /// A transport that takes a few bytes at a time still gets every byte once, in order.
+    #[test]
+    fn short_writes_lose_and_repeat_nothing() {
+        let waker = futures::task::waker(Arc::new(WakeCount::default()));
+        let mut cx = Context::from_waker(&waker);
+        let mut io = HeldWrites::holding(Recorder {
+            max_write: Some(3),
+            reads_pending: true,
+            ..Recorder::default()
+        });
+        write(&mut io, &mut cx, b"FINISHED");
+        io.hold_until_release();
+        write(&mut io, &mut cx, b"PREFACE");
+        assert!(read_is_pending(&mut io, &mut cx));
+        let mut rest: &[u8] = b"SETTINGSHEADERS";
+        while !rest.is_empty() {
+            match Pin::new(&mut io).poll_write(&mut cx, rest) {
+                Poll::Ready(Ok(n)) => rest = &rest[n..],
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(io.inner.writes.concat(), b"FINISHEDPREFACESETTINGSHEADERS");
+        assert!(io.inner.writes.iter().all(|w| w.len() <= 3));
+    }
+
+    /// Counts the writes that reach the underlying stream, each a socket write on TCP.
+    struct Counted {
+        inner: DuplexStream,
+        writes: Arc<AtomicUsize>,
+    }
+
+    impl AsyncRead for Counted {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Counted {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let this = self.get_mut();
+            let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+            this.writes.fetch_add(1, Ordering::Relaxed);
+            eprintln!("DBG write {n} {:?}", &buf[..8.min(n)]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            // One write of all slices, as writev on a socket.
+            let joined: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            self.poll_write(cx, &joined)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        }
+    }
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new("cluster.local", "default", sa).expect("id")
+    }
+
+    /// The agents' own TLS configurations, h2 and tokio-rustls on both ends, layered as
+    /// outbound and inbound layer them: by the time the server has the first CONNECT, the
+    /// client has written twice (ClientHello; its last TLS flight with the HTTP/2 preface,
+    /// SETTINGS and CONNECT) and the server twice (its TLS flight; SETTINGS with the
+    /// SETTINGS ACK). Without the holding they write four and three times.
+    #[tokio::test]
+    async fn a_new_hbone_connection_takes_two_writes_each_way_up_to_the_first_connect() {
+        crate::identity::install_crypto_provider();
+        let ca = LocalCa::generate().expect("CA");
+        let now = SystemTime::now() - Duration::from_secs(60);
+        let issue = |sa: &str| {
+            ca.issue_with_validity(&id(sa), now, now + Duration::from_secs(600))
+                .expect("certificate")
+        };
+        let anchors = TrustAnchors::new(&ca.trust_bundle()).expect("anchors");
+        let client_config =
+            client_config_for(&issue("client"), &anchors, &id("server")).expect("client");
+        let server_config =
+            server_config_for(&issue("server"), &anchors, "cluster.local").expect("server");
+
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let client_writes = Arc::new(AtomicUsize::new(0));
+        let server_writes = Arc::new(AtomicUsize::new(0));
+        let client_io = Counted {
+            inner: a,
+            writes: client_writes.clone(),
+        };
+        let server_io = Counted {
+            inner: b,
+            writes: server_writes.clone(),
+        };
+
+        let client_writes_seen = client_writes.clone();
+        let server = tokio::spawn(async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+            let mut tls = acceptor
+                .accept(HeldWrites::passing(server_io))
+                .await
+                .expect("server TLS");
+            tls.get_mut().0.hold_until_next_write();
+            let mut connection = h2::server::handshake(tls).await.expect("server h2");
+            let (request, mut respond) = connection
+                .accept()
+                .await
+                .expect("a stream")
+                .expect("a request");
+            assert_eq!(request.method(), http::Method::CONNECT);
+            // This test's runtime has one thread: the client has not run since its CONNECT.
+            let writes_at_accept = (
+                client_writes_seen.load(Ordering::Relaxed),
+                server_writes.load(Ordering::Relaxed),
+            );
+            let response = http::Response::new(());
+            let mut send = respond.send_response(response, false).expect("200");
+            send.send_data(Bytes::from_static(b"pong"), true)
+                .expect("data");
+            let drive = tokio::spawn(async move {
+                while let Some(stream) = connection.accept().await {
+                    drop(stream);
+                }
+            });
+            let mut body = request.into_body();
+            let ping = body.data().await.expect("data").expect("bytes");
+            drive.abort();
+            (writes_at_accept, ping)
+        });
+
+        let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(client_config))
+            .connect(name, HeldWrites::holding(client_io))
+            .await
+            .expect("client TLS");
+        tls.get_mut().0.hold_until_release();
+        let (mut send_request, connection) = h2::client::handshake(tls).await.expect("client h2");
+        let driver = tokio::spawn(connection);
+        let request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("10.0.0.1:8080")
+            .body(())
+            .expect("request");
+        let (response, mut send) = send_request.send_request(request, false).expect("CONNECT");
+        let response = response.await.expect("response");
+        assert_eq!(response.status(), http::StatusCode::OK);
+        send.send_data(Bytes::from_static(b"ping"), true)
+            .expect("data");
+        let mut body = response.into_body();
+        let pong = body.data().await.expect("data").expect("bytes");
+        assert_eq!(&pong[..], b"pong", "bytes flow both ways after the holding");
+
+        let (writes_at_accept, ping) = server.await.expect("server task");
+        assert_eq!(&ping[..], b"ping");
+        assert_eq!(
+            writes_at_accept,
+            (2, 2),
+            "(client, server) writes when the server has the first CONNECT"
+        );
+        driver.abort();
+    }
+}
