@@ -105,12 +105,10 @@ impl<T> HeldWrites<T> {
         }
     }
 
-    fn hold(&mut self, bufs: &[IoSlice<'_>]) -> usize {
-        let len = bufs.iter().map(|b| b.len()).sum();
+    fn hold(&mut self, bufs: &[IoSlice<'_>]) {
         for buf in bufs {
             self.held.extend_from_slice(buf);
         }
-        len
     }
 
     /// Everything held has been written.
@@ -203,7 +201,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HeldWrites<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+        let this = self.get_mut();
+        if this.holding == Holding::Off && this.held.is_empty() {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        }
+        Pin::new(this).poll_write_vectored(cx, &[IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(
@@ -220,7 +222,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HeldWrites<T> {
             return Poll::Ready(Ok(0));
         }
         if this.takes(len) {
-            return Poll::Ready(Ok(this.hold(bufs)));
+            this.hold(bufs);
+            return Poll::Ready(Ok(len));
         }
         if this.held.is_empty() {
             return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
@@ -261,6 +264,11 @@ mod tests {
     use crate::identity::{CertificateAuthority as _, LocalCa, SpiffeId};
     use crate::tunnel::tls::{TrustAnchors, client_config_for, server_config_for};
 
+    /// A vectored write's slices as the one write `writev` makes of them on a socket.
+    fn joined(bufs: &[IoSlice<'_>]) -> Vec<u8> {
+        bufs.iter().flat_map(|b| b.iter().copied()).collect()
+    }
+
     /// Records each write it is given (a vectored write is one), taking at most
     /// `max_write` bytes of each; its reads find nothing yet, or the end of the stream.
     #[derive(Default)]
@@ -286,8 +294,7 @@ mod tests {
             cx: &mut Context<'_>,
             bufs: &[IoSlice<'_>],
         ) -> Poll<std::io::Result<usize>> {
-            let joined: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
-            self.poll_write(cx, &joined)
+            self.poll_write(cx, &joined(bufs))
         }
 
         fn is_write_vectored(&self) -> bool {
@@ -514,7 +521,6 @@ mod tests {
             let this = self.get_mut();
             let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
             this.writes.fetch_add(1, Ordering::Relaxed);
-            eprintln!("DBG write {n} {:?}", &buf[..8.min(n)]);
             Poll::Ready(Ok(n))
         }
 
@@ -523,9 +529,7 @@ mod tests {
             cx: &mut Context<'_>,
             bufs: &[IoSlice<'_>],
         ) -> Poll<std::io::Result<usize>> {
-            // One write of all slices, as writev on a socket.
-            let joined: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
-            self.poll_write(cx, &joined)
+            self.poll_write(cx, &joined(bufs))
         }
 
         fn is_write_vectored(&self) -> bool {
