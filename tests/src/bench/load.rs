@@ -64,12 +64,72 @@ fn skip_greeting(s: &mut TcpStream) -> anyhow::Result<()> {
 }
 
 /// Round-trip latency percentiles, in microseconds.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Latency {
     pub p50_us: f64,
     pub p90_us: f64,
     pub p99_us: f64,
     pub round_trips_per_sec: f64,
+    /// The exchange alone, from its write to the last byte of its answer: unlike the
+    /// latency of a fixed-rate run, it does not include waiting behind an earlier slow one.
+    pub service_p99_us: f64,
+    /// A fixed-rate run in [`WINDOW`]s (empty at full speed).
+    pub windows: Vec<Window>,
+}
+
+/// Width of a fixed-rate run's [`Window`]s.
+pub const WINDOW: Duration = Duration::from_millis(100);
+
+/// The round trips of a fixed-rate run due within one [`WINDOW`]: where in the run a stall
+/// sits, and whether it is one long exchange (the others only queued behind it: a high
+/// latency, a low service time) or slow exchanges throughout.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Window {
+    /// From the first scheduled send of the run.
+    pub start_ms: u64,
+    pub round_trips: usize,
+    pub latency_p99_us: f64,
+    pub latency_max_us: f64,
+    pub service_max_us: f64,
+}
+
+impl Window {
+    /// A window whose p99 is ten times the run's p50 and above 5 ms: a stall, not the
+    /// jitter of a busy 2-core machine (a late wake-up of the load's own thread costs 1–3 ms
+    /// now and then, with or without the mesh).
+    pub fn stalled(&self, run_p50_us: f64) -> bool {
+        self.latency_p99_us > (10.0 * run_p50_us).max(5000.0)
+    }
+}
+
+/// One round trip of a fixed-rate run: when it was due (from the run's start), its latency
+/// from then, and its service time (from its actual write).
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    due: Duration,
+    latency: Duration,
+    service: Duration,
+}
+
+/// Groups `samples` (in due order) into windows of `width` by due time.
+fn windows(samples: &[Sample], width: Duration) -> Vec<Window> {
+    let mut out: Vec<Window> = Vec::new();
+    let index = |s: &Sample| (s.due.as_nanos() / width.as_nanos().max(1)) as u64;
+    for group in samples.chunk_by(|a, b| index(a) == index(b)) {
+        let mut latencies: Vec<Duration> = group.iter().map(|s| s.latency).collect();
+        latencies.sort_unstable();
+        // Nearest rank, as hdrhistogram reports percentiles.
+        let rank = ((latencies.len() as f64 * 0.99).ceil() as usize).clamp(1, latencies.len());
+        let us = |d: Duration| d.as_nanos() as f64 / 1000.0;
+        out.push(Window {
+            start_ms: index(&group[0]) * width.as_millis() as u64,
+            round_trips: group.len(),
+            latency_p99_us: us(latencies[rank - 1]),
+            latency_max_us: us(latencies[latencies.len() - 1]),
+            service_max_us: group.iter().map(|s| us(s.service)).fold(0.0, f64::max),
+        });
+    }
+    out
 }
 
 /// 1 KiB request, 1 KiB echo, on one connection to the pod app at `to`, for `duration`.
@@ -96,7 +156,11 @@ pub fn round_trips(
             once(&mut s)?;
         }
         let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+        let mut service_hist = hist.clone();
         let interval = rate.map(|r| Duration::from_secs(1) / r.max(1));
+        let mut samples = Vec::with_capacity(
+            rate.map_or(0, |r| r as usize * duration.as_secs().max(1) as usize + 1),
+        );
         let started = Instant::now();
         let mut sent: u32 = 0;
         while started.elapsed() < duration {
@@ -116,8 +180,20 @@ pub fn round_trips(
                 }
                 None => Instant::now(),
             };
+            let sending = Instant::now();
             once(&mut s)?;
-            hist.saturating_record(t0.elapsed().as_nanos() as u64);
+            let done = Instant::now();
+            let latency = done - t0;
+            let service = done - sending;
+            hist.saturating_record(latency.as_nanos() as u64);
+            service_hist.saturating_record(service.as_nanos() as u64);
+            if interval.is_some() {
+                samples.push(Sample {
+                    due: t0 - started,
+                    latency,
+                    service,
+                });
+            }
             sent += 1;
         }
         let elapsed = started.elapsed().as_secs_f64();
@@ -128,6 +204,8 @@ pub fn round_trips(
             p90_us: us(0.90),
             p99_us: us(0.99),
             round_trips_per_sec: f64::from(sent) / elapsed,
+            service_p99_us: service_hist.value_at_quantile(0.99) as f64 / 1000.0,
+            windows: windows(&samples, WINDOW),
         })
     })?)
 }
@@ -281,4 +359,74 @@ pub fn open_idle(
             .map(|i| connect(to).with_context(|| format!("idle connection {i}")))
             .collect()
     })?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(due_ms: u64, latency_us: u64, service_us: u64) -> Sample {
+        Sample {
+            due: Duration::from_millis(due_ms),
+            latency: Duration::from_micros(latency_us),
+            service: Duration::from_micros(service_us),
+        }
+    }
+
+    #[test]
+    fn a_pause_shows_as_the_window_it_is_in_with_the_exchange_that_caused_it() {
+        // 1 ms apart; the exchange due at 150 ms takes 30 ms and the next 29 queue behind it.
+        let mut samples = Vec::new();
+        for ms in 0..300u64 {
+            let (latency, service) = match ms {
+                150 => (30_000, 30_000),
+                151..180 => ((180 - ms) * 1000, 60),
+                _ => (80, 80),
+            };
+            samples.push(sample(ms, latency, service));
+        }
+        let windows = windows(&samples, Duration::from_millis(100));
+        assert_eq!(
+            windows.iter().map(|w| w.start_ms).collect::<Vec<_>>(),
+            [0, 100, 200]
+        );
+        assert!(windows.iter().all(|w| w.round_trips == 100));
+        let run_p50_us = 80.0;
+        let stalled: Vec<u64> = windows
+            .iter()
+            .filter(|w| w.stalled(run_p50_us))
+            .map(|w| w.start_ms)
+            .collect();
+        assert_eq!(stalled, [100]);
+        let pause = &windows[1];
+        assert_eq!(pause.latency_max_us, 30_000.0);
+        assert_eq!(pause.service_max_us, 30_000.0);
+        // Nearest rank: the 99th of 100 values, the second largest.
+        assert_eq!(pause.latency_p99_us, 29_000.0);
+        assert_eq!(windows[0].latency_p99_us, 80.0);
+    }
+
+    #[test]
+    fn jitter_of_a_few_milliseconds_is_not_a_stall() {
+        let window = Window {
+            start_ms: 0,
+            round_trips: 100,
+            latency_p99_us: 4900.0,
+            latency_max_us: 4950.0,
+            service_max_us: 950.0,
+        };
+        assert!(!window.stalled(60.0));
+        let slow_run = Window {
+            latency_p99_us: 7000.0,
+            ..window
+        };
+        // Ten times an 800 µs p50 is 8 ms: 7 ms is within that run's own spread.
+        assert!(!slow_run.stalled(800.0));
+        assert!(slow_run.stalled(600.0));
+    }
+
+    #[test]
+    fn a_run_without_samples_has_no_windows() {
+        assert!(windows(&[], WINDOW).is_empty());
+    }
 }

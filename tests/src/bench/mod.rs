@@ -159,6 +159,48 @@ pub struct Report {
     pub aims: Vec<Aim>,
     /// What bounds some aims on this machine whatever the agent does, measured in the run.
     pub floors: Vec<Floor>,
+    /// The fixed-rate runs that stalled, window by window.
+    pub stalls: Vec<Stall>,
+    /// Share of the machine's CPU time the hypervisor gave to others during the whole run
+    /// (%): runs with much of it are not comparable with quiet ones.
+    pub steal_percent: Option<f64>,
+}
+
+/// A fixed-rate run with at least one stalled [`load::Window`]: all its windows, to tell one
+/// pause from a run that was slow throughout.
+#[derive(Clone, Debug, Serialize)]
+pub struct Stall {
+    /// "cross-node, mesh" and the like.
+    pub run: String,
+    pub p50_us: f64,
+    pub steal_percent: Option<f64>,
+    pub run_queue_wait_us_per_round_trip: Option<f64>,
+    pub windows: Vec<load::Window>,
+}
+
+fn stalls(cross: [&Figures; 2], same: [&Figures; 2]) -> Vec<Stall> {
+    let runs = [
+        ("cross-node, no mesh", cross[0]),
+        ("cross-node, mesh", cross[1]),
+        ("same node, no mesh", same[0]),
+        ("same node, mesh", same[1]),
+    ];
+    runs.into_iter()
+        .filter_map(|(run, figs)| {
+            let fixed = figs.fixed.as_ref()?;
+            fixed
+                .windows
+                .iter()
+                .any(|w| w.stalled(fixed.p50_us))
+                .then(|| Stall {
+                    run: run.into(),
+                    p50_us: fixed.p50_us,
+                    steal_percent: figs.fixed_steal_percent,
+                    run_queue_wait_us_per_round_trip: figs.fixed_run_queue_wait_us,
+                    windows: fixed.windows.clone(),
+                })
+        })
+        .collect()
 }
 
 /// A figure of work any mesh with the agents' TCP legs or HBONE's handshake does, next to
@@ -258,7 +300,7 @@ impl Report {
 }
 
 /// A table cell: the figure by [`fmt`], or a dash where there is none.
-pub(crate) fn cell(v: Option<f64>) -> String {
+pub fn cell(v: Option<f64>) -> String {
     v.map_or_else(|| "–".to_owned(), fmt)
 }
 
@@ -337,6 +379,10 @@ struct Figures {
     /// TCP's retransmissions and delayed ACKs in the client's and the server's pods during
     /// the fixed-rate run: whether TCP saw trouble when its latency stalls.
     fixed_tcp: Option<procfs::TcpTrouble>,
+    /// During the fixed-rate run: the machine's CPU time stolen by the hypervisor (%), and
+    /// both agents' threads' time waiting for a CPU per round trip (µs).
+    fixed_steal_percent: Option<f64>,
+    fixed_run_queue_wait_us: Option<f64>,
     full: Option<load::Latency>,
     conns_pooled: Option<f64>,
     conns_handshake: Option<f64>,
@@ -357,6 +403,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
     let idle = IdleCounts::new(settings.idle_connections, nofile);
     let agent_binary = crate::testbed::agent_binary()?;
     evict_from_page_cache(&agent_binary)?;
+    let machine_cpu_before = procfs::MachineCpu::now()?;
 
     let pods = [
         PodSpec::new("client", MESH_NS, 0),
@@ -473,6 +520,8 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
         rows,
         aims: Vec::new(),
         floors,
+        stalls: stalls([&base_cross, &mesh_cross], [&base_same, &mesh_same]),
+        steal_percent: machine_cpu_before.steal_percent_until(procfs::MachineCpu::now()?),
     };
     report.aims = aims(&report);
     Ok(report)
@@ -532,7 +581,10 @@ fn floors(bed: &Testbed, settings: &Settings, no_mesh: &Figures) -> anyhow::Resu
         },
         Floor {
             figure: "plain 3-leg relay: p50 added per 1 KiB round trip, full speed (µs)".into(),
-            value: no_mesh.full.map(|base| latency.p50_us - base.p50_us),
+            value: no_mesh
+                .full
+                .as_ref()
+                .map(|base| latency.p50_us - base.p50_us),
             beside: "p50 added per round trip ≤ 60".into(),
         },
         Floor {
@@ -612,6 +664,10 @@ fn connections_with_cpu(
     let cpu_s = agents_cpu(bed)? - cpu_before;
     let cpu_us = (rate.connections > 0).then(|| cpu_s * 1e6 / rate.connections as f64);
     Ok((rate.per_sec, cpu_us))
+}
+
+fn agents_run_queue_wait(bed: &Testbed) -> anyhow::Result<Duration> {
+    Ok(procfs::run_queue_wait(bed.agent(0).pid())? + procfs::run_queue_wait(bed.agent(1).pid())?)
 }
 
 fn agents_cpu(bed: &Testbed) -> anyhow::Result<f64> {
@@ -702,13 +758,43 @@ fn measure(
         Ok(both)
     };
     let tcp_before = pods_tcp()?;
-    figs.fixed = Some(load::round_trips(
-        &client,
-        app,
-        latency,
-        Some(settings.fixed_rate),
-    )?);
+    let machine_before = procfs::MachineCpu::now()?;
+    let wait_before = agents_run_queue_wait(bed)?;
+    let fixed = load::round_trips(&client, app, latency, Some(settings.fixed_rate))?;
+    let wait = agents_run_queue_wait(bed)?.saturating_sub(wait_before);
+    figs.fixed_steal_percent = machine_before.steal_percent_until(procfs::MachineCpu::now()?);
     figs.fixed_tcp = Some(tcp_before.since(pods_tcp()?));
+    let round_trips = fixed.round_trips_per_sec * latency.as_secs_f64();
+    figs.fixed_run_queue_wait_us =
+        (round_trips > 0.0).then(|| wait.as_secs_f64() * 1e6 / round_trips);
+    let stalled: Vec<&load::Window> = fixed
+        .windows
+        .iter()
+        .filter(|w| w.stalled(fixed.p50_us))
+        .collect();
+    if let (Some(first), Some(worst)) = (
+        stalled.first(),
+        stalled
+            .iter()
+            .max_by(|a, b| a.latency_p99_us.total_cmp(&b.latency_p99_us)),
+    ) {
+        eprintln!(
+            "bench: the {}/s run stalled in {} of its {} windows of {} ms, the first at {} ms; \
+             worst p99 {:.0} µs, longest exchange {:.0} µs; TCP retransmitted {} segments; \
+             steal {:.1} %; agents' run-queue wait {:.1} µs per round trip",
+            settings.fixed_rate,
+            stalled.len(),
+            fixed.windows.len(),
+            load::WINDOW.as_millis(),
+            first.start_ms,
+            worst.latency_p99_us,
+            worst.service_max_us,
+            figs.fixed_tcp.map_or(0, |t| t.retransmitted),
+            figs.fixed_steal_percent.unwrap_or(f64::NAN),
+            figs.fixed_run_queue_wait_us.unwrap_or(f64::NAN),
+        );
+    }
+    figs.fixed = Some(fixed);
     figs.full = Some(load::round_trips(&client, app, latency, None)?);
 
     // New connections.
@@ -742,14 +828,37 @@ fn rows(
     add("bulk, 4 streams (Gbit/s)".into(), &|f| f.bulk4_gbps);
     let rate = settings.fixed_rate;
     add(format!("1 KiB round trip p50 at {rate}/s (µs)"), &|f| {
-        f.fixed.map(|l| l.p50_us)
+        f.fixed.as_ref().map(|l| l.p50_us)
     });
     add(format!("1 KiB round trip p90 at {rate}/s (µs)"), &|f| {
-        f.fixed.map(|l| l.p90_us)
+        f.fixed.as_ref().map(|l| l.p90_us)
     });
     add(format!("1 KiB round trip p99 at {rate}/s (µs)"), &|f| {
-        f.fixed.map(|l| l.p99_us)
+        f.fixed.as_ref().map(|l| l.p99_us)
     });
+    add(
+        format!("1 KiB round trip service time p99 at {rate}/s, without queueing (µs)"),
+        &|f| f.fixed.as_ref().map(|l| l.service_p99_us),
+    );
+    add(
+        format!(
+            "{}-ms windows that stalled during the {rate}/s run",
+            load::WINDOW.as_millis()
+        ),
+        &|f| {
+            f.fixed
+                .as_ref()
+                .map(|l| l.windows.iter().filter(|w| w.stalled(l.p50_us)).count() as f64)
+        },
+    );
+    add(
+        format!("CPU stolen by the hypervisor during the {rate}/s run (%)"),
+        &|f| f.fixed_steal_percent,
+    );
+    add(
+        format!("agents' run-queue wait per round trip during the {rate}/s run (µs)"),
+        &|f| f.fixed_run_queue_wait_us,
+    );
     add(
         format!("TCP segments retransmitted in both pods during the {rate}/s run"),
         &|f| f.fixed_tcp.map(|t| t.retransmitted as f64),
@@ -759,16 +868,16 @@ fn rows(
         &|f| f.fixed_tcp.map(|t| t.delayed_acks as f64),
     );
     add("1 KiB round trip p50, full speed (µs)".into(), &|f| {
-        f.full.map(|l| l.p50_us)
+        f.full.as_ref().map(|l| l.p50_us)
     });
     add("1 KiB round trip p90, full speed (µs)".into(), &|f| {
-        f.full.map(|l| l.p90_us)
+        f.full.as_ref().map(|l| l.p90_us)
     });
     add("1 KiB round trip p99, full speed (µs)".into(), &|f| {
-        f.full.map(|l| l.p99_us)
+        f.full.as_ref().map(|l| l.p99_us)
     });
     add("1 KiB round trips/s, full speed".into(), &|f| {
-        f.full.map(|l| l.round_trips_per_sec)
+        f.full.as_ref().map(|l| l.round_trips_per_sec)
     });
     add("new connections/s, pooled HBONE".into(), &|f| {
         f.conns_pooled
@@ -1068,6 +1177,8 @@ mod tests {
                 })
                 .collect(),
             floors: Vec::new(),
+            stalls: Vec::new(),
+            steal_percent: None,
         }
     }
 

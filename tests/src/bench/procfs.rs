@@ -64,6 +64,71 @@ pub fn open_fds(pid: u32) -> anyhow::Result<usize> {
         .count())
 }
 
+/// Time the threads of `pid` spent runnable but waiting for a CPU so far (the second field
+/// of each `/proc/<pid>/task/<tid>/schedstat`): whether a stall is the agents not being
+/// scheduled. Threads that ended are not counted.
+pub fn run_queue_wait(pid: u32) -> anyhow::Result<Duration> {
+    let dir = format!("/proc/{pid}/task");
+    let mut total = 0u64;
+    for task in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let path = task?.path().join("schedstat");
+        // A thread that ended since the listing has no file any more.
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        total += parse_schedstat_wait_ns(&text)
+            .with_context(|| format!("malformed {}", path.display()))?;
+    }
+    Ok(Duration::from_nanos(total))
+}
+
+/// `<run ns> <wait ns> <timeslices>`: the wait.
+fn parse_schedstat_wait_ns(text: &str) -> Option<u64> {
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The machine's CPU time by kind so far, from the `cpu` line of `/proc/stat` (USER_HZ
+/// ticks, all CPUs).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MachineCpu {
+    pub busy: u64,
+    pub idle: u64,
+    /// Time the hypervisor ran something else while this VM wanted the CPU.
+    pub steal: u64,
+}
+
+impl MachineCpu {
+    pub fn now() -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        Self::parse(&text).context("no cpu line in /proc/stat")
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        let line = text.lines().find(|l| l.starts_with("cpu "))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|f| f.parse().ok())
+            .collect::<Option<_>>()?;
+        // user nice system idle iowait irq softirq steal [guest guest_nice, already in user]
+        let field = |i: usize| v.get(i).copied().unwrap_or(0);
+        Some(Self {
+            busy: field(0) + field(1) + field(2) + field(5) + field(6),
+            idle: field(3) + field(4),
+            steal: field(7),
+        })
+    }
+
+    /// Steal as a share of all the CPU time between `self` (earlier) and `later`, in %.
+    pub fn steal_percent_until(self, later: Self) -> Option<f64> {
+        let busy = later.busy.saturating_sub(self.busy);
+        let idle = later.idle.saturating_sub(self.idle);
+        let steal = later.steal.saturating_sub(self.steal);
+        let all = busy + idle + steal;
+        (all > 0).then(|| 100.0 * steal as f64 / all as f64)
+    }
+}
+
 /// TCP's own account of trouble in one network namespace (`/proc/net/snmp` and `netstat`):
 /// what a latency stall leaves behind if TCP caused it.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -133,6 +198,37 @@ fn parse_counter_pairs(text: &str, into: &mut std::collections::HashMap<String, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steal_is_a_share_of_all_cpu_time_between_two_readings() {
+        let before =
+            MachineCpu::parse("cpu  100 0 50 1000 10 0 5 20 0 0\ncpu0 50 0 25 500 5 0 2 10 0 0\n")
+                .expect("cpu line");
+        assert_eq!(
+            before,
+            MachineCpu {
+                busy: 155,
+                idle: 1010,
+                steal: 20
+            }
+        );
+        let later = MachineCpu {
+            busy: 155 + 60,
+            idle: 1010 + 30,
+            steal: 20 + 10,
+        };
+        assert_eq!(before.steal_percent_until(later), Some(10.0));
+        assert_eq!(before.steal_percent_until(before), None);
+        assert!(MachineCpu::parse("intr 5\n").is_none());
+    }
+
+    #[test]
+    fn schedstat_gives_the_run_queue_wait() {
+        assert_eq!(parse_schedstat_wait_ns("81234 90038 17\n"), Some(90038));
+        assert_eq!(parse_schedstat_wait_ns("81234\n"), None);
+        // The calling process's own threads have a readable wait.
+        assert!(run_queue_wait(std::process::id()).is_ok());
+    }
 
     #[test]
     fn counter_pairs_are_read_by_prefix_and_name() {

@@ -118,14 +118,16 @@ fn testbed(quick: bool, agent_workers: Option<usize>, repeat: usize) -> anyhow::
         }
         let files: Vec<(&str, &Path)> = files.iter().map(|(w, p)| (*w, p.as_path())).collect();
         let heading = format!(
-            "Testbed benchmark, run {run} of {repeat} ({}; agent {}, worker threads: {}; {:.0?})",
+            "Testbed benchmark, run {run} of {repeat} ({}; agent {}, worker threads: {}; {:.0?}; \
+             CPU stolen by the hypervisor: {} %)",
             report.machine,
             report.agent_binary.display(),
             report
                 .settings
                 .agent_worker_threads
                 .map_or_else(|| "the agent's default".to_owned(), |n| n.to_string()),
-            started.elapsed()
+            started.elapsed(),
+            ambit_e2e::bench::cell(report.steal_percent),
         );
         // A gap in one run must not throw the other runs away: reported after the spread.
         let missing = report.missing();
