@@ -12,26 +12,55 @@
 //! client's until its task is about to sleep, the server's until its ACK) changes when
 //! they leave, never whether.
 //!
+//! The client also holds its ACK of the server's SETTINGS (a record of its own, and a
+//! wake-up of the server's agent for nothing) until its next write, normally the first
+//! bytes of the stream once the 200 is in. The ACK only tells the server that the client
+//! applies its settings, which it does on receipt, and any frame the client sends after
+//! it still follows it on the wire; RFC 9113 lets a sender give up on an ACK that does not
+//! come "within a reasonable amount of time", so a client that writes nothing more sends
+//! it after [`REPLY_HOLD`].
+//!
 //! Neither crate offers this (tokio-rustls flushes after every flight; h2 exposes no
 //! hook between its handshake writes), hence a wrapper under the TLS stream.
 
+use std::future::Future as _;
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 
 /// Bytes held at most; a larger write goes out at once with what is held. Handshake
 /// flights are a few KiB.
 const MAX_HELD: usize = 16 * 1024;
 
+/// The client's reply to the server's first bytes is held only if it is one small
+/// record: a TLS 1.3 record of one bare control frame (the SETTINGS ACK is 31 bytes: 9 of
+/// frame, 22 of record header, content type and tag). Anything larger carries a stream's
+/// frames, which must not wait.
+const MAX_REPLY_HELD: usize = 40;
+
+/// How long the client's SETTINGS ACK waits at most for a write to join. Well below any
+/// peer's patience for an ACK (nghttpx waits 10 s), and no earlier than the shards' timer
+/// tick, so arming it costs no wake-up of its own (see `shards::keep_timer_deadline_near`).
+const REPLY_HOLD: Duration = Duration::from_secs(1);
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Holding {
     /// During the TLS handshake: every write is held until the task is about to sleep.
     Every,
-    /// After it, on the client: writes are held until the next release, then pass
-    /// straight through.
+    /// After it, on the client: writes are held until the next release, then the client
+    /// waits for the server's first bytes.
     UntilRelease,
+    /// The client after its first release: writes pass straight through until a read
+    /// brings data (the server's SETTINGS).
+    AwaitingReply,
+    /// Data came: the client's next write, if it is one small record (its SETTINGS ACK),
+    /// is held until the write after it, a shutdown or [`REPLY_HOLD`]; then writes pass
+    /// straight through.
+    Reply,
     /// After it, on the server: what is written next is held until the write after it,
     /// whatever the reads find, then writes pass straight through.
     UntilNextWrite,
@@ -39,18 +68,20 @@ enum Holding {
     Off,
 }
 
-/// Holds writes back and sends them joined. While the client holds, they leave when the
-/// task that made them is about to wait for its peer: at a write after a read that found nothing, or at the second read that
-/// finds nothing while something is held (the first asks for the task to be polled again,
-/// so a task that writes after reading still joins its write). A flush does not send what
-/// is held while holding (tokio-rustls flushes after each flight); a shutdown does.
+/// Holds writes back and sends them joined. While the client holds its handshake, writes
+/// leave when the task that made them is about to wait for its peer: at a write after a
+/// read that found nothing, or at the second read that finds nothing while something is
+/// held (the first asks for the task to be polled again, so a task that writes after
+/// reading still joins its write). A flush does not send what is held while holding
+/// (tokio-rustls flushes after each flight); a shutdown does.
 ///
 /// The client holds from the start (its last TLS flight is written inside tokio-rustls)
 /// and calls [`HeldWrites::hold_until_release`] once TLS is done, so its HTTP/2 preface
-/// joins the flight and both leave with h2's first frames. The server holds nothing
-/// during TLS (its one flight must not wait) and calls [`HeldWrites::hold_until_next_write`]
-/// after it. Then everything passes straight through: the data path sees two branch
-/// checks per call.
+/// joins the flight and both leave with h2's first frames; then its small reply to the
+/// server's first bytes waits for its next write (at most [`REPLY_HOLD`]). The server
+/// holds nothing during TLS (its one flight must not wait) and calls
+/// [`HeldWrites::hold_until_next_write`] after it. Then everything passes straight
+/// through: the data path sees two branch checks per call.
 pub(super) struct HeldWrites<T> {
     inner: T,
     /// Accepted from the caller, not yet written to `inner`.
@@ -58,6 +89,8 @@ pub(super) struct HeldWrites<T> {
     holding: Holding,
     /// A read found nothing while something was held.
     read_waited: bool,
+    /// When a held reply goes out on its own (boxed: most of the time there is none).
+    reply_deadline: Option<Pin<Box<Sleep>>>,
 }
 
 impl<T> HeldWrites<T> {
@@ -77,11 +110,12 @@ impl<T> HeldWrites<T> {
             held: Vec::new(),
             holding,
             read_waited: false,
+            reply_deadline: None,
         }
     }
 
     /// The client's TLS handshake is done: hold what follows (its HTTP/2 preface) until
-    /// the next release, then hold nothing more.
+    /// the next release, then only its reply to the server's first bytes.
     pub(super) fn hold_until_release(&mut self) {
         self.holding = Holding::UntilRelease;
     }
@@ -101,7 +135,8 @@ impl<T> HeldWrites<T> {
         match self.holding {
             Holding::Every | Holding::UntilRelease => !self.read_waited && room,
             Holding::UntilNextWrite => self.held.is_empty() && room,
-            Holding::Off => false,
+            Holding::Reply => self.held.is_empty() && len <= MAX_REPLY_HELD,
+            Holding::AwaitingReply | Holding::Off => false,
         }
     }
 
@@ -116,12 +151,12 @@ impl<T> HeldWrites<T> {
         // Its capacity would otherwise stay with the connection for its whole life.
         self.held = Vec::new();
         self.read_waited = false;
-        if matches!(
-            self.holding,
-            Holding::UntilRelease | Holding::UntilNextWrite
-        ) {
-            self.holding = Holding::Off;
-        }
+        self.reply_deadline = None;
+        self.holding = match self.holding {
+            Holding::UntilRelease => Holding::AwaitingReply,
+            Holding::UntilNextWrite | Holding::Reply => Holding::Off,
+            other => other,
+        };
     }
 }
 
@@ -179,6 +214,25 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeldWrites<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
+        match this.holding {
+            Holding::AwaitingReply => {
+                let before = buf.filled().len();
+                let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+                if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+                    this.holding = Holding::Reply;
+                }
+                return read;
+            }
+            Holding::Reply => {
+                if let Some(deadline) = &mut this.reply_deadline
+                    && deadline.as_mut().poll(cx).is_ready()
+                {
+                    ready!(this.poll_release(cx))?;
+                }
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
+            }
+            _ => {}
+        }
         if !this.held.is_empty() && this.holding != Holding::UntilNextWrite {
             if this.read_waited {
                 ready!(this.poll_release(cx))?;
@@ -223,9 +277,16 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HeldWrites<T> {
         }
         if this.takes(len) {
             this.hold(bufs);
+            if this.holding == Holding::Reply {
+                this.reply_deadline = Some(Box::pin(tokio::time::sleep(REPLY_HOLD)));
+            }
             return Poll::Ready(Ok(len));
         }
         if this.held.is_empty() {
+            if this.holding == Holding::Reply {
+                // A reply too large to hold: the holding is over.
+                this.holding = Holding::Off;
+            }
             return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         }
         this.poll_write_joined(cx, bufs)
@@ -276,6 +337,8 @@ mod tests {
         writes: Vec<Vec<u8>>,
         max_write: Option<usize>,
         reads_pending: bool,
+        /// What the next read returns, before any pending or end of stream.
+        incoming: Vec<u8>,
     }
 
     impl AsyncWrite for Recorder {
@@ -314,9 +377,16 @@ mod tests {
         fn poll_read(
             self: Pin<&mut Self>,
             _: &mut Context<'_>,
-            _: &mut ReadBuf<'_>,
+            buf: &mut ReadBuf<'_>,
         ) -> Poll<std::io::Result<()>> {
-            if self.reads_pending {
+            let this = self.get_mut();
+            if !this.incoming.is_empty() {
+                let n = this.incoming.len().min(buf.remaining());
+                buf.put_slice(&this.incoming[..n]);
+                this.incoming.drain(..n);
+                return Poll::Ready(Ok(()));
+            }
+            if this.reads_pending {
                 Poll::Pending
             } else {
                 Poll::Ready(Ok(()))
@@ -418,6 +488,97 @@ mod tests {
         assert!(read_is_pending(&mut io, &mut cx));
         assert!(read_is_pending(&mut io, &mut cx));
         assert_eq!(io.inner.writes[1], b"FINISHED");
+    }
+
+    /// A client past its first release, as `hold_until_release` and one joined write
+    /// leave it: waiting for the server's first bytes.
+    fn client_after_first_release(cx: &mut Context<'_>) -> HeldWrites<Recorder> {
+        let mut io = HeldWrites::holding(pending_reads());
+        io.hold_until_release();
+        write(&mut io, cx, b"FLIGHT+PREFACE");
+        assert!(read_is_pending(&mut io, cx));
+        write(&mut io, cx, b"CONNECT");
+        assert_eq!(io.inner.writes, [b"FLIGHT+PREFACECONNECT".to_vec()]);
+        io
+    }
+
+    const ACK_RECORD: [u8; 31] = [0xac; 31];
+
+    /// The client's ACK of the server's SETTINGS leaves with its next write (the stream's
+    /// first bytes); flushes and empty reads do not send it, and after it writes pass
+    /// straight through.
+    #[tokio::test(start_paused = true)]
+    async fn the_client_s_reply_to_the_server_s_first_bytes_leaves_with_its_next_write() {
+        let waker = futures::task::waker(Arc::new(WakeCount::default()));
+        let mut cx = Context::from_waker(&waker);
+        let mut io = client_after_first_release(&mut cx);
+        write(&mut io, &mut cx, b"CONNECT-2");
+        assert_eq!(
+            io.inner.writes.len(),
+            2,
+            "before the server's bytes, no holding"
+        );
+
+        io.inner.incoming = b"SETTINGS".to_vec();
+        assert!(!read_is_pending(&mut io, &mut cx));
+        write(&mut io, &mut cx, &ACK_RECORD);
+        assert!(Pin::new(&mut io).poll_flush(&mut cx).is_ready());
+        assert!(read_is_pending(&mut io, &mut cx));
+        assert!(read_is_pending(&mut io, &mut cx));
+        assert_eq!(io.inner.writes.len(), 2, "the ACK is held");
+
+        write(&mut io, &mut cx, b"DATA");
+        assert_eq!(io.inner.writes[2], [&ACK_RECORD[..], b"DATA"].concat());
+        write(&mut io, &mut cx, &ACK_RECORD);
+        assert_eq!(
+            io.inner.writes[3], ACK_RECORD,
+            "only the first reply is held"
+        );
+        assert_eq!(io.holding, Holding::Off);
+    }
+
+    /// A client that writes nothing more (the server speaks first, the application only
+    /// listens) still sends its ACK, once the hold is over; a shutdown sends it at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_held_reply_leaves_on_its_own_after_the_hold_or_at_a_shutdown() {
+        let waker = futures::task::waker(Arc::new(WakeCount::default()));
+        let mut cx = Context::from_waker(&waker);
+        let mut io = client_after_first_release(&mut cx);
+        io.inner.incoming = b"SETTINGS".to_vec();
+        assert!(!read_is_pending(&mut io, &mut cx));
+        write(&mut io, &mut cx, &ACK_RECORD);
+        assert!(read_is_pending(&mut io, &mut cx));
+
+        tokio::time::advance(REPLY_HOLD - Duration::from_millis(1)).await;
+        assert!(read_is_pending(&mut io, &mut cx));
+        assert_eq!(io.inner.writes.len(), 1, "held until the hold is over");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(read_is_pending(&mut io, &mut cx));
+        assert_eq!(io.inner.writes[1], ACK_RECORD);
+        assert_eq!(io.holding, Holding::Off);
+
+        let mut shut = client_after_first_release(&mut cx);
+        shut.inner.incoming = b"SETTINGS".to_vec();
+        assert!(!read_is_pending(&mut shut, &mut cx));
+        write(&mut shut, &mut cx, &ACK_RECORD);
+        shut.shutdown().await.expect("shutdown");
+        assert_eq!(shut.inner.writes[1], ACK_RECORD);
+    }
+
+    /// A reply larger than one bare control frame's record carries a stream's frames: it
+    /// goes out at once, and nothing after it is held.
+    #[tokio::test(start_paused = true)]
+    async fn a_larger_reply_goes_out_at_once() {
+        let waker = futures::task::waker(Arc::new(WakeCount::default()));
+        let mut cx = Context::from_waker(&waker);
+        let mut io = client_after_first_release(&mut cx);
+        io.inner.incoming = b"SETTINGS".to_vec();
+        assert!(!read_is_pending(&mut io, &mut cx));
+        let reply = [0x17; MAX_REPLY_HELD + 1];
+        write(&mut io, &mut cx, &reply);
+        assert_eq!(io.inner.writes[1], reply);
+        write(&mut io, &mut cx, &ACK_RECORD);
+        assert_eq!(io.inner.writes[2], ACK_RECORD);
     }
 
     #[tokio::test]
@@ -553,7 +714,9 @@ mod tests {
     /// outbound and inbound layer them: by the time the server has the first CONNECT, the
     /// client has written twice (ClientHello; its last TLS flight with the HTTP/2 preface,
     /// SETTINGS and CONNECT) and the server twice (its TLS flight; SETTINGS with the
-    /// SETTINGS ACK). Without the holding they write four and three times.
+    /// SETTINGS ACK). Without the holding they write four and three times. By the time
+    /// the server has the stream's first bytes the client has written three times (its
+    /// SETTINGS ACK with those bytes); four without holding its reply.
     #[tokio::test]
     async fn a_new_hbone_connection_takes_two_writes_each_way_up_to_the_first_connect() {
         crate::identity::install_crypto_provider();
@@ -612,8 +775,9 @@ mod tests {
             });
             let mut body = request.into_body();
             let ping = body.data().await.expect("data").expect("bytes");
+            let client_writes_at_data = client_writes_seen.load(Ordering::Relaxed);
             drive.abort();
-            (writes_at_accept, ping)
+            (writes_at_accept, ping, client_writes_at_data)
         });
 
         let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
@@ -638,12 +802,17 @@ mod tests {
         let pong = body.data().await.expect("data").expect("bytes");
         assert_eq!(&pong[..], b"pong", "bytes flow both ways after the holding");
 
-        let (writes_at_accept, ping) = server.await.expect("server task");
+        let (writes_at_accept, ping, client_writes_at_data) = server.await.expect("server task");
         assert_eq!(&ping[..], b"ping");
         assert_eq!(
             writes_at_accept,
             (2, 2),
             "(client, server) writes when the server has the first CONNECT"
+        );
+        assert_eq!(
+            client_writes_at_data, 3,
+            "client writes when the server has the stream's first bytes: its SETTINGS ACK \
+             leaves with them"
         );
         driver.abort();
     }
