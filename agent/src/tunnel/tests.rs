@@ -1248,10 +1248,12 @@ fn connect_request_check_decides_each_refusal() {
 }
 
 /// Two ambit ends agree on AES-128-GCM with SHA-256 (the cheaper suite); a peer that offers
-/// only AES-256-GCM with SHA-384 (as a stricter HBONE implementation may) still connects.
+/// only AES-256-GCM with SHA-384 (as a stricter HBONE implementation may) still connects,
+/// and so does one that offers only AES-128; records then flow both ways.
 #[tokio::test]
 async fn hbone_ends_prefer_aes_128_and_still_accept_an_aes_256_only_peer() {
     use rustls::CipherSuite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384};
+    use rustls::crypto::aws_lc_rs::cipher_suite as aws_lc;
     crate::identity::install_crypto_provider();
     let ca = LocalCa::generate().expect("CA");
     let now = SystemTime::now();
@@ -1265,6 +1267,7 @@ async fn hbone_ends_prefer_aes_128_and_still_accept_an_aes_256_only_peer() {
     let bundle = ca.trust_bundle();
     let ours = Arc::new(tls::server_config(&server, &bundle, "cluster.local").expect("config"));
 
+    /// Handshakes, then one record each way; the suite the client negotiated.
     async fn negotiate(
         client: rustls::ClientConfig,
         server: Arc<rustls::ServerConfig>,
@@ -1275,8 +1278,17 @@ async fn hbone_ends_prefer_aes_128_and_still_accept_an_aes_256_only_peer() {
             tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, a),
             tokio_rustls::TlsAcceptor::from(server).accept(b),
         );
-        let connected = connected.expect("client handshake");
-        accepted.expect("server handshake");
+        let mut connected = connected.expect("client handshake");
+        let mut accepted = accepted.expect("server handshake");
+        let mut got = [0u8; 4];
+        connected.write_all(b"ping").await.expect("client write");
+        connected.flush().await.expect("client flush");
+        accepted.read_exact(&mut got).await.expect("server read");
+        assert_eq!(&got, b"ping");
+        accepted.write_all(b"pong").await.expect("server write");
+        accepted.flush().await.expect("server flush");
+        connected.read_exact(&mut got).await.expect("client read");
+        assert_eq!(&got, b"pong");
         connected
             .get_ref()
             .1
@@ -1291,27 +1303,38 @@ async fn hbone_ends_prefer_aes_128_and_still_accept_an_aes_256_only_peer() {
         TLS13_AES_128_GCM_SHA256
     );
 
-    // A client restricted to AES-256. Our own server verifier is private to `tls`: WebPKI's
-    // stands in, minus the name check (HBONE identities are URI SANs, not names).
-    let aes_256_only = Arc::new(rustls::crypto::CryptoProvider {
-        cipher_suites: vec![rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384],
-        ..rustls::crypto::aws_lc_rs::default_provider()
-    });
-    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        Arc::new(bundle.root_store().expect("roots")),
-        aes_256_only.clone(),
-    )
-    .build()
-    .expect("verifier");
-    let mut strict = rustls::ClientConfig::builder_with_provider(aes_256_only)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("TLS 1.3")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(NameAgnostic(webpki)))
-        .with_client_auth_cert(client.chain.clone(), client.key.clone_key())
-        .expect("client certificate");
-    strict.alpn_protocols = vec![b"h2".to_vec()];
-    assert_eq!(negotiate(strict, ours).await, TLS13_AES_256_GCM_SHA384);
+    // Clients restricted to one suite. Our own server verifier is private to
+    // `tls`: WebPKI's stands in, minus the name check (HBONE identities are URI SANs, not
+    // names).
+    let only = |suite: rustls::SupportedCipherSuite| {
+        let provider = Arc::new(rustls::crypto::CryptoProvider {
+            cipher_suites: vec![suite],
+            ..rustls::crypto::aws_lc_rs::default_provider()
+        });
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(bundle.root_store().expect("roots")),
+            provider.clone(),
+        )
+        .build()
+        .expect("verifier");
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NameAgnostic(webpki)))
+            .with_client_auth_cert(client.chain.clone(), client.key.clone_key())
+            .expect("client certificate");
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        config
+    };
+    assert_eq!(
+        negotiate(only(aws_lc::TLS13_AES_256_GCM_SHA384), ours.clone()).await,
+        TLS13_AES_256_GCM_SHA384
+    );
+    assert_eq!(
+        negotiate(only(aws_lc::TLS13_AES_128_GCM_SHA256), ours).await,
+        TLS13_AES_128_GCM_SHA256
+    );
 }
 
 /// WebPKI server verification minus the name check.
