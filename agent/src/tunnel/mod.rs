@@ -13,6 +13,7 @@ mod inbound;
 mod metrics;
 mod outbound;
 mod pool;
+mod read_ahead;
 mod shards;
 mod tls;
 
