@@ -502,6 +502,12 @@ mod tests {
         io
     }
 
+    /// The server's first bytes reach the client, which reads them.
+    fn settings_arrive(io: &mut HeldWrites<Recorder>, cx: &mut Context<'_>) {
+        io.inner.incoming = b"SETTINGS".to_vec();
+        assert!(!read_is_pending(io, cx));
+    }
+
     const ACK_RECORD: [u8; 31] = [0xac; 31];
 
     /// The client's ACK of the server's SETTINGS leaves with its next write (the stream's
@@ -519,8 +525,7 @@ mod tests {
             "before the server's bytes, no holding"
         );
 
-        io.inner.incoming = b"SETTINGS".to_vec();
-        assert!(!read_is_pending(&mut io, &mut cx));
+        settings_arrive(&mut io, &mut cx);
         write(&mut io, &mut cx, &ACK_RECORD);
         assert!(Pin::new(&mut io).poll_flush(&mut cx).is_ready());
         assert!(read_is_pending(&mut io, &mut cx));
@@ -544,8 +549,7 @@ mod tests {
         let waker = futures::task::waker(Arc::new(WakeCount::default()));
         let mut cx = Context::from_waker(&waker);
         let mut io = client_after_first_release(&mut cx);
-        io.inner.incoming = b"SETTINGS".to_vec();
-        assert!(!read_is_pending(&mut io, &mut cx));
+        settings_arrive(&mut io, &mut cx);
         write(&mut io, &mut cx, &ACK_RECORD);
         assert!(read_is_pending(&mut io, &mut cx));
 
@@ -558,8 +562,7 @@ mod tests {
         assert_eq!(io.holding, Holding::Off);
 
         let mut shut = client_after_first_release(&mut cx);
-        shut.inner.incoming = b"SETTINGS".to_vec();
-        assert!(!read_is_pending(&mut shut, &mut cx));
+        settings_arrive(&mut shut, &mut cx);
         write(&mut shut, &mut cx, &ACK_RECORD);
         shut.shutdown().await.expect("shutdown");
         assert_eq!(shut.inner.writes[1], ACK_RECORD);
@@ -572,8 +575,7 @@ mod tests {
         let waker = futures::task::waker(Arc::new(WakeCount::default()));
         let mut cx = Context::from_waker(&waker);
         let mut io = client_after_first_release(&mut cx);
-        io.inner.incoming = b"SETTINGS".to_vec();
-        assert!(!read_is_pending(&mut io, &mut cx));
+        settings_arrive(&mut io, &mut cx);
         let reply = [0x17; MAX_REPLY_HELD + 1];
         write(&mut io, &mut cx, &reply);
         assert_eq!(io.inner.writes[1], reply);

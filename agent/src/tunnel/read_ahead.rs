@@ -80,25 +80,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
         this.ahead.reserve(READ_AHEAD);
         let read = tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.ahead);
         match read {
-            Poll::Ready(Ok(0)) => {
-                this.ahead = BytesMut::new();
-                this.reading_ahead = false;
-                // The end of the stream reads as zero bytes, as from the socket itself.
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Ok(_)) => {
+            Poll::Ready(Ok(n)) if n > 0 => {
                 this.hand_up(buf);
                 Poll::Ready(Ok(()))
             }
-            Poll::Ready(Err(e)) => {
+            // The end of the stream (zero bytes, handed up as such), an error or an empty
+            // socket: the bulk is over, and no buffer is kept.
+            other => {
                 this.ahead = BytesMut::new();
                 this.reading_ahead = false;
-                Poll::Ready(Err(e))
-            }
-            Poll::Pending => {
-                this.ahead = BytesMut::new();
-                this.reading_ahead = false;
-                Poll::Pending
+                other.map_ok(drop)
             }
         }
     }

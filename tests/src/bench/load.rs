@@ -77,6 +77,13 @@ pub struct Latency {
     pub windows: Vec<Window>,
 }
 
+impl Latency {
+    /// The run's windows that stalled against its own p50.
+    pub fn stalled_windows(&self) -> impl Iterator<Item = &Window> {
+        self.windows.iter().filter(|w| w.stalled(self.p50_us))
+    }
+}
+
 /// Width of a fixed-rate run's [`Window`]s.
 pub const WINDOW: Duration = Duration::from_millis(100);
 

@@ -188,17 +188,13 @@ fn stalls(cross: [&Figures; 2], same: [&Figures; 2]) -> Vec<Stall> {
     runs.into_iter()
         .filter_map(|(run, figs)| {
             let fixed = figs.fixed.as_ref()?;
-            fixed
-                .windows
-                .iter()
-                .any(|w| w.stalled(fixed.p50_us))
-                .then(|| Stall {
-                    run: run.into(),
-                    p50_us: fixed.p50_us,
-                    steal_percent: figs.fixed_steal_percent,
-                    run_queue_wait_us_per_round_trip: figs.fixed_run_queue_wait_us,
-                    windows: fixed.windows.clone(),
-                })
+            fixed.stalled_windows().next().is_some().then(|| Stall {
+                run: run.into(),
+                p50_us: fixed.p50_us,
+                steal_percent: figs.fixed_steal_percent,
+                run_queue_wait_us_per_round_trip: figs.fixed_run_queue_wait_us,
+                windows: fixed.windows.clone(),
+            })
         })
         .collect()
 }
@@ -767,11 +763,7 @@ fn measure(
     let round_trips = fixed.round_trips_per_sec * latency.as_secs_f64();
     figs.fixed_run_queue_wait_us =
         (round_trips > 0.0).then(|| wait.as_secs_f64() * 1e6 / round_trips);
-    let stalled: Vec<&load::Window> = fixed
-        .windows
-        .iter()
-        .filter(|w| w.stalled(fixed.p50_us))
-        .collect();
+    let stalled: Vec<&load::Window> = fixed.stalled_windows().collect();
     if let (Some(first), Some(worst)) = (
         stalled.first(),
         stalled
@@ -845,11 +837,7 @@ fn rows(
             "{}-ms windows that stalled during the {rate}/s run",
             load::WINDOW.as_millis()
         ),
-        &|f| {
-            f.fixed
-                .as_ref()
-                .map(|l| l.windows.iter().filter(|w| w.stalled(l.p50_us)).count() as f64)
-        },
+        &|f| f.fixed.as_ref().map(|l| l.stalled_windows().count() as f64),
     );
     add(
         format!("CPU stolen by the hypervisor during the {rate}/s run (%)"),
