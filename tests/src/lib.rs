@@ -11,6 +11,7 @@ pub mod faults;
 pub mod inbound_check;
 pub mod kubebed;
 pub mod refusal;
+pub mod sweep;
 pub mod testbed;
 
 use std::path::{Path, PathBuf};
@@ -20,8 +21,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use anyhow::{Context as _, bail};
 
 /// A name no other test or process on this machine is using: `<prefix><pid>x<n>`, kept short
-/// because interface names are limited to 15 bytes.
+/// because interface names are limited to 15 bytes. The first name a process asks for
+/// removes what test processes that were killed left behind ([`sweep`]).
 pub fn unique_name(prefix: &str) -> String {
+    sweep::once();
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     format!("{prefix}{}x{n}", std::process::id() % 100_000)
