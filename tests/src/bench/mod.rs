@@ -55,8 +55,10 @@ pub(crate) fn tune_for_many_connections(bed: &Testbed) -> anyhow::Result<()> {
 
 const IPERF_PORT: u16 = 5201;
 const HOLD_PORT: u16 = 9090;
-/// The plain relays' port in the client's and the server's pods (floors only, no mesh).
+/// The plain relays' ports in the client's and the server's pods (floors only, no mesh):
+/// one pair towards the app, one towards iperf3's server.
 const RELAY_PORT: u16 = 9191;
+const RELAY_BULK_PORT: u16 = 9192;
 const LOG_WAIT: Duration = Duration::from_secs(20);
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 const MIB: f64 = 1024.0 * 1024.0;
@@ -534,33 +536,58 @@ pub fn write(report: &Report) -> anyhow::Result<PathBuf> {
 fn floors(bed: &Testbed, settings: &Settings, no_mesh: &Figures) -> anyhow::Result<Vec<Floor>> {
     let client = bed.pod("client").ns.path();
     let server = bed.pod(Place::Cross.server());
-    let far = relay::Relay::start(
-        &server.ns.path(),
-        server.addr(RELAY_PORT),
-        server.addr(APP_PORT),
-    )?;
-    let near = relay::Relay::start(
-        &client,
-        (std::net::Ipv4Addr::LOCALHOST, RELAY_PORT).into(),
-        far.addr,
-    )?;
-    let relays_cpu =
-        || -> anyhow::Result<f64> { Ok((near.cpu_time()? + far.cpu_time()?).as_secs_f64()) };
-    let cpu_before = relays_cpu()?;
+    let relay_pair = |port: u16, upstream: u16, copies: usize| {
+        let far = relay::Relay::start(
+            &server.ns.path(),
+            server.addr(port),
+            server.addr(upstream),
+            copies,
+        )?;
+        let near = relay::Relay::start(
+            &client,
+            (std::net::Ipv4Addr::LOCALHOST, port).into(),
+            far.addr,
+            copies,
+        )?;
+        anyhow::Ok((near, far))
+    };
+    let relays_cpu = |(near, far): &(relay::Relay, relay::Relay)| -> anyhow::Result<f64> {
+        Ok((near.cpu_time()? + far.cpu_time()?).as_secs_f64())
+    };
+
+    let relays = relay_pair(RELAY_PORT, APP_PORT, relay::SMALL_COPIES)?;
+    let cpu_before = relays_cpu(&relays)?;
     let rate = load::connection_rate(
         &client,
-        near.addr,
+        relays.0.addr,
         Duration::from_secs(settings.connect_secs),
         settings.connect_workers,
     )?;
-    let cpu_us = (relays_cpu()? - cpu_before) * 1e6 / rate.connections.max(1) as f64;
+    let cpu_us = (relays_cpu(&relays)? - cpu_before) * 1e6 / rate.connections.max(1) as f64;
     let latency = load::round_trips(
         &client,
-        near.addr,
+        relays.0.addr,
         Duration::from_secs(settings.latency_secs),
         None,
     )?;
-    drop((near, far));
+    drop(relays);
+
+    // Bulk as the mesh's is measured: 1 stream, then 4, CPU over both.
+    let relays = relay_pair(RELAY_BULK_PORT, IPERF_PORT, relay::BULK_COPIES)?;
+    let cpu_before = relays_cpu(&relays)?;
+    let bulk = |streams| {
+        iperf::run_client(
+            &client,
+            std::net::Ipv4Addr::LOCALHOST,
+            relays.0.addr.port(),
+            settings.bulk_secs,
+            streams,
+        )
+    };
+    let (one, four) = (bulk(1)?, bulk(4)?);
+    let cpu_s_per_gib = (relays_cpu(&relays)? - cpu_before) / ((one.bytes + four.bytes) / GIB);
+    drop(relays);
+
     let handshake_us = crypto::handshake_us(if settings.quick { 50 } else { 400 })?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     Ok(vec![
@@ -574,6 +601,18 @@ fn floors(bed: &Testbed, settings: &Settings, no_mesh: &Figures) -> anyhow::Resu
             figure: "plain 3-leg relay: CPU µs per connection, both relays".into(),
             value: Some(cpu_us),
             beside: "agents' CPU µs per new connection, pooled HBONE".into(),
+        },
+        Floor {
+            figure: "plain 3-leg relay: bulk, 1 stream, / no mesh".into(),
+            value: no_mesh
+                .bulk1_gbps
+                .map(|base| one.bits_per_second / 1e9 / base),
+            beside: "cross-node bulk, 1 stream, mesh / no mesh ≥ 0.50".into(),
+        },
+        Floor {
+            figure: "plain 3-leg relay: CPU s per GiB, both relays (1 and 4 streams)".into(),
+            value: Some(cpu_s_per_gib),
+            beside: "agents' CPU per GiB, both agents, cross-node (s) ≤ 1.5".into(),
         },
         Floor {
             figure: "plain 3-leg relay: p50 added per 1 KiB round trip, full speed (µs)".into(),

@@ -4,8 +4,8 @@
 //! app. No capture, TLS, HTTP/2, policy or logs; each relay is one thread with a
 //! single-threaded runtime, so nothing is handed between threads either. Whatever a mesh
 //! with these legs does in user space, it pays at least what this pays in the kernel: its
-//! connections/s and added latency against no mesh are the floor the bench reports beside
-//! the aims.
+//! connections/s, added latency, bulk throughput and CPU per byte against no mesh are the
+//! floor the bench reports beside the aims.
 
 use std::fs::File;
 use std::io::{Read as _, Seek as _};
@@ -18,8 +18,15 @@ use tokio::sync::oneshot;
 
 use super::load;
 
+/// What a relay copies per read for connections and round trips: tokio's default.
+pub const SMALL_COPIES: usize = 8 * 1024;
+
+/// What a relay copies per read for bulk: the agent's largest read from an application
+/// (`tunnel/copy.rs`), so that the floor pays no more syscalls per byte than the agent.
+pub const BULK_COPIES: usize = 256 * 1024;
+
 /// One relay: accepts in a pod's netns and copies each connection to `upstream`, both ways,
-/// half-closes carried across. Stops when dropped.
+/// up to `copies` bytes per read, half-closes carried across. Stops when dropped.
 pub struct Relay {
     pub addr: SocketAddr,
     /// `/proc/thread-self/stat` of the relay's thread, opened by the thread itself.
@@ -29,7 +36,12 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn start(netns: &Path, listen: SocketAddr, upstream: SocketAddr) -> anyhow::Result<Self> {
+    pub fn start(
+        netns: &Path,
+        listen: SocketAddr,
+        upstream: SocketAddr,
+        copies: usize,
+    ) -> anyhow::Result<Self> {
         let (stop, stopped) = oneshot::channel::<()>();
         let (ready_tx, ready) = std::sync::mpsc::channel::<(SocketAddr, File)>();
         // The thread is in the pod's netns: the listener and every upstream socket are the
@@ -55,7 +67,13 @@ impl Relay {
                             };
                             let _ = client.set_nodelay(true);
                             let _ = server.set_nodelay(true);
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                            let _ = tokio::io::copy_bidirectional_with_sizes(
+                                &mut client,
+                                &mut server,
+                                copies,
+                                copies,
+                            )
+                            .await;
                         });
                     }
                 };
