@@ -382,6 +382,8 @@ struct Figures {
     fixed_steal_percent: Option<f64>,
     fixed_run_queue_wait_us: Option<f64>,
     full: Option<load::Latency>,
+    /// Both agents' CPU time per round trip of the full-speed run.
+    cpu_us_per_round_trip: Option<f64>,
     conns_pooled: Option<f64>,
     conns_handshake: Option<f64>,
     /// Both agents' CPU time per connection of the two figures above.
@@ -564,12 +566,11 @@ fn floors(bed: &Testbed, settings: &Settings, no_mesh: &Figures) -> anyhow::Resu
         settings.connect_workers,
     )?;
     let cpu_us = (relays_cpu(&relays)? - cpu_before) * 1e6 / rate.connections.max(1) as f64;
-    let latency = load::round_trips(
-        &client,
-        relays.0.addr,
-        Duration::from_secs(settings.latency_secs),
-        None,
-    )?;
+    let cpu_before = relays_cpu(&relays)?;
+    let latency_run = Duration::from_secs(settings.latency_secs);
+    let latency = load::round_trips(&client, relays.0.addr, latency_run, None)?;
+    let round_trips = latency.round_trips_per_sec * latency_run.as_secs_f64();
+    let cpu_us_per_round_trip = (relays_cpu(&relays)? - cpu_before) * 1e6 / round_trips.max(1.0);
     drop(relays);
 
     // Bulk as the mesh's is measured: 1 stream, then 4, CPU over both.
@@ -621,6 +622,12 @@ fn floors(bed: &Testbed, settings: &Settings, no_mesh: &Figures) -> anyhow::Resu
                 .as_ref()
                 .map(|base| latency.p50_us - base.p50_us),
             beside: "p50 added per round trip ≤ 60".into(),
+        },
+        Floor {
+            figure: "plain 3-leg relay: CPU µs per 1 KiB round trip, full speed, both relays"
+                .into(),
+            value: Some(cpu_us_per_round_trip),
+            beside: "agents' CPU µs per 1 KiB round trip, full speed".into(),
         },
         Floor {
             figure: "one full handshake's X25519 and ECDSA P-256 work, both ends (µs of one core)"
@@ -826,7 +833,12 @@ fn measure(
         );
     }
     figs.fixed = Some(fixed);
-    figs.full = Some(load::round_trips(&client, app, latency, None)?);
+    let cpu_before = agents_cpu(bed)?;
+    let full = load::round_trips(&client, app, latency, None)?;
+    let round_trips = full.round_trips_per_sec * latency.as_secs_f64();
+    let cpu = agents_cpu(bed)? - cpu_before;
+    figs.cpu_us_per_round_trip = (round_trips > 0.0).then(|| cpu * 1e6 / round_trips);
+    figs.full = Some(full);
 
     // New connections.
     let (rate, cpu_us) = connections_with_cpu(bed, settings, &client, app)?;
@@ -906,6 +918,10 @@ fn rows(
     add("1 KiB round trips/s, full speed".into(), &|f| {
         f.full.as_ref().map(|l| l.round_trips_per_sec)
     });
+    add(
+        "agents' CPU µs per 1 KiB round trip, full speed (both agents)".into(),
+        &|f| f.cpu_us_per_round_trip,
+    );
     add("new connections/s, pooled HBONE".into(), &|f| {
         f.conns_pooled
     });
