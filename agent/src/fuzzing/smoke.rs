@@ -9,7 +9,9 @@
 //! A panic fails the run: the input is written to `agent/fuzz/artifacts/<target>/` (where
 //! libFuzzer saves its crashes, so `cargo +nightly fuzz run -s none -a <target> <file>`
 //! reproduces it) and the PRNG seed is printed, so `AMBIT_FUZZ_SEED=<seed>` replays the same
-//! sequence. `AMBIT_FUZZ_SMOKE_SECS` sets the time per target (default 3).
+//! sequence. `AMBIT_FUZZ_SMOKE_SECS` sets the time per target (default 3). An input that
+//! keeps the target busy past the per-input limit (10 s) fails the run the same way, as a
+//! hang, instead of stalling the test run until CI's own timeout.
 //!
 //! Written here rather than with a fuzzing crate: the crates that run libFuzzer-style targets
 //! need nightly instrumentation, and a replay-and-mutate loop is a few dozen lines.
@@ -24,7 +26,7 @@ use rand::{Rng as _, SeedableRng as _};
 use super::Target;
 
 /// One input and where it came from (a file, or "mutation N").
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Input {
     pub origin: String,
     pub bytes: Vec<u8>,
@@ -69,13 +71,18 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// The run's settings: the PRNG seed, how long the generated inputs run, and where a failing
-/// input is saved.
+/// The run's settings: the PRNG seed, how long the generated inputs run, how long one input
+/// may take before it counts as a hang, and where a failing input is saved.
 pub struct Smoke {
     pub seed: u64,
     pub budget: Duration,
+    pub input_timeout: Duration,
     pub failure_dir: PathBuf,
 }
+
+/// Each input's limit in the smoke run: every target takes microseconds per input, so only a
+/// hang (or a blow-up to match one) comes near it.
+pub const INPUT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Bytes that matter to the targets' formats (separators, YAML and URI syntax, extremes).
 const INTERESTING: &[u8] = b"\0\xff\x7f\x80/:-_.\n\r\t \"'{}[]%@#?=,&*!|>";
@@ -88,8 +95,16 @@ pub fn run(
     inputs: &[Input],
     smoke: &Smoke,
 ) -> Result<Report, Box<Failure>> {
+    let worker = Worker::start(target).map_err(|e| {
+        failure(
+            name,
+            &Input::default(),
+            smoke,
+            format!("no worker thread: {e}"),
+        )
+    })?;
     for input in inputs {
-        check(name, target, input, smoke)?;
+        check(name, &worker, input, smoke)?;
     }
     let mut rng = StdRng::seed_from_u64(smoke.seed);
     // Inputs grow by splicing and repeating; cap them like libFuzzer's -max_len (4096 for a
@@ -113,7 +128,7 @@ pub fn run(
             origin: format!("generated input {generated}"),
             bytes,
         };
-        check(name, target, &input, smoke)?;
+        check(name, &worker, &input, smoke)?;
     }
     Ok(Report {
         replayed: inputs.len(),
@@ -121,16 +136,65 @@ pub fn run(
     })
 }
 
-/// One input through `target`; a panic becomes a [`Failure`] with the input saved.
-fn check(name: &str, target: Target, input: &Input, smoke: &Smoke) -> Result<(), Box<Failure>> {
-    let Err(panic) = catch_unwind(AssertUnwindSafe(|| target(&input.bytes))) else {
-        return Ok(());
+/// The thread the target runs on, so that the run can stop waiting for an input that hangs.
+/// One for the whole run (a thread per input would halve the inputs a budget runs); after a
+/// hang it is left behind, still busy, and the run ends.
+struct Worker {
+    inputs: std::sync::mpsc::Sender<Vec<u8>>,
+    outcomes: std::sync::mpsc::Receiver<Result<(), String>>,
+}
+
+impl Worker {
+    fn start(target: Target) -> std::io::Result<Self> {
+        let (inputs, to_run) = std::sync::mpsc::channel::<Vec<u8>>();
+        let (report, outcomes) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("fuzz-smoke".into())
+            .spawn(move || {
+                while let Ok(bytes) = to_run.recv() {
+                    let outcome =
+                        catch_unwind(AssertUnwindSafe(|| target(&bytes))).map_err(|panic| {
+                            panic
+                                .downcast_ref::<String>()
+                                .cloned()
+                                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                                .unwrap_or_else(|| "a non-string panic".to_owned())
+                        });
+                    if report.send(outcome).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Self { inputs, outcomes })
+    }
+}
+
+/// One input through the worker's target; a panic or a hang becomes a [`Failure`] with the
+/// input saved.
+fn check(name: &str, worker: &Worker, input: &Input, smoke: &Smoke) -> Result<(), Box<Failure>> {
+    use std::sync::mpsc::RecvTimeoutError;
+    if worker.inputs.send(input.bytes.clone()).is_err() {
+        return Err(failure(
+            name,
+            input,
+            smoke,
+            "the worker thread is gone".into(),
+        ));
+    }
+    let message = match worker.outcomes.recv_timeout(smoke.input_timeout) {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(panic)) => panic,
+        Err(RecvTimeoutError::Timeout) => format!(
+            "no result within {:?}: the target hangs (or takes that long) on this input",
+            smoke.input_timeout
+        ),
+        Err(RecvTimeoutError::Disconnected) => "the worker thread is gone".into(),
     };
-    let message = panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-        .unwrap_or_else(|| "a non-string panic".to_owned());
+    Err(failure(name, input, smoke, message))
+}
+
+/// `input` saved under the failure directory, and the failure that names it.
+fn failure(name: &str, input: &Input, smoke: &Smoke, message: String) -> Box<Failure> {
     let saved = smoke
         .failure_dir
         .join(format!("smoke-{:016x}", fnv1a(&input.bytes)));
@@ -140,14 +204,14 @@ fn check(name: &str, target: Target, input: &Input, smoke: &Smoke) -> Result<(),
         Ok(()) => saved,
         Err(e) => PathBuf::from(format!("<not saved: {e}>")),
     };
-    Err(Box::new(Failure {
+    Box::new(Failure {
         target: name.to_owned(),
         origin: input.origin.clone(),
         input: input.bytes.clone(),
         saved,
         message,
         seed: smoke.seed,
-    }))
+    })
 }
 
 /// A content hash for the saved file's name, so one input is saved once.
@@ -288,6 +352,7 @@ mod tests {
         let settings = Smoke {
             seed: seed(),
             budget: budget(),
+            input_timeout: INPUT_TIMEOUT,
             failure_dir: dir.join("artifacts").join(name),
         };
         println!("fuzz smoke {name}: AMBIT_FUZZ_SEED={}", settings.seed);
@@ -366,6 +431,7 @@ mod tests {
         let settings = Smoke {
             seed: 1,
             budget: Duration::from_secs(60),
+            input_timeout: INPUT_TIMEOUT,
             failure_dir: dir.clone(),
         };
         let failure = run("boom", panics_on_boom, &inputs, &settings).expect_err("must fail");
@@ -405,6 +471,7 @@ mod tests {
             seed: 7,
             // A bound, not a timing: the fixed seed finds it within a few hundred inputs.
             budget: Duration::from_secs(60),
+            input_timeout: INPUT_TIMEOUT,
             failure_dir: dir.clone(),
         };
         let failure =
@@ -424,11 +491,49 @@ mod tests {
         let settings = Smoke {
             seed: 3,
             budget: Duration::from_millis(50),
+            input_timeout: INPUT_TIMEOUT,
             failure_dir: scratch_dir("pass"),
         };
         let report = run("quiet", |_| {}, &inputs, &settings).expect("passes");
         assert_eq!(report.replayed, 1);
         assert!(report.generated > 0);
         assert!(!settings.failure_dir.exists());
+    }
+
+    /// Never returns on an input holding "HANG" (the thread waits for an unpark that never
+    /// comes).
+    fn hangs_on_hang(data: &[u8]) {
+        if data.windows(4).any(|w| w == b"HANG") {
+            loop {
+                std::thread::park();
+            }
+        }
+    }
+
+    #[test]
+    fn an_input_that_hangs_fails_the_run_with_that_input_saved() {
+        let dir = scratch_dir("hang");
+        let inputs = [
+            Input {
+                origin: "seed ok".into(),
+                bytes: b"fine".to_vec(),
+            },
+            Input {
+                origin: "seed hangs".into(),
+                bytes: b"xxHANGxx".to_vec(),
+            },
+        ];
+        let settings = Smoke {
+            seed: 5,
+            budget: Duration::from_secs(60),
+            // The hang is endless, so any limit fires; this one is far above what "fine" takes.
+            input_timeout: Duration::from_secs(2),
+            failure_dir: dir.clone(),
+        };
+        let failure = run("hang", hangs_on_hang, &inputs, &settings).expect_err("must fail");
+        assert_eq!(failure.origin, "seed hangs");
+        assert!(failure.message.contains("hangs"), "{}", failure.message);
+        assert_eq!(std::fs::read(&failure.saved).expect("saved"), b"xxHANGxx");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }
