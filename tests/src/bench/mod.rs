@@ -833,6 +833,8 @@ fn measure(
         );
     }
     figs.fixed = Some(fixed);
+    // The CPU time also covers the connect and 200 warm-up exchanges (about 1 % more
+    // exchanges than counted at these rates); the relay floor's is measured the same way.
     let cpu_before = agents_cpu(bed)?;
     let full = load::round_trips(&client, app, latency, None)?;
     let round_trips = full.round_trips_per_sec * latency.as_secs_f64();
