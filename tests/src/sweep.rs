@@ -109,23 +109,36 @@ pub struct Swept {
     pub killed: Vec<u32>,
 }
 
-/// Once per process, and only as root (nothing to remove otherwise): sweeps the system's
-/// places, judging owners by the processes alive now.
+/// Once per process, as root (nothing to remove otherwise) and in the machine's own PID
+/// namespace (from inside another one, live test processes elsewhere would look gone):
+/// sweeps the system's places, judging owners by the processes alive once every place has
+/// been read.
 pub fn once() {
     static SWEEP: std::sync::Once = std::sync::Once::new();
     SWEEP.call_once(|| {
-        if crate::is_root() {
-            let live = LivePids::now();
-            sweep(&Places::system(), |owner| live.owns(owner));
+        if crate::is_root() && in_initial_pid_namespace() {
+            let live = std::cell::OnceCell::new();
+            sweep(&Places::system(), |owner| {
+                live.get_or_init(LivePids::now).owns(owner)
+            });
         }
     });
+}
+
+/// The initial PID namespace has a fixed inode number (PROC_PID_INIT_INO).
+fn in_initial_pid_namespace() -> bool {
+    std::fs::read_link("/proc/self/ns/pid").is_ok_and(|ns| ns.as_os_str() == "pid:[4026531836]")
 }
 
 /// Removes every test resource in `places` whose owner `alive` says is gone: first the
 /// processes still using them (agents of a killed bench, servers in its namespaces), then
 /// pins (detaching their programs), namespaces, cgroups and directories.
+///
+/// `alive` is asked only after every place has been listed: a test process that created
+/// something listed here was running before the listing, so it is alive when asked (or
+/// gone, and its resource stale) — never taken for dead while it creates its resources.
 pub fn sweep(places: &Places, alive: impl Fn(Owner) -> bool) -> Swept {
-    let stale = |dir: &Path, prefixes: &[&str]| -> Vec<(String, PathBuf)> {
+    let list = |dir: &Path, prefixes: &[&str]| -> Vec<(String, PathBuf, Owner)> {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return Vec::new();
         };
@@ -134,28 +147,37 @@ pub fn sweep(places: &Places, alive: impl Fn(Owner) -> bool) -> Swept {
             .filter_map(|e| {
                 let name = e.file_name().into_string().ok()?;
                 let owner = prefixes.iter().find_map(|p| Owner::parse(&name, p))?;
-                (!alive(owner)).then(|| (name, e.path()))
+                Some((name, e.path(), owner))
             })
             .collect()
     };
-    let netns = stale(&places.netns_dir, NETNS_PREFIXES);
-    let pins = stale(&places.bpffs, &[PIN_PREFIX]);
-    let cgroups = places
-        .cgroup2
-        .as_deref()
-        .map(|root| stale(root, CGROUP_PREFIXES))
-        .unwrap_or_default();
-    let temp_dirs = stale(&places.temp, &[TEMP_PREFIX]);
+    let listed = [
+        list(&places.netns_dir, NETNS_PREFIXES),
+        list(&places.bpffs, &[PIN_PREFIX]),
+        places
+            .cgroup2
+            .as_deref()
+            .map(|root| list(root, CGROUP_PREFIXES))
+            .unwrap_or_default(),
+        list(&places.temp, &[TEMP_PREFIX]),
+    ];
+    let [netns, pins, cgroups, temp_dirs] = listed.map(|found| {
+        found
+            .into_iter()
+            .filter(|(_, _, owner)| !alive(*owner))
+            .map(|(name, path, _)| (name, path))
+            .collect::<Vec<_>>()
+    });
     let mut swept = Swept::default();
 
-    // Agents name their pin and state directories on the command line; servers and pods
+    // Agents name their pin, state and config paths on the command line; servers and pods
     // run inside the namespaces.
     let paths: Vec<String> = pins
         .iter()
         .chain(&temp_dirs)
         .map(|(_, path)| path.display().to_string())
         .collect();
-    let mut doomed = processes_naming(&paths);
+    let mut doomed = agents_naming(&paths);
     for (name, _) in &netns {
         doomed.extend(processes_in_netns(name));
     }
@@ -207,24 +229,43 @@ pub fn sweep(places: &Places, alive: impl Fn(Owner) -> bool) -> Swept {
     swept
 }
 
-/// Processes whose command line contains one of `paths`.
-fn processes_naming(paths: &[String]) -> Vec<u32> {
+/// Agent processes (`ambit …`, `ambit ca`) that were given one of `paths`, or something
+/// under it, as a flag's value or in `KUBECONFIG`. Only those: an editor or a shell that
+/// happens to mention the path is left alone.
+fn agents_naming(paths: &[String]) -> Vec<u32> {
     if paths.is_empty() {
         return Vec::new();
     }
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
+    let names = |value: &str| paths.iter().any(|p| names_path(value, p));
     entries
         .flatten()
         .filter_map(|e| {
             let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let exe = std::fs::read_link(e.path().join("exe")).ok()?;
+            if exe.file_name()? != "ambit" {
+                return None;
+            }
             let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            paths
-                .iter()
-                .any(|p| cmdline.split('\0').any(|arg| names_path(arg, p)))
-                .then_some(pid)
+            let args: Vec<String> = cmdline
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let flagged = args
+                .windows(2)
+                .any(|pair| pair[0].starts_with("--") && names(&pair[1]))
+                || args.iter().any(|a| {
+                    a.starts_with("--") && a.split_once('=').is_some_and(|(_, v)| names(v))
+                });
+            let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
+            let kubeconfig = environ.split(|&b| b == 0).any(|var| {
+                String::from_utf8_lossy(var)
+                    .strip_prefix("KUBECONFIG=")
+                    .is_some_and(names)
+            });
+            (flagged || kubeconfig).then_some(pid)
         })
         .collect()
 }
@@ -246,6 +287,8 @@ fn processes_in_netns(name: &str) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// SIGKILL by PID, read from /proc moments before: a PID reused in between would be hit,
+/// a window of milliseconds against PIDs cycling through at least 32,768 values.
 fn kill(pid: u32) -> bool {
     Command::new("kill")
         .args(["-KILL", &pid.to_string()])
@@ -354,14 +397,53 @@ mod tests {
         }
     }
 
-    fn killed_by_sigkill(child: &mut std::process::Child) -> bool {
+    /// What the test creates, removed however it ends (already gone after a sweep that
+    /// worked: errors are ignored).
+    #[derive(Default)]
+    struct Created {
+        netns: Vec<String>,
+        pins: Vec<PathBuf>,
+        cgroups: Vec<PathBuf>,
+        dirs: Vec<PathBuf>,
+    }
+
+    impl Drop for Created {
+        fn drop(&mut self) {
+            for name in &self.netns {
+                let _ = crate::ip(&["netns", "del", name]);
+            }
+            for pins in &self.pins {
+                let _ = ambit_agent::capture::remove_pins(pins);
+            }
+            for cgroup in &self.cgroups {
+                let _ = remove_cgroup(cgroup);
+            }
+            for dir in &self.dirs {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    /// How the child ended, waiting at most 10 s: `Some(signal)` when a signal ended it,
+    /// `None` when it still runs (or exited by itself).
+    fn ended_by_signal(child: &mut std::process::Child) -> Option<i32> {
         use std::os::unix::process::ExitStatusExt as _;
-        child.wait().is_ok_and(|s| s.signal() == Some(9))
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return status.signal(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                _ => return None,
+            }
+        }
     }
 
     /// What a bench killed outright leaves (a namespace with a server in it, pins, a cgroup
-    /// with a process, a state directory an agent still runs from) is removed and its
-    /// processes killed; the same kinds of resource of a live test stay untouched.
+    /// with a process, agents still running from its pin and state directories) is removed
+    /// and its processes killed; the same kinds of resource of a live test stay, and so do
+    /// processes that only mention a stale path without being its agents.
     #[test]
     fn a_dead_test_process_leaves_nothing_behind_and_a_live_one_keeps_everything() {
         if !crate::is_root() {
@@ -386,16 +468,32 @@ mod tests {
             .expect("pid_max is a number");
         let dead = |prefix: &str| format!("{prefix}{dead_suffix}x0");
         let places = Places::system();
+        let mut created = Created::default();
         let mut children = Children(Vec::new());
-        let spawn = |cmd: &mut Command| cmd.spawn().expect("spawning a stand-in process");
+        let mut spawn = |cmd: &mut Command| {
+            let child = cmd.spawn().expect("spawning a stand-in process");
+            let pid = child.id();
+            children.0.push(child);
+            pid
+        };
+        // Stand-ins for agents: a shell whose executable is named like the agent's.
+        let scratch = places.temp.join(crate::unique_name("ambit-sweep-bin-"));
+        created.dirs.push(scratch.clone());
+        std::fs::create_dir_all(&scratch).expect("scratch dir");
+        let fake_agent = scratch.join("ambit");
+        std::fs::copy("/bin/sh", &fake_agent).expect("copying sh");
+        let waiting = |program: &Path| {
+            let mut cmd = Command::new(program);
+            cmd.args(["-c", "read never", "ambit"])
+                .stdin(std::process::Stdio::piped());
+            cmd
+        };
 
         // The dead test's resources.
         let server_ns = dead("apod");
         crate::ip(&["netns", "add", &server_ns]).expect("netns add");
-        children.0.push(spawn(
-            Command::new("ip").args(["netns", "exec", &server_ns, "sleep", "600"]),
-        ));
-        let server = children.0[0].id();
+        created.netns.push(server_ns.clone());
+        let server = spawn(Command::new("ip").args(["netns", "exec", &server_ns, "sleep", "600"]));
         let entered = Instant::now() + Duration::from_secs(10);
         while !processes_in_netns(&server_ns).contains(&server) {
             assert!(
@@ -406,24 +504,27 @@ mod tests {
         }
         let unit_test_ns = format!("ambit-test-{}-5eed", pid_max + 1);
         crate::ip(&["netns", "add", &unit_test_ns]).expect("netns add");
+        created.netns.push(unit_test_ns.clone());
         let pins = places.bpffs.join(dead("ambit-test-"));
+        created.pins.push(pins.clone());
         std::fs::create_dir_all(pins.join("links")).expect("pin dir");
-        let state = places.temp.join(dead("ambit-testbed-")).join("state");
+        let testbed = places.temp.join(dead("ambit-testbed-"));
+        created.dirs.push(testbed.clone());
+        let state = testbed.join("state");
         std::fs::create_dir_all(&state).expect("state dir");
-        // Stand-ins for an orphaned agent: they name its pin and state directories.
-        for named in [&pins, &state] {
-            children.0.push(spawn(
-                Command::new("sh")
-                    .args(["-c", "read never", "agent"])
-                    .arg(named)
-                    .stdin(std::process::Stdio::piped()),
-            ));
-        }
+        let agent = spawn(waiting(&fake_agent).arg("--pin-dir").arg(&pins));
+        let ca = spawn(waiting(&fake_agent).env("KUBECONFIG", testbed.join("kubeconfig")));
+        let agent_given_state =
+            spawn(waiting(&fake_agent).arg(format!("--state-dir={}", state.display())));
+        // Not agents of the dead test: a path as a plain argument, or a process of
+        // another name.
+        let mentions = spawn(waiting(&fake_agent).arg(&state));
+        let other_program = spawn(waiting(Path::new("/bin/sh")).arg("--pin-dir").arg(&pins));
         let cgroup = cgroup2.join(dead("ambit-e2e-"));
+        created.cgroups.push(cgroup.clone());
         let leaf = cgroup.join("kubepods.slice");
         std::fs::create_dir_all(&leaf).expect("cgroup");
-        children.0.push(spawn(Command::new("sleep").arg("600")));
-        let pod = children.0[3].id();
+        let pod = spawn(Command::new("sleep").arg("600"));
         std::fs::write(leaf.join("cgroup.procs"), pod.to_string()).expect("cgroup.procs");
 
         // A live test's resources, named by this process.
@@ -431,31 +532,50 @@ mod tests {
         let live_pins = crate::PinDir::unique();
         std::fs::create_dir_all(live_pins.path()).expect("pin dir");
         let live_temp = places.temp.join(crate::unique_name("ambit-testbed-"));
+        created.dirs.push(live_temp.clone());
         std::fs::create_dir_all(&live_temp).expect("temp dir");
 
         let swept = sweep(&places, |owner| {
-            owner != Owner::PidSuffix(dead_suffix) && owner != Owner::Pid(pid_max + 1) && {
-                let live = LivePids::now();
-                live.owns(owner)
-            }
+            owner != Owner::PidSuffix(dead_suffix)
+                && owner != Owner::Pid(pid_max + 1)
+                && LivePids::now().owns(owner)
         });
 
-        for child in &mut children.0 {
-            assert!(killed_by_sigkill(child), "{} was not killed", child.id());
+        let bystanders = [mentions, other_program];
+        let mut children = children;
+        for child in children
+            .0
+            .iter_mut()
+            .filter(|c| !bystanders.contains(&c.id()))
+        {
+            assert_eq!(ended_by_signal(child), Some(9), "{} not killed", child.id());
+        }
+        for pid in [server, agent, ca, agent_given_state] {
+            assert!(swept.killed.contains(&pid), "{pid} not reported: {swept:?}");
+        }
+        for child in children
+            .0
+            .iter_mut()
+            .filter(|c| bystanders.contains(&c.id()))
+        {
+            let pid = child.id();
+            assert!(
+                !swept.killed.contains(&pid),
+                "{pid} only mentions a stale path"
+            );
+            assert!(matches!(child.try_wait(), Ok(None)), "{pid} must still run");
         }
         assert!(!places.netns_dir.join(&server_ns).exists());
         assert!(!places.netns_dir.join(&unit_test_ns).exists());
         assert!(!pins.exists());
         assert!(!cgroup.exists());
-        assert!(!state.exists());
+        assert!(!testbed.exists());
         for kind in [&swept.netns, &swept.pins, &swept.cgroups, &swept.temp_dirs] {
             assert!(!kind.is_empty(), "{swept:?}");
         }
-        assert!(swept.killed.contains(&server), "{swept:?}");
 
         assert!(live_ns.path().exists());
         assert!(live_pins.path().exists());
         assert!(live_temp.exists());
-        let _ = std::fs::remove_dir_all(&live_temp);
     }
 }
