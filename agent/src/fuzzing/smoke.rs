@@ -26,7 +26,7 @@ use rand::{Rng as _, SeedableRng as _};
 use super::Target;
 
 /// One input and where it came from (a file, or "mutation N").
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Input {
     pub origin: String,
     pub bytes: Vec<u8>,
@@ -41,7 +41,7 @@ pub struct Report {
     pub generated: usize,
 }
 
-/// The input a target panicked on.
+/// The input a target panicked or hung on.
 #[derive(Debug)]
 pub struct Failure {
     pub target: String,
@@ -49,7 +49,7 @@ pub struct Failure {
     pub input: Vec<u8>,
     /// The file the input was written to.
     pub saved: PathBuf,
-    /// The panic message.
+    /// The panic message, or what the hang was.
     pub message: String,
     /// The PRNG seed that generated the inputs.
     pub seed: u64,
@@ -59,7 +59,7 @@ impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "fuzz target {} panicked ({}) on {} ({} bytes), saved to {}; \
+            "fuzz target {} failed ({}) on {} ({} bytes), saved to {}; \
              replay the same run with AMBIT_FUZZ_SEED={}",
             self.target,
             self.message,
@@ -95,14 +95,10 @@ pub fn run(
     inputs: &[Input],
     smoke: &Smoke,
 ) -> Result<Report, Box<Failure>> {
-    let worker = Worker::start(target).map_err(|e| {
-        failure(
-            name,
-            &Input::default(),
-            smoke,
-            format!("no worker thread: {e}"),
-        )
-    })?;
+    // The smoke run is test code: a thread that cannot start is the test's own failure,
+    // not an input's.
+    let worker = Worker::start(target)
+        .unwrap_or_else(|e| panic!("fuzz smoke {name}: no thread to run the target on: {e}"));
     for input in inputs {
         check(name, &worker, input, smoke)?;
     }
