@@ -570,7 +570,8 @@ fn floors(bed: &Testbed, settings: &Settings, no_mesh: &Figures) -> anyhow::Resu
     let latency_run = Duration::from_secs(settings.latency_secs);
     let latency = load::round_trips(&client, relays.0.addr, latency_run, None)?;
     let round_trips = latency.round_trips_per_sec * latency_run.as_secs_f64();
-    let cpu_us_per_round_trip = (relays_cpu(&relays)? - cpu_before) * 1e6 / round_trips.max(1.0);
+    let relays_cpu_s = relays_cpu(&relays)? - cpu_before;
+    let cpu_us_per_round_trip = (round_trips > 0.0).then(|| relays_cpu_s * 1e6 / round_trips);
     drop(relays);
 
     // Bulk as the mesh's is measured: 1 stream, then 4, CPU over both.
@@ -626,7 +627,7 @@ fn floors(bed: &Testbed, settings: &Settings, no_mesh: &Figures) -> anyhow::Resu
         Floor {
             figure: "plain 3-leg relay: CPU µs per 1 KiB round trip, full speed, both relays"
                 .into(),
-            value: Some(cpu_us_per_round_trip),
+            value: cpu_us_per_round_trip,
             beside: "agents' CPU µs per 1 KiB round trip, full speed".into(),
         },
         Floor {
