@@ -245,7 +245,9 @@ fn agents_naming(paths: &[String]) -> Vec<u32> {
         .filter_map(|e| {
             let pid: u32 = e.file_name().to_str()?.parse().ok()?;
             let exe = std::fs::read_link(e.path().join("exe")).ok()?;
-            if exe.file_name()? != "ambit" {
+            // A binary rebuilt since the agent started reads "ambit (deleted)".
+            let exe = exe.file_name()?.to_str()?;
+            if exe.strip_suffix(" (deleted)").unwrap_or(exe) != "ambit" {
                 return None;
             }
             let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
