@@ -518,6 +518,13 @@ mod tests {
         let ca = spawn(waiting(&fake_agent).env("KUBECONFIG", testbed.join("kubeconfig")));
         let agent_given_state =
             spawn(waiting(&fake_agent).arg(format!("--state-dir={}", state.display())));
+        // An agent whose binary has been replaced since it started.
+        let rebuilt = scratch.join("rebuilt");
+        std::fs::create_dir_all(&rebuilt).expect("scratch dir");
+        std::fs::copy("/bin/sh", rebuilt.join("ambit")).expect("copying sh");
+        let agent_of_deleted_binary =
+            spawn(waiting(&rebuilt.join("ambit")).arg("--pin-dir").arg(&pins));
+        std::fs::remove_file(rebuilt.join("ambit")).expect("removing the binary");
         // Not agents of the dead test: a path as a plain argument, or a process of
         // another name.
         let mentions = spawn(waiting(&fake_agent).arg(&state));
@@ -552,7 +559,13 @@ mod tests {
         {
             assert_eq!(ended_by_signal(child), Some(9), "{} not killed", child.id());
         }
-        for pid in [server, agent, ca, agent_given_state] {
+        for pid in [
+            server,
+            agent,
+            ca,
+            agent_given_state,
+            agent_of_deleted_binary,
+        ] {
             assert!(swept.killed.contains(&pid), "{pid} not reported: {swept:?}");
         }
         for child in children
