@@ -286,6 +286,8 @@ pub struct Testbed {
     pub mesh_enabled: bool,
     /// Extra `ambit run` arguments for agents started from now on (e.g. `--no-pool`).
     pub agent_args: Vec<String>,
+    /// The agent binary for agents started from now on; `None`: [`agent_binary`].
+    pub agent_binary: Option<PathBuf>,
     /// Agents started from now on see /proc/sys read-only, as in a Kubernetes container
     /// that is not privileged (their own mount namespace, /proc/sys bind-remounted ro).
     pub agent_read_only_proc_sys: bool,
@@ -410,6 +412,7 @@ impl Testbed {
             policies: String::new(),
             mesh_enabled: true,
             agent_args: Vec::new(),
+            agent_binary: None,
             agent_read_only_proc_sys: false,
             kube: None,
             remote_ca: None,
@@ -511,6 +514,10 @@ impl Testbed {
             Some(kube) => kube.agent_args(&self.dir, &node.name),
             None => vec!["--config".into(), self.config.display().to_string()],
         };
+        let binary = match &self.agent_binary {
+            Some(binary) => binary.clone(),
+            None => agent_binary()?,
+        };
         let mut command = if self.agent_read_only_proc_sys {
             // `unshare` and `sh` exec into the agent: the child's pid is the agent's.
             // Slave propagation: netns files bind-mounted later still show up inside.
@@ -520,10 +527,10 @@ impl Testbed {
                     "mount --bind /proc/sys /proc/sys && ",
                     "mount -o remount,bind,ro /proc/sys && exec \"$0\" \"$@\""
                 ))
-                .arg(agent_binary()?);
+                .arg(&binary);
             c
         } else {
-            Command::new(agent_binary()?)
+            Command::new(&binary)
         };
         let mut child = command
             .args(["run", "--node", &node.name])

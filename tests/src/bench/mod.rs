@@ -82,6 +82,9 @@ pub struct Settings {
     /// fewer threads model a node's share of them; one thread per agent caps same-node bulk
     /// (one agent, one thread, both ends).
     pub agent_worker_threads: Option<usize>,
+    /// The agent binary (`ambit-bench --against` alternates two); `None`: $AMBIT_BIN or
+    /// target/debug/ambit.
+    pub agent_binary: Option<PathBuf>,
 }
 
 impl Settings {
@@ -95,6 +98,7 @@ impl Settings {
             connect_workers: 4,
             idle_connections: 10_000,
             agent_worker_threads: None,
+            agent_binary: None,
         }
     }
 
@@ -109,6 +113,7 @@ impl Settings {
             connect_workers: 2,
             idle_connections: 1_000,
             agent_worker_threads: None,
+            agent_binary: None,
         }
     }
 }
@@ -401,7 +406,10 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
     // connection and side.
     let nofile = ambit_agent::sys::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
     let idle = IdleCounts::new(settings.idle_connections, nofile);
-    let agent_binary = crate::testbed::agent_binary()?;
+    let agent_binary = match &settings.agent_binary {
+        Some(binary) => binary.clone(),
+        None => crate::testbed::agent_binary()?,
+    };
     evict_from_page_cache(&agent_binary)?;
     let machine_cpu_before = procfs::MachineCpu::now()?;
 
@@ -417,6 +425,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<Report> {
         None => Vec::new(),
     };
     bed.agent_args.clone_from(&workers);
+    bed.agent_binary = Some(agent_binary.clone());
     let _iperf: Vec<iperf::IperfServer> = ["server-a", "server-b"]
         .iter()
         .map(|p| iperf::IperfServer::start(&bed.pod(p).ns.path(), IPERF_PORT))
@@ -1192,6 +1201,116 @@ fn floor_spread(reports: &[Report]) -> Vec<FloorSpread> {
         .collect()
 }
 
+/// Two agents' runs made alternately (`ambit-bench --against`), compared pair by pair: an
+/// hour in which this VM is slow slows both runs of a pair, so their ratio holds where the
+/// figures themselves move by a quarter.
+#[derive(Clone, Debug, Serialize)]
+pub struct Comparison {
+    pub baseline: PathBuf,
+    pub candidate: PathBuf,
+    pub pairs: usize,
+    pub aims: Vec<AimComparison>,
+}
+
+/// One aim of a [`Comparison`].
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct AimComparison {
+    pub aim: String,
+    pub baseline_median: Option<f64>,
+    pub candidate_median: Option<f64>,
+    /// The median over the pairs of candidate / baseline.
+    pub median_ratio: Option<f64>,
+    /// Pairs in which the candidate did better: lower for a "≤" aim, higher for a "≥" one.
+    pub candidate_better_in: usize,
+    /// Pairs with a value on both sides.
+    pub pairs_with_both: usize,
+}
+
+impl Comparison {
+    /// `baseline[i]` and `candidate[i]` are the i-th pair; aims matched by name.
+    pub fn of(baseline: &[Report], candidate: &[Report]) -> Self {
+        let name = |reports: &[Report]| {
+            reports
+                .first()
+                .map(|r| r.agent_binary.clone())
+                .unwrap_or_default()
+        };
+        let aims = baseline.first().map_or_else(Vec::new, |first| {
+            first
+                .aims
+                .iter()
+                .map(|aim| {
+                    let value = |r: &Report| {
+                        r.aims
+                            .iter()
+                            .find(|a| a.aim == aim.aim)
+                            .and_then(|a| a.value)
+                    };
+                    let both: Vec<(f64, f64)> = baseline
+                        .iter()
+                        .zip(candidate)
+                        .filter_map(|(b, c)| Some((value(b)?, value(c)?)))
+                        .collect();
+                    let lower_is_better = aim.aim.contains('≤');
+                    let (_, median_ratio, _) = min_median_max(
+                        both.iter()
+                            .filter(|(b, _)| *b != 0.0)
+                            .map(|(b, c)| c / b)
+                            .collect(),
+                    );
+                    AimComparison {
+                        aim: aim.aim.clone(),
+                        baseline_median: min_median_max(
+                            baseline.iter().filter_map(value).collect(),
+                        )
+                        .1,
+                        candidate_median: min_median_max(
+                            candidate.iter().filter_map(value).collect(),
+                        )
+                        .1,
+                        median_ratio,
+                        candidate_better_in: both
+                            .iter()
+                            .filter(|(b, c)| if lower_is_better { c < b } else { c > b })
+                            .count(),
+                        pairs_with_both: both.len(),
+                    }
+                })
+                .collect()
+        });
+        Self {
+            baseline: name(baseline),
+            candidate: name(candidate),
+            pairs: baseline.len().min(candidate.len()),
+            aims,
+        }
+    }
+
+    /// The comparison as a Markdown table.
+    pub fn markdown(&self) -> String {
+        let mut s = format!(
+            "baseline {}, candidate {}, {} pairs\n\n\
+             | aim | baseline, median | candidate, median | candidate / baseline, median of pairs | candidate better in |\n\
+             | --- | ---: | ---: | ---: | ---: |\n",
+            self.baseline.display(),
+            self.candidate.display(),
+            self.pairs
+        );
+        for a in &self.aims {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} of {} |\n",
+                a.aim,
+                cell(a.baseline_median),
+                cell(a.candidate_median),
+                cell(a.median_ratio),
+                a.candidate_better_in,
+                a.pairs_with_both
+            ));
+        }
+        s
+    }
+}
+
 fn min_median_max(mut values: Vec<f64>) -> (Option<f64>, Option<f64>, Option<f64>) {
     values.sort_by(f64::total_cmp);
     let median = match values.len() {
@@ -1273,6 +1392,46 @@ mod tests {
             "{table}"
         );
         assert!(aim_spread(&[]).is_empty());
+    }
+
+    #[test]
+    fn comparison_goes_pair_by_pair_and_knows_which_way_is_better() {
+        let cpu = "CPU (s) ≤ 1.5";
+        let rate = "rate ≥ 2000";
+        let run = |c: f64, r: Option<f64>| report(&[(cpu, Some(c), None), (rate, r, None)]);
+        // The machine slows down between the first and the second pair; within each pair
+        // the candidate uses less CPU and reaches a higher rate, except the last rate.
+        let baseline = [
+            run(2.0, Some(1000.0)),
+            run(4.0, Some(500.0)),
+            run(3.0, None),
+        ];
+        let candidate = [
+            run(1.8, Some(1100.0)),
+            run(3.6, Some(450.0)),
+            run(2.7, Some(9.0)),
+        ];
+        let comparison = Comparison::of(&baseline, &candidate);
+        assert_eq!(comparison.pairs, 3);
+        let [cpu_row, rate_row] = comparison.aims.as_slice() else {
+            panic!("two aims: {comparison:?}");
+        };
+        assert_eq!(cpu_row.candidate_better_in, 3);
+        assert_eq!(cpu_row.pairs_with_both, 3);
+        let ratio = cpu_row.median_ratio.expect("a ratio");
+        assert!((ratio - 0.9).abs() < 1e-9, "{ratio}");
+        assert_eq!(cpu_row.baseline_median, Some(3.0));
+        assert_eq!(
+            rate_row.pairs_with_both, 2,
+            "a pair without a value is left out"
+        );
+        assert_eq!(rate_row.candidate_better_in, 1);
+        assert_eq!(rate_row.candidate_median, Some(450.0));
+        let table = comparison.markdown();
+        assert!(
+            table.contains("| CPU (s) ≤ 1.5 | 3.00 | 2.70 | 0.90 | 3 of 3 |"),
+            "{table}"
+        );
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //! and `--soak-only` run one part. For the testbed part only: `--repeat N` runs it N times
 //! and adds each aim's min, median and max over the runs (`target/bench/testbed-spread.json`;
 //! also `cargo xtask bench --repeat N`), `--agent-workers N` gives its agents N data-path
-//! threads instead of their default. Use a release agent (`AMBIT_BIN=target/release/ambit`,
-//! as xtask does): the figures are about the agent.
+//! threads instead of their default, `--against BIN` runs a second agent binary alternately
+//! with the first (A B, B A, … for N pairs) and compares each aim pair by pair
+//! (`target/bench/testbed-compare.json`). Use a release agent
+//! (`AMBIT_BIN=target/release/ambit`, as xtask does): the figures are about the agent.
 
 use std::fmt::Debug;
 use std::path::Path;
@@ -44,6 +46,10 @@ struct Args {
     /// Testbed part: N data-path threads per agent instead of their default.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     agent_workers: Option<u16>,
+    /// Testbed part: a second agent binary, run alternately with the first ($AMBIT_BIN)
+    /// --repeat times each and compared pair by pair.
+    #[arg(long, value_name = "BIN")]
+    against: Option<std::path::PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,6 +62,13 @@ fn main() -> anyhow::Result<()> {
     let quick = args.quick;
     let agent_workers = args.agent_workers.map(usize::from);
     let repeat = usize::try_from(args.repeat)?;
+    if let Some(candidate) = args.against {
+        anyhow::ensure!(
+            args.testbed_only,
+            "--against compares the testbed part: add --testbed-only"
+        );
+        return compare(quick, agent_workers, repeat, candidate);
+    }
     if args.testbed_only {
         return testbed(quick, agent_workers, repeat);
     }
@@ -147,6 +160,67 @@ fn testbed(quick: bool, agent_workers: Option<usize>, repeat: usize) -> anyhow::
             &Vec::<String>::new(),
         )?;
     }
+    anyhow::ensure!(
+        gaps.is_empty(),
+        "testbed benchmark: figures not produced: {gaps:?}"
+    );
+    Ok(())
+}
+
+/// `--against`: pairs of runs, the baseline ($AMBIT_BIN) and the candidate alternating
+/// which goes first, so that a drift of the machine during a pair favours neither.
+fn compare(
+    quick: bool,
+    agent_workers: Option<usize>,
+    pairs: usize,
+    candidate: std::path::PathBuf,
+) -> anyhow::Result<()> {
+    let mut settings = if quick {
+        ambit_e2e::bench::Settings::quick()
+    } else {
+        ambit_e2e::bench::Settings::full()
+    };
+    settings.agent_worker_threads = agent_workers;
+    let binaries = [ambit_e2e::testbed::agent_binary()?, candidate];
+    let mut reports: [Vec<ambit_e2e::bench::Report>; 2] = [Vec::new(), Vec::new()];
+    let mut gaps = Vec::new();
+    for pair in 1..=pairs {
+        let order = if pair % 2 == 1 { [0, 1] } else { [1, 0] };
+        for side in order {
+            settings.agent_binary = Some(binaries[side].clone());
+            let started = Instant::now();
+            let report = ambit_e2e::bench::run(&settings)?;
+            let name = ["baseline", "candidate"][side];
+            let path =
+                ambit_e2e::bench::write_json(&format!("testbed-pair{pair}-{name}.json"), &report)?;
+            show(
+                format!(
+                    "Testbed benchmark, pair {pair} of {pairs}, {name} {} ({:.0?}; CPU stolen \
+                     by the hypervisor: {} %)",
+                    report.agent_binary.display(),
+                    started.elapsed(),
+                    ambit_e2e::bench::cell(report.steal_percent),
+                ),
+                report.markdown(),
+                &[("JSON", &path)],
+                &Vec::<String>::new(),
+            )?;
+            // As in --repeat: a gap in one run is reported at the end, not fatal now.
+            let missing = report.missing();
+            if !missing.is_empty() {
+                gaps.push(format!("pair {pair}, {name}: {missing:?}"));
+            }
+            reports[side].push(report);
+        }
+    }
+    let comparison = ambit_e2e::bench::Comparison::of(&reports[0], &reports[1]);
+    let path = ambit_e2e::bench::write_json("testbed-compare.json", &comparison)?;
+    show(
+        format!("Testbed aims, candidate against baseline over {pairs} pairs"),
+        comparison.markdown(),
+        &[("JSON", &path)],
+        &Vec::<String>::new(),
+    )?;
     anyhow::ensure!(
         gaps.is_empty(),
         "testbed benchmark: figures not produced: {gaps:?}"
