@@ -31,7 +31,6 @@ use super::metrics::{
     SeriesCache, WorkloadMeta,
 };
 use super::outbound::handshake_failure;
-use super::read_ahead::ReadAhead;
 use super::tls::server_config_for;
 use super::{Dialer, TunnelConfig, TunnelCounters, TunnelError, dial_with_timeout};
 use crate::identity::{CertManager, SpiffeId};
@@ -501,14 +500,11 @@ impl Inbound {
         // The server's one TLS flight leaves at once; its HTTP/2 SETTINGS then waits to
         // leave with the SETTINGS ACK (see held_writes).
         let tls_stream = match TlsAcceptor::from(tls)
-            .accept(HeldWrites::passing(ReadAhead::new(tcp)))
+            .accept(HeldWrites::passing(tcp))
             .await
         {
             Ok(mut s) => {
                 s.get_mut().0.hold_until_next_write();
-                s.get_mut()
-                    .1
-                    .set_buffer_limit(Some(super::tls::SEND_BUFFER_LIMIT));
                 s
             }
             Err(e) => {
@@ -984,7 +980,7 @@ pub fn check_connect_request<B>(
 }
 
 /// The TLS stream an HBONE server connection runs on.
-type HboneTls<'tcp> = tokio_rustls::server::TlsStream<HeldWrites<ReadAhead<&'tcp mut TcpStream>>>;
+type HboneTls<'tcp> = tokio_rustls::server::TlsStream<HeldWrites<&'tcp mut TcpStream>>;
 
 /// h2's hard header-list bound is this multiple of the configured limit: between the two,
 /// the stream reaches us and its 431 is logged and counted.

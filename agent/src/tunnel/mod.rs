@@ -13,7 +13,6 @@ mod inbound;
 mod metrics;
 mod outbound;
 mod pool;
-mod read_ahead;
 mod shards;
 mod tls;
 

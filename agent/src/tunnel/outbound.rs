@@ -20,7 +20,6 @@ use super::copy::{CopyStats, copy_bidirectional};
 use super::held_writes::HeldWrites;
 use super::metrics::Metrics;
 use super::pool::{Pool, PoolKey, StreamLease};
-use super::read_ahead::ReadAhead;
 use super::tls::{HandshakeFailure, client_config_for};
 use super::{Dialer, TunnelConfig, TunnelCounters, TunnelError, dial_with_timeout};
 use crate::identity::{CertManager, SpiffeId};
@@ -250,14 +249,10 @@ impl Outbound {
         let name = ServerName::IpAddress(key.address.ip().into());
         // Holding from the start lets the last TLS flight leave with the HTTP/2 preface,
         // SETTINGS and the first CONNECT (see held_writes).
-        let connecting =
-            TlsConnector::from(tls).connect(name, HeldWrites::holding(ReadAhead::new(tcp)));
+        let connecting = TlsConnector::from(tls).connect(name, HeldWrites::holding(tcp));
         let tls_stream = match connecting.into_fallible().await {
             Ok(mut s) => {
                 s.get_mut().0.hold_until_release();
-                s.get_mut()
-                    .1
-                    .set_buffer_limit(Some(super::tls::SEND_BUFFER_LIMIT));
                 s
             }
             Err((e, mut tcp)) => {

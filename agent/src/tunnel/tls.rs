@@ -107,13 +107,6 @@ fn spiffe_error(failure: HandshakeFailure) -> Error {
     ))))
 }
 
-/// Application data an HBONE connection's TLS stream encrypts and queues before it writes
-/// to the socket (rustls's default is 64 KiB): tokio-rustls writes the queue in one
-/// `writev`, so a bulk transfer takes fewer (bench, sending agent: 8,300 per GiB of 127 KiB
-/// on average, against 21,000 of 50 KiB). What is queued is bounded by HTTP/2's flow control
-/// above it.
-pub(super) const SEND_BUFFER_LIMIT: usize = 256 * 1024;
-
 /// The process's provider with the TLS 1.3 suites HBONE peers use (AES-GCM), AES-128 with
 /// SHA-256 first: its key schedule and transcript hash SHA-256 instead of SHA-384 (a tenth of
 /// a full handshake's instructions) and it encrypts with 10 AES rounds instead of 14. Both
