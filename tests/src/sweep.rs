@@ -109,6 +109,16 @@ pub struct Swept {
     pub killed: Vec<u32>,
 }
 
+impl Swept {
+    fn is_empty(&self) -> bool {
+        self.netns.is_empty()
+            && self.pins.is_empty()
+            && self.cgroups.is_empty()
+            && self.temp_dirs.is_empty()
+            && self.killed.is_empty()
+    }
+}
+
 /// Once per process, as root (nothing to remove otherwise) and in the machine's own PID
 /// namespace (from inside another one, live test processes elsewhere would look gone):
 /// sweeps the system's places, judging owners by the processes alive once every place has
@@ -190,36 +200,11 @@ pub fn sweep(places: &Places, alive: impl Fn(Owner) -> bool) -> Swept {
         }
     }
 
-    for (name, path) in pins {
-        match ambit_agent::capture::remove_pins(&path) {
-            Ok(()) => swept.pins.push(name),
-            Err(e) => eprintln!("stale test resources: {name}: {e}"),
-        }
-    }
-    for (name, _) in netns {
-        match crate::ip(&["netns", "del", &name]) {
-            Ok(()) => swept.netns.push(name),
-            Err(e) => eprintln!("stale test resources: {e}"),
-        }
-    }
-    for (name, path) in cgroups {
-        match remove_cgroup(&path) {
-            Ok(()) => swept.cgroups.push(name),
-            Err(e) => eprintln!("stale test resources: cgroup {}: {e}", path.display()),
-        }
-    }
-    for (name, path) in temp_dirs {
-        match std::fs::remove_dir_all(&path) {
-            Ok(()) => swept.temp_dirs.push(name),
-            Err(e) => eprintln!("stale test resources: {}: {e}", path.display()),
-        }
-    }
-    if !(swept.netns.is_empty()
-        && swept.pins.is_empty()
-        && swept.cgroups.is_empty()
-        && swept.temp_dirs.is_empty()
-        && swept.killed.is_empty())
-    {
+    swept.pins = remove_each(pins, |_, path| ambit_agent::capture::remove_pins(path));
+    swept.netns = remove_each(netns, |name, _| crate::ip(&["netns", "del", name]));
+    swept.cgroups = remove_each(cgroups, |_, path| remove_cgroup(path));
+    swept.temp_dirs = remove_each(temp_dirs, |_, path| std::fs::remove_dir_all(path));
+    if !swept.is_empty() {
         eprintln!(
             "stale test resources of processes that are gone, removed: namespaces {:?}, \
              bpffs pins {:?}, cgroups {:?}, directories {:?}; processes killed {:?}",
@@ -227,6 +212,23 @@ pub fn sweep(places: &Places, alive: impl Fn(Owner) -> bool) -> Swept {
         );
     }
     swept
+}
+
+/// Removes each of `found` with `remove`; returns the names removed, says why for the rest.
+fn remove_each<E: std::fmt::Display>(
+    found: Vec<(String, PathBuf)>,
+    remove: impl Fn(&str, &Path) -> Result<(), E>,
+) -> Vec<String> {
+    found
+        .into_iter()
+        .filter_map(|(name, path)| match remove(&name, &path) {
+            Ok(()) => Some(name),
+            Err(e) => {
+                eprintln!("stale test resources: {}: {e}", path.display());
+                None
+            }
+        })
+        .collect()
 }
 
 /// Agent processes (`ambit …`, `ambit ca`) that were given one of `paths`, or something

@@ -109,13 +109,27 @@ fn show(
     Ok(())
 }
 
-fn testbed(quick: bool, agent_workers: Option<usize>, repeat: usize) -> anyhow::Result<()> {
+fn testbed_settings(quick: bool, agent_workers: Option<usize>) -> ambit_e2e::bench::Settings {
     let mut settings = if quick {
         ambit_e2e::bench::Settings::quick()
     } else {
         ambit_e2e::bench::Settings::full()
     };
     settings.agent_worker_threads = agent_workers;
+    settings
+}
+
+/// A figure missing in one run is reported once all runs are done, not fatal then.
+fn no_gaps(gaps: &[String]) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        gaps.is_empty(),
+        "testbed benchmark: figures not produced: {gaps:?}"
+    );
+    Ok(())
+}
+
+fn testbed(quick: bool, agent_workers: Option<usize>, repeat: usize) -> anyhow::Result<()> {
+    let settings = testbed_settings(quick, agent_workers);
     let mut reports = Vec::with_capacity(repeat);
     let mut gaps = Vec::new();
     for run in 1..=repeat {
@@ -160,11 +174,7 @@ fn testbed(quick: bool, agent_workers: Option<usize>, repeat: usize) -> anyhow::
             &Vec::<String>::new(),
         )?;
     }
-    anyhow::ensure!(
-        gaps.is_empty(),
-        "testbed benchmark: figures not produced: {gaps:?}"
-    );
-    Ok(())
+    no_gaps(&gaps)
 }
 
 /// `--against`: pairs of runs, the baseline ($AMBIT_BIN) and the candidate alternating
@@ -175,12 +185,7 @@ fn compare(
     pairs: usize,
     candidate: std::path::PathBuf,
 ) -> anyhow::Result<()> {
-    let mut settings = if quick {
-        ambit_e2e::bench::Settings::quick()
-    } else {
-        ambit_e2e::bench::Settings::full()
-    };
-    settings.agent_worker_threads = agent_workers;
+    let mut settings = testbed_settings(quick, agent_workers);
     let binaries = [ambit_e2e::testbed::agent_binary()?, candidate];
     let mut reports: [Vec<ambit_e2e::bench::Report>; 2] = [Vec::new(), Vec::new()];
     let mut gaps = Vec::new();
@@ -205,7 +210,6 @@ fn compare(
                 &[("JSON", &path)],
                 &Vec::<String>::new(),
             )?;
-            // As in --repeat: a gap in one run is reported at the end, not fatal now.
             let missing = report.missing();
             if !missing.is_empty() {
                 gaps.push(format!("pair {pair}, {name}: {missing:?}"));
@@ -221,11 +225,7 @@ fn compare(
         &[("JSON", &path)],
         &Vec::<String>::new(),
     )?;
-    anyhow::ensure!(
-        gaps.is_empty(),
-        "testbed benchmark: figures not produced: {gaps:?}"
-    );
-    Ok(())
+    no_gaps(&gaps)
 }
 
 fn control_plane(quick: bool) -> anyhow::Result<()> {
