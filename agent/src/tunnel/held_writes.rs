@@ -5,12 +5,21 @@
 //! of those writes is a syscall and a segment that wakes the peer's agent on its own. The
 //! two that matter: the client's last TLS flight (Certificate, CertificateVerify,
 //! Finished) can leave with its HTTP/2 preface, SETTINGS and first CONNECT, and the
-//! server's SETTINGS with its SETTINGS ACK. Neither end needs to wait for those bytes
-//! before it sends its own (an HTTP/2 client sends its preface without waiting for the
-//! server's SETTINGS; the TLS 1.3 client's Finished is its last flight; the client's
-//! SETTINGS, part of its preface, always draws the server's ACK), so holding them (the
-//! client's until its task is about to sleep, the server's until its ACK) changes when
-//! they leave, never whether.
+//! server's SETTINGS and SETTINGS ACK with its answer to that CONNECT. Neither end needs
+//! to wait for those bytes before it sends its own (an HTTP/2 client sends its preface and
+//! requests without waiting for the server's SETTINGS; the TLS 1.3 client's Finished is
+//! its last flight), so holding them (the client's until its task is about to sleep, the
+//! server's until it has answered a stream, at most `TunnelConfig::first_frames_hold`)
+//! changes when they leave, never whether (h2, so hyper and ztunnel, and nghttp2 send
+//! requests at once; a client that waited for the server's SETTINGS would wait out that
+//! hold once).
+//!
+//! The server's answer comes only once the upstream connect is done, a wait of its own:
+//! sent apart, the SETTINGS woke the client's agent once for nothing (a wake-up, an
+//! `epoll_wait` and a read) and cost the server a second write. The server's task says
+//! when it has answered ([`HeldWrites::hold_until_answered`]): a read that finds nothing
+//! cannot tell, since h2 reads until its transport has nothing and only then, in the same
+//! poll, writes what the frames it read call for (the ACK, window updates).
 //!
 //! The client also holds its ACK of the server's SETTINGS (a record of its own, and a
 //! wake-up of the server's agent for nothing) until its next write, normally the first
@@ -26,6 +35,8 @@
 use std::future::Future as _;
 use std::io::IoSlice;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -61,9 +72,9 @@ enum Holding {
     /// is held until the write after it, a shutdown or [`REPLY_HOLD`]; then writes pass
     /// straight through.
     Reply,
-    /// After it, on the server: what is written next is held until the write after it,
-    /// whatever the reads find, then writes pass straight through.
-    UntilNextWrite,
+    /// After it, on the server: writes are held until the server has answered a stream
+    /// (its `answered` flag), or for its hold; then writes pass straight through.
+    UntilAnswered,
     /// Writes pass straight through.
     Off,
 }
@@ -80,7 +91,7 @@ enum Holding {
 /// joins the flight and both leave with h2's first frames; then its small reply to the
 /// server's first bytes waits for its next write (at most [`REPLY_HOLD`]). The server
 /// holds nothing during TLS (its one flight must not wait) and calls
-/// [`HeldWrites::hold_until_next_write`] after it. Then everything passes straight
+/// [`HeldWrites::hold_until_answered`] after it. Then everything passes straight
 /// through: the data path sees two branch checks per call.
 pub(super) struct HeldWrites<T> {
     inner: T,
@@ -89,8 +100,11 @@ pub(super) struct HeldWrites<T> {
     holding: Holding,
     /// A read found nothing while something was held.
     read_waited: bool,
-    /// When a held reply goes out on its own (boxed: most of the time there is none).
-    reply_deadline: Option<Pin<Box<Sleep>>>,
+    /// The server's: set once it has answered a stream (shared with its stream tasks).
+    answered: Option<Arc<AtomicBool>>,
+    /// When a held reply or the server's held first frames go out on their own (boxed:
+    /// most of the time there is none).
+    deadline: Option<Pin<Box<Sleep>>>,
 }
 
 impl<T> HeldWrites<T> {
@@ -110,7 +124,8 @@ impl<T> HeldWrites<T> {
             held: Vec::new(),
             holding,
             read_waited: false,
-            reply_deadline: None,
+            answered: None,
+            deadline: None,
         }
     }
 
@@ -120,21 +135,28 @@ impl<T> HeldWrites<T> {
         self.holding = Holding::UntilRelease;
     }
 
-    /// The server's TLS handshake is done: hold its next write (its HTTP/2 SETTINGS) and
-    /// send it with the one after (the ACK of the client's SETTINGS, which every HTTP/2
-    /// client sends unasked as part of its preface), then hold nothing more. Reads do not
-    /// release it: tokio-rustls may need more than one poll to hand over records that
-    /// arrived with the client's last TLS flight, and a read that finds nothing says only
-    /// that, not that the server has nothing more to write.
-    pub(super) fn hold_until_next_write(&mut self) {
-        self.holding = Holding::UntilNextWrite;
+    /// The server's TLS handshake is done: hold what it writes (its HTTP/2 SETTINGS, the
+    /// ACK of the client's SETTINGS and a WINDOW_UPDATE, all written while it reads the
+    /// client's preface and first CONNECT, which came with the client's last TLS flight)
+    /// until `answered` is set (by the task that answers a stream, once its answer is
+    /// queued), so they leave with that answer; at most `hold`. Then hold nothing more.
+    pub(super) fn hold_until_answered(&mut self, answered: Arc<AtomicBool>, hold: Duration) {
+        self.holding = Holding::UntilAnswered;
+        self.answered = Some(answered);
+        self.deadline = Some(Box::pin(tokio::time::sleep(hold)));
+    }
+
+    fn is_answered(&self) -> bool {
+        self.answered
+            .as_ref()
+            .is_some_and(|answered| answered.load(Ordering::Relaxed))
     }
 
     fn takes(&self, len: usize) -> bool {
         let room = self.held.len() + len <= MAX_HELD;
         match self.holding {
             Holding::Every | Holding::UntilRelease => !self.read_waited && room,
-            Holding::UntilNextWrite => self.held.is_empty() && room,
+            Holding::UntilAnswered => !self.is_answered() && room,
             Holding::Reply => self.held.is_empty() && len <= MAX_REPLY_HELD,
             Holding::AwaitingReply | Holding::Off => false,
         }
@@ -151,10 +173,11 @@ impl<T> HeldWrites<T> {
         // Its capacity would otherwise stay with the connection for its whole life.
         self.held = Vec::new();
         self.read_waited = false;
-        self.reply_deadline = None;
+        self.deadline = None;
+        self.answered = None;
         self.holding = match self.holding {
             Holding::UntilRelease => Holding::AwaitingReply,
-            Holding::UntilNextWrite | Holding::Reply => Holding::Off,
+            Holding::UntilAnswered | Holding::Reply => Holding::Off,
             other => other,
         };
     }
@@ -223,8 +246,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeldWrites<T> {
                 }
                 return read;
             }
-            Holding::Reply => {
-                if let Some(deadline) = &mut this.reply_deadline
+            Holding::Reply | Holding::UntilAnswered => {
+                if let Some(deadline) = &mut this.deadline
                     && deadline.as_mut().poll(cx).is_ready()
                 {
                     ready!(this.poll_release(cx))?;
@@ -233,7 +256,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeldWrites<T> {
             }
             _ => {}
         }
-        if !this.held.is_empty() && this.holding != Holding::UntilNextWrite {
+        if !this.held.is_empty() {
             if this.read_waited {
                 ready!(this.poll_release(cx))?;
             } else {
@@ -278,14 +301,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HeldWrites<T> {
         if this.takes(len) {
             this.hold(bufs);
             if this.holding == Holding::Reply {
-                this.reply_deadline = Some(Box::pin(tokio::time::sleep(REPLY_HOLD)));
+                this.deadline = Some(Box::pin(tokio::time::sleep(REPLY_HOLD)));
             }
             return Poll::Ready(Ok(len));
         }
         if this.held.is_empty() {
-            if this.holding == Holding::Reply {
-                // A reply too large to hold: the holding is over.
-                this.holding = Holding::Off;
+            if matches!(this.holding, Holding::Reply | Holding::UntilAnswered) {
+                // A reply too large to hold, or a server that answered before it had
+                // written anything: the holding is over.
+                this.released();
             }
             return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         }
@@ -324,6 +348,9 @@ mod tests {
     use super::*;
     use crate::identity::{CertificateAuthority as _, LocalCa, SpiffeId};
     use crate::tunnel::tls::{TrustAnchors, client_config_for, server_config_for};
+
+    /// The server's hold in these tests (the agent's is `TunnelConfig::first_frames_hold`).
+    const HOLD: Duration = Duration::from_secs(1);
 
     /// A vectored write's slices as the one write `writev` makes of them on a socket.
     fn joined(bufs: &[IoSlice<'_>]) -> Vec<u8> {
@@ -583,38 +610,104 @@ mod tests {
         assert_eq!(io.inner.writes[2], ACK_RECORD);
     }
 
+    /// The server's first frames (SETTINGS, then the ACK written while it reads the
+    /// client's preface) stay held through reads, flushes and the wait for its upstream;
+    /// its first write once it has answered a stream takes them along, and nothing after
+    /// it is held.
     #[tokio::test]
-    async fn a_shutdown_sends_what_is_held_and_the_server_holds_its_settings_for_the_next_write() {
+    async fn the_server_holds_its_first_frames_until_it_has_answered() {
+        let waker = futures::task::waker(Arc::new(WakeCount::default()));
+        let mut cx = Context::from_waker(&waker);
+        let answered = Arc::new(AtomicBool::new(false));
+        let mut io = HeldWrites::passing(pending_reads());
+        write(&mut io, &mut cx, b"FLIGHT");
+        assert_eq!(
+            io.inner.writes,
+            [b"FLIGHT".to_vec()],
+            "the TLS flight is not held"
+        );
+        io.hold_until_answered(answered.clone(), HOLD);
+        write(&mut io, &mut cx, b"SETTINGS");
+        assert!(Pin::new(&mut io).poll_flush(&mut cx).is_ready());
+        io.inner.incoming = b"PREFACE".to_vec();
+        assert!(!read_is_pending(&mut io, &mut cx));
+        assert!(read_is_pending(&mut io, &mut cx));
+        write(&mut io, &mut cx, b"ACK");
+        assert!(read_is_pending(&mut io, &mut cx));
+        assert!(read_is_pending(&mut io, &mut cx));
+        assert_eq!(
+            io.inner.writes.len(),
+            1,
+            "reads, flushes and waits do not release"
+        );
+        answered.store(true, Ordering::Relaxed);
+        write(&mut io, &mut cx, b"HEADERS");
+        write(&mut io, &mut cx, b"DATA");
+        assert_eq!(
+            io.inner.writes,
+            [
+                b"FLIGHT".to_vec(),
+                b"SETTINGSACKHEADERS".to_vec(),
+                b"DATA".to_vec()
+            ]
+        );
+        assert_eq!(io.holding, Holding::Off);
+        assert!(
+            io.answered.is_none(),
+            "the flag is not kept for the connection's life"
+        );
+
+        // A server that answered before it wrote anything holds nothing.
+        let mut quick = HeldWrites::passing(pending_reads());
+        quick.hold_until_answered(Arc::new(AtomicBool::new(true)), HOLD);
+        write(&mut quick, &mut cx, b"HEADERS");
+        write(&mut quick, &mut cx, b"DATA");
+        assert_eq!(quick.inner.writes, [b"HEADERS".to_vec(), b"DATA".to_vec()]);
+        assert_eq!(quick.holding, Holding::Off);
+    }
+
+    /// A server whose first answer does not come (an upstream that does not answer its
+    /// SYN) sends its first frames once the hold is over: the read that waits arms the
+    /// timer that wakes its task for it.
+    #[tokio::test(start_paused = true)]
+    async fn the_server_s_first_frames_leave_on_their_own_after_the_hold() {
+        let wakes = Arc::new(WakeCount::default());
+        let waker = futures::task::waker(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut io = HeldWrites::passing(pending_reads());
+        io.hold_until_answered(Arc::new(AtomicBool::new(false)), HOLD);
+        write(&mut io, &mut cx, b"SETTINGS");
+        write(&mut io, &mut cx, b"ACK");
+        assert!(read_is_pending(&mut io, &mut cx));
+
+        tokio::time::advance(HOLD - Duration::from_millis(1)).await;
+        assert!(read_is_pending(&mut io, &mut cx));
+        assert!(io.inner.writes.is_empty(), "held until the hold is over");
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 0);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(
+            wakes.0.load(Ordering::Relaxed),
+            1,
+            "the task is woken to send them"
+        );
+        assert!(read_is_pending(&mut io, &mut cx));
+        assert_eq!(io.inner.writes, [b"SETTINGSACK".to_vec()]);
+        write(&mut io, &mut cx, b"PING");
+        assert_eq!(io.inner.writes[1], b"PING");
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_sends_what_is_held() {
         let mut shut = HeldWrites::holding(Recorder::default());
         shut.write_all(b"ALERT").await.expect("write");
         shut.shutdown().await.expect("shutdown");
         assert_eq!(shut.inner.writes, [b"ALERT".to_vec()]);
 
-        let waker = futures::task::waker(Arc::new(WakeCount::default()));
-        let mut cx = Context::from_waker(&waker);
-        let mut passing = HeldWrites::passing(pending_reads());
-        write(&mut passing, &mut cx, b"FLIGHT");
-        assert_eq!(passing.inner.writes, [b"FLIGHT".to_vec()]);
-        passing.hold_until_next_write();
-        write(&mut passing, &mut cx, b"SETTINGS");
-        assert!(Pin::new(&mut passing).poll_flush(&mut cx).is_ready());
-        assert!(read_is_pending(&mut passing, &mut cx));
-        assert!(read_is_pending(&mut passing, &mut cx));
-        assert_eq!(
-            passing.inner.writes.len(),
-            1,
-            "reads and flushes do not release"
-        );
-        write(&mut passing, &mut cx, b"ACK");
-        write(&mut passing, &mut cx, b"HEADERS");
-        assert_eq!(
-            passing.inner.writes,
-            [
-                b"FLIGHT".to_vec(),
-                b"SETTINGSACK".to_vec(),
-                b"HEADERS".to_vec()
-            ]
-        );
+        let mut server = HeldWrites::passing(pending_reads());
+        server.hold_until_answered(Arc::new(AtomicBool::new(false)), HOLD);
+        server.write_all(b"SETTINGS").await.expect("write");
+        server.shutdown().await.expect("shutdown");
+        assert_eq!(server.inner.writes, [b"SETTINGS".to_vec()]);
 
         let mut alert = HeldWrites::holding(Recorder::default());
         alert.write_all(b"ALERT").await.expect("write");
@@ -715,10 +808,10 @@ mod tests {
     /// The agents' own TLS configurations, h2 and tokio-rustls on both ends, layered as
     /// outbound and inbound layer them: by the time the server has the first CONNECT, the
     /// client has written twice (ClientHello; its last TLS flight with the HTTP/2 preface,
-    /// SETTINGS and CONNECT) and the server twice (its TLS flight; SETTINGS with the
-    /// SETTINGS ACK). Without the holding they write four and three times. By the time
-    /// the server has the stream's first bytes the client has written three times (its
-    /// SETTINGS ACK with those bytes); four without holding its reply.
+    /// SETTINGS and CONNECT) and the server once (its TLS flight). The server's SETTINGS
+    /// and ACK leave with its answer, in its second write. By the time the server has the
+    /// stream's first bytes the client has written three times (its SETTINGS ACK with
+    /// those bytes). Without the holding: four, three and four writes.
     #[tokio::test]
     async fn a_new_hbone_connection_takes_two_writes_each_way_up_to_the_first_connect() {
         crate::identity::install_crypto_provider();
@@ -753,7 +846,8 @@ mod tests {
                 .accept(HeldWrites::passing(server_io))
                 .await
                 .expect("server TLS");
-            tls.get_mut().0.hold_until_next_write();
+            let answered = Arc::new(AtomicBool::new(false));
+            tls.get_mut().0.hold_until_answered(answered.clone(), HOLD);
             let mut connection = h2::server::handshake(tls).await.expect("server h2");
             let (request, mut respond) = connection
                 .accept()
@@ -766,20 +860,27 @@ mod tests {
                 client_writes_seen.load(Ordering::Relaxed),
                 server_writes.load(Ordering::Relaxed),
             );
-            let response = http::Response::new(());
-            let mut send = respond.send_response(response, false).expect("200");
-            send.send_data(Bytes::from_static(b"pong"), true)
-                .expect("data");
+            // As in the agent, the connection's task goes on accepting (and waits for the
+            // client) while another task, here this one once it runs again, answers.
             let drive = tokio::spawn(async move {
                 while let Some(stream) = connection.accept().await {
                     drop(stream);
                 }
             });
+            tokio::task::yield_now().await;
+            let response = http::Response::new(());
+            let mut send = respond.send_response(response, false).expect("200");
+            send.send_data(Bytes::from_static(b"pong"), true)
+                .expect("data");
+            answered.store(true, Ordering::Relaxed);
             let mut body = request.into_body();
             let ping = body.data().await.expect("data").expect("bytes");
-            let client_writes_at_data = client_writes_seen.load(Ordering::Relaxed);
+            let writes_at_data = (
+                client_writes_seen.load(Ordering::Relaxed),
+                server_writes.load(Ordering::Relaxed),
+            );
             drive.abort();
-            (writes_at_accept, ping, client_writes_at_data)
+            (writes_at_accept, ping, writes_at_data)
         });
 
         let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
@@ -804,17 +905,18 @@ mod tests {
         let pong = body.data().await.expect("data").expect("bytes");
         assert_eq!(&pong[..], b"pong", "bytes flow both ways after the holding");
 
-        let (writes_at_accept, ping, client_writes_at_data) = server.await.expect("server task");
+        let (writes_at_accept, ping, writes_at_data) = server.await.expect("server task");
         assert_eq!(&ping[..], b"ping");
         assert_eq!(
             writes_at_accept,
-            (2, 2),
+            (2, 1),
             "(client, server) writes when the server has the first CONNECT"
         );
         assert_eq!(
-            client_writes_at_data, 3,
-            "client writes when the server has the stream's first bytes: its SETTINGS ACK \
-             leaves with them"
+            writes_at_data,
+            (3, 2),
+            "(client, server) writes when the server has the stream's first bytes: the \
+             server's SETTINGS and ACK left with its answer, the client's ACK with its bytes"
         );
         driver.abort();
     }

@@ -10,7 +10,7 @@
 use std::any::Any;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use futures::FutureExt as _;
@@ -399,13 +399,16 @@ impl Inbound {
             );
             return Ok(());
         };
+        // Set by the first stream task to answer: the connection's first frames wait
+        // for that answer to leave with it (see held_writes).
+        let answered = Arc::new(AtomicBool::new(false));
         // The handshakes and the connection borrow the socket, which stays here: a handshake
         // abandoned at the deadline can still be made to end in a reset.
         // Boxed: the handshakes' state is large and only lives during setup; inline it would
         // size every connection's task for it while the connection idles.
         let Ok(established) = tokio::time::timeout(
             self.config.tls_handshake_timeout,
-            Box::pin(self.establish(&mut tcp, &workload, peer)),
+            Box::pin(self.establish(&mut tcp, &workload, peer, answered.clone())),
         )
         .await
         else {
@@ -425,6 +428,7 @@ impl Inbound {
             return Ok(());
         };
         let (mut connection, source_identity) = established?;
+        let mut unanswered = Some(answered);
         let streams = Arc::new(StreamCount::default());
         let idle = tokio::time::sleep(self.config.hbone_idle_timeout);
         tokio::pin!(idle);
@@ -468,7 +472,20 @@ impl Inbound {
                 }
             };
             let active = StreamGuard::new(streams.clone());
-            tokio::spawn(self.stream_task(request, respond, source_identity.clone(), peer, active));
+            if unanswered
+                .as_ref()
+                .is_some_and(|answered| answered.load(Ordering::Relaxed))
+            {
+                unanswered = None;
+            }
+            tokio::spawn(self.stream_task(
+                request,
+                respond,
+                source_identity.clone(),
+                peer,
+                active,
+                unanswered.clone(),
+            ));
         }
         Ok(())
     }
@@ -488,6 +505,7 @@ impl Inbound {
         tcp: &'tcp mut TcpStream,
         workload: &LocalWorkload,
         peer: SocketAddr,
+        answered: Arc<AtomicBool>,
     ) -> Result<(h2::server::Connection<HboneTls<'tcp>, Bytes>, SpiffeId), TunnelError> {
         let cert = self.certs.get(&workload.identity).await?;
         let bundle = self.certs.trust_bundle();
@@ -497,14 +515,21 @@ impl Inbound {
             &bundle,
             |anchors| server_config_for(&cert, anchors, workload.identity.trust_domain()),
         )?;
-        // The server's one TLS flight leaves at once; its HTTP/2 SETTINGS then waits to
-        // leave with the SETTINGS ACK (see held_writes).
+        // The server's one TLS flight leaves at once; its HTTP/2 SETTINGS and SETTINGS ACK
+        // then wait to leave with its answer to the first CONNECT (see held_writes).
         let tls_stream = match TlsAcceptor::from(tls)
             .accept(HeldWrites::passing(tcp))
             .await
         {
             Ok(mut s) => {
-                s.get_mut().0.hold_until_next_write();
+                // Bounded by half the idle timeout too: a connection that never opens a
+                // stream gets its SETTINGS well before its GOAWAY, so the client's ACK of
+                // them does not meet a closed socket.
+                let hold = self
+                    .config
+                    .first_frames_hold
+                    .min(self.config.hbone_idle_timeout / 2);
+                s.get_mut().0.hold_until_answered(answered, hold);
                 s
             }
             Err(e) => {
@@ -653,22 +678,30 @@ impl Inbound {
         source_identity: SpiffeId,
         peer: SocketAddr,
         active: StreamGuard,
+        answered: Option<Arc<AtomicBool>>,
     ) -> impl Future<Output = ()> + Send + 'static {
         let setup = Box::pin(
             self.clone()
                 .setup_stream(request, respond, source_identity, peer),
         );
         let this = self.clone();
-        setup.then(move |setup| match setup {
-            Ok(Some(accepted)) => Either::Left(this.copy_stream(accepted, peer, active)),
-            Ok(None) => {
-                drop(active);
-                Either::Right(std::future::ready(()))
+        setup.then(move |setup| {
+            // The stream is answered (200, a refusal, or a reset when its responder was
+            // dropped): the connection's held first frames may leave with that answer.
+            if let Some(answered) = answered {
+                answered.store(true, Ordering::Relaxed);
             }
-            Err(e) => {
-                debug!(%peer, error = %e, "HBONE stream ended with an error");
-                drop(active);
-                Either::Right(std::future::ready(()))
+            match setup {
+                Ok(Some(accepted)) => Either::Left(this.copy_stream(accepted, peer, active)),
+                Ok(None) => {
+                    drop(active);
+                    Either::Right(std::future::ready(()))
+                }
+                Err(e) => {
+                    debug!(%peer, error = %e, "HBONE stream ended with an error");
+                    drop(active);
+                    Either::Right(std::future::ready(()))
+                }
             }
         })
     }

@@ -79,6 +79,10 @@ pub struct TunnelConfig {
     /// Inbound: largest request header list (RFC 7540 size: names + values + 32 per field)
     /// accepted on a CONNECT; larger ones get 431.
     pub max_header_list_size: u32,
+    /// Inbound: a new HBONE connection's HTTP/2 SETTINGS and SETTINGS ACK wait for its
+    /// first answer to leave with it (`held_writes`), at most this long.
+    #[serde(serialize_with = "crate::observability::readable::duration")]
+    pub first_frames_hold: Duration,
 }
 
 impl Default for TunnelConfig {
@@ -99,6 +103,10 @@ impl Default for TunnelConfig {
             hbone_idle_timeout: Duration::from_secs(600),
             // ztunnel's value (src/proxy/h2/server.rs): CONNECT headers are small and bounded.
             max_header_list_size: 64 * 1024,
+            // No earlier than the shards' one-second timer tick, so arming it costs no
+            // wake-up (shards::keep_timer_deadline_near); an upstream that never answers
+            // its SYN is the only thing that makes a first answer take this long.
+            first_frames_hold: Duration::from_secs(1),
         }
     }
 }

@@ -633,6 +633,30 @@ async fn hbone_connection_to_an_address_the_pod_does_not_own_is_reset() {
     assert_eq!(env.metrics.refusals(RefusalReason::NotLocalPod), 1);
 }
 
+/// The inbound side holds a new HBONE connection's SETTINGS and SETTINGS ACK until a
+/// stream task has answered, so that they leave with that answer (`held_writes`). With the
+/// hold an hour long the first CONNECT is still answered: the answer sends them, not the
+/// hold running out.
+#[tokio::test]
+async fn the_inbound_side_s_first_answer_sends_its_held_settings() {
+    let env = Env::start(
+        TunnelConfig {
+            first_frames_hold: Duration::from_secs(3600),
+            ..TunnelConfig::default()
+        },
+        Duration::from_secs(3600),
+        vec![],
+    )
+    .await;
+    let cert = env.client_certs.get(&id("client")).await.expect("cert");
+    let session = raw_hbone(&cert, &env.ca.trust_bundle(), &id("server"), env.hbone_addr).await;
+    let status = tokio::time::timeout(CLOSE_BOUND, first_connect(session, env.echo_addr))
+        .await
+        .expect("answered, long before the hold would run out")
+        .expect("CONNECT");
+    assert_eq!(status, StatusCode::OK);
+}
+
 #[tokio::test]
 async fn a_connection_that_never_sends_a_client_hello_is_reset_at_the_deadline() {
     let env = Env::start(
