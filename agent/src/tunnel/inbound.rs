@@ -428,7 +428,6 @@ impl Inbound {
             return Ok(());
         };
         let (mut connection, source_identity) = established?;
-        let mut unanswered = Some(answered);
         let streams = Arc::new(StreamCount::default());
         let idle = tokio::time::sleep(self.config.hbone_idle_timeout);
         tokio::pin!(idle);
@@ -472,19 +471,13 @@ impl Inbound {
                 }
             };
             let active = StreamGuard::new(streams.clone());
-            if unanswered
-                .as_ref()
-                .is_some_and(|answered| answered.load(Ordering::Relaxed))
-            {
-                unanswered = None;
-            }
             tokio::spawn(self.stream_task(
                 request,
                 respond,
                 source_identity.clone(),
                 peer,
                 active,
-                unanswered.clone(),
+                answered.clone(),
             ));
         }
         Ok(())
@@ -678,7 +671,7 @@ impl Inbound {
         source_identity: SpiffeId,
         peer: SocketAddr,
         active: StreamGuard,
-        answered: Option<Arc<AtomicBool>>,
+        answered: Arc<AtomicBool>,
     ) -> impl Future<Output = ()> + Send + 'static {
         let setup = Box::pin(
             self.clone()
@@ -688,9 +681,8 @@ impl Inbound {
         setup.then(move |setup| {
             // The stream is answered (200, a refusal, or a reset when its responder was
             // dropped): the connection's held first frames may leave with that answer.
-            if let Some(answered) = answered {
-                answered.store(true, Ordering::Relaxed);
-            }
+            // Later streams set it again; nothing reads it once the frames are gone.
+            answered.store(true, Ordering::Relaxed);
             match setup {
                 Ok(Some(accepted)) => Either::Left(this.copy_stream(accepted, peer, active)),
                 Ok(None) => {

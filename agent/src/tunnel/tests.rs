@@ -109,6 +109,11 @@ impl Env {
         Self::build(config, cert_ttl, deny, deny_plaintext, None).await
     }
 
+    /// `config`, long-lived certificates, nobody denied.
+    async fn with_config(config: TunnelConfig) -> Self {
+        Self::start(config, Duration::from_secs(3600), vec![]).await
+    }
+
     /// The listener of the pod at 127.0.0.1 only, as the agent runs it.
     async fn for_pod(config: TunnelConfig) -> Self {
         Self::build(
@@ -639,14 +644,10 @@ async fn hbone_connection_to_an_address_the_pod_does_not_own_is_reset() {
 /// hold running out.
 #[tokio::test]
 async fn the_inbound_side_s_first_answer_sends_its_held_settings() {
-    let env = Env::start(
-        TunnelConfig {
-            first_frames_hold: Duration::from_secs(3600),
-            ..TunnelConfig::default()
-        },
-        Duration::from_secs(3600),
-        vec![],
-    )
+    let env = Env::with_config(TunnelConfig {
+        first_frames_hold: Duration::from_secs(3600),
+        ..TunnelConfig::default()
+    })
     .await;
     let cert = env.client_certs.get(&id("client")).await.expect("cert");
     let session = raw_hbone(&cert, &env.ca.trust_bundle(), &id("server"), env.hbone_addr).await;
@@ -659,14 +660,10 @@ async fn the_inbound_side_s_first_answer_sends_its_held_settings() {
 
 #[tokio::test]
 async fn a_connection_that_never_sends_a_client_hello_is_reset_at_the_deadline() {
-    let env = Env::start(
-        TunnelConfig {
-            tls_handshake_timeout: Duration::from_millis(200),
-            ..TunnelConfig::default()
-        },
-        Duration::from_secs(3600),
-        vec![],
-    )
+    let env = Env::with_config(TunnelConfig {
+        tls_handshake_timeout: Duration::from_millis(200),
+        ..TunnelConfig::default()
+    })
     .await;
     let mut silent = TcpStream::connect(env.hbone_addr).await.expect("connect");
     let mut buf = [0u8; 1];
@@ -702,14 +699,10 @@ async fn a_connection_that_never_sends_a_client_hello_is_reset_at_the_deadline()
 #[tokio::test]
 async fn a_connection_without_streams_is_closed_when_idle_and_one_with_a_stream_is_not() {
     let idle = Duration::from_millis(200);
-    let env = Env::start(
-        TunnelConfig {
-            hbone_idle_timeout: idle,
-            ..TunnelConfig::default()
-        },
-        Duration::from_secs(3600),
-        vec![],
-    )
+    let env = Env::with_config(TunnelConfig {
+        hbone_idle_timeout: idle,
+        ..TunnelConfig::default()
+    })
     .await;
 
     // Never opens a stream: closed.
