@@ -197,6 +197,18 @@ pub fn bpf_link_update(
     sys_bpf(aya_obj::generated::bpf_cmd::BPF_LINK_UPDATE, &mut attr).map(drop)
 }
 
+/// Detaches a bpf_link from its hook now (BPF_LINK_DETACH, Linux 5.9+), however many fds
+/// still refer to it: dropping our fd detaches only if it was the last one, and another
+/// process (an old agent during a rolling update, bpftool, a child between fork and exec)
+/// may hold a copy. The link object stays valid, defunct, until its last fd closes.
+///
+/// Hand-written because aya 0.14's `FdLink` detaches only by closing its fd.
+pub fn bpf_link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = zeroed_bpf_attr();
+    attr.link_detach.link_fd = link.as_raw_fd() as u32;
+    sys_bpf(aya_obj::generated::bpf_cmd::BPF_LINK_DETACH, &mut attr).map(drop)
+}
+
 /// Reads and removes one entry of a hash map in one call (BPF_MAP_LOOKUP_AND_DELETE_ELEM,
 /// hash maps since Linux 5.14): `None` if the key is absent. The data path's lookup of a
 /// captured connection's original destination uses it: one syscall instead of a lookup and

@@ -130,8 +130,21 @@ impl InboundBed {
     }
 
     /// Plays an agent crash: listeners and map handles vanish, the pins stay.
+    ///
+    /// The listeners are shut down before they are dropped: a crash closes every copy of
+    /// their fds, but in this test process a child that another test thread is spawning
+    /// holds copies between its fork and exec, and a listener still open there would
+    /// still be in the sockhash and accept.
     pub fn crash_agent(&mut self) {
-        self.agent = None;
+        if let Some(listeners) = self.agent.take() {
+            for listener in [&listeners.hbone, &listeners.plaintext] {
+                // Shutting a listener down closes it, and unhashes it from the sockhash, for
+                // every fd holder.
+                socket2::SockRef::from(listener)
+                    .shutdown(std::net::Shutdown::Both)
+                    .expect("shut down a listening socket");
+            }
+        }
         self.capture = None;
     }
 

@@ -122,6 +122,9 @@ fn agent_down_fails_closed_restart_resumes_and_detach_restores_plain() -> anyhow
         "a restarted agent reuses the pinned link and is steered to again"
     );
 
+    // Another holder of the link's fd (an old agent mid-update, bpftool) must not keep the
+    // pod captured after detach.
+    let _held_link = ambit_agent::sys::bpf_obj_get(&link_pin)?;
     bed.detach_inbound()?;
     assert!(!link_pin.exists(), "detach removes the pod's pins");
     let _client = bed.connect_from_client(app)?;
@@ -137,6 +140,12 @@ fn uninstall_removes_per_pod_links() -> anyhow::Result<()> {
     let mut bed = InboundBed::new()?;
     bed.start_agent()?;
     bed.crash_agent();
+    let link_pin = bed
+        .pins
+        .path()
+        .join(format!("pods/{}/sk_lookup", bed.pod_cookie));
+    // Still held elsewhere (a crashed agent's child, bpftool): uninstall detaches anyway.
+    let _held_link = ambit_agent::sys::bpf_obj_get(&link_pin)?;
     ambit_agent::capture::remove_pins(bed.pins.path())?;
     assert!(!bed.pins.path().exists(), "pins removed");
     let _client = bed.connect_from_client(bed.app_addr())?;

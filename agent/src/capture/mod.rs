@@ -94,6 +94,11 @@ pub enum CaptureError {
         name: &'static str,
         source: MapError,
     },
+    #[error("detach the link pinned at {pin}: {source}")]
+    Detach {
+        pin: PathBuf,
+        source: std::io::Error,
+    },
     #[error("remove pins under {path}: {source}")]
     Unpin {
         path: PathBuf,
@@ -608,14 +613,9 @@ impl Capture {
 
     /// Detaches everything and removes the pins: plain networking for every pod.
     pub fn uninstall(self) -> Result<()> {
-        let Self {
-            pin_dir,
-            _links: links,
-            ..
-        } = self;
-        for link in links {
-            detach_pinned(link, &pin_dir)?;
-        }
+        // Our handles go first; the links are detached through their pins.
+        let pin_dir = self.pin_dir.clone();
+        drop(self);
         remove_pins(&pin_dir)
     }
 }
@@ -649,9 +649,9 @@ fn attach_sockmap(ebpf: &mut Ebpf) -> Result<()> {
 
 /// Removes ambit's pins under `pin_dir`, detaching the programs, without loading anything.
 ///
-/// Each link is opened, unpinned, and then its last fd closed: closing detaches at once,
-/// while merely unlinking the pin file would leave the detach to a kernel work queue and
-/// let a few more connections be captured after "uninstall" returned.
+/// Each link is detached explicitly, then unpinned: merely unlinking the pin file would leave
+/// the detach to a kernel work queue (a few more connections captured after "uninstall"
+/// returned), and closing our fd detaches only if no other process holds one.
 /// Per-pod links (`pods/<netns-cookie>/…`) go first, then the cgroup links.
 pub fn remove_pins(pin_dir: &Path) -> Result<()> {
     if let Ok(pods) = std::fs::read_dir(pin_dir.join(inbound::PODS_DIR)) {
@@ -674,24 +674,27 @@ pub fn remove_pins(pin_dir: &Path) -> Result<()> {
 fn detach_links_in(dir: &Path) -> Result<()> {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.flatten() {
-            let path = entry.path();
-            let link = PinnedLink::from_pin(&path).map_err(|e| CaptureError::Pin {
-                path: path.clone(),
-                source: Box::new(e),
-            })?;
-            detach_pinned(link, dir)?;
+            detach_pinned(&entry.path())?;
         }
     }
     Ok(())
 }
 
-fn detach_pinned(link: PinnedLink, pin_dir: &Path) -> Result<()> {
-    let fd_link = link.unpin().map_err(|source| CaptureError::Unpin {
-        path: pin_dir.to_path_buf(),
+/// Detaches the link pinned at `pin` from its hook (even while another process holds an fd
+/// of it: `sys::bpf_link_detach`), then removes the pin.
+fn detach_pinned(pin: &Path) -> Result<()> {
+    let link = crate::sys::bpf_obj_get(pin).map_err(|e| CaptureError::Pin {
+        path: pin.to_path_buf(),
+        source: Box::new(e),
+    })?;
+    crate::sys::bpf_link_detach(link.as_fd()).map_err(|source| CaptureError::Detach {
+        pin: pin.to_path_buf(),
         source,
     })?;
-    drop(fd_link);
-    Ok(())
+    std::fs::remove_file(pin).map_err(|source| CaptureError::Unpin {
+        path: pin.to_path_buf(),
+        source,
+    })
 }
 
 fn orig_dst_to_socket_addr(orig: &OrigDst) -> Option<SocketAddr> {
