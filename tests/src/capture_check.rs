@@ -113,7 +113,9 @@ impl CaptureBed {
 
     /// Plays an agent crash: its listener and map handles vanish, the pins stay.
     pub fn crash_agent(&mut self) {
-        self.agent_listener = None;
+        if let Some(listener) = self.agent_listener.take() {
+            crate::close_listener_everywhere(listener);
+        }
         self.capture = None;
     }
 

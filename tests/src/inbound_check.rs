@@ -130,20 +130,10 @@ impl InboundBed {
     }
 
     /// Plays an agent crash: listeners and map handles vanish, the pins stay.
-    ///
-    /// The listeners are shut down before they are dropped: a crash closes every copy of
-    /// their fds, but in this test process a child that another test thread is spawning
-    /// holds copies between its fork and exec, and a listener still open there would
-    /// still be in the sockhash and accept.
     pub fn crash_agent(&mut self) {
-        if let Some(listeners) = self.agent.take() {
-            for listener in [&listeners.hbone, &listeners.plaintext] {
-                // Shutting a listener down closes it, and unhashes it from the sockhash, for
-                // every fd holder.
-                socket2::SockRef::from(listener)
-                    .shutdown(std::net::Shutdown::Both)
-                    .expect("shut down a listening socket");
-            }
+        if let Some(AgentListeners { hbone, plaintext }) = self.agent.take() {
+            crate::close_listener_everywhere(hbone);
+            crate::close_listener_everywhere(plaintext);
         }
         self.capture = None;
     }

@@ -30,6 +30,17 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}{}x{n}", std::process::id() % 100_000)
 }
 
+/// Closes a listening socket for every holder of its fd, as a crashed process's exit does.
+/// Dropping ours is not enough in a test process: a child that another test thread is
+/// spawning holds copies of every fd between its fork and its exec, and a listener still
+/// open there stays in the agent's sockhash, accepts, and keeps its port.
+pub fn close_listener_everywhere(listener: std::net::TcpListener) {
+    // shutdown() moves a listener to CLOSE (unhashed, out of any sockmap) whoever holds it.
+    socket2::SockRef::from(&listener)
+        .shutdown(std::net::Shutdown::Both)
+        .expect("shut down a listening socket");
+}
+
 /// Runs `ip` with the given arguments; the error carries ip's stderr.
 pub fn ip(args: &[&str]) -> anyhow::Result<()> {
     ip_output(args).map(drop)
