@@ -553,7 +553,7 @@ async fn serve_plaintext(inbound: Arc<Inbound>, listener: Listener) {
                     let Ok(destination) = client.local_addr() else {
                         return;
                     };
-                    if let Err(e) = this.handle_plaintext(client, destination).await {
+                    if let Err(e) = this.handle_plaintext(client, peer, destination).await {
                         debug!(%peer, error = %e, "plaintext connection ended with an error");
                     }
                 });

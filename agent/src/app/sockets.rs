@@ -24,11 +24,14 @@ use crate::tunnel::Dialer;
 /// marked packets to lo for source preservation) instead of the normal routes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Purpose {
+    /// The agent's own connections (HBONE to a peer agent).
     Connect,
-    /// A connection from a client's address with any port (inbound dials with source
-    /// preservation): also IP_TRANSPARENT and IP_BIND_ADDRESS_NO_PORT, set at creation so
-    /// a dial pays only for bind and connect.
-    ConnectAsClient,
+    /// A connection to an application, armed to reset on close (SO_LINGER 0) at creation.
+    ConnectToApp,
+    /// [`Purpose::ConnectToApp`] from a client's address with any port (inbound dials with
+    /// source preservation): also IP_TRANSPARENT and IP_BIND_ADDRESS_NO_PORT, set at
+    /// creation so a dial pays only for bind and connect.
+    ConnectToAppAsClient,
     Listen,
 }
 
@@ -46,7 +49,7 @@ const STOCK_FILL: usize = 16;
 const STOCK_LOW: usize = 4;
 
 /// One stock per domain and connect purpose (see [`Stock::slot`]).
-const STOCKS: usize = 4;
+const STOCKS: usize = 6;
 
 #[derive(Default)]
 struct Stock {
@@ -61,7 +64,8 @@ impl Stock {
         let v6 = usize::from(domain == Domain::IPV6);
         match purpose {
             Purpose::Connect => Some(v6),
-            Purpose::ConnectAsClient => Some(2 + v6),
+            Purpose::ConnectToApp => Some(2 + v6),
+            Purpose::ConnectToAppAsClient => Some(4 + v6),
             Purpose::Listen => None,
         }
     }
@@ -187,7 +191,13 @@ fn new_socket(domain: Domain, purpose: Purpose) -> io::Result<Socket> {
         crate::sys::set_mark(&socket, AGENT_MARK)?;
         socket.set_tcp_nodelay(true)?;
     }
-    if purpose == Purpose::ConnectAsClient {
+    if matches!(
+        purpose,
+        Purpose::ConnectToApp | Purpose::ConnectToAppAsClient
+    ) {
+        socket.set_linger(Some(std::time::Duration::ZERO))?;
+    }
+    if purpose == Purpose::ConnectToAppAsClient {
         crate::tunnel::prepare_for_client_source(&socket, true)?;
     }
     Ok(socket)
@@ -199,21 +209,76 @@ impl Dialer for PodSockets {
         target: SocketAddr,
         source: Option<SocketAddr>,
     ) -> BoxFuture<'_, io::Result<TcpStream>> {
+        self.dial_as(Purpose::Connect, target, source)
+    }
+
+    fn dial_app(
+        &self,
+        target: SocketAddr,
+        source: Option<SocketAddr>,
+    ) -> BoxFuture<'_, io::Result<TcpStream>> {
+        // A client's address with any port (every inbound dial under source preservation)
+        // takes a socket already prepared for it.
+        let purpose = match source {
+            Some(source) if source.port() == 0 => Purpose::ConnectToAppAsClient,
+            _ => Purpose::ConnectToApp,
+        };
+        self.dial_as(purpose, target, source)
+    }
+}
+
+impl PodSockets {
+    fn dial_as(
+        &self,
+        purpose: Purpose,
+        target: SocketAddr,
+        source: Option<SocketAddr>,
+    ) -> BoxFuture<'_, io::Result<TcpStream>> {
         Box::pin(async move {
-            // A client's address with any port (every inbound dial under source
-            // preservation) takes a socket already prepared for it.
-            let purpose = match source {
-                Some(source) if source.port() == 0 => Purpose::ConnectAsClient,
-                _ => Purpose::Connect,
-            };
             let socket = self.socket(Domain::for_address(target), purpose).await?;
             let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
             match purpose {
-                Purpose::ConnectAsClient => {
+                Purpose::ConnectToAppAsClient => {
                     crate::tunnel::connect_prepared(socket, target, source).await
                 }
                 _ => crate::tunnel::connect_from(socket, target, source).await,
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn linger(tcp: &TcpStream) -> Option<std::time::Duration> {
+        socket2::SockRef::from(tcp).linger().expect("SO_LINGER")
+    }
+
+    /// Sockets toward an application come armed to reset on close from the stock (nothing
+    /// to set per connection); the agent's own HBONE dials close with a FIN.
+    #[tokio::test]
+    async fn dials_toward_applications_come_armed_to_reset_and_tunnel_dials_do_not() {
+        let netns = NetNs::open("/proc/self/ns/net").expect("own netns");
+        let sockets = PodSockets::spawn(&netns).expect("socket thread (needs root)");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let as_client = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        // Twice each: the first may be made on request, the second comes from the stock.
+        for _ in 0..2 {
+            let tunnel = sockets.dial(addr, None).await.expect("dial");
+            assert_eq!(
+                linger(&tunnel),
+                None,
+                "an HBONE connection closes with a FIN"
+            );
+            let app = sockets.dial_app(addr, None).await.expect("dial_app");
+            assert_eq!(linger(&app), Some(std::time::Duration::ZERO));
+            let app = sockets.dial_app(addr, as_client).await.expect("as client");
+            assert_eq!(linger(&app), Some(std::time::Duration::ZERO));
+            assert_eq!(app.local_addr().expect("addr").ip(), addr.ip());
+        }
     }
 }

@@ -373,7 +373,7 @@ impl Inbound {
             |tcp, peer| {
                 let this = self.clone();
                 self.shards.spawn_connection(tcp, move |tcp| async move {
-                    if let Err(e) = this.handle_hbone(tcp).await {
+                    if let Err(e) = this.handle_hbone(tcp, peer).await {
                         debug!(%peer, error = %e, "HBONE connection ended with an error");
                     }
                 });
@@ -383,11 +383,14 @@ impl Inbound {
         Ok(())
     }
 
-    /// One HBONE connection: TLS as the workload that owns the local address, then every
-    /// CONNECT stream on it.
-    pub async fn handle_hbone(self: &Arc<Self>, mut tcp: TcpStream) -> Result<(), TunnelError> {
+    /// One HBONE connection from `peer` (as accept returned it: no getpeername): TLS as the
+    /// workload that owns the local address, then every CONNECT stream on it.
+    pub async fn handle_hbone(
+        self: &Arc<Self>,
+        mut tcp: TcpStream,
+        peer: SocketAddr,
+    ) -> Result<(), TunnelError> {
         let local = tcp.local_addr()?;
-        let peer = tcp.peer_addr()?;
         let Some(workload) = self.own_workload(local.ip()) else {
             super::reset_on_close(&tcp);
             self.refuse(
@@ -622,19 +625,15 @@ impl Inbound {
         let source = self
             .preserve_source
             .then_some(SocketAddr::new(source_addr.ip(), 0));
+        // Armed to reset, not FIN, unless the copy below finishes cleanly.
         let upstream = match dial_with_timeout(
-            self.dialer.as_ref(),
+            self.dialer.dial_app(target, source),
             target,
-            source,
             self.config.connect_timeout,
         )
         .await
         {
-            Ok(s) => {
-                // A reset, not a FIN, unless the copy below finishes cleanly.
-                super::reset_on_close(&s);
-                s
-            }
+            Ok(s) => s,
             Err(e) => {
                 self.refuse(
                     RefusalReason::UpstreamFailed,
@@ -812,14 +811,15 @@ impl Inbound {
         );
     }
 
-    /// The plaintext path (:15006): no identity. `destination` is the address the client
-    /// dialled (under sk_lookup, the accepted socket's local address).
+    /// The plaintext path (:15006): no identity. `source_addr` is the client's address as
+    /// accept returned it; `destination` the address the client dialled (under sk_lookup,
+    /// the accepted socket's local address).
     pub async fn handle_plaintext(
         self: &Arc<Self>,
         mut client: TcpStream,
+        source_addr: SocketAddr,
         destination: SocketAddr,
     ) -> Result<(), TunnelError> {
-        let source_addr = client.peer_addr()?;
         let Some(workload) = self.own_workload(destination.ip()) else {
             super::reset_on_close(&client);
             self.refuse(
@@ -849,10 +849,10 @@ impl Inbound {
         let source = self
             .preserve_source
             .then_some(SocketAddr::new(source_addr.ip(), 0));
+        // Armed to reset, not FIN, unless the copy finishes cleanly.
         let mut upstream = match dial_with_timeout(
-            self.dialer.as_ref(),
+            self.dialer.dial_app(destination, source),
             destination,
-            source,
             self.config.connect_timeout,
         )
         .await
@@ -872,7 +872,6 @@ impl Inbound {
                 return Err(e);
             }
         };
-        super::reset_on_close(&upstream);
         let (_record, stats) = self.open_record(&conn, source_addr, destination, true);
         let started = std::time::Instant::now();
         // The client is the TCP side here: what it sends is the request.

@@ -152,6 +152,21 @@ pub trait Dialer: Send + Sync {
         target: SocketAddr,
         source: Option<SocketAddr>,
     ) -> BoxFuture<'_, io::Result<TcpStream>>;
+
+    /// [`Dialer::dial`] toward an application: the socket comes armed to reset on close
+    /// ([`reset_on_close`]). A dialer that creates sockets ahead arms them then, off the
+    /// connection's path.
+    fn dial_app(
+        &self,
+        target: SocketAddr,
+        source: Option<SocketAddr>,
+    ) -> BoxFuture<'_, io::Result<TcpStream>> {
+        Box::pin(async move {
+            let tcp = self.dial(target, source).await?;
+            reset_on_close(&tcp);
+            Ok(tcp)
+        })
+    }
 }
 
 /// Plain connections from the current network namespace.
@@ -240,7 +255,8 @@ impl TunnelCounters {
 /// Makes the coming close of `tcp` a reset (RST) instead of an orderly FIN: the peer must
 /// see a torn connection as torn. A zero linger never blocks on close.
 ///
-/// Set on every socket toward an application as soon as it is accepted or connected, and
+/// Set on every socket toward an application as soon as it is accepted or connected (pod
+/// sockets toward applications are armed when created: [`Dialer::dial_app`]), and
 /// lifted by [`fin_on_close`] only once the proxied connection finished cleanly: the kernel
 /// closes the sockets of a dying process with their linger setting, so an agent crash
 /// resets the application's connections instead of ending them like a complete reply.
@@ -257,13 +273,13 @@ pub fn fin_on_close(tcp: &TcpStream) {
     }
 }
 
+/// `dial` (a [`Dialer`]'s connect to `target`), given up after `timeout`.
 async fn dial_with_timeout(
-    dialer: &dyn Dialer,
+    dial: BoxFuture<'_, io::Result<TcpStream>>,
     target: SocketAddr,
-    source: Option<SocketAddr>,
     timeout: Duration,
 ) -> Result<TcpStream, TunnelError> {
-    match tokio::time::timeout(timeout, dialer.dial(target, source)).await {
+    match tokio::time::timeout(timeout, dial).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(source)) => Err(TunnelError::Connect {
             addr: target,

@@ -238,9 +238,8 @@ impl Outbound {
             |anchors| client_config_for(&cert, anchors, &key.destination),
         )?;
         let tcp = dial_with_timeout(
-            self.dialer.as_ref(),
+            self.dialer.dial(key.address, None),
             key.address,
-            None,
             self.config.connect_timeout,
         )
         .await?;

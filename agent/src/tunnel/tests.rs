@@ -997,9 +997,9 @@ async fn plaintext_client_to(env: &Env, destination: SocketAddr) -> TcpStream {
     let client = TcpStream::connect(listener.local_addr().expect("addr"))
         .await
         .expect("connect");
-    let (accepted, _) = listener.accept().await.expect("accept");
+    let (accepted, peer) = listener.accept().await.expect("accept");
     let inbound = env.inbound.clone();
-    tokio::spawn(async move { inbound.handle_plaintext(accepted, destination).await });
+    tokio::spawn(async move { inbound.handle_plaintext(accepted, peer, destination).await });
     client
 }
 
