@@ -15,10 +15,12 @@ use crate::unique_name;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// A port on 127.0.0.1 that nothing listens on (closed for every holder of the probe's fd).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
+    let probe = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let port = probe.local_addr()?.port();
+    crate::close_listener_everywhere(probe);
+    Ok(port)
 }
 
 /// A running `ambit ca`, killed on drop.

@@ -176,7 +176,7 @@ fn a_pod_that_cannot_be_enrolled_refuses_inbound_until_a_retry_enrolls_it() -> a
     );
 
     // The cause goes away: the retry (with back-off) enrolls the pod.
-    drop(squatter);
+    ambit_e2e::close_listener_everywhere(squatter);
     bed.agent(1)
         .wait_for_log(&["pod enrolled", "mesh/server"], Duration::from_secs(45))?;
     let mut stream = bed.pod("client").connect(target)?;

@@ -486,6 +486,10 @@ async fn client_recovers_when_the_ca_comes_up() {
     // A port nobody listens on (yet).
     let addr = {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // Closed for every holder of the fd: a child another test is forking may hold one.
+        socket2::SockRef::from(&probe)
+            .shutdown(std::net::Shutdown::Both)
+            .unwrap();
         probe.local_addr().unwrap()
     };
     let roots: String = ca

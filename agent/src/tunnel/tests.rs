@@ -519,14 +519,24 @@ async fn inbound_answers_400_401_503_as_hbone_peers_expect() {
         StatusCode::BAD_REQUEST,
         "authority must be ip:port"
     );
-    let closed = TcpListener::bind((LOCALHOST, 0)).await.expect("bind");
-    let closed_addr = closed.local_addr().expect("addr");
-    drop(closed);
+    // Bound and never listening: connects to it are refused for as long as it holds the
+    // port. (A dropped listener can live on, accepting, in a child another test is forking.)
+    let closed =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    closed
+        .bind(&SocketAddr::new(LOCALHOST, 0).into())
+        .expect("bind");
+    let closed_addr = closed
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("addr");
     assert_eq!(
         status_of(send.clone(), connect(closed_addr.to_string())).await,
         StatusCode::SERVICE_UNAVAILABLE,
         "destination not answering"
     );
+    drop(closed);
 
     let denied_cert = env.client_certs.get(&id("denied")).await.expect("cert");
     let denied = raw_hbone(&denied_cert, &bundle, &id("server"), env.hbone_addr)
