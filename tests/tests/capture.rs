@@ -84,6 +84,14 @@ fn uninstall_detaches_programs_and_removes_pins() -> anyhow::Result<()> {
         Outcome::Captured(Some(peer))
     );
 
+    // An fd of the connect4 link held elsewhere (an old agent, bpftool) must not keep
+    // capture on after uninstall.
+    let _held_link = ambit_agent::sys::bpf_obj_get(
+        &bed.pins
+            .path()
+            .join("links")
+            .join(ambit_common::programs::CONNECT4),
+    )?;
     bed.uninstall()?;
     assert!(!bed.pins.path().exists(), "pins removed");
     assert_eq!(

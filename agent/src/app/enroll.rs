@@ -273,8 +273,12 @@ impl Agent {
         let shared = self.shared.clone();
         let _ = tokio::task::spawn_blocking(move || {
             if let Ok(mut capture) = shared.capture.lock() {
-                let _ = capture.unenroll(cookie);
-                let _ = capture.detach_inbound(cookie);
+                if let Err(e) = capture.unenroll(cookie) {
+                    warn!(netns_cookie = cookie, error = %e, "unenroll failed");
+                }
+                if let Err(e) = capture.detach_inbound(cookie) {
+                    warn!(netns_cookie = cookie, error = %e, "detaching inbound steering failed");
+                }
             }
         })
         .await;
@@ -395,8 +399,12 @@ impl Agent {
                 netns_cookie = cookie,
                 "releasing a pod no longer in the mesh"
             );
-            let _ = capture.unenroll(cookie);
-            let _ = capture.detach_inbound(cookie);
+            if let Err(e) = capture.unenroll(cookie) {
+                warn!(netns_cookie = cookie, error = %e, "unenroll failed");
+            }
+            if let Err(e) = capture.detach_inbound(cookie) {
+                warn!(netns_cookie = cookie, error = %e, "detaching inbound steering failed");
+            }
         }
     }
 

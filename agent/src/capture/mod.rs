@@ -26,7 +26,7 @@ use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash};
 use aya::programs::links::{CgroupAttachMode, FdLink, LinkError, PinnedLink};
 use aya::programs::{CgroupSockAddr, ProgramError, SchedClassifier, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 pub use cgroup::cgroup2_root;
 pub use upgrade::{LinkOutcome, MapDefinition, PinnedLinkProgram, pinned_link_programs};
@@ -93,11 +93,6 @@ pub enum CaptureError {
     Map {
         name: &'static str,
         source: MapError,
-    },
-    #[error("detach the link pinned at {pin}: {source}")]
-    Detach {
-        pin: PathBuf,
-        source: std::io::Error,
     },
     #[error("remove pins under {path}: {source}")]
     Unpin {
@@ -649,7 +644,7 @@ fn attach_sockmap(ebpf: &mut Ebpf) -> Result<()> {
 
 /// Removes ambit's pins under `pin_dir`, detaching the programs, without loading anything.
 ///
-/// Each link is detached explicitly, then unpinned: merely unlinking the pin file would leave
+/// Each link is unpinned, then detached explicitly: merely unlinking the pin file would leave
 /// the detach to a kernel work queue (a few more connections captured after "uninstall"
 /// returned), and closing our fd detaches only if no other process holds one.
 /// Per-pod links (`pods/<netns-cookie>/…`) go first, then the cgroup links.
@@ -680,21 +675,24 @@ fn detach_links_in(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Detaches the link pinned at `pin` from its hook (even while another process holds an fd
-/// of it: `sys::bpf_link_detach`), then removes the pin.
+/// Removes the pin at `pin`, then detaches its link from its hook even while another process
+/// holds an fd of it (`sys::bpf_link_detach`). Unpinned first: a detached link left pinned
+/// would pass for a live one at the next start, which keeps pinned links.
 fn detach_pinned(pin: &Path) -> Result<()> {
     let link = crate::sys::bpf_obj_get(pin).map_err(|e| CaptureError::Pin {
         path: pin.to_path_buf(),
         source: Box::new(e),
     })?;
-    crate::sys::bpf_link_detach(link.as_fd()).map_err(|source| CaptureError::Detach {
-        pin: pin.to_path_buf(),
-        source,
-    })?;
     std::fs::remove_file(pin).map_err(|source| CaptureError::Unpin {
         path: pin.to_path_buf(),
         source,
-    })
+    })?;
+    // A kernel or link type without BPF_LINK_DETACH: closing our fd (below) still detaches
+    // the link unless another process holds one.
+    if let Err(e) = crate::sys::bpf_link_detach(link.as_fd()) {
+        warn!(pin = %pin.display(), error = %e, "explicit link detach failed; detaching by closing the link");
+    }
+    Ok(())
 }
 
 fn orig_dst_to_socket_addr(orig: &OrigDst) -> Option<SocketAddr> {
