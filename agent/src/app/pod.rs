@@ -501,8 +501,9 @@ async fn passthrough(
     mut client: TcpStream,
     target: SocketAddr,
 ) -> std::io::Result<()> {
-    let mut upstream = sockets.dial(target, None).await?;
-    // Lifts the client's reset-on-close only if both directions end cleanly.
+    // Armed to reset, like the client (from its listener): lifted only if both directions
+    // end cleanly.
+    let mut upstream = sockets.dial_app(target, None).await?;
     crate::tunnel::copy_tcp(&mut client, &mut upstream, &CopyStats::default()).await
 }
 

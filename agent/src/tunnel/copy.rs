@@ -77,8 +77,9 @@ pub enum CopyError {
 /// Copies until both directions have finished. On an error of either side the other is
 /// torn down the matching way (RST_STREAM or TCP RST).
 ///
-/// `tcp` (the application's side) must come armed to reset ([`super::reset_on_close`]:
-/// both callers arm it when they accept or dial it, before any setup that can fail); it is
+/// `tcp` (the application's side) must come armed to reset ([`super::reset_on_close`]: from
+/// the listener that accepted it, or [`super::Dialer::dial_app`], before any setup that can
+/// fail); it is
 /// disarmed only once both directions ended cleanly: if the copy fails, or the agent dies
 /// mid-copy and the kernel closes the socket, the application sees a reset rather than a
 /// clean end of a truncated stream.
@@ -293,15 +294,15 @@ impl Future for CopyBidirectional {
 
 /// Plain TCP to TCP (the plaintext inbound path and passthrough), counting as it goes like
 /// the tunnel copy: `stats.sent` is `a` to `b`. Half-close is carried across; the first
-/// error ends both, with a reset on both sides. Both sockets are armed to reset until both
-/// directions ended cleanly, so the agent dying mid-copy resets them too.
+/// error ends both, with a reset on both sides. Both sockets must come armed to reset
+/// ([`super::reset_on_close`]: from the listener that accepted them, or
+/// [`super::Dialer::dial_app`]); they are disarmed only once both directions ended cleanly,
+/// so the agent dying mid-copy resets them too.
 pub async fn copy_tcp(
     a: &mut TcpStream,
     b: &mut TcpStream,
     stats: &CopyStats,
 ) -> std::io::Result<()> {
-    super::reset_on_close(a);
-    super::reset_on_close(b);
     let result = copy_tcp_both_ways(a, b, stats).await;
     if result.is_ok() {
         super::fin_on_close(a);

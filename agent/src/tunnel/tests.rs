@@ -1008,6 +1008,8 @@ async fn plaintext_client_to(env: &Env, destination: SocketAddr) -> TcpStream {
         .await
         .expect("connect");
     let (accepted, peer) = listener.accept().await.expect("accept");
+    // Armed to reset, as the pod's :15006 listener's options arm what it accepts.
+    reset_on_close(&accepted);
     let inbound = env.inbound.clone();
     tokio::spawn(async move { inbound.handle_plaintext(accepted, peer, destination).await });
     client
