@@ -4,6 +4,7 @@
 
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ambit_agent::capture::{Capture, CaptureConfig};
@@ -127,6 +128,13 @@ impl InboundBed {
         )?;
         self.agent = Some(listeners);
         Ok(())
+    }
+
+    /// Where the pod's sk_lookup link is pinned.
+    pub fn sk_lookup_pin(&self) -> PathBuf {
+        self.pins
+            .path()
+            .join(format!("pods/{}/sk_lookup", self.pod_cookie))
     }
 
     /// Plays an agent crash: listeners and map handles vanish, the pins stay.

@@ -100,10 +100,7 @@ fn agent_down_fails_closed_restart_resumes_and_detach_restores_plain() -> anyhow
     let app = bed.app_addr();
 
     bed.crash_agent();
-    let link_pin = bed
-        .pins
-        .path()
-        .join(format!("pods/{}/sk_lookup", bed.pod_cookie));
+    let link_pin = bed.sk_lookup_pin();
     assert!(link_pin.exists(), "the per-pod link stays pinned");
     match bed.connect_from_client(app) {
         Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}"),
@@ -140,10 +137,7 @@ fn uninstall_removes_per_pod_links() -> anyhow::Result<()> {
     let mut bed = InboundBed::new()?;
     bed.start_agent()?;
     bed.crash_agent();
-    let link_pin = bed
-        .pins
-        .path()
-        .join(format!("pods/{}/sk_lookup", bed.pod_cookie));
+    let link_pin = bed.sk_lookup_pin();
     // Still held elsewhere (a crashed agent's child, bpftool): uninstall detaches anyway.
     let _held_link = ambit_agent::sys::bpf_obj_get(&link_pin)?;
     ambit_agent::capture::remove_pins(bed.pins.path())?;

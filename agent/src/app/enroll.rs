@@ -273,12 +273,7 @@ impl Agent {
         let shared = self.shared.clone();
         let _ = tokio::task::spawn_blocking(move || {
             if let Ok(mut capture) = shared.capture.lock() {
-                if let Err(e) = capture.unenroll(cookie) {
-                    warn!(netns_cookie = cookie, error = %e, "unenroll failed");
-                }
-                if let Err(e) = capture.detach_inbound(cookie) {
-                    warn!(netns_cookie = cookie, error = %e, "detaching inbound steering failed");
-                }
+                super::pod::release_capture(&mut capture, cookie);
             }
         })
         .await;
@@ -399,12 +394,7 @@ impl Agent {
                 netns_cookie = cookie,
                 "releasing a pod no longer in the mesh"
             );
-            if let Err(e) = capture.unenroll(cookie) {
-                warn!(netns_cookie = cookie, error = %e, "unenroll failed");
-            }
-            if let Err(e) = capture.detach_inbound(cookie) {
-                warn!(netns_cookie = cookie, error = %e, "detaching inbound steering failed");
-            }
+            super::pod::release_capture(&mut capture, cookie);
         }
     }
 

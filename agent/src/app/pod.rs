@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use super::sockets::PodSockets;
 use super::view::meta_of;
 use super::{Shared, StateWorkloads};
-use crate::capture::OrigDstTable;
+use crate::capture::{Capture, OrigDstTable};
 use crate::config::{MeshState, Route, ServiceEntry, WorkloadEntry};
 use crate::identity::SpiffeId;
 use crate::netns::NetNs;
@@ -315,12 +315,7 @@ impl PodRuntime {
     /// Unenrolls the pod and closes its listeners; connections in flight finish on their own.
     pub fn stop(self, shared: &Shared) {
         if let Ok(mut capture) = shared.capture.lock() {
-            if let Err(e) = capture.unenroll(self.netns_cookie) {
-                warn!(error = %e, "unenroll failed");
-            }
-            if let Err(e) = capture.detach_inbound(self.netns_cookie) {
-                warn!(error = %e, "detaching inbound steering failed");
-            }
+            release_capture(&mut capture, self.netns_cookie);
         }
         for task in &self.tasks {
             task.abort();
@@ -394,6 +389,17 @@ async fn serve_outbound(ctx: Arc<OutboundCtx>, listener: Listener) {
 ///
 /// Not an `async fn`: its arguments and the routing's temporaries (the route, the request)
 /// would keep their space in every connection's task for the connection's whole life.
+/// Takes the pod's netns out of capture, outbound and inbound; a failure is logged and the
+/// rest still done.
+pub(super) fn release_capture(capture: &mut Capture, netns_cookie: u64) {
+    if let Err(e) = capture.unenroll(netns_cookie) {
+        warn!(netns_cookie, error = %e, "unenroll failed");
+    }
+    if let Err(e) = capture.detach_inbound(netns_cookie) {
+        warn!(netns_cookie, error = %e, "detaching inbound steering failed");
+    }
+}
+
 fn handle_outbound(
     ctx: Arc<OutboundCtx>,
     client: TcpStream,

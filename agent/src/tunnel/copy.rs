@@ -79,10 +79,9 @@ pub enum CopyError {
 ///
 /// `tcp` (the application's side) must come armed to reset ([`super::reset_on_close`]: from
 /// the listener that accepted it, or [`super::Dialer::dial_app`], before any setup that can
-/// fail); it is
-/// disarmed only once both directions ended cleanly: if the copy fails, or the agent dies
-/// mid-copy and the kernel closes the socket, the application sees a reset rather than a
-/// clean end of a truncated stream.
+/// fail); it is disarmed only once both directions ended cleanly: if the copy fails, or the
+/// agent dies mid-copy and the kernel closes the socket, the application sees a reset rather
+/// than a clean end of a truncated stream.
 ///
 /// Owns what it copies between, and is `Unpin`: a caller can build it outside its own
 /// `async` block and await it by `&mut`, so none of it is stored twice in the task.
