@@ -137,6 +137,30 @@ impl InboundBed {
             .join(format!("pods/{}/sk_lookup", self.pod_cookie))
     }
 
+    /// Where the pod's tc link `pin_name` is pinned (`tc_egress`: on the pod's interface,
+    /// `tc_lo_egress`: on lo).
+    pub fn tc_pin(&self, pin_name: &str) -> PathBuf {
+        self.pins
+            .path()
+            .join(format!("pods/{}/{pin_name}", self.pod_cookie))
+    }
+
+    /// The ids of the programs attached to `ifname`'s TCX egress hook in the pod's netns,
+    /// as the kernel reports them (whatever holds or pins their links).
+    pub fn tcx_egress_programs(&self, ifname: &str) -> anyhow::Result<Vec<u32>> {
+        let ns = self.pod_netns().context("pod netns")?;
+        let ifname = ifname.to_owned();
+        let programs = ns.open()?.run(move || {
+            aya::programs::SchedClassifier::query_tcx(
+                &ifname,
+                aya::programs::tc::TcAttachType::Egress,
+            )
+            .map(|(_, programs)| programs.iter().map(|p| p.id()).collect::<Vec<_>>())
+            .map_err(std::io::Error::other)
+        })?;
+        Ok(programs)
+    }
+
     /// Plays an agent crash: listeners and map handles vanish, the pins stay.
     pub fn crash_agent(&mut self) {
         if let Some(AgentListeners { hbone, plaintext }) = self.agent.take() {

@@ -213,9 +213,30 @@ fn source_preservation_routing_is_added_once_and_undone_on_detach() -> anyhow::R
         "only accept_local changed among lo's IPv4 settings"
     );
 
+    // Both tc programs are attached, and stay detached even though another holder (an old
+    // agent mid-update, bpftool) keeps an fd of each link through the detach.
+    let pod_if = bed.pod_if.clone();
+    let mut held_links = Vec::new();
+    for (ifname, pin) in [(pod_if.as_str(), "tc_egress"), ("lo", "tc_lo_egress")] {
+        assert_eq!(
+            bed.tcx_egress_programs(ifname)?.len(),
+            1,
+            "one tc program on {ifname}'s egress"
+        );
+        held_links.push(ambit_agent::sys::bpf_obj_get(&bed.tc_pin(pin))?);
+    }
+
     bed.detach_inbound()?;
     let after = ReplyRouting::of(bed.pod_netns().context("pod netns")?)?;
     assert_eq!(after, before, "rule, route and every lo setting as before");
+    for ifname in [pod_if.as_str(), "lo"] {
+        assert_eq!(
+            bed.tcx_egress_programs(ifname)?,
+            Vec::<u32>::new(),
+            "no tc program left on {ifname}'s egress"
+        );
+    }
+    drop(held_links);
     Ok(())
 }
 
