@@ -1,7 +1,7 @@
 //! `ambit ca` as a process for end-to-end tests and benchmarks: started against the
 //! fake API server, with node agents registered there (pods and projected tokens).
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -15,22 +15,23 @@ use crate::unique_name;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// A port on 127.0.0.1 that nothing listens on (closed for every holder of the probe's fd).
-pub fn free_port() -> anyhow::Result<u16> {
-    let probe = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    let port = probe.local_addr()?.port();
-    crate::close_listener_everywhere(probe);
-    Ok(port)
-}
-
 /// A running `ambit ca`, killed on drop.
 pub struct CaProcess {
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,
+    addr: SocketAddr,
     metrics: SocketAddr,
 }
 
 impl CaProcess {
+    /// Starts the CA on any free ports of 127.0.0.1 (it binds port 0 and logs what it got):
+    /// no port is picked first and left for another process to take meanwhile.
+    pub fn start_anywhere(kubeconfig: &std::path::Path) -> anyhow::Result<Self> {
+        Self::start(kubeconfig, 0, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+    }
+
+    /// Starts the CA on 127.0.0.1:`port` (0: any free port), its metrics on `metrics`;
+    /// a restart passes the addresses the first start got.
     pub fn start(
         kubeconfig: &std::path::Path,
         port: u16,
@@ -54,13 +55,26 @@ impl CaProcess {
             .spawn()
             .context("starting ambit ca")?;
         let logs = crate::testbed::collect_output(&mut child, "ca");
-        let ca = Self {
+        let mut ca = Self {
             child,
             logs,
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
             metrics,
         };
-        ca.wait_for_log("CA serving")?;
+        let serving = ca.wait_for_log("CA serving")?;
+        ca.addr = logged_addr(&serving, "addr")?;
+        ca.metrics = logged_addr(&serving, "metrics")?;
         Ok(ca)
+    }
+
+    /// Where the CA serves.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Where its metrics are.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics
     }
 
     pub fn logs(&self) -> Vec<String> {
@@ -93,6 +107,19 @@ impl CaProcess {
             "/metrics",
         )?)
     }
+}
+
+/// The address logged as `field=...` in a log line.
+fn logged_addr(line: &str, field: &str) -> anyhow::Result<SocketAddr> {
+    let key = format!(" {field}=");
+    let start = line
+        .find(&key)
+        .with_context(|| format!("no {field}= in {line:?}"))?
+        + key.len();
+    let value = line[start..].split_whitespace().next().unwrap_or_default();
+    value
+        .parse()
+        .with_context(|| format!("{field}={value:?} in {line:?}"))
 }
 
 impl Drop for CaProcess {

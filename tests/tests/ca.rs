@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ambit_e2e::apiserver::{ApiServer, Kind, Verb};
-use ambit_e2e::ca::{CaProcess, ca_root, free_port, register_node_agents};
+use ambit_e2e::ca::{CaProcess, ca_root, register_node_agents};
 use ambit_e2e::testbed::{APP_PORT, MESH_NS, PodSpec, RemoteCa, Testbed};
 use anyhow::Context as _;
 
@@ -93,9 +93,9 @@ fn ca_bed(agent_args: &[&str]) -> anyhow::Result<CaBed> {
         .context("kubernetes mode")?
         .kubeconfig
         .clone();
-    let port = free_port()?;
-    let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
-    let ca = CaProcess::start(&kubeconfig, port, metrics)?;
+    let ca = CaProcess::start_anywhere(&kubeconfig)?;
+    // Restarts come back on the same addresses, as a CA behind a Service does.
+    let (port, metrics) = (ca.addr().port(), ca.metrics_addr());
     let api = &bed.kube.as_ref().context("kubernetes mode")?.api;
     assert_eq!(
         api.list_json(Kind::Secret).len(),
@@ -423,8 +423,7 @@ fn der_roots(pem: &str) -> anyhow::Result<Vec<Vec<u8>>> {
 
 /// Starts `ambit ca` and waits until it has published its root; returns the outcome word.
 fn start_publishing_ca(kubeconfig: &std::path::Path) -> anyhow::Result<(CaProcess, &'static str)> {
-    let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
-    let ca = CaProcess::start(kubeconfig, free_port()?, metrics)?;
+    let ca = CaProcess::start_anywhere(kubeconfig)?;
     let line = ca.wait_for_log("published the root")?;
     let outcome = ["created", "updated", "unchanged"]
         .into_iter()

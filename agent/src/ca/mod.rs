@@ -176,6 +176,8 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let ca_metrics = metrics::CaMetrics::new(&mut registry);
     let metrics_listener = bind(args.metrics_addr).await?;
+    // What was bound (port 0 picks one): the address to scrape.
+    let metrics_addr = metrics_listener.local_addr().unwrap_or(args.metrics_addr);
     let ready_pods = pods.clone();
     metrics::spawn_http(
         metrics_listener,
@@ -197,7 +199,8 @@ pub async fn run(args: CaArgs) -> anyhow::Result<()> {
     let tls = server::server_tls_config(serving)?;
     let service = server::CaService::new(signer, reviewer, pods, policy, ca_metrics);
     let listener = bind(args.listen_addr).await?;
-    tracing::info!(addr = %args.listen_addr, metrics = %args.metrics_addr, dns_names = ?args.dns_names, "CA serving");
+    let addr = listener.local_addr().unwrap_or(args.listen_addr);
+    tracing::info!(%addr, metrics = %metrics_addr, dns_names = ?args.dns_names, "CA serving");
     server::serve(listener, tls, service, shutdown_signal()).await?;
     tracing::info!("CA stopped");
     Ok(())

@@ -384,9 +384,8 @@ fn ca_figures(pods: usize) -> anyhow::Result<(f64, f64)> {
             .build(),
     )?;
     let token_dir = crate::ca::register_node_agents(&bed)?;
-    let port = crate::ca::free_port()?;
-    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], crate::ca::free_port()?));
-    let ca = crate::ca::CaProcess::start(&kube.kubeconfig, port, metrics)?;
+    let ca = crate::ca::CaProcess::start_anywhere(&kube.kubeconfig)?;
+    let port = ca.addr().port();
     let trust = bed.dir.join("ca-root.pem");
     std::fs::write(&trust, crate::ca::ca_root(&bed)?)?;
     ambit_agent::identity::install_crypto_provider();
