@@ -9,6 +9,7 @@
 mod cli;
 mod cni;
 mod enroll;
+mod heap;
 mod pod;
 mod sockets;
 mod view;
@@ -343,6 +344,7 @@ pub async fn run(options: AgentOptions) -> anyhow::Result<()> {
                 .context("starting the data path's threads")?,
         ),
     });
+    tokio::spawn(heap::release_after_load(tunnel_metrics.clone()));
     let mut agent = enroll::Agent::new(
         shared.clone(),
         kube.as_ref().map(|(source, k)| enroll::KubeParts {
