@@ -50,6 +50,8 @@ impl CaProcess {
             ])
             .env("KUBECONFIG", kubeconfig)
             .env("AMBIT_LOG", "info")
+            // The bound addresses are read back from the text format's `key=value`s.
+            .env("AMBIT_LOG_FORMAT", "text")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -2,7 +2,7 @@
 //! in Kubernetes mode. The CA validates tokens with TokenReviews and reads pods from the
 //! project's fake API server; the agents take their workload certificates from it.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
