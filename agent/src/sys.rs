@@ -288,7 +288,7 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
 /// such blocks come and go with the eBPF object load at start (aya's loader parses the
 /// kernel's BTF, ~20 MB of heap). With fixed thresholds freed memory goes back to the
 /// kernel, all but the last 2 MiB of each arena's top and what lies below a block still in use: [`release_free_heap`] returns
-/// those after each load. Both thresholds stay above the largest buffer the data path
+/// those after each object load (and after a load of connections has gone). Both thresholds stay above the largest buffer the data path
 /// allocates (the copy loop's 256 KiB reads, h2's frames up to 1 MiB), so those are reused
 /// from the heap instead of being mmapped, faulted in and unmapped each time.
 #[cfg(target_env = "gnu")]
@@ -313,11 +313,11 @@ pub fn tune_malloc() -> io::Result<()> {
     Ok(())
 }
 
-/// Returns every free page of the heap to the kernel now (glibc's `malloc_trim(0)`): after
-/// an eBPF object load the trim threshold of [`tune_malloc`] keeps up to 2 MiB free at the
-/// arena's top, and freed blocks below one still in use never shrink the heap. For the
-/// moments after a program load only, never per connection: it walks each arena under that
-/// arena's lock.
+/// Returns every free page of the heap to the kernel now (glibc's `malloc_trim(0)`): the
+/// trim threshold of [`tune_malloc`] keeps up to 2 MiB free at each arena's top, and freed
+/// blocks below one still in use never shrink the heap. Called after an eBPF object load and
+/// once proxied connections have fallen after a load (`app::heap`), never per connection:
+/// it walks each arena under that arena's lock.
 #[cfg(target_env = "gnu")]
 pub fn release_free_heap() {
     // SAFETY: malloc_trim takes an integer and only hands free pages back to the kernel;
