@@ -1,7 +1,7 @@
 //! Pooled HBONE client connections: one key per (source identity, destination identity,
 //! destination address); up to `max_streams` streams share a connection; when none has room
 //! exactly one handshake runs while other callers wait for it; idle connections close after
-//! a timeout.
+//! a timeout, and beyond [`IDLE_KEPT_PER_KEY`] at the reaper's next pass.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -112,6 +112,16 @@ impl KeyEntry {
     }
 }
 
+/// Idle connections kept per key (and shard) until the idle timeout; the others close at
+/// the reaper's next pass. After a burst, a key can have a hundred connections, each holding
+/// h2's stream and queue slabs grown to the burst's size (~170 KiB apiece, measured in the
+/// soak) and a socket, which new streams can do without: they pack onto the first
+/// connections that have room.
+const IDLE_KEPT_PER_KEY: usize = 1;
+
+/// The reaper's longest period: how late surplus idle connections close at most.
+const MAX_REAP_PERIOD: Duration = Duration::from_secs(5);
+
 /// Which data-path shard ([`super::shards`]) a pooled connection belongs to: its driver
 /// task runs there, so a stream from another shard would wake that shard's thread for
 /// every frame. Each shard pools its own connections; off the shards it is 0.
@@ -203,7 +213,7 @@ impl Pool {
             return;
         }
         let weak = Arc::downgrade(self);
-        let period = (self.idle_timeout / 4).max(Duration::from_millis(10));
+        let period = (self.idle_timeout / 4).clamp(Duration::from_millis(10), MAX_REAP_PERIOD);
         *reaper = Some(tokio::spawn(reap_idle(weak, period)));
     }
 
@@ -215,10 +225,19 @@ impl Pool {
         };
         for entry in entries.values() {
             if let Ok(mut conns) = entry.connections.lock() {
+                // Under the lock a lease cannot take a stream slot meanwhile, so a connection
+                // seen idle here closes with no stream on it.
+                let mut idle_kept = 0;
                 conns.retain(|c| {
-                    let busy = c.active_streams.load(Ordering::Acquire) > 0;
+                    if c.driver.is_finished() {
+                        return false;
+                    }
+                    if c.active_streams.load(Ordering::Acquire) > 0 {
+                        return true;
+                    }
                     let idle_for = now_ms.saturating_sub(c.idle_since_ms.load(Ordering::Acquire));
-                    !c.driver.is_finished() && (busy || idle_for < idle_ms)
+                    idle_kept += 1;
+                    idle_for < idle_ms && idle_kept <= IDLE_KEPT_PER_KEY
                 });
             }
         }

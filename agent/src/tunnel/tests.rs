@@ -996,6 +996,47 @@ async fn two_hundred_streams_share_two_connections_until_idle() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_burst_one_idle_connection_per_destination_stays_pooled() {
+    let env = Env::default().await;
+    let config = TunnelConfig {
+        // The reaper then passes every 5 s; the idle timeout alone would close nothing
+        // before 20 s.
+        pool_idle_timeout: Duration::from_secs(20),
+        ..TunnelConfig::default()
+    };
+    let outbound = Arc::new(env.outbound(config));
+    let request = env.request("client", "server", env.echo_addr);
+    let opens = (0..300).map(|_| {
+        let outbound = outbound.clone();
+        let request = request.clone();
+        tokio::spawn(async move { outbound.open_stream(&request).await })
+    });
+    let mut streams = Vec::new();
+    for open in opens {
+        streams.push(open.await.expect("join").expect("stream"));
+    }
+    assert_eq!(
+        outbound.pooled_connections(),
+        3,
+        "100 streams per connection"
+    );
+    drop(streams);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
+    while outbound.pooled_connections() != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "surplus idle connections still pooled: {}",
+            outbound.pooled_connections()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The one kept carries the next stream: no new connection.
+    let stream = outbound.open_stream(&request).await.expect("stream");
+    assert_eq!(outbound.pooled_connections(), 1);
+    drop(stream);
+}
+
 /// A plaintext client handed to the 15006 path, as sk_lookup would.
 async fn plaintext_client(env: &Env) -> TcpStream {
     plaintext_client_to(env, env.echo_addr).await
