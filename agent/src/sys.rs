@@ -287,8 +287,9 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
 /// is freed (up to 32 and 64 MiB), and from then on memory freed in an arena stays resident;
 /// such blocks come and go with the eBPF object load at start (aya's loader parses the
 /// kernel's BTF, ~20 MB of heap). With fixed thresholds freed memory goes back to the
-/// kernel, all but the last 2 MiB of each arena's top and what lies below a block still in use: [`release_free_heap`] returns
-/// those after each object load (and after a load of connections has gone). Both thresholds stay above the largest buffer the data path
+/// kernel, all but the last 2 MiB of each arena's top and what lies below a block still in
+/// use: [`release_free_heap`] returns those after each object load (and after a load of
+/// connections has gone). Both thresholds stay above the largest buffer the data path
 /// allocates (the copy loop's 256 KiB reads, h2's frames up to 1 MiB), so those are reused
 /// from the heap instead of being mmapped, faulted in and unmapped each time.
 #[cfg(target_env = "gnu")]

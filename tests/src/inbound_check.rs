@@ -130,19 +130,12 @@ impl InboundBed {
         Ok(())
     }
 
-    /// Where the pod's sk_lookup link is pinned.
-    pub fn sk_lookup_pin(&self) -> PathBuf {
+    /// Where the pod's link `name` is pinned (`sk_lookup`; `tc_egress`: on the pod's
+    /// interface; `tc_lo_egress`: on lo).
+    pub fn link_pin(&self, name: &str) -> PathBuf {
         self.pins
             .path()
-            .join(format!("pods/{}/sk_lookup", self.pod_cookie))
-    }
-
-    /// Where the pod's tc link `pin_name` is pinned (`tc_egress`: on the pod's interface,
-    /// `tc_lo_egress`: on lo).
-    pub fn tc_pin(&self, pin_name: &str) -> PathBuf {
-        self.pins
-            .path()
-            .join(format!("pods/{}/{pin_name}", self.pod_cookie))
+            .join(format!("pods/{}/{name}", self.pod_cookie))
     }
 
     /// The ids of the programs attached to `ifname`'s TCX egress hook in the pod's netns,

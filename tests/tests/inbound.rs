@@ -100,7 +100,7 @@ fn agent_down_fails_closed_restart_resumes_and_detach_restores_plain() -> anyhow
     let app = bed.app_addr();
 
     bed.crash_agent();
-    let link_pin = bed.sk_lookup_pin();
+    let link_pin = bed.link_pin("sk_lookup");
     assert!(link_pin.exists(), "the per-pod link stays pinned");
     match bed.connect_from_client(app) {
         Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}"),
@@ -137,7 +137,7 @@ fn uninstall_removes_per_pod_links() -> anyhow::Result<()> {
     let mut bed = InboundBed::new()?;
     bed.start_agent()?;
     bed.crash_agent();
-    let link_pin = bed.sk_lookup_pin();
+    let link_pin = bed.link_pin("sk_lookup");
     // Still held elsewhere (a crashed agent's child, bpftool): uninstall detaches anyway.
     let _held_link = ambit_agent::sys::bpf_obj_get(&link_pin)?;
     ambit_agent::capture::remove_pins(bed.pins.path())?;
@@ -223,7 +223,7 @@ fn source_preservation_routing_is_added_once_and_undone_on_detach() -> anyhow::R
             1,
             "one tc program on {ifname}'s egress"
         );
-        held_links.push(ambit_agent::sys::bpf_obj_get(&bed.tc_pin(pin))?);
+        held_links.push(ambit_agent::sys::bpf_obj_get(&bed.link_pin(pin))?);
     }
 
     bed.detach_inbound()?;

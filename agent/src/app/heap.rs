@@ -47,11 +47,12 @@ impl Default for ReleasePolicy {
 }
 
 impl ReleasePolicy {
-    /// Takes one sample; true when the heap should be released now: the count is
-    /// [`RELEASE_AFTER_FALL`] below its peak and has settled (not above the last sample, and
-    /// at most 5 % + 16 below it: a load still moving would only allocate again under the
-    /// walk's locks), and the last release is [`SAMPLES_BETWEEN_RELEASES`] samples back.
-    fn sample(&mut self, live: usize) -> bool {
+    /// Takes one sample; `Some(peak)`, the count it fell from, when the heap should be
+    /// released now: the count is [`RELEASE_AFTER_FALL`] below its peak and has settled (not
+    /// above the last sample, and at most 5 % + 16 below it: a load still moving would only
+    /// allocate again under the walk's locks), and the last release is
+    /// [`SAMPLES_BETWEEN_RELEASES`] samples back.
+    fn sample(&mut self, live: usize) -> Option<usize> {
         self.peak = self.peak.max(live);
         self.samples_since_release = self.samples_since_release.saturating_add(1);
         let settled = live <= self.previous && self.previous - live <= self.previous / 20 + 16;
@@ -60,11 +61,10 @@ impl ReleasePolicy {
             && self.peak - live >= RELEASE_AFTER_FALL
             && self.samples_since_release >= SAMPLES_BETWEEN_RELEASES
         {
-            self.peak = live;
             self.samples_since_release = 0;
-            return true;
+            return Some(std::mem::replace(&mut self.peak, live));
         }
-        false
+        None
     }
 }
 
@@ -77,10 +77,9 @@ pub async fn release_after_load(metrics: Arc<Metrics>) {
         tick.tick().await;
         // Proxied connections, HBONE streams included (many share a pooled connection).
         let live = metrics.active_connections();
-        let peak = policy.peak.max(live);
-        if !policy.sample(live) {
+        let Some(peak) = policy.sample(live) else {
             continue;
-        }
+        };
         let released = tokio::task::spawn_blocking(|| {
             let before = resident_bytes();
             let started = Instant::now();
@@ -114,7 +113,10 @@ mod tests {
     use super::*;
 
     fn samples(policy: &mut ReleasePolicy, counts: &[usize]) -> Vec<bool> {
-        counts.iter().map(|&live| policy.sample(live)).collect()
+        counts
+            .iter()
+            .map(|&live| policy.sample(live).is_some())
+            .collect()
     }
 
     #[test]

@@ -236,8 +236,9 @@ impl Pool {
                         return true;
                     }
                     let idle_for = now_ms.saturating_sub(c.idle_since_ms.load(Ordering::Acquire));
-                    idle_kept += 1;
-                    idle_for < idle_ms && idle_kept <= IDLE_KEPT_PER_KEY
+                    let keep = idle_for < idle_ms && idle_kept < IDLE_KEPT_PER_KEY;
+                    idle_kept += usize::from(keep);
+                    keep
                 });
             }
         }

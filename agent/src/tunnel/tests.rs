@@ -965,6 +965,24 @@ async fn long_transfer_survives_certificate_rotations() {
     );
 }
 
+/// Opens `count` streams concurrently, as that many clients arriving at once would.
+async fn open_streams_at_once(
+    outbound: &Arc<Outbound>,
+    request: &OutboundRequest,
+    count: usize,
+) -> Vec<(h2::SendStream<Bytes>, h2::RecvStream, pool::StreamLease)> {
+    let opens = (0..count).map(|_| {
+        let outbound = outbound.clone();
+        let request = request.clone();
+        tokio::spawn(async move { outbound.open_stream(&request).await })
+    });
+    let mut streams = Vec::new();
+    for open in opens {
+        streams.push(open.await.expect("join").expect("stream"));
+    }
+    streams
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_streams_share_two_connections_until_idle() {
     let env = Env::default().await;
@@ -974,15 +992,7 @@ async fn two_hundred_streams_share_two_connections_until_idle() {
     };
     let outbound = Arc::new(env.outbound(config));
     let request = env.request("client", "server", env.echo_addr);
-    let opens = (0..200).map(|_| {
-        let outbound = outbound.clone();
-        let request = request.clone();
-        tokio::spawn(async move { outbound.open_stream(&request).await })
-    });
-    let mut streams = Vec::new();
-    for open in opens {
-        streams.push(open.await.expect("join").expect("stream"));
-    }
+    let streams = open_streams_at_once(&outbound, &request, 200).await;
     assert_eq!(
         outbound.pooled_connections(),
         2,
@@ -1007,15 +1017,7 @@ async fn after_a_burst_one_idle_connection_per_destination_stays_pooled() {
     };
     let outbound = Arc::new(env.outbound(config));
     let request = env.request("client", "server", env.echo_addr);
-    let opens = (0..300).map(|_| {
-        let outbound = outbound.clone();
-        let request = request.clone();
-        tokio::spawn(async move { outbound.open_stream(&request).await })
-    });
-    let mut streams = Vec::new();
-    for open in opens {
-        streams.push(open.await.expect("join").expect("stream"));
-    }
+    let streams = open_streams_at_once(&outbound, &request, 300).await;
     assert_eq!(
         outbound.pooled_connections(),
         3,
