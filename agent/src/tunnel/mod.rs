@@ -52,7 +52,9 @@ pub struct TunnelConfig {
     pub max_streams_per_connection: usize,
     /// Concurrent streams a server connection accepts.
     pub server_max_streams: u32,
-    /// Pooled connections with no stream for this long are closed.
+    /// The one idle pooled connection kept per destination (and data-path thread) closes
+    /// after this long without a stream; other idle ones close at the pool's next reap
+    /// (within 5 s).
     #[serde(serialize_with = "crate::observability::readable::duration")]
     pub pool_idle_timeout: Duration,
     /// Share HBONE connections between proxied connections. When false every proxied

@@ -19,7 +19,7 @@ use super::access_log::AddrText;
 use super::copy::{CopyStats, copy_bidirectional};
 use super::held_writes::HeldWrites;
 use super::metrics::Metrics;
-use super::pool::{Pool, PoolKey, StreamLease};
+use super::pool::{Driver, Pool, PoolKey, StreamLease};
 use super::tls::{HandshakeFailure, client_config_for};
 use super::{Dialer, TunnelConfig, TunnelCounters, TunnelError, dial_with_timeout};
 use crate::identity::{CertManager, SpiffeId};
@@ -228,7 +228,7 @@ impl Outbound {
     async fn connect(
         &self,
         key: &PoolKey,
-    ) -> Result<(h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>), TunnelError> {
+    ) -> Result<(h2::client::SendRequest<Bytes>, Driver), TunnelError> {
         let cert = self.certs.get(&key.source).await?;
         let bundle = self.certs.trust_bundle();
         let (tls, _) = self.tls_configs.get_or_build(
@@ -276,13 +276,7 @@ impl Outbound {
             .max_concurrent_reset_streams(1024)
             .handshake::<_, Bytes>(tls_stream)
             .await?;
-        let address = key.address;
-        let driver = tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                debug!(%address, error = %e, "HBONE connection ended");
-            }
-        });
-        Ok((send, driver))
+        Ok((send, Driver::spawn(connection, key.address)))
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::debug;
 
@@ -25,20 +26,62 @@ pub struct PoolKey {
     pub address: SocketAddr,
 }
 
-/// A live HTTP/2 client connection and its driver task.
+/// How long a connection nobody holds any more may take to send what its last streams
+/// queued (their last DATA, END_STREAM) and its GOAWAY before it is dropped: a peer that
+/// stops reading cannot keep it.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// The task that drives one HTTP/2 client connection. When the [`Driver`] drops (with the
+/// connection's last holder), h2 closes the connection itself once no stream or handle is
+/// left, after writing what the streams queued and a GOAWAY; aborting the task instead
+/// would throw those frames away, and with them a client's last bytes and its FIN.
+pub struct Driver {
+    task: JoinHandle<()>,
+    /// Never sent on: its drop starts the close grace.
+    _closing: oneshot::Sender<()>,
+}
+
+impl Driver {
+    pub fn spawn<C>(connection: C, address: SocketAddr) -> Self
+    where
+        C: Future<Output = Result<(), h2::Error>> + Send + 'static,
+    {
+        let (closing, closed) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            let ended = tokio::select! {
+                ended = &mut connection => ended,
+                _ = closed => match tokio::time::timeout(CLOSE_GRACE, &mut connection).await {
+                    Ok(ended) => ended,
+                    Err(_) => {
+                        debug!(%address, grace = ?CLOSE_GRACE, "HBONE connection did not finish closing in time; dropped");
+                        return;
+                    }
+                },
+            };
+            if let Err(e) = ended {
+                debug!(%address, error = %e, "HBONE connection ended");
+            }
+        });
+        Self {
+            task,
+            _closing: closing,
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+/// A live HTTP/2 client connection and its driver task; dropping the last holder lets the
+/// driver close it ([`Driver`]).
 pub struct PooledConnection {
     pub send: SendRequest<Bytes>,
-    driver: JoinHandle<()>,
+    driver: Driver,
     active_streams: AtomicUsize,
     /// Milliseconds since the pool's epoch when the last stream ended.
     idle_since_ms: AtomicU64,
-}
-
-impl Drop for PooledConnection {
-    fn drop(&mut self) {
-        // Dropping the connection future closes the TLS session and the socket.
-        self.driver.abort();
-    }
 }
 
 /// A claim on one stream slot of a pooled connection; the slot frees on drop.
@@ -50,7 +93,7 @@ pub struct StreamLease {
 impl StreamLease {
     /// A lease on a connection of its own, outside any pool: the connection closes when the
     /// lease drops.
-    pub fn unpooled(send: SendRequest<Bytes>, driver: JoinHandle<()>) -> Self {
+    pub fn unpooled(send: SendRequest<Bytes>, driver: Driver) -> Self {
         Self {
             conn: Arc::new(PooledConnection {
                 send,
@@ -155,7 +198,7 @@ impl Pool {
     ) -> Result<StreamLease, TunnelError>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<(SendRequest<Bytes>, JoinHandle<()>), TunnelError>>,
+        Fut: Future<Output = Result<(SendRequest<Bytes>, Driver), TunnelError>>,
     {
         self.ensure_reaper();
         let entry = {

@@ -1214,6 +1214,44 @@ async fn without_pooling_every_connection_gets_its_own_and_nothing_stays_pooled(
     );
 }
 
+/// The client's last bytes and its FIN come after the server app has already closed its
+/// side: the copy ends as soon as they are queued on the stream, and the connection of its
+/// own must still deliver them (and END_STREAM) before it closes.
+#[tokio::test]
+async fn without_pooling_the_clients_last_bytes_arrive_after_the_server_closed_first() {
+    let mut env = Env::default().await;
+    let listener = TcpListener::bind((LOCALHOST, 0)).await.expect("bind");
+    env.echo_addr = listener.local_addr().expect("addr");
+    let (received_tx, received) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.expect("accept");
+        stream.write_all(b"greeting").await.expect("greet");
+        stream.shutdown().await.expect("server half-close");
+        let mut got = Vec::new();
+        let _ = received_tx.send(stream.read_to_end(&mut got).await.map(|_| got));
+    });
+    let outbound = Arc::new(env.outbound(TunnelConfig {
+        pooling: false,
+        ..TunnelConfig::default()
+    }));
+    let (mut client, task) = env
+        .proxied_client(outbound, env.request("client", "server", env.echo_addr))
+        .await;
+    let mut greeting = Vec::new();
+    client.read_to_end(&mut greeting).await.expect("greeting");
+    assert_eq!(greeting, b"greeting");
+    let payload: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+    client.write_all(&payload).await.expect("write");
+    client.shutdown().await.expect("client half-close");
+    task.await.expect("join").expect("proxy");
+    let got = received
+        .await
+        .expect("server app done")
+        .expect("a clean end of stream, not a reset");
+    assert_eq!(got.len(), payload.len());
+    assert!(got == payload, "the bytes arrive intact");
+}
+
 #[test]
 fn tls_configs_are_reused_until_the_certificate_or_bundle_changes() {
     crate::identity::install_crypto_provider();
