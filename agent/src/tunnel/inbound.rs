@@ -430,7 +430,17 @@ impl Inbound {
             );
             return Ok(());
         };
-        let (mut connection, source_identity) = established?;
+        let (mut connection, source_identity) = match established {
+            Ok(established) => established,
+            failed => {
+                // Consumed whole, so nothing of it borrows the socket any more.
+                let error = failed.err();
+                // Not finished (refused, or the TLS alert already written): a reset, never
+                // a clean close.
+                super::reset_on_close(&tcp);
+                return error.map_or(Ok(()), Err);
+            }
+        };
         let streams = Arc::new(StreamCount::default());
         let idle = tokio::time::sleep(self.config.hbone_idle_timeout);
         tokio::pin!(idle);
@@ -503,14 +513,22 @@ impl Inbound {
         peer: SocketAddr,
         answered: Arc<AtomicBool>,
     ) -> Result<(h2::server::Connection<HboneTls<'tcp>, Bytes>, SpiffeId), TunnelError> {
-        let cert = self.certs.get(&workload.identity).await?;
-        let bundle = self.certs.trust_bundle();
-        let (tls, anchors) = self.tls_configs.get_or_build(
-            workload.identity.to_string(),
-            &cert,
-            &bundle,
-            |anchors| server_config_for(&cert, anchors, workload.identity.trust_domain()),
-        )?;
+        let prepared = match self.certs.get(&workload.identity).await {
+            Ok(cert) => self.tls_configs.get_or_build(
+                workload.identity.to_string(),
+                &cert,
+                &self.certs.trust_bundle(),
+                |anchors| server_config_for(&cert, anchors, workload.identity.trust_domain()),
+            ),
+            Err(e) => Err(e.into()),
+        };
+        let (tls, anchors) = match prepared {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                self.refuse(RefusalReason::NoCertificate, peer, None, None, &e);
+                return Err(e);
+            }
+        };
         // The server's one TLS flight leaves at once; its HTTP/2 SETTINGS and SETTINGS ACK
         // then wait to leave with its answer to the first CONNECT (see held_writes).
         let tls_stream = match TlsAcceptor::from(tls)
@@ -542,11 +560,15 @@ impl Inbound {
         let Some(source_identity) =
             anchors.verified_client_identity(tls_stream.get_ref().1.peer_certificates())
         else {
-            // The verifier already insisted on a SPIFFE ID; this is unreachable in practice.
-            return Err(TunnelError::Handshake {
-                addr: peer,
-                reason: super::HandshakeFailure::NoSpiffeId,
-            });
+            // The verifier already insisted on a SPIFFE ID; this is unreachable in practice,
+            // and still counted and logged like any other handshake failure.
+            let reason = super::HandshakeFailure::NoSpiffeId;
+            self.counters.record_handshake_failure(&reason);
+            if let Some(m) = &self.metrics {
+                m.handshake_failure(&reason);
+            }
+            warn!(%peer, workload = %workload.identity, reason = %reason.label(), detail = %reason, "inbound HBONE handshake failed");
+            return Err(TunnelError::Handshake { addr: peer, reason });
         };
         let connection = h2::server::Builder::new()
             .initial_window_size(self.config.stream_window)

@@ -137,10 +137,13 @@ pub enum RefusalReason {
     IdleTimeout,
     /// The peer broke the HTTP/2 protocol and the connection was torn down (GOAWAY).
     ProtocolError,
+    /// This side had no certificate for the workload (none issued in time) or could not
+    /// build its TLS configuration: a TCP reset before TLS.
+    NoCertificate,
 }
 
 impl RefusalReason {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::BadMethod,
         Self::BadAuthority,
         Self::NotLocalPod,
@@ -149,6 +152,7 @@ impl RefusalReason {
         Self::HandshakeTimeout,
         Self::IdleTimeout,
         Self::ProtocolError,
+        Self::NoCertificate,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -161,6 +165,7 @@ impl RefusalReason {
             Self::HandshakeTimeout => "handshake_timeout",
             Self::IdleTimeout => "idle_timeout",
             Self::ProtocolError => "protocol_error",
+            Self::NoCertificate => "no_certificate",
         }
     }
 }

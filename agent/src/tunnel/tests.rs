@@ -706,6 +706,72 @@ async fn a_connection_that_never_sends_a_client_hello_is_reset_at_the_deadline()
     assert_eq!(env.metrics.refusals(RefusalReason::HandshakeTimeout), 2);
 }
 
+/// Issues nothing (a CA that cannot be reached) and hands out `bundle`.
+struct UnreachableCa {
+    bundle: Arc<TrustBundle>,
+}
+
+impl CertificateAuthority for UnreachableCa {
+    fn issue(
+        &self,
+        _id: &SpiffeId,
+        _ttl: Duration,
+    ) -> BoxFuture<'_, Result<WorkloadCertificate, IdentityError>> {
+        Box::pin(async { Err(IdentityError::Ca("the CA cannot be reached".into())) })
+    }
+
+    fn trust_bundle(&self) -> Arc<TrustBundle> {
+        self.bundle.clone()
+    }
+}
+
+#[tokio::test]
+async fn an_inbound_with_no_certificate_resets_and_counts_the_connection() {
+    let ca = LocalCa::generate().expect("CA");
+    let server_certs = CertManager::new(
+        Arc::new(UnreachableCa {
+            bundle: ca.trust_bundle(),
+        }),
+        Duration::from_secs(3600),
+    );
+    let metrics = Arc::new(Metrics::new(
+        &mut prometheus_client::registry::Registry::default(),
+    ));
+    let workloads = Arc::new(Workloads(HashMap::from([(
+        LOCALHOST,
+        LocalWorkload {
+            name: "server".into(),
+            namespace: "default".into(),
+            identity: id("server"),
+        },
+    )])));
+    let inbound = Arc::new(
+        Inbound::new(
+            server_certs,
+            workloads,
+            Arc::new(RecordingAuthorizer::default()),
+            Arc::new(DirectDialer),
+            TunnelConfig::default(),
+            false,
+        )
+        .with_metrics(metrics.clone()),
+    );
+    let listener = hbone_listener((LOCALHOST, 0));
+    let hbone_addr = listener.local_addr().expect("addr");
+    tokio::spawn(inbound.serve(listener));
+
+    let mut client = TcpStream::connect(hbone_addr).await.expect("connect");
+    let mut buf = Vec::new();
+    let outcome = tokio::time::timeout(CLOSE_BOUND, client.read_to_end(&mut buf))
+        .await
+        .expect("the server ends the connection");
+    assert_eq!(
+        outcome.expect_err("a reset, not a clean close").kind(),
+        std::io::ErrorKind::ConnectionReset
+    );
+    assert_eq!(metrics.refusals(RefusalReason::NoCertificate), 1);
+}
+
 #[tokio::test]
 async fn a_connection_without_streams_is_closed_when_idle_and_one_with_a_stream_is_not() {
     let idle = Duration::from_millis(200);
