@@ -203,19 +203,38 @@ impl Outbound {
             destination: request.destination.clone(),
             address: request.hbone_addr,
         };
-        // The handshakes' state is boxed apart: inline, it would size every connection's
-        // setup for it, though most streams find room on a pooled connection.
-        let lease = if self.config.pooling {
-            self.pool
-                .lease(&key, || Box::pin(self.connect(&key)))
-                .await?
-        } else {
-            let (send, driver) = Box::pin(self.connect(&key)).await?;
-            StreamLease::unpooled(send, driver)
+        let mut retried = false;
+        let (response, send, lease) = loop {
+            // The handshakes' state is boxed apart: inline, it would size every connection's
+            // setup for it, though most streams find room on a pooled connection.
+            let lease = if self.config.pooling {
+                self.pool
+                    .lease(&key, || Box::pin(self.connect(&key)))
+                    .await?
+            } else {
+                let (send, driver) = Box::pin(self.connect(&key)).await?;
+                StreamLease::unpooled(send, driver)
+            };
+            let opened = match lease.send_request().ready().await {
+                Ok(mut sender) => match sender.send_request(request.to_http()?, false) {
+                    Ok((response, send)) => response.await.map(|response| (response, send)),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            };
+            match opened {
+                Ok((response, send)) => break (response, send, lease),
+                // The peer drains this connection (GOAWAY): h2 refuses new streams on it, and
+                // one sent just before the GOAWAY was not processed (RFC 9113 §6.8). Nothing
+                // has been sent for the client yet, so one more try on another connection.
+                Err(e) if e.is_go_away() && e.is_remote() && !retried => {
+                    debug!(destination = %request.destination, error = %e, "pooled HBONE connection draining; opening the stream on another");
+                    lease.retire();
+                    retried = true;
+                }
+                Err(e) => return Err(e.into()),
+            }
         };
-        let mut sender = lease.send_request().ready().await?;
-        let (response, send) = sender.send_request(request.to_http()?, false)?;
-        let response = response.await?;
         if response.status() != StatusCode::OK {
             debug!(status = %response.status(), destination = %request.destination, "CONNECT refused");
             return Err(TunnelError::Status(response.status()));

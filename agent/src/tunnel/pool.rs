@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -82,6 +82,9 @@ pub struct PooledConnection {
     active_streams: AtomicUsize,
     /// Milliseconds since the pool's epoch when the last stream ended.
     idle_since_ms: AtomicU64,
+    /// The peer sent GOAWAY: no new stream goes here; the connection lives on for the
+    /// streams it carries and closes after them.
+    retired: AtomicBool,
 }
 
 /// A claim on one stream slot of a pooled connection; the slot frees on drop.
@@ -100,6 +103,7 @@ impl StreamLease {
                 driver,
                 active_streams: AtomicUsize::new(1),
                 idle_since_ms: AtomicU64::new(0),
+                retired: AtomicBool::new(false),
             }),
             epoch: Instant::now(),
         }
@@ -107,6 +111,11 @@ impl StreamLease {
 
     pub fn send_request(&self) -> SendRequest<Bytes> {
         self.conn.send.clone()
+    }
+
+    /// The peer is draining this connection (GOAWAY): later leases skip it.
+    pub fn retire(&self) {
+        self.conn.retired.store(true, Ordering::Release);
     }
 }
 
@@ -131,7 +140,8 @@ struct KeyEntry {
 impl KeyEntry {
     fn try_lease(&self, max_streams: usize, epoch: Instant) -> Option<StreamLease> {
         let mut conns = self.connections.lock().ok()?;
-        conns.retain(|c| !c.driver.is_finished());
+        // A retired connection leaves the pool; its leases keep it until its streams end.
+        conns.retain(|c| !c.driver.is_finished() && !c.retired.load(Ordering::Acquire));
         for conn in conns.iter() {
             let mut active = conn.active_streams.load(Ordering::Acquire);
             while active < max_streams {
@@ -219,6 +229,7 @@ impl Pool {
             driver,
             active_streams: AtomicUsize::new(1),
             idle_since_ms: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
         });
         entry
             .connections
@@ -285,7 +296,11 @@ impl Pool {
                 });
             }
         }
-        entries.retain(|_, e| e.connections.lock().map(|c| !c.is_empty()).unwrap_or(false));
+        // An entry a lease still holds stays even while empty: its handshake is running, and
+        // the connection it makes must land where the next lease for the key looks.
+        entries.retain(|_, e| {
+            Arc::strong_count(e) > 1 || e.connections.lock().map(|c| !c.is_empty()).unwrap_or(false)
+        });
     }
 }
 

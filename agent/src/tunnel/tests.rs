@@ -93,6 +93,8 @@ struct Env {
     hbone_addr: SocketAddr,
     echo_addr: SocketAddr,
     client_certs: CertManager,
+    /// The inbound's drain signal (GOAWAY on every HBONE connection when set).
+    drain: tokio::sync::watch::Sender<bool>,
 }
 
 impl Env {
@@ -164,6 +166,8 @@ impl Env {
             false,
         )
         .with_metrics(metrics.clone());
+        let (drain, draining) = tokio::sync::watch::channel(false);
+        inbound = inbound.with_drain(draining);
         if let Some(ips) = for_pod {
             inbound = inbound.for_pod(ips);
         }
@@ -180,6 +184,7 @@ impl Env {
             hbone_addr,
             echo_addr,
             client_certs,
+            drain,
         }
     }
 
@@ -1278,6 +1283,77 @@ async fn without_pooling_every_connection_gets_its_own_and_nothing_stays_pooled(
         2,
         "both connections went through"
     );
+}
+
+/// The pool's reaper first runs while the first handshake for a key is still going: the
+/// connection that handshake makes must still be pooled and shared, not left in an entry
+/// the reaper dropped.
+#[tokio::test]
+async fn the_first_connection_to_a_destination_is_pooled_and_shared() {
+    let env = Env::default().await;
+    let outbound = Arc::new(env.outbound(TunnelConfig::default()));
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let (mut client, task) = env
+            .proxied_client(
+                outbound.clone(),
+                env.request("client", "server", env.echo_addr),
+            )
+            .await;
+        let mut buf = [0u8; 4];
+        client.write_all(b"ping").await.expect("write");
+        client.read_exact(&mut buf).await.expect("echo");
+        clients.push((client, task));
+        assert_eq!(outbound.pooled_connections(), 1, "one connection, shared");
+    }
+}
+
+/// A peer agent that drains (GOAWAY) while a pooled connection to it still carries a
+/// stream: new streams go on another connection at once, the old stream finishes.
+#[tokio::test]
+async fn a_new_stream_avoids_a_pooled_connection_the_peer_is_draining() {
+    let env = Env::default().await;
+    let outbound = Arc::new(env.outbound(TunnelConfig::default()));
+    let (mut held, held_task) = env
+        .proxied_client(
+            outbound.clone(),
+            env.request("client", "server", env.echo_addr),
+        )
+        .await;
+    let mut buf = [0u8; 4];
+    held.write_all(b"ping").await.expect("write");
+    held.read_exact(&mut buf).await.expect("echo");
+    assert_eq!(outbound.pooled_connections(), 1);
+
+    env.drain.send(true).expect("drain");
+    // Lets the GOAWAY reach the client connection first; the new stream must get through
+    // whichever comes first.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (mut client, task) = env
+        .proxied_client(
+            outbound.clone(),
+            env.request("client", "server", env.echo_addr),
+        )
+        .await;
+    client.write_all(b"next").await.expect("write");
+    client.shutdown().await.expect("half-close");
+    let mut echoed = Vec::new();
+    tokio::time::timeout(CLOSE_BOUND, client.read_to_end(&mut echoed))
+        .await
+        .expect("answered before the setup deadline")
+        .expect("read");
+    assert_eq!(echoed, b"next");
+    task.await.expect("join").expect("proxy");
+
+    held.write_all(b"pong").await.expect("write");
+    held.read_exact(&mut buf)
+        .await
+        .expect("the draining connection still carries its stream");
+    assert_eq!(&buf, b"pong");
+    held.shutdown().await.expect("half-close");
+    let mut rest = Vec::new();
+    held.read_to_end(&mut rest).await.expect("read");
+    held_task.await.expect("join").expect("proxy");
 }
 
 /// The client's last bytes and its FIN come after the server app has already closed its
