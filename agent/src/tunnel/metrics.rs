@@ -137,8 +137,8 @@ pub enum RefusalReason {
     IdleTimeout,
     /// The peer broke the HTTP/2 protocol and the connection was torn down (GOAWAY).
     ProtocolError,
-    /// This side had no certificate for the workload (none issued in time) or could not
-    /// build its TLS configuration: a TCP reset before TLS.
+    /// The workload's certificate could not be issued (the CA answered with an error) or
+    /// its TLS configuration not built: a TCP reset before TLS.
     NoCertificate,
 }
 

@@ -73,6 +73,11 @@ impl OutboundRequest {
     }
 }
 
+/// Streams refused by a GOAWAY that are tried again on another connection: each try retires
+/// the connection that refused it, so a peer with several connections draining at once
+/// costs one try each, up to this many.
+const MAX_GOAWAY_RETRIES: usize = 3;
+
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
 /// `baggage`: each part is followed by the source's namespace, workload and workload.
@@ -178,6 +183,8 @@ impl Outbound {
     /// Opens one CONNECT stream and waits for the peer's 200, all within the setup deadline
     /// (`connect_timeout` + `tls_handshake_timeout`): a peer that stalls the TLS or HTTP/2
     /// handshake or never answers the CONNECT cannot hold the client's connection open.
+    /// Keep the lease until both stream halves are dropped: the connection gets a short
+    /// grace to close once its last lease goes, then streams still on it break.
     pub async fn open_stream(
         &self,
         request: &OutboundRequest,
@@ -203,7 +210,7 @@ impl Outbound {
             destination: request.destination.clone(),
             address: request.hbone_addr,
         };
-        let mut retried = false;
+        let mut goaway_retries = 0;
         let (response, send, lease) = loop {
             // The handshakes' state is boxed apart: inline, it would size every connection's
             // setup for it, though most streams find room on a pooled connection.
@@ -224,13 +231,17 @@ impl Outbound {
             };
             match opened {
                 Ok((response, send)) => break (response, send, lease),
-                // The peer drains this connection (GOAWAY): h2 refuses new streams on it, and
+                // The peer sent GOAWAY on this connection: h2 refuses new streams on it, and
                 // one sent just before the GOAWAY was not processed (RFC 9113 §6.8). Nothing
-                // has been sent for the client yet, so one more try on another connection.
-                Err(e) if e.is_go_away() && e.is_remote() && !retried => {
-                    debug!(destination = %request.destination, error = %e, "pooled HBONE connection draining; opening the stream on another");
+                // has been sent for the client yet, so it is tried again on another
+                // connection; a peer that sends GOAWAY on several at once retires one per try.
+                Err(e) if e.is_go_away() && e.is_remote() => {
                     lease.retire();
-                    retried = true;
+                    if goaway_retries == MAX_GOAWAY_RETRIES {
+                        return Err(e.into());
+                    }
+                    goaway_retries += 1;
+                    debug!(destination = %request.destination, error = %e, "HBONE connection refused the stream with GOAWAY; trying another");
                 }
                 Err(e) => return Err(e.into()),
             }

@@ -50,6 +50,8 @@ impl Driver {
         let task = tokio::spawn(async move {
             let mut connection = std::pin::pin!(connection);
             let ended = tokio::select! {
+                // The oneshot fires once; no need to draw which branch to poll first.
+                biased;
                 ended = &mut connection => ended,
                 _ = closed => match tokio::time::timeout(CLOSE_GRACE, &mut connection).await {
                     Ok(ended) => ended,

@@ -1308,10 +1308,11 @@ async fn the_first_connection_to_a_destination_is_pooled_and_shared() {
     }
 }
 
-/// A peer agent that drains (GOAWAY) while a pooled connection to it still carries a
-/// stream: new streams go on another connection at once, the old stream finishes.
+/// A peer that sends GOAWAY on its two pooled connections while one still carries a
+/// stream (and keeps accepting): a new stream goes on a third connection at once, the old
+/// stream finishes.
 #[tokio::test]
-async fn a_new_stream_avoids_a_pooled_connection_the_peer_is_draining() {
+async fn a_new_stream_avoids_pooled_connections_the_peer_is_draining() {
     let env = Env::default().await;
     let outbound = Arc::new(env.outbound(TunnelConfig::default()));
     let (mut held, held_task) = env
@@ -1324,6 +1325,15 @@ async fn a_new_stream_avoids_a_pooled_connection_the_peer_is_draining() {
     held.write_all(b"ping").await.expect("write");
     held.read_exact(&mut buf).await.expect("echo");
     assert_eq!(outbound.pooled_connections(), 1);
+    // A burst opens a second connection; once it has gone, both have room for a stream.
+    let burst = open_streams_at_once(
+        &outbound,
+        &env.request("client", "server", env.echo_addr),
+        150,
+    )
+    .await;
+    assert_eq!(outbound.pooled_connections(), 2);
+    drop(burst);
 
     env.drain.send(true).expect("drain");
     // Lets the GOAWAY reach the client connection first; the new stream must get through
