@@ -138,6 +138,9 @@ struct AcceptedStream {
     conn: Arc<InboundConnection>,
     /// The authorizer's explanation, for the access log.
     authz: String,
+    /// In the live set since before its authorization, so no policy change is missed.
+    live: LiveGuard,
+    revoked: Arc<Notify>,
 }
 
 /// Connections in flight, so a policy change can close the ones it no longer allows. The
@@ -637,6 +640,9 @@ impl Inbound {
             destination: target,
             workload,
         });
+        // Registered before the policy check: a policy change from here on (during the
+        // upstream dial too) re-checks this stream, and one before it is what the check sees.
+        let (live, revoked) = LiveGuard::register(&self, &conn);
         let (verdict, authz) = self.authorizer.authorize_explained(&conn);
         if let Verdict::Deny { .. } = verdict {
             self.log_denied(&conn, &authz);
@@ -648,13 +654,20 @@ impl Inbound {
             .preserve_source
             .then_some(SocketAddr::new(source_addr.ip(), 0));
         // Armed to reset, not FIN, unless the copy below finishes cleanly.
-        let upstream = match dial_with_timeout(
+        let dial = dial_with_timeout(
             self.dialer.dial_app(target, source),
             target,
             self.config.connect_timeout,
-        )
-        .await
-        {
+        );
+        let dialled = tokio::select! {
+            biased;
+            // `revoke_denied` logged the revocation.
+            () = revoked.notified() => {
+                return reply(&mut respond, StatusCode::UNAUTHORIZED).map(|()| None);
+            }
+            dialled = dial => dialled,
+        };
+        let upstream = match dialled {
             Ok(s) => s,
             Err(e) => {
                 self.refuse(
@@ -675,6 +688,8 @@ impl Inbound {
             recv: request.into_body(),
             conn,
             authz,
+            live,
+            revoked,
         }))
     }
 
@@ -735,25 +750,28 @@ impl Inbound {
             recv,
             conn,
             authz,
+            live,
+            revoked,
         } = accepted;
         // The TCP side of this copy is the workload, not the client.
         let (record, stats) = self.open_record(&conn, conn.source_addr, conn.destination, false);
         let started = std::time::Instant::now();
-        let (live, revoked) = LiveGuard::register(self, &conn);
         let mut copy = copy_bidirectional(upstream, send, recv, stats.clone());
         async move {
             let result = tokio::select! {
-                copied = &mut copy => {
-                    copied.map_err(|e| match e {
-                        super::copy::CopyError::Tcp(io) => TunnelError::Io(io),
-                        super::copy::CopyError::Tunnel(h2) => TunnelError::H2(h2),
-                    })
-                }
+                // A revocation that came after the 200 wins before any byte is copied.
+                biased;
                 () = revoked.notified() => {
                     // The workload side is reset here; dropping the copy below resets the
                     // stream (RST_STREAM), which the client's agent turns into a TCP reset.
                     super::reset_on_close(copy.tcp());
                     Err(TunnelError::Revoked)
+                }
+                copied = &mut copy => {
+                    copied.map_err(|e| match e {
+                        super::copy::CopyError::Tcp(io) => TunnelError::Io(io),
+                        super::copy::CopyError::Tunnel(h2) => TunnelError::H2(h2),
+                    })
                 }
             };
             drop(copy);
@@ -859,6 +877,8 @@ impl Inbound {
             destination,
             workload,
         });
+        // Registered before the policy check, as for HBONE streams.
+        let (_live, revoked) = LiveGuard::register(self, &conn);
         let (verdict, authz) = self.authorizer.authorize_explained(&conn);
         if let Verdict::Deny { .. } = verdict {
             self.log_denied(&conn, &authz);
@@ -872,13 +892,21 @@ impl Inbound {
             .preserve_source
             .then_some(SocketAddr::new(source_addr.ip(), 0));
         // Armed to reset, not FIN, unless the copy finishes cleanly.
-        let mut upstream = match dial_with_timeout(
+        let dial = dial_with_timeout(
             self.dialer.dial_app(destination, source),
             destination,
             self.config.connect_timeout,
-        )
-        .await
-        {
+        );
+        let dialled = tokio::select! {
+            biased;
+            // `revoke_denied` logged the revocation.
+            () = revoked.notified() => {
+                super::reset_on_close(&client);
+                return Ok(());
+            }
+            dialled = dial => dialled,
+        };
+        let mut upstream = match dialled {
             Ok(s) => s,
             Err(e) => {
                 // The client's connect already succeeded against the agent: a reset is the
@@ -897,15 +925,15 @@ impl Inbound {
         let (_record, stats) = self.open_record(&conn, source_addr, destination, true);
         let started = std::time::Instant::now();
         // The client is the TCP side here: what it sends is the request.
-        let (_live, revoked) = LiveGuard::register(self, &conn);
         let result = tokio::select! {
-            copied = super::copy::copy_tcp(&mut client, &mut upstream, &stats) => copied,
+            biased;
             () = revoked.notified() => {
                 super::reset_on_close(&client);
                 super::reset_on_close(&upstream);
                 info!(%source_addr, destination = %conn.workload.identity, "plaintext connection revoked");
                 Err(std::io::Error::other("revoked: a policy change denies this connection"))
             }
+            copied = super::copy::copy_tcp(&mut client, &mut upstream, &stats) => copied,
         };
         self.access_log(
             AccessKind::InboundPlaintext,
@@ -948,7 +976,8 @@ impl Inbound {
         revoked
     }
 
-    /// Connections currently proxied to local workloads.
+    /// Connections to local workloads past their request checks: authorizing, dialling
+    /// or copying.
     pub fn live_connections(&self) -> usize {
         self.live.count.load(Ordering::Relaxed)
     }

@@ -1256,6 +1256,108 @@ async fn policy_change_revokes_live_connections_it_denies() {
     .await;
 }
 
+/// Dials only after `open` is notified, so a test can change the policy while a stream is
+/// past its authorization but not yet copying.
+struct GatedDialer {
+    dialing: tokio::sync::Notify,
+    open: tokio::sync::Notify,
+}
+
+impl Dialer for GatedDialer {
+    fn dial(
+        &self,
+        target: SocketAddr,
+        source: Option<SocketAddr>,
+    ) -> BoxFuture<'_, std::io::Result<TcpStream>> {
+        Box::pin(async move {
+            self.dialing.notify_one();
+            self.open.notified().await;
+            DirectDialer.dial(target, source).await
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_change_during_the_upstream_dial_revokes_the_stream() {
+    let ca = Arc::new(LocalCa::generate().expect("CA"));
+    let ttl = Duration::from_secs(3600);
+    let switch = Arc::new(Switch::default());
+    let dialer = Arc::new(GatedDialer {
+        dialing: tokio::sync::Notify::new(),
+        open: tokio::sync::Notify::new(),
+    });
+    let inbound = Arc::new(Inbound::new(
+        CertManager::new(ca.clone(), ttl),
+        Arc::new(Workloads(HashMap::from([(
+            LOCALHOST,
+            LocalWorkload {
+                name: "server".into(),
+                namespace: "default".into(),
+                identity: id("server"),
+            },
+        )]))),
+        switch.clone(),
+        dialer.clone(),
+        TunnelConfig::default(),
+        false,
+    ));
+    let listener = hbone_listener((LOCALHOST, 0));
+    let hbone_addr = listener.local_addr().expect("addr");
+    tokio::spawn(inbound.clone().serve(listener));
+    let echo_addr = spawn_echo().await;
+    let outbound = Arc::new(Outbound::new(
+        CertManager::new(ca, ttl),
+        Arc::new(DirectDialer),
+        TunnelConfig::default(),
+    ));
+    let capture = TcpListener::bind((LOCALHOST, 0)).await.expect("bind");
+    let mut client = TcpStream::connect(capture.local_addr().expect("addr"))
+        .await
+        .expect("connect");
+    let (accepted, _) = capture.accept().await.expect("accept");
+    super::reset_on_close(&accepted);
+    let request = OutboundRequest {
+        source: id("client"),
+        source_addr: "127.0.0.1:40000".parse().expect("addr"),
+        source_workload: "client".into(),
+        destination: id("server"),
+        hbone_addr,
+        original_destination: echo_addr,
+    };
+    tokio::spawn(async move {
+        outbound
+            .proxy(request, accepted, CopyStats::default())
+            .await
+    });
+    client.write_all(b"early").await.expect("write");
+
+    // Authorized under the old policy, now dialling the workload: the new policy denies it.
+    tokio::time::timeout(Duration::from_secs(10), dialer.dialing.notified())
+        .await
+        .expect("the stream reaches its upstream dial");
+    switch.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        inbound.revoke_denied(),
+        1,
+        "a stream between its authorization and its copy is revoked too"
+    );
+    dialer.open.notify_one();
+
+    let mut rest = Vec::new();
+    let outcome = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest))
+        .await
+        .expect("the revoked connection ends promptly");
+    assert!(
+        outcome.is_err(),
+        "the stream the new policy denies is reset, never echoed: {outcome:?}, read {rest:?}"
+    );
+    let inbound_done = inbound.clone();
+    wait_for("the live set to drop the connection", move || {
+        inbound_done.live_connections() == 0
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_pooling_every_connection_gets_its_own_and_nothing_stays_pooled() {
     let env = Env::default().await;
