@@ -102,6 +102,13 @@ pub struct RunArgs {
     /// Inbound HBONE: the largest CONNECT header block accepted (bytes); larger gets 431.
     #[arg(long, default_value_t = 64 * 1024)]
     pub max_header_list_size: u32,
+    /// HBONE, both sides: send an HTTP/2 PING on every connection this often (seconds)...
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub keepalive_interval_secs: u64,
+    /// ...and drop a connection whose peer leaves one unanswered this long, resetting its
+    /// streams (seconds).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub keepalive_timeout_secs: u64,
     /// Close pooled HBONE connections idle for this many seconds.
     #[arg(long, default_value_t = 300)]
     pub pool_idle_secs: u64,
@@ -218,6 +225,8 @@ impl RunArgs {
                 tls_handshake_timeout: Duration::from_millis(args.tls_handshake_timeout_ms),
                 hbone_idle_timeout: Duration::from_secs(args.hbone_idle_timeout_secs),
                 max_header_list_size: args.max_header_list_size,
+                keepalive_interval: Duration::from_secs(args.keepalive_interval_secs),
+                keepalive_timeout: Duration::from_secs(args.keepalive_timeout_secs),
                 ..Default::default()
             },
             admin_addr: args.admin_addr,
@@ -296,6 +305,8 @@ mod tests {
         ("tls-handshake-timeout-ms", Some("7001"), Mode::Both, "/tunnel/tlsHandshakeTimeout", Some(r#""7001ms""#)),
         ("hbone-idle-timeout-secs", Some("6001"), Mode::Both, "/tunnel/hboneIdleTimeout", Some(r#""6001s""#)),
         ("max-header-list-size", Some("12345"), Mode::Both, "/tunnel/maxHeaderListSize", Some("12345")),
+        ("keepalive-interval-secs", Some("11"), Mode::Both, "/tunnel/keepaliveInterval", Some(r#""11s""#)),
+        ("keepalive-timeout-secs", Some("23"), Mode::Both, "/tunnel/keepaliveTimeout", Some(r#""23s""#)),
         ("pool-idle-secs", Some("3001"), Mode::Both, "/tunnel/poolIdleTimeout", Some(r#""3001s""#)),
         ("admin-addr", Some("127.0.0.2:1501"), Mode::Both, "/adminAddr", Some(r#""127.0.0.2:1501""#)),
         ("metrics-addr", Some("127.0.0.3:1502"), Mode::Both, "/metricsAddr", Some(r#""127.0.0.3:1502""#)),

@@ -116,6 +116,7 @@ pub struct Inbound {
     tls_configs: super::tls::ConfigCache<rustls::ServerConfig>,
     live: LiveConnections,
     metrics: Option<Arc<Metrics>>,
+    keepalive: super::Keepalive,
     /// Turns true when the agent drains: HBONE connections get a GOAWAY.
     drain: Option<watch::Receiver<bool>>,
     /// The addresses of the one pod this Inbound serves; `None` serves every local workload
@@ -204,6 +205,7 @@ impl Inbound {
         preserve_source: bool,
     ) -> Self {
         Self {
+            keepalive: config.keepalive(prometheus_client::metrics::counter::Counter::default()),
             certs,
             workloads,
             authorizer,
@@ -269,6 +271,7 @@ impl Inbound {
     /// Records connections and handshake failures in the agent's metrics.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.tls_configs = super::tls::ConfigCache::with_chain_counters(metrics.verified_chains());
+        self.keepalive = self.config.keepalive(metrics.keepalive_timeouts("server"));
         self.metrics = Some(metrics);
         self
     }
@@ -433,11 +436,14 @@ impl Inbound {
             );
             return Ok(());
         };
-        let (mut connection, source_identity) = match established {
+        // Moved whole out of `established` (by a method call), so no part of it stays to
+        // borrow the socket until the end: a silent peer's connection, once dropped, leaves
+        // the socket to be reset below.
+        let (mut connection, source_identity) = match established.map_err(Some) {
             Ok(established) => established,
             failed => {
                 // Consumed whole, so nothing of it borrows the socket any more.
-                let error = failed.err();
+                let error = failed.err().flatten();
                 // Not finished (refused, or the TLS alert already written): a reset, never
                 // a clean close.
                 super::reset_on_close(&tcp);
@@ -449,10 +455,19 @@ impl Inbound {
         tokio::pin!(idle);
         let drain = drain_signal(self.drain.clone());
         tokio::pin!(drain);
+        let ping_pong = connection.ping_pong();
+        let silent = self.keepalive.expire(ping_pong);
+        tokio::pin!(silent);
         let mut closing = false;
+        let mut peer_silent = false;
         loop {
             let stream = tokio::select! {
                 stream = connection.accept() => stream,
+                unanswered_for = &mut silent => {
+                    warn!(%peer, source = %source_identity, ?unanswered_for, "HBONE peer left a keepalive PING unanswered; connection dropped, its streams reset");
+                    peer_silent = true;
+                    break;
+                }
                 () = &mut drain, if !closing => {
                     // GOAWAY: the peer opens no new streams here; those in flight finish.
                     connection.graceful_shutdown();
@@ -495,6 +510,12 @@ impl Inbound {
                 active,
                 answered.clone(),
             ));
+        }
+        if peer_silent {
+            // Dropping the connection fails its streams: their copies reset the workloads'
+            // connections. Nothing more is written to a silent peer.
+            drop(connection);
+            super::reset_on_close(&tcp);
         }
         Ok(())
     }

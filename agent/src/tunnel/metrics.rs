@@ -181,6 +181,12 @@ pub struct RefusalLabels {
     pub reason: &'static str,
 }
 
+/// Which end of an HBONE connection: "client" (outbound) or "server" (inbound).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SideLabels {
+    pub side: &'static str,
+}
+
 /// Shared by every pod of the agent.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -190,6 +196,8 @@ pub struct Metrics {
     received: Family<ConnectionLabels, Counter>,
     handshake_failures: Family<HandshakeLabels, Counter>,
     refusals: Family<RefusalLabels, Counter>,
+    /// HBONE connections dropped because the peer left a keepalive PING unanswered.
+    keepalive_timeouts: Family<SideLabels, Counter>,
     /// Failed accepts on the agent's listeners (EMFILE and the like); accepting goes on.
     accept_errors: Counter,
     /// Peer chains verified from the verified-chain cache, and those verified in full.
@@ -348,6 +356,14 @@ impl Metrics {
             "Inbound connections and streams refused before or instead of being carried, by reason",
             m.refusals.clone(),
         );
+        for side in ["client", "server"] {
+            drop(m.keepalive_timeouts.get_or_create(&SideLabels { side }));
+        }
+        registry.register(
+            "ambit_hbone_keepalive_timeouts",
+            "HBONE connections dropped (their streams reset) because the peer left a keepalive PING unanswered, by side",
+            m.keepalive_timeouts.clone(),
+        );
         registry.register(
             "ambit_accept_errors",
             "Failed accepts on the agent's listeners (accepting continues after a back-off)",
@@ -369,6 +385,13 @@ impl Metrics {
     /// The counters every TLS configuration cache's verified-chain cache adds to.
     pub fn verified_chains(&self) -> ChainCacheCounters {
         self.verified_chains.clone()
+    }
+
+    /// The keepalive-timeout counter of one side ("client" or "server"), resolved once.
+    pub fn keepalive_timeouts(&self, side: &'static str) -> Counter {
+        self.keepalive_timeouts
+            .get_or_create(&SideLabels { side })
+            .clone()
     }
 
     /// The counter every accept loop adds its errors to.

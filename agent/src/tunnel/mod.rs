@@ -10,6 +10,7 @@ mod access_log;
 mod copy;
 mod held_writes;
 mod inbound;
+mod keepalive;
 mod metrics;
 mod outbound;
 mod pool;
@@ -40,6 +41,7 @@ pub use shards::Shards;
 pub use tls::{HandshakeFailure, client_config};
 
 use crate::identity::IdentityError;
+use keepalive::Keepalive;
 
 /// HBONE's well-known port.
 pub const HBONE_PORT: u16 = ambit_common::HBONE_PORT;
@@ -85,6 +87,24 @@ pub struct TunnelConfig {
     /// first answer to leave with it (`held_writes`), at most this long.
     #[serde(serialize_with = "crate::observability::readable::duration")]
     pub first_frames_hold: Duration,
+    /// Both sides: an HTTP/2 PING on every HBONE connection this often...
+    #[serde(serialize_with = "crate::observability::readable::duration")]
+    pub keepalive_interval: Duration,
+    /// ...answered within this, or the connection is dropped and its streams reset
+    /// (`keepalive`).
+    #[serde(serialize_with = "crate::observability::readable::duration")]
+    pub keepalive_timeout: Duration,
+}
+
+impl TunnelConfig {
+    /// The keepalive of this configuration, counting its timeouts in `timeouts`.
+    fn keepalive(&self, timeouts: prometheus_client::metrics::counter::Counter) -> Keepalive {
+        Keepalive {
+            interval: self.keepalive_interval,
+            timeout: self.keepalive_timeout,
+            timeouts,
+        }
+    }
 }
 
 impl Default for TunnelConfig {
@@ -109,6 +129,9 @@ impl Default for TunnelConfig {
             // wake-up (shards::keep_timer_deadline_near); an upstream that never answers
             // its SYN is the only thing that makes a first answer take this long.
             first_frames_hold: Duration::from_secs(1),
+            // ztunnel's values.
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
         }
     }
 }

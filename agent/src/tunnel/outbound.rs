@@ -10,6 +10,7 @@ use futures::FutureExt as _;
 use futures::future::Either;
 use http::header::{HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri};
+use prometheus_client::metrics::counter::Counter;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -18,6 +19,7 @@ use tracing::{debug, warn};
 use super::access_log::AddrText;
 use super::copy::{CopyStats, copy_bidirectional};
 use super::held_writes::HeldWrites;
+use super::keepalive::Keepalive;
 use super::metrics::Metrics;
 use super::pool::{Driver, Pool, PoolKey, StreamLease};
 use super::tls::{HandshakeFailure, client_config_for};
@@ -107,11 +109,13 @@ pub struct Outbound {
     counters: Arc<TunnelCounters>,
     tls_configs: super::tls::ConfigCache<rustls::ClientConfig>,
     metrics: Option<Arc<Metrics>>,
+    keepalive: Keepalive,
 }
 
 impl Outbound {
     pub fn new(certs: CertManager, dialer: Arc<dyn Dialer>, config: TunnelConfig) -> Self {
         Self {
+            keepalive: config.keepalive(Counter::default()),
             pool: Pool::new(config.max_streams_per_connection, config.pool_idle_timeout),
             certs,
             dialer,
@@ -126,6 +130,7 @@ impl Outbound {
     /// caller, which knows both workloads).
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.tls_configs = super::tls::ConfigCache::with_chain_counters(metrics.verified_chains());
+        self.keepalive = self.config.keepalive(metrics.keepalive_timeouts("client"));
         self.metrics = Some(metrics);
         self
     }
@@ -299,14 +304,18 @@ impl Outbound {
                 });
             }
         };
-        let (send, connection) = h2::client::Builder::new()
+        let (send, mut connection) = h2::client::Builder::new()
             .initial_window_size(self.config.stream_window)
             .initial_connection_window_size(self.config.connection_window)
             .max_frame_size(self.config.max_frame_size)
             .max_concurrent_reset_streams(1024)
             .handshake::<_, Bytes>(tls_stream)
             .await?;
-        Ok((send, Driver::spawn(connection, key.address)))
+        let ping_pong = connection.ping_pong();
+        Ok((
+            send,
+            Driver::spawn(connection, ping_pong, self.keepalive.clone(), key.address),
+        ))
     }
 }
 

@@ -14,9 +14,10 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::TunnelError;
+use super::keepalive::Keepalive;
 use crate::identity::SpiffeId;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -42,7 +43,15 @@ pub struct Driver {
 }
 
 impl Driver {
-    pub fn spawn<C>(connection: C, address: SocketAddr) -> Self
+    /// Drives `connection`, pinging the peer through `ping_pong` as `keepalive` says: a
+    /// silent peer's connection is dropped, which fails its streams (their proxies reset
+    /// their clients) and takes it out of the pool.
+    pub fn spawn<C>(
+        connection: C,
+        ping_pong: Option<h2::PingPong>,
+        keepalive: Keepalive,
+        address: SocketAddr,
+    ) -> Self
     where
         C: Future<Output = Result<(), h2::Error>> + Send + 'static,
     {
@@ -53,6 +62,10 @@ impl Driver {
                 // The oneshot fires once; no need to draw which branch to poll first.
                 biased;
                 ended = &mut connection => ended,
+                silent = keepalive.expire(ping_pong) => {
+                    warn!(%address, unanswered_for = ?silent, "HBONE peer left a keepalive PING unanswered; connection dropped, its streams reset");
+                    return;
+                }
                 _ = closed => match tokio::time::timeout(CLOSE_GRACE, &mut connection).await {
                     Ok(ended) => ended,
                     Err(_) => {

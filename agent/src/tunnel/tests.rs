@@ -1886,3 +1886,138 @@ async fn preserved_source_dials_share_ports_across_destinations() {
     }
     assert_eq!(streams.len(), DESTINATIONS);
 }
+
+/// Forwards TCP connections to `target` until frozen, then holds them open and silent, like
+/// a peer whose node vanished: no FIN, no reset, no answer (the kernel still ACKs).
+async fn spawn_freezable_relay(
+    target: SocketAddr,
+) -> (SocketAddr, tokio::sync::watch::Sender<bool>) {
+    let listener = TcpListener::bind((LOCALHOST, 0)).await.expect("bind relay");
+    let addr = listener.local_addr().expect("addr");
+    let (freeze, frozen) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        while let Ok((mut near, _)) = listener.accept().await {
+            let mut frozen = frozen.clone();
+            tokio::spawn(async move {
+                let Ok(mut far) = TcpStream::connect(target).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut near, &mut far) => {}
+                    _ = async { frozen.wait_for(|frozen| *frozen).await.map(drop) } => {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, freeze)
+}
+
+/// An echo server that reports how each connection ended: `Ok` at EOF, else the error.
+async fn spawn_reporting_echo() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<std::io::Result<()>>,
+) {
+    let listener = TcpListener::bind((LOCALHOST, 0)).await.expect("bind echo");
+    let addr = listener.local_addr().expect("addr");
+    let (report, reports) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let report = report.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                let ended = loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) => break Ok(()),
+                        Ok(n) => {
+                            if let Err(e) = stream.write_all(&buf[..n]).await {
+                                break Err(e);
+                            }
+                        }
+                        Err(e) => break Err(e),
+                    }
+                };
+                let _ = report.send(ended);
+            });
+        }
+    });
+    (addr, reports)
+}
+
+/// Short enough for a test, with an answer window no loaded machine misses.
+fn quick_keepalive() -> TunnelConfig {
+    TunnelConfig {
+        keepalive_interval: Duration::from_millis(100),
+        keepalive_timeout: Duration::from_secs(2),
+        ..TunnelConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_silent_is_dropped_and_its_workload_connection_reset() {
+    let env = Env::with_config(quick_keepalive()).await;
+    let (relay, freeze) = spawn_freezable_relay(env.hbone_addr).await;
+    let (workload, mut ended) = spawn_reporting_echo().await;
+    // The client side would ping only after 10 s: the server's keepalive is what acts.
+    let outbound = Arc::new(env.outbound(TunnelConfig::default()));
+    let mut request = env.request("client", "server", workload);
+    request.hbone_addr = relay;
+    let (mut client, _task) = env.proxied_client(outbound, request).await;
+    let mut buf = [0u8; 5];
+    client.write_all(b"alive").await.expect("write");
+    client
+        .read_exact(&mut buf)
+        .await
+        .expect("echo through the relay");
+    // Several PINGs answered: a live peer is not dropped.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    client.write_all(b"still").await.expect("write");
+    client.read_exact(&mut buf).await.expect("echo after PINGs");
+    assert_eq!(env.metrics.keepalive_timeouts("server").get(), 0);
+
+    freeze.send_replace(true);
+    let outcome = tokio::time::timeout(Duration::from_secs(20), ended.recv())
+        .await
+        .expect("the workload's connection ends once the silent client is dropped")
+        .expect("a report");
+    let error = outcome.expect_err("a reset, not a clean close");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+    assert_eq!(env.metrics.keepalive_timeouts("server").get(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_goes_silent_is_dropped_and_the_client_reset() {
+    let env = Env::default().await;
+    let (relay, freeze) = spawn_freezable_relay(env.hbone_addr).await;
+    let outbound = Arc::new(
+        env.outbound(quick_keepalive())
+            .with_metrics(env.metrics.clone()),
+    );
+    let mut request = env.request("client", "server", env.echo_addr);
+    request.hbone_addr = relay;
+    let (mut client, task) = env.proxied_client(outbound, request).await;
+    let mut buf = [0u8; 5];
+    client.write_all(b"alive").await.expect("write");
+    client
+        .read_exact(&mut buf)
+        .await
+        .expect("echo through the relay");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    client.write_all(b"still").await.expect("write");
+    client.read_exact(&mut buf).await.expect("echo after PINGs");
+    assert_eq!(env.metrics.keepalive_timeouts("client").get(), 0);
+
+    freeze.send_replace(true);
+    let mut rest = Vec::new();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), client.read_to_end(&mut rest))
+        .await
+        .expect("the client's connection ends once the silent server is dropped");
+    let error = outcome.expect_err("a reset, not a clean close");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+    assert_eq!(env.metrics.keepalive_timeouts("client").get(), 1);
+    assert!(
+        task.await.expect("proxy task").is_err(),
+        "the proxy reports the failure"
+    );
+}
