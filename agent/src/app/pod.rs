@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ambit_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_CAPTURE_PORT};
 use anyhow::Context as _;
@@ -446,13 +446,7 @@ fn handle_outbound(
             // future twice (as what it captured and as what it awaits).
             let proxy = ctx.outbound.proxy(request, client, record.stats().clone());
             Box::pin(proxy.map(move |result| {
-                if let Err(
-                    TunnelError::Connect { .. }
-                    | TunnelError::ConnectTimeout(_)
-                    | TunnelError::Handshake { .. }
-                    | TunnelError::Status(_),
-                ) = &result
-                {
+                if let Err(TunnelError::NotCarried(_)) = &result {
                     // Upstream failure: the tunnel never carried this connection.
                     record.set_response_flags("UF");
                 }
@@ -488,7 +482,8 @@ fn handle_outbound(
         Route::Direct { target } => {
             drop(state);
             Box::pin(async move {
-                let result = passthrough(&ctx.sockets, client, target).await;
+                let connect_timeout = ctx.outbound.connect_timeout();
+                let result = passthrough(&ctx.sockets, client, target, connect_timeout).await;
                 info!(source = %ctx.workload.identity, %target, security = "none",
                     result = %outcome(&result),
                     "outbound passthrough closed");
@@ -506,10 +501,19 @@ async fn passthrough(
     sockets: &PodSockets,
     mut client: TcpStream,
     target: SocketAddr,
+    connect_timeout: Duration,
 ) -> std::io::Result<()> {
     // Armed to reset, like the client (from its listener): lifted only if both directions
-    // end cleanly.
-    let mut upstream = sockets.dial_app(target, None).await?;
+    // end cleanly. Bounded like every other dial, not by the kernel's SYN retries (~2 min);
+    // the client, dropped on the error, is reset.
+    let Ok(dialled) = tokio::time::timeout(connect_timeout, sockets.dial_app(target, None)).await
+    else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("connect to {target}: timed out after {connect_timeout:?}"),
+        ));
+    };
+    let mut upstream = dialled?;
     crate::tunnel::copy_tcp(&mut client, &mut upstream, &CopyStats::default()).await
 }
 

@@ -94,7 +94,9 @@ impl Stock {
 }
 
 pub struct PodSockets {
-    requests: Mutex<mpsc::Sender<Request>>,
+    /// `Sync` itself: dials on every shard and the enrollment's listener requests send
+    /// without a lock between them.
+    requests: mpsc::Sender<Request>,
     stock: Arc<Stock>,
 }
 
@@ -128,15 +130,13 @@ impl PodSockets {
             .recv()
             .map_err(|_| io::Error::other("pod socket thread died"))??;
         Ok(Self {
-            requests: Mutex::new(tx),
+            requests: tx,
             stock,
         })
     }
 
     fn request(&self, request: Request) -> io::Result<()> {
         self.requests
-            .lock()
-            .map_err(|_| io::Error::other("pod socket lock poisoned"))?
             .send(request)
             .map_err(|_| io::Error::other("pod socket thread is gone"))
     }

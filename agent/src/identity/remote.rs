@@ -115,9 +115,9 @@ pub struct RemoteCa {
     cluster_id: Option<tonic::metadata::AsciiMetadataValue>,
     extra_roots: Vec<CertificateDer<'static>>,
     /// The roots from the latest response plus the extra roots, built once per response
-    /// that brings roots. A std lock held only to clone or swap the Arc, so the connection
-    /// path that reads the bundle never waits on a request in flight (nor copies it).
-    bundle: RwLock<Arc<TrustBundle>>,
+    /// that brings roots. Swapped, never locked: the connection path that reads the bundle
+    /// never waits on the issuance that replaces it (nor copies it).
+    bundle: arc_swap::ArcSwap<TrustBundle>,
 }
 
 /// The gRPC client and what rebuilding it for new trust takes. Shared with the task that
@@ -276,7 +276,7 @@ impl RemoteCa {
             channel,
             token_file: config.token_file,
             cluster_id,
-            bundle: RwLock::new(Arc::new(bundle_with(&[], &extra_roots))),
+            bundle: arc_swap::ArcSwap::from_pointee(bundle_with(&[], &extra_roots)),
             extra_roots,
         })
     }
@@ -339,7 +339,7 @@ impl RemoteCa {
         let bundle = bundle_with(&roots, &self.extra_roots);
         verify_chain(&cert, &bundle)?;
         if !roots.is_empty() {
-            *self.bundle.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(bundle);
+            self.bundle.store(Arc::new(bundle));
         }
         Ok(cert)
     }
@@ -366,7 +366,7 @@ impl CertificateAuthority for RemoteCa {
     }
 
     fn trust_bundle(&self) -> Arc<TrustBundle> {
-        Arc::clone(&self.bundle.read().unwrap_or_else(PoisonError::into_inner))
+        self.bundle.load_full()
     }
 }
 

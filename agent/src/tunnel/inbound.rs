@@ -32,7 +32,7 @@ use super::metrics::{
 };
 use super::outbound::handshake_failure;
 use super::tls::server_config_for;
-use super::{Dialer, TunnelConfig, TunnelCounters, TunnelError, dial_with_timeout};
+use super::{Dialer, TunnelConfig, TunnelError, dial_with_timeout};
 use crate::identity::{CertManager, SpiffeId};
 
 /// A workload served by this agent.
@@ -112,7 +112,6 @@ pub struct Inbound {
     /// Connect to the workload from the client's own address (IP_TRANSPARENT) so the
     /// application sees its real peer; needs CAP_NET_ADMIN and the pod-side routing.
     preserve_source: bool,
-    counters: Arc<TunnelCounters>,
     tls_configs: super::tls::ConfigCache<rustls::ServerConfig>,
     live: LiveConnections,
     metrics: Option<Arc<Metrics>>,
@@ -190,6 +189,12 @@ impl Drop for LiveGuard {
         let live = &self.inbound.live;
         if let Ok(mut map) = live.map.lock() {
             map.remove(&self.id);
+            // Give back what a burst grew, a few times on the way down (each a rehash of
+            // what is left), rather than hold the peak's table for the agent's life.
+            let left = map.len();
+            if map.capacity() > 256 && left * 4 < map.capacity() {
+                map.shrink_to(left * 2);
+            }
         }
         live.count.fetch_sub(1, Ordering::Relaxed);
     }
@@ -212,7 +217,6 @@ impl Inbound {
             dialer,
             config,
             preserve_source,
-            counters: Arc::new(TunnelCounters::default()),
             tls_configs: super::tls::ConfigCache::default(),
             live: LiveConnections::default(),
             metrics: None,
@@ -360,10 +364,6 @@ impl Inbound {
             None => meta.principal = super::metrics::UNKNOWN.into(),
         }
         meta
-    }
-
-    pub fn counters(&self) -> &Arc<TunnelCounters> {
-        &self.counters
     }
 
     /// Accepts HBONE connections until the task is aborted; accept errors are retried. The
@@ -572,7 +572,6 @@ impl Inbound {
             }
             Err(e) => {
                 let reason = handshake_failure(&e);
-                self.counters.record_handshake_failure(&reason);
                 if let Some(m) = &self.metrics {
                     m.handshake_failure(&reason);
                 }
@@ -587,7 +586,6 @@ impl Inbound {
             // The verifier already insisted on a SPIFFE ID; this is unreachable in practice,
             // and still counted and logged like any other handshake failure.
             let reason = super::HandshakeFailure::NoSpiffeId;
-            self.counters.record_handshake_failure(&reason);
             if let Some(m) = &self.metrics {
                 m.handshake_failure(&reason);
             }

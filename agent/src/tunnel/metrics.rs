@@ -416,6 +416,13 @@ impl Metrics {
             .get()
     }
 
+    /// Handshake failures counted so far under the reason label `reason`.
+    pub fn handshake_failures(&self, reason: &'static str) -> u64 {
+        self.handshake_failures
+            .get_or_create(&HandshakeLabels { reason })
+            .get()
+    }
+
     pub fn handshake_failure(&self, reason: &HandshakeFailure) {
         self.handshake_failures
             .get_or_create(&HandshakeLabels {

@@ -19,7 +19,6 @@ mod tls;
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -165,6 +164,10 @@ pub enum TunnelError {
     Io(#[from] io::Error),
     #[error("revoked: a policy change denies this connection")]
     Revoked,
+    /// The proxied connection ended before its stream was open: the tunnel never carried
+    /// it (Envoy's `UF`, upstream failure), whatever the cause.
+    #[error(transparent)]
+    NotCarried(Box<TunnelError>),
 }
 
 /// Opens TCP connections; the agent's implementation opens them inside a pod's netns with
@@ -253,28 +256,6 @@ pub async fn connect_prepared(
         socket.bind(source)?;
     }
     socket.connect(target).await
-}
-
-/// Counts of events an operator needs, kept here until the metrics registry takes them over.
-#[derive(Debug, Default)]
-pub struct TunnelCounters {
-    handshake_failures: Mutex<std::collections::BTreeMap<String, u64>>,
-}
-
-impl TunnelCounters {
-    pub fn record_handshake_failure(&self, reason: &HandshakeFailure) {
-        if let Ok(mut map) = self.handshake_failures.lock() {
-            *map.entry(reason.label().to_string()).or_default() += 1;
-        }
-    }
-
-    /// Handshake failures by reason label.
-    pub fn handshake_failures(&self) -> std::collections::BTreeMap<String, u64> {
-        self.handshake_failures
-            .lock()
-            .map(|m| m.clone())
-            .unwrap_or_default()
-    }
 }
 
 /// Makes the coming close of `tcp` a reset (RST) instead of an orderly FIN: the peer must

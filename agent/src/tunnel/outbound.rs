@@ -23,7 +23,7 @@ use super::keepalive::Keepalive;
 use super::metrics::Metrics;
 use super::pool::{Driver, Pool, PoolKey, StreamLease};
 use super::tls::{HandshakeFailure, client_config_for};
-use super::{Dialer, TunnelConfig, TunnelCounters, TunnelError, dial_with_timeout};
+use super::{Dialer, TunnelConfig, TunnelError, dial_with_timeout};
 use crate::identity::{CertManager, SpiffeId};
 
 /// Everything the outbound side needs to know about one captured connection; decided
@@ -106,7 +106,6 @@ pub struct Outbound {
     dialer: Arc<dyn Dialer>,
     pool: Arc<Pool>,
     config: TunnelConfig,
-    counters: Arc<TunnelCounters>,
     tls_configs: super::tls::ConfigCache<rustls::ClientConfig>,
     metrics: Option<Arc<Metrics>>,
     keepalive: Keepalive,
@@ -120,7 +119,6 @@ impl Outbound {
             certs,
             dialer,
             config,
-            counters: Arc::new(TunnelCounters::default()),
             tls_configs: super::tls::ConfigCache::default(),
             metrics: None,
         }
@@ -135,8 +133,9 @@ impl Outbound {
         self
     }
 
-    pub fn counters(&self) -> &Arc<TunnelCounters> {
-        &self.counters
+    /// How long a TCP connect may take (HBONE dials, and the agent's passthrough dials).
+    pub fn connect_timeout(&self) -> std::time::Duration {
+        self.config.connect_timeout
     }
 
     /// HBONE connections currently pooled.
@@ -181,7 +180,9 @@ impl Outbound {
             // The client's connect() already succeeded against the capture listener; its
             // reset (armed by the listener's options, closed with it here) is the closest it
             // can see to "refused" (e.g. a 401 from the peer).
-            Err(e) => Either::Right(std::future::ready(Err(e))),
+            Err(e) => Either::Right(std::future::ready(Err(TunnelError::NotCarried(Box::new(
+                e,
+            ))))),
         })
     }
 
@@ -293,7 +294,6 @@ impl Outbound {
                 // The alert naming the reason, for the peer's own logs.
                 tcp.release_without_waiting();
                 let reason = handshake_failure(&e);
-                self.counters.record_handshake_failure(&reason);
                 if let Some(m) = &self.metrics {
                     m.handshake_failure(&reason);
                 }
