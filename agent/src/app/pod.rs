@@ -448,7 +448,7 @@ fn handle_outbound(
             Box::pin(proxy.map(move |result| {
                 if let Err(TunnelError::NotCarried(_)) = &result {
                     // Upstream failure: the tunnel never carried this connection.
-                    record.set_response_flags("UF");
+                    record.set_response_flags(crate::tunnel::UPSTREAM_FAILURE);
                 }
                 let me = &ctx.workload;
                 let stats = record.stats();

@@ -296,6 +296,10 @@ struct Series {
     /// Resolved at the first close: until a connection with these labels closed, the
     /// closed family shows no such series (as before this cache existed).
     closed: OnceLock<Counter>,
+    /// The same labels with `response_flags="UF"`, resolved at the first upstream failure:
+    /// a destination that refuses every connection must not cost each one a label copy and
+    /// the family's lock, which a scrape holds while it encodes.
+    closed_upstream_failure: OnceLock<Counter>,
 }
 
 impl Metrics {
@@ -477,6 +481,7 @@ impl Metrics {
             sent: self.sent.get_or_create_owned(&labels),
             received: self.received.get_or_create_owned(&labels),
             closed: OnceLock::new(),
+            closed_upstream_failure: OnceLock::new(),
             labels: labels.clone(),
         });
         let Ok(mut known) = self.series.write() else {
@@ -492,6 +497,9 @@ impl Metrics {
         self.active.load(Ordering::Acquire)
     }
 }
+
+/// Envoy's response flag for a connection the upstream never carried.
+pub const UPSTREAM_FAILURE: &str = "UF";
 
 /// One open connection; counted as closed when dropped.
 #[derive(Debug)]
@@ -519,15 +527,25 @@ impl ConnectionRecord {
 
 impl Drop for ConnectionRecord {
     fn drop(&mut self) {
+        let series = &self.series;
         match self.response_flags {
-            // Copies the label set only for the (rare) connection that fails.
+            Some(UPSTREAM_FAILURE) => {
+                series
+                    .closed_upstream_failure
+                    .get_or_init(|| {
+                        let mut labels = ConnectionLabels::clone(&series.labels);
+                        labels.response_flags = UPSTREAM_FAILURE;
+                        self.closed.get_or_create_owned(&labels)
+                    })
+                    .inc();
+            }
+            // Copies the label set only for the (rare) connection that fails otherwise.
             Some(flags) => {
                 let mut labels = ConnectionLabels::clone(&self.series.labels);
                 labels.response_flags = flags;
                 self.closed.get_or_create(&labels).inc();
             }
             None => {
-                let series = &self.series;
                 series
                     .closed
                     .get_or_init(|| self.closed.get_or_create_owned(&series.labels))
@@ -636,11 +654,14 @@ mod metrics_tests {
             !live.contains("istio_tcp_connections_closed_total{"),
             "{live}"
         );
-        let mut failed = m.open_series(&series, true);
-        failed.set_response_flags("UF");
+        // Two upstream failures on one series: the second reuses the first's counter.
+        for _ in 0..2 {
+            let mut failed = m.open_series(&series, true);
+            failed.set_response_flags(UPSTREAM_FAILURE);
+            drop(failed);
+        }
         drop(first);
         drop(second);
-        drop(failed);
         let text = encode(&registry);
         let closed: Vec<&str> = text
             .lines()
@@ -656,7 +677,7 @@ mod metrics_tests {
         assert!(
             closed
                 .iter()
-                .any(|l| l.contains("response_flags=\"UF\"") && l.ends_with(" 1")),
+                .any(|l| l.contains("response_flags=\"UF\"") && l.ends_with(" 2")),
             "{text}"
         );
         let received = text

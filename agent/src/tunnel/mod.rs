@@ -33,7 +33,7 @@ pub use inbound::{
 };
 pub use metrics::{
     ConnectionLabels, ConnectionRecord, ConnectionSeries, Metrics, RefusalReason, Reporter,
-    SeriesCache, UNKNOWN, WorkloadMeta,
+    SeriesCache, UNKNOWN, UPSTREAM_FAILURE, WorkloadMeta,
 };
 pub use outbound::{Outbound, OutboundRequest};
 pub use shards::Shards;
