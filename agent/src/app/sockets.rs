@@ -256,7 +256,8 @@ mod tests {
     }
 
     /// Sockets toward an application come armed to reset on close from the stock (nothing
-    /// to set per connection); the agent's own HBONE dials close with a FIN.
+    /// to set per connection); the agent's own HBONE dials come unarmed (the outbound arms
+    /// them for their TLS handshake only).
     #[tokio::test]
     async fn dials_toward_applications_come_armed_to_reset_and_tunnel_dials_do_not() {
         let netns = NetNs::open("/proc/self/ns/net").expect("own netns");

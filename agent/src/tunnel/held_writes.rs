@@ -129,6 +129,11 @@ impl<T> HeldWrites<T> {
         }
     }
 
+    /// The wrapped stream.
+    pub(super) fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
     /// The client's TLS handshake is done: hold what follows (its HTTP/2 preface) until
     /// the next release, then only its reply to the server's first bytes.
     pub(super) fn hold_until_release(&mut self) {

@@ -279,6 +279,11 @@ impl Outbound {
             self.config.connect_timeout,
         )
         .await?;
+        // A handshake abandoned at the setup deadline or failed ends in a reset, not a close
+        // that looks like an orderly end; lifted once TLS is up, so the connection's own
+        // close (GOAWAY, then FIN) stays graceful. Past TLS, the client's HTTP/2 handshake
+        // only queues its preface: nothing there waits on the peer.
+        super::reset_on_close(&tcp);
         // No SNI is sent (HBONE peers select the certificate by local address); rustls still
         // wants a name, and the IP is the honest one.
         let name = ServerName::IpAddress(key.address.ip().into());
@@ -287,6 +292,7 @@ impl Outbound {
         let connecting = TlsConnector::from(tls).connect(name, HeldWrites::holding(tcp));
         let tls_stream = match connecting.into_fallible().await {
             Ok(mut s) => {
+                super::fin_on_close(s.get_ref().0.get_ref());
                 s.get_mut().0.hold_until_release();
                 s
             }

@@ -1753,10 +1753,10 @@ async fn a_peer_that_stalls_the_handshake_gets_the_client_reset_at_the_setup_dea
     // Accepts and holds every connection without a byte: the TLS handshake never ends.
     let silent = TcpListener::bind((LOCALHOST, 0)).await.expect("bind");
     let silent_addr = silent.local_addr().expect("addr");
+    let (held_tx, mut held_rx) = tokio::sync::mpsc::unbounded_channel();
     let held = tokio::spawn(async move {
-        let mut held = Vec::new();
         while let Ok((stream, _)) = silent.accept().await {
-            held.push(stream);
+            let _ = held_tx.send(stream);
         }
     });
     let config = TunnelConfig {
@@ -1781,6 +1781,17 @@ async fn a_peer_that_stalls_the_handshake_gets_the_client_reset_at_the_setup_dea
     assert!(
         matches!(&err, TunnelError::NotCarried(cause) if matches!(**cause, TunnelError::SetupTimeout { addr, after } if addr == silent_addr && after == Duration::from_millis(200))),
         "{err:?}"
+    );
+    // The abandoned HBONE connection is reset too, not closed as if the handshake had ended.
+    let mut stalled = held_rx.recv().await.expect("the HBONE dial was accepted");
+    let mut rest = Vec::new();
+    let outcome = tokio::time::timeout(CLOSE_BOUND, stalled.read_to_end(&mut rest))
+        .await
+        .expect("the agent ends the abandoned HBONE connection");
+    assert_eq!(
+        outcome.expect_err("a reset, not a clean close").kind(),
+        std::io::ErrorKind::ConnectionReset,
+        "the peer saw {rest:?} first"
     );
     held.abort();
 }
