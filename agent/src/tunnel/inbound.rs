@@ -144,7 +144,8 @@ struct AcceptedStream {
 }
 
 /// Connections in flight, so a policy change can close the ones it no longer allows. The
-/// lock is held only for one insert or remove (a connection starting or ending) or the
+/// lock is held only for one insert or remove (a connection starting or ending; after a
+/// burst, now and then a shrink of what is left) or the
 /// revoker's copy of the entries (pointer clones into a vector sized beforehand, once per
 /// policy change): never across I/O, an await or a policy check. Status reads the count,
 /// not the map.
@@ -191,9 +192,10 @@ impl Drop for LiveGuard {
             map.remove(&self.id);
             // Give back what a burst grew, a few times on the way down (each a rehash of
             // what is left), rather than hold the peak's table for the agent's life.
+            // Wide margins, so a count that swings does not rehash again and again.
             let left = map.len();
-            if map.capacity() > 256 && left * 4 < map.capacity() {
-                map.shrink_to(left * 2);
+            if map.capacity() > 1024 && left * 8 < map.capacity() {
+                map.shrink_to(left * 4);
             }
         }
         live.count.fetch_sub(1, Ordering::Relaxed);
@@ -462,6 +464,9 @@ impl Inbound {
         let mut peer_silent = false;
         loop {
             let stream = tokio::select! {
+                // The connection first: after a stall (a paused VM, a busy shard) a PONG
+                // already in the socket must be read before the keepalive can expire.
+                biased;
                 stream = connection.accept() => stream,
                 unanswered_for = &mut silent => {
                     warn!(%peer, source = %source_identity, ?unanswered_for, "HBONE peer left a keepalive PING unanswered; connection dropped, its streams reset");

@@ -59,7 +59,8 @@ impl Driver {
         let task = tokio::spawn(async move {
             let mut connection = std::pin::pin!(connection);
             let ended = tokio::select! {
-                // The oneshot fires once; no need to draw which branch to poll first.
+                // The connection first: after a stall a PONG already in the socket is read
+                // before the keepalive can expire.
                 biased;
                 ended = &mut connection => ended,
                 silent = keepalive.expire(ping_pong) => {
