@@ -1178,8 +1178,11 @@ impl Authorizer for Switch {
     }
 }
 
-#[tokio::test]
-async fn policy_change_revokes_live_connections_it_denies() {
+/// A client proxied through an outbound to an Inbound whose policy `Switch` the caller
+/// flips, the Inbound dialling the echo workload through `dialer`.
+async fn switchable_proxied_client(
+    dialer: Arc<dyn Dialer>,
+) -> (Arc<Inbound>, Arc<Switch>, TcpStream) {
     let ca = Arc::new(LocalCa::generate().expect("CA"));
     let ttl = Duration::from_secs(3600);
     let switch = Arc::new(Switch::default());
@@ -1194,7 +1197,7 @@ async fn policy_change_revokes_live_connections_it_denies() {
             },
         )]))),
         switch.clone(),
-        Arc::new(DirectDialer),
+        dialer,
         TunnelConfig::default(),
         false,
     ));
@@ -1208,7 +1211,7 @@ async fn policy_change_revokes_live_connections_it_denies() {
         TunnelConfig::default(),
     ));
     let capture = TcpListener::bind((LOCALHOST, 0)).await.expect("bind");
-    let mut client = TcpStream::connect(capture.local_addr().expect("addr"))
+    let client = TcpStream::connect(capture.local_addr().expect("addr"))
         .await
         .expect("connect");
     let (accepted, _) = capture.accept().await.expect("accept");
@@ -1227,6 +1230,12 @@ async fn policy_change_revokes_live_connections_it_denies() {
             .proxy(request, accepted, CopyStats::default())
             .await
     });
+    (inbound, switch, client)
+}
+
+#[tokio::test]
+async fn policy_change_revokes_live_connections_it_denies() {
+    let (inbound, switch, mut client) = switchable_proxied_client(Arc::new(DirectDialer)).await;
 
     let mut buf = [0u8; 5];
     client.write_all(b"alive").await.expect("write");
@@ -1277,56 +1286,11 @@ impl Dialer for GatedDialer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_change_during_the_upstream_dial_revokes_the_stream() {
-    let ca = Arc::new(LocalCa::generate().expect("CA"));
-    let ttl = Duration::from_secs(3600);
-    let switch = Arc::new(Switch::default());
     let dialer = Arc::new(GatedDialer {
         dialing: tokio::sync::Notify::new(),
         open: tokio::sync::Notify::new(),
     });
-    let inbound = Arc::new(Inbound::new(
-        CertManager::new(ca.clone(), ttl),
-        Arc::new(Workloads(HashMap::from([(
-            LOCALHOST,
-            LocalWorkload {
-                name: "server".into(),
-                namespace: "default".into(),
-                identity: id("server"),
-            },
-        )]))),
-        switch.clone(),
-        dialer.clone(),
-        TunnelConfig::default(),
-        false,
-    ));
-    let listener = hbone_listener((LOCALHOST, 0));
-    let hbone_addr = listener.local_addr().expect("addr");
-    tokio::spawn(inbound.clone().serve(listener));
-    let echo_addr = spawn_echo().await;
-    let outbound = Arc::new(Outbound::new(
-        CertManager::new(ca, ttl),
-        Arc::new(DirectDialer),
-        TunnelConfig::default(),
-    ));
-    let capture = TcpListener::bind((LOCALHOST, 0)).await.expect("bind");
-    let mut client = TcpStream::connect(capture.local_addr().expect("addr"))
-        .await
-        .expect("connect");
-    let (accepted, _) = capture.accept().await.expect("accept");
-    super::reset_on_close(&accepted);
-    let request = OutboundRequest {
-        source: id("client"),
-        source_addr: "127.0.0.1:40000".parse().expect("addr"),
-        source_workload: "client".into(),
-        destination: id("server"),
-        hbone_addr,
-        original_destination: echo_addr,
-    };
-    tokio::spawn(async move {
-        outbound
-            .proxy(request, accepted, CopyStats::default())
-            .await
-    });
+    let (inbound, switch, mut client) = switchable_proxied_client(dialer.clone()).await;
     client.write_all(b"early").await.expect("write");
 
     // Authorized under the old policy, now dialling the workload: the new policy denies it.
