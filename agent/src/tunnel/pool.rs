@@ -45,7 +45,7 @@ pub struct Driver {
 impl Driver {
     /// Drives `connection`, pinging the peer through `ping_pong` as `keepalive` says: a
     /// silent peer's connection is dropped, which fails its streams (their proxies reset
-    /// their clients) and takes it out of the pool.
+    /// their clients); the pool skips a finished driver's connection from then on.
     pub fn spawn<C>(
         connection: C,
         ping_pong: Option<h2::PingPong>,
